@@ -1,0 +1,226 @@
+"""Type stubs for fastserve._core, the Rust core: the contract between Rust and Python.
+
+Everything the GPU needs per step comes out of `Scheduler.schedule()` as one `Batch` of flat,
+contiguous numpy arrays (moved out of Rust `Vec`s, never copied element by element);
+everything the engine reports comes back from `Scheduler.update()` as `StepOutput`s.
+"""
+
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class Tokenizer:
+    """A Hugging Face tokenizer directory: tokenizer.json plus tokenizer_config.json and
+    (optional) generation_config.json / config.json for BOS/EOS and special tokens."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def vocab_size(self) -> int:
+        """Base vocabulary plus added tokens (may be below the model's embedding rows)."""
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def bos_token(self) -> str | None: ...
+    @property
+    def eos_token(self) -> str | None: ...
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Union, in order, of tokenizer_config `eos_token` and generation_config / config
+        `eos_token_id` (int or list): Llama 3 has 128001 and 128009, Qwen 151645 and 151643."""
+    @property
+    def pad_token_id(self) -> int | None: ...
+    @property
+    def chat_template(self) -> str | None:
+        """`chat_template` from tokenizer_config.json (or chat_template.jinja beside it)."""
+    @property
+    def special_token_ids(self) -> list[int]:
+        """Ids of added tokens marked special (skipped by skip_special_tokens)."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Releases the GIL while encoding (the crate encodes in parallel)."""
+    def decode(
+        self,
+        ids: Sequence[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ) -> str: ...
+    def id_to_token(self, token_id: int) -> str | None: ...
+    def token_to_id(self, token: str) -> int | None: ...
+
+class Detokenizer:
+    """Incremental detokenizer and stop-string matcher for one output sequence.
+
+    Invariant: the concatenation of every delta returned by push() followed by flush()
+    equals tokenizer.decode(output_ids, ...) (cut at the stop string when one matched).
+    Text that could be the start of a stop string, or an incomplete UTF-8 sequence, is held
+    back; emitted text is never retracted."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_token_ids: Sequence[int] = (),
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        stop: Sequence[str] = (),
+        include_stop_str_in_output: bool = False,
+    ) -> None: ...
+    def push(self, token_id: int) -> tuple[str, str | None]:
+        """Append one generated token; returns (text delta now safe to emit, the stop string
+        matched by this token or None). After a match the sequence is finished: the text ends
+        just before the stop string (or just after it with include_stop_str_in_output)."""
+    def flush(self) -> str:
+        """At finish (no stop string matched): whatever was held back."""
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+
+class RequestParams:
+    """A plain typed copy of the SamplingParams fields the core needs. Validation with
+    user-facing messages happens in Python (fastserve.sampling_params.SamplingParams)."""
+
+    def __init__(
+        self,
+        *,
+        n: int = 1,
+        max_tokens: int = 16,
+        min_tokens: int = 0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        stop_token_ids: Sequence[int] = (),
+        bad_words_token_ids: Sequence[Sequence[int]] = (),
+        ignore_eos: bool = False,
+        include_stop_str_in_output: bool = False,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        detokenize: bool = True,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+    ) -> None:
+        """`n` here is the number of sequences to run (best_of when set); top_k <= 0 is off."""
+
+class Batch:
+    """One step's work. Sequences are rows 0..num_seqs; decodes (query length 1) come first,
+    rows 0..num_decodes. Tokens are laid out sequence after sequence.
+    "Samples" are rows of the sampler: one per sequence whose scheduled tokens reach the end
+    of its known tokens (a finished prefill chunk or a decode). When a request with n > 1
+    finishes its prompt, its logits row is repeated n times in logits_indices (one sample per
+    child sequence), so num_samples may exceed the number of sampling sequences."""
+
+    num_seqs: int  # B
+    num_tokens: int  # T
+    num_samples: int  # S
+    num_decodes: int  # D
+    max_query_len: int
+    max_seq_len: int
+    all_greedy: bool  # every sample has temperature == 0
+    any_penalties: bool  # some sample has presence/frequency/repetition penalty != neutral
+    max_num_logprobs: int  # max over samples of logprobs (0 when none asked)
+
+    # model inputs
+    input_ids: npt.NDArray[np.int64]  # [T]
+    positions: npt.NDArray[np.int64]  # [T]
+    slot_mapping: npt.NDArray[np.int64]  # [T] block_id * block_size + offset
+    query_start_loc: npt.NDArray[np.int32]  # [B + 1]
+    seq_lens: npt.NDArray[np.int32]  # [B] context (cached + new) length after this step
+    block_tables: npt.NDArray[np.int32]  # [B, max_blocks] padded with 0 past each table
+    logits_indices: npt.NDArray[np.int64]  # [S] token index (into T) whose logits are sampled
+
+    # sampling, one entry per sample row
+    temperature: npt.NDArray[np.float32]  # [S] 0 = greedy
+    top_p: npt.NDArray[np.float32]
+    top_k: npt.NDArray[np.int32]  # <= 0 off
+    min_p: npt.NDArray[np.float32]
+    presence_penalty: npt.NDArray[np.float32]
+    frequency_penalty: npt.NDArray[np.float32]
+    repetition_penalty: npt.NDArray[np.float32]
+    seeds: npt.NDArray[np.int64]  # per sequence: the request's seed (or one drawn from the
+    # scheduler's seeded RNG when the request has none), mixed with the child index for n > 1
+    sample_steps: npt.NDArray[np.int64]  # [S] output tokens the sequence has so far (RNG counter)
+    num_logprobs: npt.NDArray[np.int32]  # [S] -1 = none
+
+    # penalty inputs, filled only when any_penalties (else empty): CSR by sample row
+    prompt_token_ids: npt.NDArray[np.int64]
+    prompt_offsets: npt.NDArray[np.int32]  # [S + 1]
+    output_token_ids: npt.NDArray[np.int64]
+    output_offsets: npt.NDArray[np.int32]  # [S + 1]
+
+    # (sample row, token id) pairs to mask to -inf: EOS and stop_token_ids while below
+    # min_tokens, and bad_words (single-token ones always; multi-token ones when the
+    # sequence's last tokens equal the bad word's prefix)
+    banned_rows: npt.NDArray[np.int64]  # [K]
+    banned_token_ids: npt.NDArray[np.int64]  # [K]
+
+    # prompt logprobs: token indices (into T) whose next-token logprob is wanted, the token
+    # that follows each, and the sequence row it belongs to
+    prompt_logprob_indices: npt.NDArray[np.int64]  # [P]
+    prompt_logprob_targets: npt.NDArray[np.int64]  # [P]
+    prompt_logprob_rows: npt.NDArray[np.int32]  # [P]
+
+    def request_id(self, row: int) -> str:
+        """Request id of sequence row `row` (for the rare per-request paths: prompt logprobs)."""
+    def sample_request_id(self, sample: int) -> str: ...
+
+class StepOutput:
+    request_id: str
+    sample_index: int  # 0..n-1: which child sequence of the request
+    sample_row: int  # this step's sample row of the new token (for its logprobs); -1 if none
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None  # the stop string or stop token id; None for EOS/length
+    num_prompt_tokens: int
+    num_cached_tokens: int  # prompt tokens served from the prefix cache
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        max_model_len: int,
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 8192,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        tokenizer: Tokenizer | None = None,
+        eos_token_ids: Sequence[int] = (),
+        seed: int = 0,
+    ) -> None: ...
+    def add_request(
+        self, request_id: str, prompt_token_ids: Sequence[int] | npt.NDArray[np.integer], params: RequestParams
+    ) -> None:
+        """ValueError for a duplicate id, an empty prompt, or prompt_len >= max_model_len."""
+    def abort_request(self, request_id: str) -> bool:
+        """Frees every block of the request at once; True if it was known. Its StepOutputs
+        (finish_reason "abort") come with the next update()."""
+    def schedule(self) -> Batch | None:
+        """None when nothing is runnable."""
+    def update(self, sampled_token_ids: npt.NDArray[np.int64]) -> list[StepOutput]:
+        """One sampled id per sample row of the last Batch. Appends, detokenizes, checks
+        stop strings / stop ids / EOS / max_tokens / max_model_len, frees finished blocks."""
+    def has_unfinished(self) -> bool: ...
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_total_blocks(self) -> int: ...
+    @property
+    def num_preemptions(self) -> int: ...
+    @property
+    def prefix_cache_queried_tokens(self) -> int: ...
+    @property
+    def prefix_cache_hit_tokens(self) -> int: ...
