@@ -25,7 +25,9 @@ enum Strategy {
     /// Bytes of an incomplete trailing UTF-8 sequence (at most 3).
     Bytes { pending: Vec<u8> },
     /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
-    Window { ids: Vec<u32>, read: usize, prefix_text: String },
+    /// `in_byte_group`: the last token the decoder sees (skipped special tokens are filtered
+    /// out before it) is a byte-fallback piece.
+    Window { ids: Vec<u32>, read: usize, prefix_text: String, in_byte_group: bool },
 }
 
 /// Incremental detokenizer + stop-string matcher for one output sequence.
@@ -59,7 +61,7 @@ impl IncrementalDetokenizer {
             }
             let ids = prompt_token_ids[start..].to_vec();
             let prefix_text = tok.decode(&ids, skip_special_tokens, spaces_between_special_tokens);
-            Strategy::Window { read: ids.len(), ids, prefix_text }
+            Strategy::Window { read: ids.len(), ids, prefix_text, in_byte_group: false }
         };
         IncrementalDetokenizer {
             tok,
@@ -95,7 +97,7 @@ impl IncrementalDetokenizer {
                 pending.clear();
                 s
             }
-            Strategy::Window { ids, read, prefix_text } => {
+            Strategy::Window { ids, read, prefix_text, .. } => {
                 if *read < ids.len() {
                     let full = self.tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
                     let delta = suffix_after(&full, prefix_text).to_owned();
@@ -137,7 +139,7 @@ impl IncrementalDetokenizer {
             self.text.push_str(&delta);
             return (delta, None);
         }
-        let fed = self.stop.feed(&delta);
+        let fed = self.stop.feed(delta);
         self.text.push_str(&fed.emit);
         let matched = fed.matched.map(|i| self.stop.stop(i).to_owned());
         if matched.is_some() {
@@ -155,17 +157,26 @@ impl IncrementalDetokenizer {
                     return String::new();
                 }
                 let table = tok.byte_table().expect("byte strategy only with a byte table");
-                pending.extend_from_slice(table.get(id));
+                let bytes = table.get(id);
+                if pending.is_empty() {
+                    if let Ok(s) = std::str::from_utf8(bytes) {
+                        return s.to_owned();
+                    }
+                }
+                pending.extend_from_slice(bytes);
                 let mut out = String::new();
                 let consumed = decode_complete_utf8(pending, &mut out);
                 pending.drain(..consumed);
                 out
             }
-            Strategy::Window { ids, read, prefix_text } => {
+            Strategy::Window { ids, read, prefix_text, in_byte_group } => {
                 ids.push(id);
                 // A byte piece's text depends on the pieces after it (a bad group turns every
                 // one of its bytes into U+FFFD): wait for the group to end.
-                if tok.is_byte_piece(id) {
+                if !(self.skip_special_tokens && tok.is_special(id)) {
+                    *in_byte_group = tok.is_byte_piece(id);
+                }
+                if *in_byte_group {
                     return String::new();
                 }
                 let full = tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
@@ -270,3 +281,4 @@ mod tests {
         assert_eq!(suffix_after("héllo", "hé\u{FFFD}"), "llo");
     }
 }
+

@@ -51,28 +51,29 @@ impl StopMatcher {
         self.finished
     }
 
-    pub fn feed(&mut self, delta: &str) -> StopFeed {
-        if self.finished {
+    pub fn feed(&mut self, delta: String) -> StopFeed {
+        if self.finished || delta.is_empty() {
             return StopFeed { emit: String::new(), matched: None };
         }
         if self.stops.is_empty() {
-            return StopFeed { emit: delta.to_owned(), matched: None };
+            return StopFeed { emit: delta, matched: None };
         }
-        if delta.is_empty() {
-            return StopFeed { emit: String::new(), matched: None };
-        }
-        // `tail` is empty unless include_stop_str_in_output, `held` empty when it is set.
-        let mut text = String::with_capacity(self.tail.len() + self.held.len() + delta.len());
-        text.push_str(&self.tail);
-        text.push_str(&self.held);
-        text.push_str(delta);
+        // `tail` is empty unless include_stop_str_in_output, `held` empty when it is set; in the
+        // common case both are empty and `delta` is searched in place.
         let skip = self.tail.len();
+        let mut text = if self.tail.is_empty() && self.held.is_empty() {
+            delta
+        } else {
+            let mut t = std::mem::take(if self.include_stop_str_in_output { &mut self.tail } else { &mut self.held });
+            t.push_str(&delta);
+            t
+        };
 
         // The match that completes first wins, as if the text had arrived one char at a time;
         // among those ending together the longest one (it started first).
         let mut best: Option<(usize, usize, usize)> = None; // (end, start, stop index)
         for (i, s) in self.stops.iter().enumerate() {
-            if let Some(start) = text.find(s.as_str()) {
+            if let Some(start) = find_bytes(text.as_bytes(), s.as_bytes()) {
                 let end = start + s.len();
                 let better = match best {
                     None => true,
@@ -88,23 +89,24 @@ impl StopMatcher {
             let cut = if self.include_stop_str_in_output { end } else { start };
             // A match is never found wholly inside `tail` (it would have matched earlier),
             // so `cut >= skip`.
-            let emit = text[skip.min(cut)..cut].to_owned();
+            text.truncate(cut);
+            let emit = if skip == 0 { text } else { text[skip.min(cut)..].to_owned() };
             self.held.clear();
             self.tail.clear();
             return StopFeed { emit, matched: Some(i) };
         }
 
         if self.include_stop_str_in_output {
-            let emit = text[skip..].to_owned();
             let keep = floor_char_boundary(&text, text.len().saturating_sub(self.max_len - 1));
             self.tail = text[keep..].to_owned();
+            let emit = if skip == 0 { text } else { text[skip..].to_owned() };
             return StopFeed { emit, matched: None };
         }
 
         let hold = self.partial_match_len(&text);
-        let split = text.len() - hold;
-        self.held = text[split..].to_owned();
-        text.truncate(split);
+        if hold > 0 {
+            self.held = text.split_off(text.len() - hold);
+        }
         StopFeed { emit: text, matched: None }
     }
 
@@ -116,19 +118,28 @@ impl StopMatcher {
 
     /// Bytes of the longest suffix of `text` that is a proper prefix of some stop string.
     fn partial_match_len(&self, text: &str) -> usize {
-        let longest = (self.max_len - 1).min(text.len());
-        for k in (1..=longest).rev() {
-            let start = text.len() - k;
-            if !text.is_char_boundary(start) {
-                continue;
-            }
-            let suffix = &text[start..];
-            if self.stops.iter().any(|s| s.len() > k && s.starts_with(suffix)) {
-                return k;
+        let bytes = text.as_bytes();
+        let from = bytes.len().saturating_sub(self.max_len - 1);
+        // Earliest start first: the longest suffix wins. Stop strings are valid UTF-8, so a
+        // byte-wise prefix match can only begin at a char boundary.
+        for start in from..bytes.len() {
+            let suffix = &bytes[start..];
+            if self.stops.iter().any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix)) {
+                return suffix.len();
             }
         }
         0
     }
+}
+
+/// Naive search: texts here are a few bytes (one token's delta plus a held tail), where setting
+/// up `str::find`'s two-way searcher costs more than scanning.
+fn find_bytes(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.len() > haystack.len() {
+        return None;
+    }
+    let first = needle[0];
+    (0..=haystack.len() - needle.len()).find(|&i| haystack[i] == first && haystack[i..].starts_with(needle))
 }
 
 fn floor_char_boundary(s: &str, mut i: usize) -> usize {
@@ -147,7 +158,7 @@ mod tests {
         let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect(), include);
         let mut out = Vec::new();
         for p in pieces {
-            let f = m.feed(p);
+            let f = m.feed(p.to_string());
             out.push(f.emit);
             if let Some(i) = f.matched {
                 return (out, Some(m.stop(i).to_owned()), String::new());

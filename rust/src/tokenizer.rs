@@ -428,3 +428,217 @@ fn build_byte_table(inner: &tokenizers::Tokenizer, table_len: usize) -> ByteTabl
     }
     ByteTable { bytes, offsets }
 }
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Tiny tokenizer directories written to a temp dir, so the Rust tests need no model files.
+    use serde_json::json;
+    use std::path::PathBuf;
+
+    fn write_dir(name: &str, tokenizer: serde_json::Value, config: serde_json::Value) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fastserve-tok-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        dir
+    }
+
+    fn added(id: u32, content: &str, special: bool) -> serde_json::Value {
+        json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+               "normalized": !special, "special": special})
+    }
+
+    /// GPT-2 style byte-level BPE: the 256 byte chars, a few merges, two special tokens and a
+    /// non-special added token.
+    pub fn byte_level_dir() -> PathBuf {
+        let mut vocab = serde_json::Map::new();
+        let mut chars: Vec<(char, u8)> = super::char_to_byte().into_iter().collect();
+        chars.sort_by_key(|&(_, b)| b);
+        for (c, b) in chars {
+            vocab.insert(c.to_string(), json!(b as u32));
+        }
+        for (i, t) in ["Ġt", "he", "Ġthe", "ä¸", "ĠÃ"].iter().enumerate() {
+            vocab.insert(t.to_string(), json!(256 + i as u32));
+        }
+        let bl = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [added(261, "<|end|>", true), added(262, "<|start|>", true), added(263, "<tool>", false)],
+            "normalizer": null, "pre_tokenizer": bl, "post_processor": bl, "decoder": bl,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                      "ignore_merges": false, "vocab": vocab,
+                      "merges": [["Ġ", "t"], ["h", "e"], ["Ġt", "he"], ["ä", "¸"], ["Ġ", "Ã"]]}
+        });
+        let dir = write_dir("bytelevel", tokenizer, json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}));
+        std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": [262, 261]}).to_string()).unwrap();
+        dir
+    }
+
+    /// Llama 2 / Mistral layout: `▁` spaces, byte-fallback pieces, Strip decoder, `<s>` prefix.
+    pub fn sentencepiece_dir() -> PathBuf {
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(t.to_string(), json!(i));
+        }
+        for b in 0..=255u32 {
+            vocab.insert(format!("<0x{b:02X}>"), json!(3 + b));
+        }
+        for (i, t) in ["▁", "a", "b", "▁a", "ab", "▁ab", "é"].iter().enumerate() {
+            vocab.insert(t.to_string(), json!(259 + i as u32));
+        }
+        let tokenizer = json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [added(0, "<unk>", true), added(1, "<s>", true), added(2, "</s>", true)],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": null,
+            "post_processor": {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                      "ignore_merges": false, "vocab": vocab,
+                      "merges": [["▁", "a"], ["a", "b"], ["▁a", "b"]]}
+        });
+        write_dir("sentencepiece", tokenizer, json!({"bos_token": "<s>", "eos_token": "</s>"}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use std::sync::Arc;
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> u32 {
+        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (*seed >> 33) as u32
+    }
+
+    #[test]
+    fn reads_special_token_facts() {
+        let tok = CoreTokenizer::from_dir(byte_level_dir().to_str().unwrap()).unwrap();
+        assert_eq!(tok.eos_token_ids, vec![261, 262]);
+        assert_eq!(tok.bos_token_id, Some(262));
+        assert_eq!(tok.eos_token.as_deref(), Some("<|end|>"));
+        assert_eq!(tok.special_token_ids(), vec![261, 262]);
+        assert!(tok.is_added(263) && !tok.is_special(263));
+        assert_eq!(tok.vocab_size, 264);
+        assert!(tok.byte_table().is_some());
+
+        let sp = CoreTokenizer::from_dir(sentencepiece_dir().to_str().unwrap()).unwrap();
+        assert!(sp.byte_table().is_none());
+        assert_eq!(sp.encode("ab a", true).unwrap(), vec![1, 264, 262]);
+        assert!(sp.is_byte_piece(3 + 0xE2) && !sp.is_byte_piece(262));
+    }
+
+    #[test]
+    fn load_errors_name_the_path() {
+        match CoreTokenizer::load("/nonexistent/tok-dir") {
+            Err(LoadError::NotFound(m)) => assert!(m.contains("/nonexistent/tok-dir")),
+            _ => panic!("expected NotFound"),
+        }
+        let dir = std::env::temp_dir().join(format!("fastserve-tok-{}-broken", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{").unwrap();
+        match CoreTokenizer::load(dir.to_str().unwrap()) {
+            Err(LoadError::Invalid(m)) => assert!(m.contains("tokenizer.json")),
+            _ => panic!("expected Invalid"),
+        }
+    }
+
+    #[test]
+    fn byte_table_decode_equals_crate_decode() {
+        let tok = CoreTokenizer::from_dir(byte_level_dir().to_str().unwrap()).unwrap();
+        let mut seed = 17;
+        for _ in 0..500 {
+            let ids: Vec<u32> = (0..lcg(&mut seed) % 12).map(|_| lcg(&mut seed) % 266).collect();
+            for skip in [true, false] {
+                let crate_text = tok.inner.decode(&ids, skip).unwrap();
+                assert_eq!(tok.decode(&ids, skip, true), crate_text, "{ids:?}");
+                assert_eq!(tok.decode(&ids, skip, false), crate_text, "{ids:?}");
+            }
+        }
+    }
+
+    fn stream(tok: &Arc<CoreTokenizer>, prompt: &[u32], ids: &[u32], skip: bool, spaces: bool) -> String {
+        let mut d = IncrementalDetokenizer::new(tok.clone(), prompt, skip, spaces, vec![], false);
+        let mut out: String = ids.iter().map(|&i| d.push(i).0).collect();
+        out.push_str(&d.flush());
+        assert_eq!(d.text(), out);
+        out
+    }
+
+    #[test]
+    fn stream_equals_decode_random_ids() {
+        for dir in [byte_level_dir(), sentencepiece_dir()] {
+            let tok = Arc::new(CoreTokenizer::from_dir(dir.to_str().unwrap()).unwrap());
+            let n = tok.vocab_size as u32;
+            let mut seed = 5;
+            for _ in 0..300 {
+                let ids: Vec<u32> = (0..lcg(&mut seed) % 16).map(|_| lcg(&mut seed) % n).collect();
+                let prompt: Vec<u32> = (0..lcg(&mut seed) % 4).map(|_| lcg(&mut seed) % n).collect();
+                for (skip, spaces) in [(true, true), (true, false), (false, true), (false, false)] {
+                    let streamed = stream(&tok, &[], &ids, skip, spaces);
+                    assert_eq!(streamed, tok.decode(&ids, skip, spaces), "{ids:?}");
+                    let full = tok.decode(&[prompt.clone(), ids.clone()].concat(), skip, spaces);
+                    let head = tok.decode(&prompt, skip, spaces);
+                    if tok.byte_table().is_some() {
+                        assert_eq!(stream(&tok, &prompt, &ids, skip, spaces), streamed);
+                    } else if let Some(rest) = full.strip_prefix(head.as_str()) {
+                        assert_eq!(stream(&tok, &prompt, &ids, skip, spaces), rest, "{prompt:?} {ids:?}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sentencepiece_keeps_space_after_prompt_and_holds_byte_groups() {
+        let tok = Arc::new(CoreTokenizer::from_dir(sentencepiece_dir().to_str().unwrap()).unwrap());
+        // "▁ab" after a prompt is " ab"; decoded alone its space is stripped.
+        assert_eq!(stream(&tok, &[1, 262], &[264], true, true), " ab");
+        assert_eq!(stream(&tok, &[], &[264], true, true), "ab");
+        // "€" as three byte pieces: nothing until the group is complete and closed.
+        let euro: Vec<u32> = "€".bytes().map(|b| 3 + b as u32).collect();
+        let mut d = IncrementalDetokenizer::new(tok.clone(), &[1], true, true, vec![], false);
+        assert_eq!(d.push(euro[0]).0, "");
+        assert_eq!(d.push(euro[1]).0, "");
+        assert_eq!(d.push(euro[2]).0, "");
+        assert_eq!(d.push(260).0, "€a");
+        assert_eq!(d.flush(), "");
+        // spaces_between_special_tokens=false drops the decoder's space next to added tokens.
+        assert_eq!(tok.decode(&[1, 264, 2], false, true), "<s> ab</s>");
+        assert_eq!(tok.decode(&[1, 264, 2], false, false), "<s>ab</s>");
+    }
+
+    #[test]
+    fn stop_strings_through_the_detokenizer() {
+        let tok = Arc::new(CoreTokenizer::from_dir(byte_level_dir().to_str().unwrap()).unwrap());
+        let ids = tok.encode("say the word then stop", false).unwrap();
+        let mut d = IncrementalDetokenizer::new(tok.clone(), &[], true, true, vec!["the w".into()], false);
+        let mut out = String::new();
+        let mut matched = None;
+        for &i in &ids {
+            let (delta, m) = d.push(i);
+            out.push_str(&delta);
+            assert!("say ".starts_with(&out));
+            if m.is_some() {
+                matched = m;
+                break;
+            }
+        }
+        assert_eq!(matched.as_deref(), Some("the w"));
+        assert_eq!(out, "say ");
+        assert_eq!(d.stop_reason(), Some("the w"));
+        assert!(d.is_finished());
+        assert_eq!(d.push(ids[0]), (String::new(), None));
+    }
+}
