@@ -25,9 +25,13 @@ enum Strategy {
     /// Bytes of an incomplete trailing UTF-8 sequence (at most 3).
     Bytes { pending: Vec<u8> },
     /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
-    /// `in_byte_group`: the last token the decoder sees (skipped special tokens are filtered
-    /// out before it) is a byte-fallback piece.
-    Window { ids: Vec<u32>, read: usize, prefix_text: String, in_byte_group: bool },
+    /// `in_byte_group`: the last token pushed is a byte-fallback piece.
+    Window {
+        ids: Vec<u32>,
+        read: usize,
+        prefix_text: String,
+        in_byte_group: bool,
+    },
 }
 
 /// Incremental detokenizer + stop-string matcher for one output sequence.
@@ -52,7 +56,9 @@ impl IncrementalDetokenizer {
         include_stop_str_in_output: bool,
     ) -> Self {
         let strategy = if tok.byte_table().is_some() {
-            Strategy::Bytes { pending: Vec::with_capacity(8) }
+            Strategy::Bytes {
+                pending: Vec::with_capacity(8),
+            }
         } else {
             let mut start = prompt_token_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
             // Byte-fallback pieces decode as a group: start the context at a group boundary.
@@ -61,7 +67,12 @@ impl IncrementalDetokenizer {
             }
             let ids = prompt_token_ids[start..].to_vec();
             let prefix_text = tok.decode(&ids, skip_special_tokens, spaces_between_special_tokens);
-            Strategy::Window { read: ids.len(), ids, prefix_text, in_byte_group: false }
+            Strategy::Window {
+                read: ids.len(),
+                ids,
+                prefix_text,
+                in_byte_group: false,
+            }
         };
         IncrementalDetokenizer {
             tok,
@@ -97,9 +108,13 @@ impl IncrementalDetokenizer {
                 pending.clear();
                 s
             }
-            Strategy::Window { ids, read, prefix_text, .. } => {
+            Strategy::Window {
+                ids, read, prefix_text, ..
+            } => {
                 if *read < ids.len() {
-                    let full = self.tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
+                    let full = self
+                        .tok
+                        .decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
                     let delta = suffix_after(&full, prefix_text).to_owned();
                     ids.drain(..*read);
                     *read = ids.len();
@@ -169,13 +184,21 @@ impl IncrementalDetokenizer {
                 pending.drain(..consumed);
                 out
             }
-            Strategy::Window { ids, read, prefix_text, in_byte_group } => {
+            Strategy::Window {
+                ids,
+                read,
+                prefix_text,
+                in_byte_group,
+            } => {
+                // The decoder never sees a skipped token; leaving it out of the window also
+                // keeps a run of them from growing the window.
+                if self.skip_special_tokens && tok.is_special(id) {
+                    return String::new();
+                }
                 ids.push(id);
                 // A byte piece's text depends on the pieces after it (a bad group turns every
                 // one of its bytes into U+FFFD): wait for the group to end.
-                if !(self.skip_special_tokens && tok.is_special(id)) {
-                    *in_byte_group = tok.is_byte_piece(id);
-                }
+                *in_byte_group = tok.is_byte_piece(id);
                 if *in_byte_group {
                     return String::new();
                 }
@@ -281,4 +304,3 @@ mod tests {
         assert_eq!(suffix_after("héllo", "hé\u{FFFD}"), "llo");
     }
 }
-

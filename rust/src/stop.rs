@@ -53,10 +53,16 @@ impl StopMatcher {
 
     pub fn feed(&mut self, delta: String) -> StopFeed {
         if self.finished || delta.is_empty() {
-            return StopFeed { emit: String::new(), matched: None };
+            return StopFeed {
+                emit: String::new(),
+                matched: None,
+            };
         }
         if self.stops.is_empty() {
-            return StopFeed { emit: delta, matched: None };
+            return StopFeed {
+                emit: delta,
+                matched: None,
+            };
         }
         // `tail` is empty unless include_stop_str_in_output, `held` empty when it is set; in the
         // common case both are empty and `delta` is searched in place.
@@ -64,7 +70,11 @@ impl StopMatcher {
         let mut text = if self.tail.is_empty() && self.held.is_empty() {
             delta
         } else {
-            let mut t = std::mem::take(if self.include_stop_str_in_output { &mut self.tail } else { &mut self.held });
+            let mut t = std::mem::take(if self.include_stop_str_in_output {
+                &mut self.tail
+            } else {
+                &mut self.held
+            });
             t.push_str(&delta);
             t
         };
@@ -90,7 +100,11 @@ impl StopMatcher {
             // A match is never found wholly inside `tail` (it would have matched earlier),
             // so `cut >= skip`.
             text.truncate(cut);
-            let emit = if skip == 0 { text } else { text[skip.min(cut)..].to_owned() };
+            let emit = if skip == 0 {
+                text
+            } else {
+                text[skip.min(cut)..].to_owned()
+            };
             self.held.clear();
             self.tail.clear();
             return StopFeed { emit, matched: Some(i) };
@@ -107,7 +121,10 @@ impl StopMatcher {
         if hold > 0 {
             self.held = text.split_off(text.len() - hold);
         }
-        StopFeed { emit: text, matched: None }
+        StopFeed {
+            emit: text,
+            matched: None,
+        }
     }
 
     /// At finish without a match: whatever was held back can go out now.
@@ -124,7 +141,11 @@ impl StopMatcher {
         // byte-wise prefix match can only begin at a char boundary.
         for start in from..bytes.len() {
             let suffix = &bytes[start..];
-            if self.stops.iter().any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix)) {
+            if self
+                .stops
+                .iter()
+                .any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix))
+            {
                 return suffix.len();
             }
         }
@@ -242,7 +263,7 @@ mod tests {
                 prefix.push(c);
                 let mut best: Option<(usize, &str)> = None;
                 for s in &stops {
-                    if prefix.ends_with(s.as_str()) && best.map_or(true, |(l, _)| s.len() > l) {
+                    if prefix.ends_with(s.as_str()) && best.is_none_or(|(l, _)| s.len() > l) {
                         best = Some((s.len(), s.as_str()));
                     }
                 }

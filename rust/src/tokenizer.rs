@@ -86,7 +86,11 @@ impl CoreTokenizer {
                 "tokenizer path {path:?} does not exist: pass a directory holding tokenizer.json"
             )));
         };
-        let tok_file = if given.is_file() { given.to_path_buf() } else { dir.join("tokenizer.json") };
+        let tok_file = if given.is_file() {
+            given.to_path_buf()
+        } else {
+            dir.join("tokenizer.json")
+        };
         if !tok_file.is_file() {
             return Err(LoadError::NotFound(format!(
                 "no tokenizer.json in {:?}: a fast (tokenizer.json) Hugging Face tokenizer is required",
@@ -128,7 +132,9 @@ impl CoreTokenizer {
             }
         }
         let pad_token_id = pad.as_ref().map(|p| p.1).or_else(|| {
-            [&gen_config, &model_config].iter().find_map(|c| ids_of(c.get("pad_token_id")).first().copied())
+            [&gen_config, &model_config]
+                .iter()
+                .find_map(|c| ids_of(c.get("pad_token_id")).first().copied())
         });
 
         let chat_template = chat_template(&tok_config, &dir)?;
@@ -203,7 +209,9 @@ impl CoreTokenizer {
 
     /// Ids of added tokens marked special, ascending.
     pub fn special_token_ids(&self) -> Vec<u32> {
-        (0..self.special.len() as u32).filter(|&i| self.special[i as usize]).collect()
+        (0..self.special.len() as u32)
+            .filter(|&i| self.special[i as usize])
+            .collect()
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
@@ -245,7 +253,12 @@ impl CoreTokenizer {
         for (i, &id) in ids.iter().enumerate() {
             if self.is_added(id) && !(skip_special_tokens && self.is_special(id)) {
                 if run_start < i {
-                    out.push_str(&self.inner.decode(&ids[run_start..i], skip_special_tokens).unwrap_or_default());
+                    out.push_str(
+                        &self
+                            .inner
+                            .decode(&ids[run_start..i], skip_special_tokens)
+                            .unwrap_or_default(),
+                    );
                 }
                 if let Some(t) = self.inner.id_to_token(id) {
                     out.push_str(&t);
@@ -254,7 +267,12 @@ impl CoreTokenizer {
             }
         }
         if run_start < ids.len() {
-            out.push_str(&self.inner.decode(&ids[run_start..], skip_special_tokens).unwrap_or_default());
+            out.push_str(
+                &self
+                    .inner
+                    .decode(&ids[run_start..], skip_special_tokens)
+                    .unwrap_or_default(),
+            );
         }
         out
     }
@@ -292,8 +310,10 @@ fn register_config_tokens(inner: &mut tokenizers::Tokenizer, cfg: &Value) {
     let is_added = |content: &str| known.values().any(|t| t.content == content);
     let mut to_add: Vec<AddedToken> = Vec::new();
     if let Some(Value::Object(dec)) = cfg.get("added_tokens_decoder") {
-        let mut entries: Vec<(u32, &Value)> =
-            dec.iter().filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v))).collect();
+        let mut entries: Vec<(u32, &Value)> = dec
+            .iter()
+            .filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v)))
+            .collect();
         entries.sort_by_key(|e| e.0);
         for (id, v) in entries {
             let Some(content) = token_content(v) else { continue };
@@ -317,11 +337,22 @@ fn register_config_tokens(inner: &mut tokenizers::Tokenizer, cfg: &Value) {
             }
         }
     }
-    let mut named: Vec<String> = ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"]
-        .iter()
-        .filter_map(|k| cfg.get(*k).and_then(token_content))
-        .collect();
-    if let Some(Value::Array(extra)) = cfg.get("additional_special_tokens").or_else(|| cfg.get("extra_special_tokens")) {
+    let mut named: Vec<String> = [
+        "bos_token",
+        "eos_token",
+        "unk_token",
+        "pad_token",
+        "sep_token",
+        "cls_token",
+        "mask_token",
+    ]
+    .iter()
+    .filter_map(|k| cfg.get(*k).and_then(token_content))
+    .collect();
+    if let Some(Value::Array(extra)) = cfg
+        .get("additional_special_tokens")
+        .or_else(|| cfg.get("extra_special_tokens"))
+    {
         named.extend(extra.iter().filter_map(token_content));
     }
     let known = inner.get_added_tokens_decoder();
@@ -344,7 +375,10 @@ fn chat_template(cfg: &Value, dir: &Path) -> Result<Option<String>, LoadError> {
                 .iter()
                 .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                 .or_else(|| list.first());
-            return Ok(pick.and_then(|t| t.get("template")).and_then(Value::as_str).map(str::to_owned));
+            return Ok(pick
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_owned));
         }
         _ => {}
     }
@@ -470,8 +504,16 @@ pub(crate) mod test_support {
                       "ignore_merges": false, "vocab": vocab,
                       "merges": [["Ġ", "t"], ["h", "e"], ["Ġt", "he"], ["ä", "¸"], ["Ġ", "Ã"]]}
         });
-        let dir = write_dir("bytelevel", tokenizer, json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}));
-        std::fs::write(dir.join("generation_config.json"), json!({"eos_token_id": [262, 261]}).to_string()).unwrap();
+        let dir = write_dir(
+            "bytelevel",
+            tokenizer,
+            json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}),
+        );
+        std::fs::write(
+            dir.join("generation_config.json"),
+            json!({"eos_token_id": [262, 261]}).to_string(),
+        )
+        .unwrap();
         dir
     }
 
@@ -507,15 +549,19 @@ pub(crate) mod test_support {
                       "ignore_merges": false, "vocab": vocab,
                       "merges": [["▁", "a"], ["a", "b"], ["▁a", "b"]]}
         });
-        write_dir("sentencepiece", tokenizer, json!({"bos_token": "<s>", "eos_token": "</s>"}))
+        write_dir(
+            "sentencepiece",
+            tokenizer,
+            json!({"bos_token": "<s>", "eos_token": "</s>"}),
+        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::test_support::*;
-    use std::sync::Arc;
     use super::*;
+    use std::sync::Arc;
 
     fn lcg(seed: &mut u64) -> u32 {
         *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
