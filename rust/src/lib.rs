@@ -1,10 +1,14 @@
 //! fastserve._core: the Python-facing classes, nothing else. Each module registers its own.
 use pyo3::prelude::*;
 
+pub mod detokenizer;
+pub mod py_tokenizer;
+pub mod stop;
 pub mod tokenizer;
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py_tokenizer::register(m)?;
     Ok(())
 }
