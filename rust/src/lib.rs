@@ -3,8 +3,17 @@ use pyo3::prelude::*;
 
 pub mod tokenizer;
 
+pub mod batch;
+pub mod block_manager;
+pub mod py_scheduler;
+pub mod py_tokenizer;
+pub mod sampling_params;
+pub mod scheduler;
+pub mod sequence;
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py_scheduler::register(m)?;
     Ok(())
 }
