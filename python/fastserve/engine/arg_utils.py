@@ -1,0 +1,93 @@
+"""EngineArgs: every engine knob in one validated place, shared by LLM(...), the CLI and the
+server. Names and defaults follow vLLM so that a vLLM script runs unchanged."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+
+def _positive(name: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class EngineArgs:
+    model: str = ""
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    enforce_eager: bool = False
+    seed: int = 0
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    load_format: str = "auto"
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    # CPU KV cache budget (vLLM reads VLLM_CPU_KVCACHE_SPACE for this); None = 4 GiB.
+    cpu_kv_cache_space_gb: float | None = None
+    device: str = "auto"
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    served_model_name: list[str] | str | None = None
+    revision: str | None = None
+    tokenizer_mode: str = "auto"
+    skip_tokenizer_init: bool = False
+    disable_log_stats: bool = True
+    max_seq_len_to_capture: int | None = None
+    # Test hook: called with the Batch before each model step (lets a test inject a fault
+    # into the step loop without mocking the engine).
+    step_hook: object = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError("model must be a path to a Hugging Face model directory")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"):
+            raise ValueError(
+                f"dtype must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})"
+            )
+        if not (isinstance(self.gpu_memory_utilization, (int, float))
+                and math.isfinite(self.gpu_memory_utilization)
+                and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
+            )
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("data_parallel_size", self.data_parallel_size)
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        _positive("max_model_len", self.max_model_len, allow_none=True)
+        _positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
+        if self.load_format not in ("auto", "safetensors", "pt", "dummy"):
+            raise ValueError(
+                f"load_format must be one of auto, safetensors, pt, dummy (got {self.load_format!r})"
+            )
+        if self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, cuda or cpu (got {self.device!r})")
+        if self.quantization not in (None, "none"):
+            raise ValueError(
+                f"quantization={self.quantization!r} is not supported yet; load an unquantized "
+                "checkpoint (bf16/fp16/fp32)"
+            )
+        if self.trust_remote_code:
+            raise ValueError(
+                "trust_remote_code=True is refused: fastserve runs only its own model code for the "
+                "architectures it supports, never code shipped inside a checkpoint"
+            )
+        if isinstance(self.served_model_name, str):
+            self.served_model_name = [self.served_model_name]
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,174 @@
+"""Engine: the synchronous step loop shared by the offline LLM and the AsyncEngine.
+
+One step = Scheduler.schedule() (Rust) -> ModelRunner.execute() (torch) ->
+Scheduler.update() (Rust: append, detokenize, stop checks, free blocks) -> route the step's
+outputs to their requests. Only the routing touches Python per request, and only for the
+sequences that produced something this step."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import numpy as np
+
+from fastserve._core import Scheduler, Tokenizer
+from fastserve.config import ModelConfig
+from fastserve.engine.arg_utils import EngineArgs
+from fastserve.engine.request_state import RequestState
+from fastserve.outputs import RequestOutput
+from fastserve.sampling_params import SamplingParams
+from fastserve.worker.model_runner import ModelRunner, resolve_device
+
+logger = logging.getLogger("fastserve")
+
+# Scheduler token budget when the user gives none: vLLM's default for chunked prefill on
+# large GPUs; the CPU path keeps steps short so tests stay quick.
+_DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
+
+
+class Engine:
+    def __init__(self, args: EngineArgs):
+        t0 = time.perf_counter()
+        self.args = args
+        device = resolve_device(args.device)
+        self.model_config = ModelConfig.from_pretrained(
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed
+        )
+        if args.max_num_batched_tokens is None:
+            args.max_num_batched_tokens = _DEFAULT_BATCHED_TOKENS[device.type]
+        if not args.enable_chunked_prefill and args.max_num_batched_tokens < self.model_config.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({args.max_num_batched_tokens}) is smaller than max_model_len "
+                f"({self.model_config.max_model_len}) with chunked prefill off: raise --max-num-batched-tokens, "
+                "lower --max-model-len or enable chunked prefill"
+            )
+        self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
+        self.served_model_names = list(args.served_model_name or [args.model])
+        self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
+        self.runner = ModelRunner(args, self.model_config)
+        self.scheduler = Scheduler(
+            num_blocks=self.runner.num_blocks,
+            max_model_len=self.model_config.max_model_len,
+            block_size=args.block_size,
+            max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            seed=args.seed,
+        )
+        self.requests: dict[str, RequestState] = {}
+        self.step_hook = args.step_hook
+        logger.info("engine ready in %.1f s", time.perf_counter() - t0)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt after truncate_prompt_tokens; ValueError when it cannot run."""
+        if params.truncate_prompt_tokens is not None:
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
+        n = len(prompt_token_ids)
+        limit = self.model_config.max_model_len
+        if n == 0:
+            raise ValueError("prompt is empty: give at least one token")
+        if n >= limit:
+            raise ValueError(
+                f"prompt is {n} tokens long but max_model_len is {limit} (one token must be left to "
+                "generate): shorten the prompt, set truncate_prompt_tokens, or raise --max-model-len"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        return prompt_token_ids
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> RequestState:
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        prompt_token_ids = self.validate_prompt(list(prompt_token_ids), params)
+        core = params.to_core(self.tokenizer)
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+        self.scheduler.add_request(request_id, prompt_token_ids, core)
+        self.requests[request_id] = state
+        return state
+
+    def abort_request(self, request_id: str) -> RequestState | None:
+        state = self.requests.pop(request_id, None)
+        self.scheduler.abort_request(request_id)
+        if state is not None:
+            state.abort()
+        return state
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ---------------------------------------------------------------------------
+
+    def step(self) -> list[RequestState]:
+        """Run one step; returns the requests that got new output (finished ones included,
+        and removed from the engine)."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        if self.step_hook is not None:
+            self.step_hook(batch)
+        self.runner.prompt_logprobs_k = max(
+            (self.requests[batch.request_id(int(r))].params.prompt_logprobs or 0
+             for r in set(batch.prompt_logprob_rows.tolist())), default=0)
+        result = self.runner.execute(batch)
+        if result.prompt_logprobs is not None:
+            self._route_prompt_logprobs(batch, result.prompt_logprobs)
+        now = time.time()
+        touched: dict[str, RequestState] = {}
+        for out in self.scheduler.update(result.sampled_token_ids):
+            state = self.requests.get(out.request_id)
+            if state is None:  # aborted by the caller already
+                continue
+            state.apply(out, result, now)
+            touched[out.request_id] = state
+        for rid, state in touched.items():
+            if state.finished:
+                del self.requests[rid]
+        return list(touched.values())
+
+    def _route_prompt_logprobs(self, batch, arrays) -> None:
+        rows = batch.prompt_logprob_rows
+        # Rows come grouped by sequence: one slice per request.
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+        ends = np.r_[starts[1:], len(rows)]
+        for start, end in zip(starts.tolist(), ends.tolist()):
+            state = self.requests.get(batch.request_id(int(rows[start])))
+            if state is not None:
+                state.add_prompt_logprobs(batch.prompt_logprob_targets[start:end],
+                                          *(a[start:end] for a in arrays))
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        total = s.num_total_blocks
+        return {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "num_free_blocks": s.num_free_blocks,
+            "num_total_blocks": total,
+            "kv_cache_usage": 1.0 - s.num_free_blocks / total if total else 0.0,
+            "prefix_cache_queried_tokens": s.prefix_cache_queried_tokens,
+            "prefix_cache_hit_tokens": s.prefix_cache_hit_tokens,
+            "num_preemptions": s.num_preemptions,
+        }
+
+
+def _tokenizer_dir(path: str) -> str:
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise ValueError(
+            f"no tokenizer.json in {path!r}: fastserve reads Hugging Face fast tokenizers; pass "
+            "--tokenizer with a directory that has one"
+        )
+    return path
+
+
+def output_of(state: RequestState) -> RequestOutput:
+    return state.to_output()

@@ -1,0 +1,235 @@
+"""ModelRunner: owns the model, the KV cache and the step's device buffers; turns one
+`fastserve._core.Batch` into sampled token ids.
+
+Per step the Batch's flat numpy arrays are copied (one memcpy each) into persistent pinned
+host buffers and from there, asynchronously, into persistent device buffers; the only
+host<->device sync is reading the sampled ids back. Decode-only steps replay a CUDA graph
+captured for the nearest padded batch size (see cuda_graphs.py)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fastserve.config import ModelConfig
+from fastserve.engine.arg_utils import EngineArgs
+from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
+from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
+from fastserve.worker import kv_cache as kvc
+from fastserve.worker.loader import load_model
+
+logger = logging.getLogger("fastserve")
+
+
+@dataclass
+class StepResult:
+    """Host-side results of one step (numpy, already synchronized)."""
+
+    sampled_token_ids: np.ndarray  # int64 [S]
+    sampled_logprobs: np.ndarray  # float32 [S]
+    topk_ids: np.ndarray | None  # int64 [S, K] when any sample asked for logprobs
+    topk_logprobs: np.ndarray | None
+    sampled_ranks: np.ndarray | None
+    prompt_logprobs: tuple[np.ndarray, ...] | None  # (target lp, ranks, topk ids, topk lps) [P...]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU: use device='cpu' or 'auto'")
+    return torch.device(name)
+
+
+class _StepBuffers:
+    """Persistent pinned host + device buffers for the Batch arrays (GPU only)."""
+
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
+        def pair(shape, dtype):
+            return (torch.zeros(shape, dtype=dtype, pin_memory=True), torch.zeros(shape, dtype=dtype, device=device))
+
+        self.input_ids = pair(max_tokens, torch.int64)
+        self.positions = pair(max_tokens, torch.int64)
+        self.slot_mapping = pair(max_tokens, torch.int64)
+        self.query_start_loc = pair(max_seqs + 1, torch.int32)
+        self.seq_lens = pair(max_seqs, torch.int32)
+        self.block_tables = pair((max_seqs, max_blocks), torch.int32)
+        self.logits_indices = pair(max_seqs * 4, torch.int64)
+
+    @staticmethod
+    def load(buf: tuple[torch.Tensor, torch.Tensor], array: np.ndarray) -> torch.Tensor:
+        host, dev = buf
+        if array.ndim == 2:
+            rows, cols = array.shape
+            h = host[:rows, :cols]
+            h.numpy()[...] = array
+            d = dev[:rows, :cols]
+            d.copy_(h, non_blocking=True)
+            return d
+        n = array.shape[0]
+        host[:n].numpy()[...] = array
+        d = dev[:n]
+        d.copy_(host[:n], non_blocking=True)
+        return d
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig):
+        self.args = args
+        self.config = model_config
+        self.device = model_config.device
+        self.block_size = args.block_size
+        self.max_num_seqs = args.max_num_seqs
+        self.max_num_batched_tokens = args.max_num_batched_tokens
+        self.max_blocks_per_seq = math.ceil(model_config.max_model_len / args.block_size)
+        torch.manual_seed(args.seed)
+
+        t0 = time.perf_counter()
+        self.model = load_model(model_config, args.load_format)
+        logger.info("loaded %s (%s, %s) in %.1f s", model_config.architecture, model_config.dtype,
+                    self.device, time.perf_counter() - t0)
+        self.sampler = Sampler()
+        self.vocab_size = model_config.vocab_size
+        self.is_cuda = self.device.type == "cuda"
+        self.buffers = (
+            _StepBuffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
+            if self.is_cuda else None
+        )
+        self.num_blocks = self._determine_num_blocks()
+        kvc.check_fits(self.num_blocks, self.block_size, model_config.max_model_len)
+        self.kv_caches = kvc.allocate(
+            model_config.num_hidden_layers, self.num_blocks, self.block_size,
+            model_config.get_num_kv_heads(), model_config.head_dim, model_config.dtype, self.device,
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.2f GiB); %.1f sequences of max_model_len=%d fit",
+            self.num_blocks, self.block_size, self.num_blocks * self._block_bytes() / (1 << 30),
+            self.num_blocks * self.block_size / model_config.max_model_len, model_config.max_model_len,
+        )
+        self.graphs = None
+        if self.is_cuda and not args.enforce_eager:
+            from fastserve.worker.cuda_graphs import DecodeGraphs
+
+            t0 = time.perf_counter()
+            self.graphs = DecodeGraphs(self)
+            logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
+                        self.graphs.sizes, time.perf_counter() - t0)
+
+    def _block_bytes(self) -> int:
+        c = self.config
+        return kvc.bytes_per_block(c.num_hidden_layers, self.block_size, c.get_num_kv_heads(), c.head_dim, c.dtype)
+
+    def _determine_num_blocks(self) -> int:
+        if self.args.num_gpu_blocks_override is not None:
+            return self.args.num_gpu_blocks_override
+        if not self.is_cuda:
+            return kvc.cpu_num_blocks(self._block_bytes(), self.args.cpu_kv_cache_space_gb)
+        return kvc.gpu_num_blocks(self._block_bytes(), self.args.gpu_memory_utilization,
+                                  self._profile_peak_bytes(), self.device)
+
+    @torch.inference_mode()
+    def _profile_peak_bytes(self) -> int:
+        """Peak memory of the largest step: max_num_batched_tokens prompt tokens over a
+        throwaway cache just big enough for them, plus logits and sampling for max_num_seqs."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        tokens = self.max_num_batched_tokens
+        seqs = min(self.max_num_seqs, tokens)
+        per_seq = tokens // seqs
+        seq_lens = np.full(seqs, per_seq, dtype=np.int32)
+        seq_lens[-1] += tokens - per_seq * seqs
+        blocks_per_seq = math.ceil(int(seq_lens.max()) / self.block_size)
+        num_blocks = seqs * blocks_per_seq
+        c = self.config
+        scratch = kvc.allocate(c.num_hidden_layers, num_blocks, self.block_size, c.get_num_kv_heads(),
+                               c.head_dim, c.dtype, self.device)
+        block_tables = np.arange(num_blocks, dtype=np.int32).reshape(seqs, blocks_per_seq)
+        qsl = np.zeros(seqs + 1, dtype=np.int32)
+        qsl[1:] = np.cumsum(seq_lens)
+        positions = np.concatenate([np.arange(n) for n in seq_lens]).astype(np.int64)
+        rows = np.repeat(np.arange(seqs), seq_lens)
+        slots = block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(self.device),
+            query_start_loc=torch.from_numpy(qsl).to(self.device),
+            seq_lens=torch.from_numpy(seq_lens).to(self.device),
+            block_tables=torch.from_numpy(block_tables).to(self.device),
+            num_decodes=0, max_query_len=int(seq_lens.max()), max_seq_len=int(seq_lens.max()),
+        )
+        input_ids = torch.randint(0, self.vocab_size, (tokens,), device=self.device)
+        hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), meta, scratch)
+        logits = self.model.compute_logits(hidden[qsl[1:] - 1].repeat(math.ceil(self.max_num_seqs / seqs), 1)[: self.max_num_seqs])
+        logits.softmax(dim=-1).argmax(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
+        del scratch, hidden, logits, meta
+        torch.cuda.empty_cache()
+        return peak - scratch_bytes
+
+    # -- one step ---------------------------------------------------------------------------
+
+    def _prepare(self, batch):
+        if self.buffers is None:
+            t = torch.from_numpy
+            meta = AttentionMetadata(
+                slot_mapping=t(batch.slot_mapping), query_start_loc=t(batch.query_start_loc),
+                seq_lens=t(batch.seq_lens), block_tables=t(batch.block_tables),
+                num_decodes=batch.num_decodes, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            )
+            return t(batch.input_ids), t(batch.positions), meta, t(batch.logits_indices)
+        b = self.buffers
+        meta = AttentionMetadata(
+            slot_mapping=b.load(b.slot_mapping, batch.slot_mapping),
+            query_start_loc=b.load(b.query_start_loc, batch.query_start_loc),
+            seq_lens=b.load(b.seq_lens, batch.seq_lens),
+            block_tables=b.load(b.block_tables, batch.block_tables),
+            num_decodes=batch.num_decodes, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+        )
+        return (b.load(b.input_ids, batch.input_ids), b.load(b.positions, batch.positions), meta,
+                b.load(b.logits_indices, batch.logits_indices))
+
+    @torch.inference_mode()
+    def execute(self, batch) -> StepResult:
+        if self.graphs is not None and batch.num_decodes == batch.num_seqs and self.graphs.can_run(batch):
+            hidden = self.graphs.run(batch)
+            logits_indices = torch.from_numpy(batch.logits_indices).to(self.device, non_blocking=True)
+            prompt_hidden = None
+        else:
+            input_ids, positions, meta, logits_indices = self._prepare(batch)
+            hidden = self.model(input_ids, positions, meta, self.kv_caches)
+            prompt_hidden = hidden
+        logits = self.model.compute_logits(hidden[logits_indices])
+        st = SamplingTensors.from_batch(batch, self.device, self.vocab_size)
+        out = self.sampler(logits, st)
+
+        prompt_lp = None
+        if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
+            idx = torch.from_numpy(batch.prompt_logprob_indices).to(self.device)
+            targets = torch.from_numpy(batch.prompt_logprob_targets).to(self.device)
+            plp = compute_prompt_logprobs(self.model.compute_logits(prompt_hidden[idx]), targets,
+                                          max(1, self._max_prompt_logprobs(batch)))
+            prompt_lp = (plp.target_logprobs.cpu().numpy(), plp.target_ranks.cpu().numpy(),
+                         plp.topk_ids.cpu().numpy(), plp.topk_logprobs.cpu().numpy())
+
+        want_top = out.sampled_ranks is not None
+        return StepResult(
+            sampled_token_ids=out.sampled_token_ids.cpu().numpy(),
+            sampled_logprobs=out.sampled_logprobs.cpu().numpy(),
+            topk_ids=out.topk_ids.cpu().numpy() if want_top else None,
+            topk_logprobs=out.topk_logprobs.cpu().numpy() if want_top else None,
+            sampled_ranks=out.sampled_ranks.cpu().numpy() if want_top else None,
+            prompt_logprobs=prompt_lp,
+        )
+
+    def _max_prompt_logprobs(self, batch) -> int:
+        # The engine registers each request's prompt_logprobs count; rows map to requests.
+        return getattr(self, "prompt_logprobs_k", 0)
+
+
+__all__ = ["ModelRunner", "StepResult", "resolve_device", "PAD_SLOT_ID"]
