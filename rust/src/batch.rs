@@ -232,9 +232,17 @@ impl StepOutput {
     }
     fn __repr__(&self) -> String {
         format!(
-            "StepOutput(request_id={:?}, sample_index={}, new_token_ids={:?}, text_delta={:?}, finish_reason={:?}, stop_reason={:?})",
-            &*self.request_id, self.sample_index, self.new_token.into_iter().collect::<Vec<_>>(),
-            self.text_delta, self.finish, self.stop
+            "StepOutput(request_id={:?}, sample_index={}, new_token_ids={:?}, text_delta={:?}, finish_reason={}, stop_reason={})",
+            &*self.request_id,
+            self.sample_index,
+            self.new_token.into_iter().collect::<Vec<_>>(),
+            self.text_delta,
+            self.finish.map_or("None".to_string(), |f| format!("{f:?}")),
+            match &self.stop {
+                StopReason::None => "None".to_string(),
+                StopReason::TokenId(t) => t.to_string(),
+                StopReason::Text(s) => format!("{s:?}"),
+            }
         )
     }
 }
