@@ -1,0 +1,248 @@
+//! The Python views of one step: `Batch` (numpy arrays moved out of the Rust Vecs, so the
+//! hand-off costs one small allocation per array, not a copy per element) and `StepOutput`.
+
+use std::sync::Arc;
+
+use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
+use pyo3::exceptions::PyIndexError;
+use pyo3::prelude::*;
+use pyo3::IntoPyObjectExt;
+
+use crate::scheduler::{BatchData, SeqOutput};
+use crate::sequence::StopReason;
+
+type A1<T> = Py<PyArray1<T>>;
+
+#[pyclass(frozen, module = "fastserve._core")]
+pub struct Batch {
+    #[pyo3(get)]
+    num_seqs: usize,
+    #[pyo3(get)]
+    num_tokens: usize,
+    #[pyo3(get)]
+    num_samples: usize,
+    #[pyo3(get)]
+    num_decodes: usize,
+    #[pyo3(get)]
+    max_query_len: usize,
+    #[pyo3(get)]
+    max_seq_len: usize,
+    #[pyo3(get)]
+    all_greedy: bool,
+    #[pyo3(get)]
+    any_penalties: bool,
+    #[pyo3(get)]
+    max_num_logprobs: usize,
+
+    #[pyo3(get)]
+    input_ids: A1<i64>,
+    #[pyo3(get)]
+    positions: A1<i64>,
+    #[pyo3(get)]
+    slot_mapping: A1<i64>,
+    #[pyo3(get)]
+    query_start_loc: A1<i32>,
+    #[pyo3(get)]
+    seq_lens: A1<i32>,
+    #[pyo3(get)]
+    block_tables: Py<PyArray2<i32>>,
+    #[pyo3(get)]
+    logits_indices: A1<i64>,
+
+    #[pyo3(get)]
+    temperature: A1<f32>,
+    #[pyo3(get)]
+    top_p: A1<f32>,
+    #[pyo3(get)]
+    top_k: A1<i32>,
+    #[pyo3(get)]
+    min_p: A1<f32>,
+    #[pyo3(get)]
+    presence_penalty: A1<f32>,
+    #[pyo3(get)]
+    frequency_penalty: A1<f32>,
+    #[pyo3(get)]
+    repetition_penalty: A1<f32>,
+    #[pyo3(get)]
+    seeds: A1<i64>,
+    #[pyo3(get)]
+    sample_steps: A1<i64>,
+    #[pyo3(get)]
+    num_logprobs: A1<i32>,
+
+    #[pyo3(get)]
+    prompt_token_ids: A1<i64>,
+    #[pyo3(get)]
+    prompt_offsets: A1<i32>,
+    #[pyo3(get)]
+    output_token_ids: A1<i64>,
+    #[pyo3(get)]
+    output_offsets: A1<i32>,
+
+    #[pyo3(get)]
+    banned_rows: A1<i64>,
+    #[pyo3(get)]
+    banned_token_ids: A1<i64>,
+
+    #[pyo3(get)]
+    prompt_logprob_indices: A1<i64>,
+    #[pyo3(get)]
+    prompt_logprob_targets: A1<i64>,
+    #[pyo3(get)]
+    prompt_logprob_rows: A1<i32>,
+
+    row_request_ids: Vec<Arc<str>>,
+    sample_rows: Vec<u32>,
+}
+
+fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> A1<T> {
+    v.into_pyarray(py).unbind()
+}
+
+impl Batch {
+    pub fn from_data(py: Python<'_>, d: BatchData) -> PyResult<Batch> {
+        let (b, m) = (d.num_seqs, d.max_blocks);
+        let block_tables = d.block_tables.into_pyarray(py).reshape([b, m])?.unbind();
+        Ok(Batch {
+            num_seqs: d.num_seqs,
+            num_tokens: d.num_tokens,
+            num_samples: d.num_samples,
+            num_decodes: d.num_decodes,
+            max_query_len: d.max_query_len,
+            max_seq_len: d.max_seq_len,
+            all_greedy: d.all_greedy,
+            any_penalties: d.any_penalties,
+            max_num_logprobs: d.max_num_logprobs,
+            input_ids: arr(py, d.input_ids),
+            positions: arr(py, d.positions),
+            slot_mapping: arr(py, d.slot_mapping),
+            query_start_loc: arr(py, d.query_start_loc),
+            seq_lens: arr(py, d.seq_lens),
+            block_tables,
+            logits_indices: arr(py, d.logits_indices),
+            temperature: arr(py, d.temperature),
+            top_p: arr(py, d.top_p),
+            top_k: arr(py, d.top_k),
+            min_p: arr(py, d.min_p),
+            presence_penalty: arr(py, d.presence_penalty),
+            frequency_penalty: arr(py, d.frequency_penalty),
+            repetition_penalty: arr(py, d.repetition_penalty),
+            seeds: arr(py, d.seeds),
+            sample_steps: arr(py, d.sample_steps),
+            num_logprobs: arr(py, d.num_logprobs),
+            prompt_token_ids: arr(py, d.prompt_token_ids),
+            prompt_offsets: arr(py, d.prompt_offsets),
+            output_token_ids: arr(py, d.output_token_ids),
+            output_offsets: arr(py, d.output_offsets),
+            banned_rows: arr(py, d.banned_rows),
+            banned_token_ids: arr(py, d.banned_token_ids),
+            prompt_logprob_indices: arr(py, d.prompt_logprob_indices),
+            prompt_logprob_targets: arr(py, d.prompt_logprob_targets),
+            prompt_logprob_rows: arr(py, d.prompt_logprob_rows),
+            row_request_ids: d.row_request_ids,
+            sample_rows: d.sample_rows,
+        })
+    }
+}
+
+#[pymethods]
+impl Batch {
+    /// Request id of sequence row `row`.
+    fn request_id(&self, row: usize) -> PyResult<&str> {
+        self.row_request_ids
+            .get(row)
+            .map(|s| &**s)
+            .ok_or_else(|| PyIndexError::new_err(format!("row {row} is out of range for {} rows", self.num_seqs)))
+    }
+
+    fn sample_request_id(&self, sample: usize) -> PyResult<&str> {
+        let row = *self.sample_rows.get(sample).ok_or_else(|| {
+            PyIndexError::new_err(format!("sample {sample} is out of range for {} samples", self.num_samples))
+        })?;
+        Ok(&self.row_request_ids[row as usize])
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Batch(num_seqs={}, num_decodes={}, num_tokens={}, num_samples={})",
+            self.num_seqs, self.num_decodes, self.num_tokens, self.num_samples
+        )
+    }
+}
+
+#[pyclass(frozen, module = "fastserve._core")]
+pub struct StepOutput {
+    request_id: Arc<str>,
+    #[pyo3(get)]
+    sample_index: u32,
+    #[pyo3(get)]
+    sample_row: i32,
+    new_token: Option<u32>,
+    #[pyo3(get)]
+    text_delta: String,
+    #[pyo3(get)]
+    finished: bool,
+    finish: Option<&'static str>,
+    stop: StopReason,
+    #[pyo3(get)]
+    num_prompt_tokens: usize,
+    #[pyo3(get)]
+    num_cached_tokens: usize,
+}
+
+impl From<SeqOutput> for StepOutput {
+    fn from(o: SeqOutput) -> Self {
+        StepOutput {
+            request_id: o.request_id,
+            sample_index: o.sample_index,
+            sample_row: o.sample_row,
+            new_token: o.new_token,
+            text_delta: o.text_delta,
+            finished: o.finish_reason.is_some(),
+            finish: o.finish_reason.map(|f| f.as_str()),
+            stop: o.stop_reason,
+            num_prompt_tokens: o.num_prompt_tokens,
+            num_cached_tokens: o.num_cached_tokens,
+        }
+    }
+}
+
+#[pymethods]
+impl StepOutput {
+    #[getter]
+    fn request_id(&self) -> &str {
+        &self.request_id
+    }
+    /// The step's token (a list, as in vLLM; empty for an abort).
+    #[getter]
+    fn new_token_ids(&self) -> Vec<u32> {
+        self.new_token.into_iter().collect()
+    }
+    #[getter]
+    fn finish_reason(&self) -> Option<&'static str> {
+        self.finish
+    }
+    #[getter]
+    fn stop_reason(&self, py: Python<'_>) -> PyResult<PyObject> {
+        match &self.stop {
+            StopReason::None => Ok(py.None()),
+            StopReason::TokenId(t) => t.into_py_any(py),
+            StopReason::Text(s) => s.into_py_any(py),
+        }
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "StepOutput(request_id={:?}, sample_index={}, new_token_ids={:?}, text_delta={:?}, finish_reason={}, stop_reason={})",
+            &*self.request_id,
+            self.sample_index,
+            self.new_token.into_iter().collect::<Vec<_>>(),
+            self.text_delta,
+            self.finish.map_or("None".to_string(), |f| format!("{f:?}")),
+            match &self.stop {
+                StopReason::None => "None".to_string(),
+                StopReason::TokenId(t) => t.to_string(),
+                StopReason::Text(s) => format!("{s:?}"),
+            }
+        )
+    }
+}

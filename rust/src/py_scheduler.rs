@@ -1,0 +1,171 @@
+//! The Python-facing `Scheduler`: argument conversion and error mapping around
+//! `scheduler::Scheduler`, nothing else.
+
+use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use crate::batch::{Batch, StepOutput};
+use crate::py_tokenizer::PyTokenizer as Tokenizer;
+use crate::sampling_params::RequestParams;
+use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
+
+#[pyclass(module = "fastserve._core")]
+pub struct Scheduler {
+    core: CoreScheduler,
+}
+
+fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
+    v.map(|x| {
+        u32::try_from(x).map_err(|_| PyValueError::new_err(format!("{name} holds {x}, which is not a token id (0 <= id < 2**32)")))
+    })
+    .collect()
+}
+
+/// Token ids from a numpy integer array (without a Python object per element) or any sequence.
+fn extract_ids(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<i64>>() {
+        return to_token_ids(name, a.as_array().iter().copied());
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<i32>>() {
+        return to_token_ids(name, a.as_array().iter().map(|&x| x as i64));
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<u32>>() {
+        return Ok(a.as_array().to_vec());
+    }
+    let v: Vec<i64> = obj
+        .extract()
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a sequence of ints or a 1-D integer array")))?;
+    to_token_ids(name, v.into_iter())
+}
+
+#[pymethods]
+impl Scheduler {
+    #[new]
+    #[pyo3(signature = (
+        *, num_blocks, max_model_len, block_size = 16, max_num_seqs = 256,
+        max_num_batched_tokens = 8192, enable_prefix_caching = true, enable_chunked_prefill = true,
+        tokenizer = None, eos_token_ids = vec![], seed = 0
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn py_new(
+        num_blocks: usize,
+        max_model_len: usize,
+        block_size: usize,
+        max_num_seqs: usize,
+        max_num_batched_tokens: usize,
+        enable_prefix_caching: bool,
+        enable_chunked_prefill: bool,
+        tokenizer: Option<PyRef<'_, Tokenizer>>,
+        eos_token_ids: Vec<u32>,
+        seed: u64,
+    ) -> PyResult<Self> {
+        let cfg = SchedulerConfig {
+            num_blocks,
+            block_size,
+            max_model_len,
+            max_num_seqs,
+            max_num_batched_tokens,
+            enable_prefix_caching,
+            enable_chunked_prefill,
+            eos_token_ids,
+            seed,
+        };
+        let core = CoreScheduler::new(cfg, tokenizer.map(|t| t.core.clone())).map_err(PyValueError::new_err)?;
+        Ok(Scheduler { core })
+    }
+
+    fn add_request(&mut self, request_id: &str, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
+        let prompt = extract_ids("prompt_token_ids", prompt_token_ids)?;
+        self.core.add_request(request_id, prompt, params).map_err(PyValueError::new_err)
+    }
+
+    fn abort_request(&mut self, request_id: &str) -> bool {
+        self.core.abort_request(request_id)
+    }
+
+    fn schedule(&mut self, py: Python<'_>) -> PyResult<Option<Batch>> {
+        match self.core.schedule().map_err(PyRuntimeError::new_err)? {
+            Some(d) => Ok(Some(Batch::from_data(py, d)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn update<'py>(&mut self, py: Python<'py>, sampled_token_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
+        let outs = if let Ok(a) = sampled_token_ids.extract::<PyReadonlyArray1<i64>>() {
+            if a.is_c_contiguous() {
+                self.core.update(a.as_slice()?)
+            } else {
+                self.core.update(&a.as_array().to_vec())
+            }
+        } else {
+            let v: Vec<i64> = sampled_token_ids.extract().map_err(|_| {
+                PyValueError::new_err("sampled_token_ids must be a 1-D int64 array (one id per sample row)")
+            })?;
+            self.core.update(&v)
+        }
+        .map_err(PyValueError::new_err)?;
+        let objs = outs
+            .into_iter()
+            .map(|o| Bound::new(py, StepOutput::from(o)))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, objs)
+    }
+
+    fn has_unfinished(&self) -> bool {
+        self.core.has_unfinished()
+    }
+    #[getter]
+    fn num_running(&self) -> usize {
+        self.core.num_running()
+    }
+    #[getter]
+    fn num_waiting(&self) -> usize {
+        self.core.num_waiting()
+    }
+    #[getter]
+    fn num_free_blocks(&self) -> usize {
+        self.core.bm.num_free_blocks()
+    }
+    #[getter]
+    fn num_total_blocks(&self) -> usize {
+        self.core.bm.num_total_blocks()
+    }
+    #[getter]
+    fn num_preemptions(&self) -> u64 {
+        self.core.num_preemptions
+    }
+    #[getter]
+    fn prefix_cache_queried_tokens(&self) -> u64 {
+        self.core.prefix_cache_queried_tokens
+    }
+    #[getter]
+    fn prefix_cache_hit_tokens(&self) -> u64 {
+        self.core.prefix_cache_hit_tokens
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.core.cfg.block_size
+    }
+    #[getter]
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.core.eos_token_ids().to_vec()
+    }
+    /// Drops the prefix cache (only when no block is in use); True if it was reset.
+    fn reset_prefix_cache(&mut self) -> bool {
+        self.core.bm.reset_prefix_cache()
+    }
+    /// Verifies the block bookkeeping; raises RuntimeError naming the broken invariant.
+    fn check_invariants(&self) -> PyResult<()> {
+        self.core.check_invariants().map_err(PyRuntimeError::new_err)
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<RequestParams>()?;
+    m.add_class::<Batch>()?;
+    m.add_class::<StepOutput>()?;
+    m.add_class::<Scheduler>()?;
+    Ok(())
+}

@@ -1,0 +1,1069 @@
+//! Continuous-batching scheduler: FCFS queues, a per-step token budget, chunked prefill,
+//! preemption by recompute, n > 1 forking, and the flat per-step arrays (`BatchData`).
+//! Pure Rust (no Python types) so it is unit-testable and the binding stays a thin shell.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use crate::block_manager::BlockManager;
+use crate::sampling_params::RequestParams;
+use crate::sequence::{child_seed, splitmix64, FinishReason, Request, SeqStatus, Sequence, StopReason};
+use crate::tokenizer::{CoreTokenizer, IncrementalDetokenizer};
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub enable_prefix_caching: bool,
+    pub enable_chunked_prefill: bool,
+    pub eos_token_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+impl SchedulerConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.num_blocks == 0 {
+            return Err("num_blocks must be at least 1; raise --gpu-memory-utilization".into());
+        }
+        if self.block_size == 0 {
+            return Err("block_size must be at least 1".into());
+        }
+        if self.max_model_len < 2 {
+            return Err(format!("max_model_len must be at least 2, got {}", self.max_model_len));
+        }
+        if self.max_num_seqs == 0 {
+            return Err("max_num_seqs must be at least 1".into());
+        }
+        if self.max_num_batched_tokens == 0 {
+            return Err("max_num_batched_tokens must be at least 1".into());
+        }
+        if !self.enable_chunked_prefill && self.max_num_batched_tokens < self.max_model_len {
+            return Err(format!(
+                "max_num_batched_tokens ({}) is smaller than max_model_len ({}): without chunked \
+                 prefill a long prompt could never be scheduled; raise --max-num-batched-tokens, \
+                 lower --max-model-len, or enable chunked prefill",
+                self.max_num_batched_tokens, self.max_model_len
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One scheduled row of the pending batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Scheduled {
+    pub seq: u32,
+    pub num_new: u32,
+    /// Sample rows this row produces: 0 (mid-prefill), 1, or n (a prompt finishing for n > 1).
+    pub num_samples: u32,
+}
+
+/// One step's arrays, laid out as `fastserve._core.Batch` documents them.
+#[derive(Default, Debug)]
+pub struct BatchData {
+    pub num_seqs: usize,
+    pub num_tokens: usize,
+    pub num_samples: usize,
+    pub num_decodes: usize,
+    pub max_query_len: usize,
+    pub max_seq_len: usize,
+    pub all_greedy: bool,
+    pub any_penalties: bool,
+    pub max_num_logprobs: usize,
+    pub max_blocks: usize,
+
+    pub input_ids: Vec<i64>,
+    pub positions: Vec<i64>,
+    pub slot_mapping: Vec<i64>,
+    pub query_start_loc: Vec<i32>,
+    pub seq_lens: Vec<i32>,
+    pub block_tables: Vec<i32>,
+    pub logits_indices: Vec<i64>,
+
+    pub temperature: Vec<f32>,
+    pub top_p: Vec<f32>,
+    pub top_k: Vec<i32>,
+    pub min_p: Vec<f32>,
+    pub presence_penalty: Vec<f32>,
+    pub frequency_penalty: Vec<f32>,
+    pub repetition_penalty: Vec<f32>,
+    pub seeds: Vec<i64>,
+    pub sample_steps: Vec<i64>,
+    pub num_logprobs: Vec<i32>,
+
+    pub prompt_token_ids: Vec<i64>,
+    pub prompt_offsets: Vec<i32>,
+    pub output_token_ids: Vec<i64>,
+    pub output_offsets: Vec<i32>,
+
+    pub banned_rows: Vec<i64>,
+    pub banned_token_ids: Vec<i64>,
+
+    pub prompt_logprob_indices: Vec<i64>,
+    pub prompt_logprob_targets: Vec<i64>,
+    pub prompt_logprob_rows: Vec<i32>,
+
+    pub row_request_ids: Vec<Arc<str>>,
+    pub sample_rows: Vec<u32>,
+}
+
+#[derive(Debug)]
+pub struct SeqOutput {
+    pub request_id: Arc<str>,
+    pub sample_index: u32,
+    pub sample_row: i32,
+    pub new_token: Option<u32>,
+    pub text_delta: String,
+    pub finish_reason: Option<FinishReason>,
+    pub stop_reason: StopReason,
+    pub num_prompt_tokens: usize,
+    pub num_cached_tokens: usize,
+}
+
+pub struct Scheduler {
+    pub cfg: SchedulerConfig,
+    pub bm: BlockManager,
+    tokenizer: Option<Arc<CoreTokenizer>>,
+    eos: Vec<u32>,
+    requests: Vec<Option<Request>>,
+    free_requests: Vec<u32>,
+    seqs: Vec<Option<Sequence>>,
+    free_seqs: Vec<u32>,
+    ids: ahash::AHashMap<Arc<str>, u32>,
+    waiting: VecDeque<u32>,
+    running: Vec<u32>,
+    rng: u64,
+    pending: Option<Vec<Scheduled>>,
+    pending_samples: usize,
+    /// Abort outputs waiting for the next update(); their slots are released once no
+    /// pending batch can still name them.
+    abort_outputs: Vec<SeqOutput>,
+    deferred_requests: Vec<u32>,
+    // Reused across steps so scheduling allocates nothing per sequence.
+    decode_rows: Vec<Scheduled>,
+    prefill_rows: Vec<Scheduled>,
+    hit_buf: Vec<u32>,
+    pub num_preemptions: u64,
+    pub prefix_cache_queried_tokens: u64,
+    pub prefix_cache_hit_tokens: u64,
+}
+
+#[inline]
+fn seq_mut(seqs: &mut [Option<Sequence>], i: u32) -> &mut Sequence {
+    seqs[i as usize].as_mut().expect("live sequence slot")
+}
+#[inline]
+fn seq_ref(seqs: &[Option<Sequence>], i: u32) -> &Sequence {
+    seqs[i as usize].as_ref().expect("live sequence slot")
+}
+#[inline]
+fn req_ref(reqs: &[Option<Request>], i: u32) -> &Request {
+    reqs[i as usize].as_ref().expect("live request slot")
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig, tokenizer: Option<Arc<CoreTokenizer>>) -> Result<Self, String> {
+        cfg.validate()?;
+        let mut eos: Vec<u32> = tokenizer.as_ref().map(|t| t.eos_token_ids.clone()).unwrap_or_default();
+        for &e in &cfg.eos_token_ids {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        Ok(Scheduler {
+            bm: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
+            tokenizer,
+            eos,
+            requests: vec![],
+            free_requests: vec![],
+            seqs: vec![],
+            free_seqs: vec![],
+            ids: Default::default(),
+            waiting: VecDeque::new(),
+            running: vec![],
+            rng: splitmix64(cfg.seed),
+            pending: None,
+            pending_samples: 0,
+            abort_outputs: vec![],
+            deferred_requests: vec![],
+            decode_rows: vec![],
+            prefill_rows: vec![],
+            hit_buf: vec![],
+            num_preemptions: 0,
+            prefix_cache_queried_tokens: 0,
+            prefix_cache_hit_tokens: 0,
+            cfg,
+        })
+    }
+
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    /// Aborted requests do not count: their outputs ride along with the next update(), and
+    /// counting them would keep an engine loop spinning on steps that schedule nothing.
+    pub fn has_unfinished(&self) -> bool {
+        !self.ids.is_empty()
+    }
+    pub fn eos_token_ids(&self) -> &[u32] {
+        &self.eos
+    }
+
+    fn insert_seq(&mut self, s: Sequence) -> u32 {
+        if let Some(i) = self.free_seqs.pop() {
+            self.seqs[i as usize] = Some(s);
+            i
+        } else {
+            self.seqs.push(Some(s));
+            (self.seqs.len() - 1) as u32
+        }
+    }
+
+    fn make_detok(&self, params: &RequestParams, prompt: &[u32]) -> Option<IncrementalDetokenizer> {
+        let tok = self.tokenizer.as_ref()?;
+        if !params.detokenize {
+            return None;
+        }
+        Some(IncrementalDetokenizer::new(
+            tok.clone(),
+            prompt,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
+            params.stop.clone(),
+            params.include_stop_str_in_output,
+        ))
+    }
+
+    pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, params: RequestParams) -> Result<(), String> {
+        if self.ids.contains_key(request_id) {
+            return Err(format!("request_id {request_id:?} is already in use; give each request a unique id"));
+        }
+        if prompt.is_empty() {
+            return Err("prompt_token_ids is empty; a prompt needs at least one token".into());
+        }
+        let (p, max_len) = (prompt.len(), self.cfg.max_model_len);
+        if p >= max_len {
+            return Err(format!(
+                "prompt_token_ids has {p} tokens but max_model_len is {max_len}: the prompt plus at \
+                 least one generated token must fit; shorten the prompt or raise --max-model-len"
+            ));
+        }
+        params.validate()?;
+        if !params.stop.is_empty() && (self.tokenizer.is_none() || !params.detokenize) {
+            return Err("stop strings need detokenized text: pass a tokenizer to the Scheduler and keep \
+                        detokenize=True, or use stop_token_ids"
+                .into());
+        }
+        let longest = (p + params.max_tokens as usize).min(max_len);
+        let need = self.bm.blocks_for(longest);
+        if need > self.cfg.num_blocks {
+            return Err(format!(
+                "a sequence of {longest} tokens needs {need} KV-cache blocks of {} tokens but only {} \
+                 exist: raise --gpu-memory-utilization or lower --max-model-len (or max_tokens)",
+                self.cfg.block_size, self.cfg.num_blocks
+            ));
+        }
+        let seed = match params.seed {
+            Some(s) => s,
+            None => {
+                self.rng = splitmix64(self.rng);
+                (self.rng >> 1) as i64
+            }
+        };
+        let eos: &[u32] = if params.ignore_eos { &[] } else { &self.eos };
+        let mut min_tokens_banned = eos.to_vec();
+        min_tokens_banned.extend(params.stop_token_ids.iter().copied().filter(|t| !eos.contains(t)));
+        let bad_single = params.bad_words_token_ids.iter().filter(|w| w.len() == 1).map(|w| w[0]).collect();
+        let bad_multi = params.bad_words_token_ids.iter().filter(|w| w.len() > 1).cloned().collect();
+        let detok = self.make_detok(&params, &prompt);
+        let n = params.n;
+        let request_id: Arc<str> = Arc::from(request_id);
+        let req_slot = match self.free_requests.pop() {
+            Some(i) => i,
+            None => {
+                self.requests.push(None);
+                (self.requests.len() - 1) as u32
+            }
+        };
+        let seq = Sequence {
+            req: req_slot,
+            sample_index: 0,
+            status: SeqStatus::Waiting,
+            tokens: prompt,
+            num_prompt: p,
+            num_computed: 0,
+            block_table: vec![],
+            block_hashes: vec![],
+            seed: if n > 1 { child_seed(seed, 0) } else { seed },
+            prompt_logprobs_done: 0,
+            num_cached_tokens: None,
+            detok,
+            scheduled: false,
+            finish_reason: None,
+        };
+        let s = self.insert_seq(seq);
+        self.requests[req_slot as usize] = Some(Request {
+            request_id: request_id.clone(),
+            stop_ids: params.stop_token_ids.clone(),
+            min_tokens_banned,
+            bad_single,
+            bad_multi,
+            seed,
+            num_prompt_tokens: p,
+            seqs: vec![s],
+            num_unfinished: n,
+            aborted: false,
+            params,
+        });
+        self.ids.insert(request_id, req_slot);
+        self.waiting.push_back(s);
+        Ok(())
+    }
+
+    /// Frees every block of the request now; its "abort" outputs come with the next update().
+    pub fn abort_request(&mut self, request_id: &str) -> bool {
+        let Some(r) = self.ids.remove(request_id) else { return false };
+        let req = self.requests[r as usize].as_mut().expect("live request slot");
+        req.aborted = true;
+        let mut any = false;
+        for i in 0..req.params.n {
+            let alive = match req.seqs.get(i as usize) {
+                Some(&s) => {
+                    let seq = seq_mut(&mut self.seqs, s);
+                    if seq.status == SeqStatus::Finished {
+                        false
+                    } else {
+                        self.bm.free(&mut seq.block_table);
+                        seq.status = SeqStatus::Finished;
+                        seq.finish_reason = Some(FinishReason::Abort);
+                        seq.scheduled = false;
+                        any = true;
+                        true
+                    }
+                }
+                None => true,
+            };
+            if alive {
+                self.abort_outputs.push(SeqOutput {
+                    request_id: req.request_id.clone(),
+                    sample_index: i,
+                    sample_row: -1,
+                    new_token: None,
+                    text_delta: String::new(),
+                    finish_reason: Some(FinishReason::Abort),
+                    stop_reason: StopReason::None,
+                    num_prompt_tokens: req.num_prompt_tokens,
+                    num_cached_tokens: req.seqs.get(i as usize).map_or(0, |&s| {
+                        seq_ref(&self.seqs, s).num_cached_tokens.unwrap_or(0)
+                    }),
+                });
+            }
+        }
+        if any {
+            let seqs = &self.seqs;
+            let live = |s: &u32| seq_ref(seqs, *s).status != SeqStatus::Finished;
+            self.running.retain(live);
+            self.waiting.retain(live);
+        }
+        req.num_unfinished = 0;
+        self.deferred_requests.push(r);
+        true
+    }
+
+    fn release_request(&mut self, r: u32) {
+        let req = self.requests[r as usize].take().expect("live request slot");
+        for s in req.seqs {
+            self.seqs[s as usize] = None;
+            self.free_seqs.push(s);
+        }
+        self.free_requests.push(r);
+    }
+
+    /// Drops a running sequence's KV (recompute later) and puts it at the head of waiting.
+    fn preempt(&mut self, s: u32, budget: &mut usize) {
+        let seq = seq_mut(&mut self.seqs, s);
+        self.bm.free(&mut seq.block_table);
+        seq.num_computed = 0;
+        seq.status = SeqStatus::Waiting;
+        if seq.scheduled {
+            seq.scheduled = false;
+            for rows in [&mut self.decode_rows, &mut self.prefill_rows] {
+                if let Some(k) = rows.iter().rposition(|r| r.seq == s) {
+                    *budget += rows[k].num_new as usize;
+                    rows.remove(k);
+                }
+            }
+        }
+        self.waiting.push_front(s);
+        self.num_preemptions += 1;
+    }
+
+    fn samples_for(&self, seq: &Sequence, end: usize) -> u32 {
+        if end < seq.tokens.len() {
+            return 0;
+        }
+        let req = req_ref(&self.requests, seq.req);
+        if seq.sample_index == 0 && (req.seqs.len() as u32) < req.params.n {
+            req.params.n
+        } else {
+            1
+        }
+    }
+
+    /// Picks this step's work and assembles its arrays; None when nothing is runnable.
+    pub fn schedule(&mut self) -> Result<Option<BatchData>, String> {
+        if self.pending.is_some() {
+            return Err("schedule() called twice without update(): pass the sampled ids of the \
+                        previous batch to update() first"
+                .into());
+        }
+        for r in std::mem::take(&mut self.deferred_requests) {
+            self.release_request(r);
+        }
+        let bs = self.cfg.block_size;
+        let mut budget = self.cfg.max_num_batched_tokens;
+        self.decode_rows.clear();
+        self.prefill_rows.clear();
+        let mut preempted = false;
+
+        // Running sequences first (decodes, then unfinished prefills), oldest first; when the
+        // pool runs dry the newest running sequence is preempted, possibly the one at hand.
+        for decode_pass in [true, false] {
+            let mut i = 0;
+            while i < self.running.len() {
+                if budget == 0 || self.decode_rows.len() + self.prefill_rows.len() >= self.cfg.max_num_seqs {
+                    break;
+                }
+                let s = self.running[i];
+                let seq = seq_ref(&self.seqs, s);
+                let rem = seq.num_remaining();
+                if seq.scheduled || (rem == 1) != decode_pass {
+                    i += 1;
+                    continue;
+                }
+                let num_new = rem.min(budget);
+                if num_new < rem && !self.cfg.enable_chunked_prefill {
+                    i += 1;
+                    continue;
+                }
+                let need = self.bm.blocks_for(seq.num_computed + num_new);
+                loop {
+                    let seq = seq_mut(&mut self.seqs, s);
+                    if self.bm.grow(&mut seq.block_table, need) {
+                        seq.scheduled = true;
+                        let end = seq.num_computed + num_new;
+                        let num_samples = self.samples_for(seq_ref(&self.seqs, s), end);
+                        let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
+                        if rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
+                        budget -= num_new;
+                        i += 1;
+                        break;
+                    }
+                    let victim = self.running.pop().expect("the sequence at hand is running");
+                    self.preempt(victim, &mut budget);
+                    preempted = true;
+                    if victim == s {
+                        break;
+                    }
+                }
+            }
+        }
+
+        // Waiting requests, FCFS, only while nothing had to be preempted this step.
+        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+            let Some(&s) = self.waiting.front() else { break };
+            if self.decode_rows.len() + self.prefill_rows.len() >= self.cfg.max_num_seqs {
+                break;
+            }
+            let seq = seq_mut(&mut self.seqs, s);
+            let req = req_ref(&self.requests, seq.req);
+            self.hit_buf.clear();
+            let first_schedule = seq.num_computed == 0 && seq.block_table.is_empty();
+            let use_cache = self.cfg.enable_prefix_caching && req.params.prompt_logprobs.is_none();
+            if first_schedule && use_cache {
+                // At least one token must be computed to produce logits.
+                let max_hit = (seq.tokens.len() - 1) / bs;
+                for j in 0..max_hit {
+                    seq.ensure_hashes(j + 1, bs);
+                    match self.bm.lookup(seq.block_hashes[j], &seq.tokens[j * bs..(j + 1) * bs]) {
+                        Some(b) => self.hit_buf.push(b),
+                        None => break,
+                    }
+                }
+            }
+            let computed = seq.num_computed.max(self.hit_buf.len() * bs);
+            let rem = seq.tokens.len() - computed;
+            let num_new = if self.cfg.enable_chunked_prefill {
+                rem.min(budget)
+            } else if rem <= budget {
+                rem
+            } else {
+                break;
+            };
+            let blocks = self.bm.blocks_for(computed + num_new);
+            let need = blocks - self.hit_buf.len() - seq.block_table.len() + self.bm.free_among(&self.hit_buf);
+            if need > self.bm.num_free_blocks() {
+                break;
+            }
+            for &b in &self.hit_buf {
+                self.bm.acquire(b);
+                seq.block_table.push(b);
+            }
+            let grown = self.bm.grow(&mut seq.block_table, blocks);
+            debug_assert!(grown);
+            let hit_tokens = self.hit_buf.len() * bs;
+            if first_schedule && use_cache {
+                self.prefix_cache_queried_tokens += seq.tokens.len() as u64;
+                self.prefix_cache_hit_tokens += hit_tokens as u64;
+            }
+            if seq.num_cached_tokens.is_none() {
+                seq.num_cached_tokens = Some(hit_tokens.min(seq.num_prompt));
+            }
+            seq.num_computed = computed;
+            seq.status = SeqStatus::Running;
+            seq.scheduled = true;
+            self.waiting.pop_front();
+            self.running.push(s);
+            let num_samples = self.samples_for(seq_ref(&self.seqs, s), computed + num_new);
+            let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
+            if num_new == 1 && rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
+            budget -= num_new;
+        }
+
+        if self.decode_rows.is_empty() && self.prefill_rows.is_empty() {
+            return Ok(None);
+        }
+        let mut rows = std::mem::take(&mut self.decode_rows);
+        let num_decodes = rows.len();
+        rows.extend_from_slice(&self.prefill_rows);
+        let batch = self.build_batch(&rows, num_decodes);
+        self.pending_samples = batch.num_samples;
+        self.pending = Some(rows);
+        Ok(Some(batch))
+    }
+
+    fn build_batch(&self, rows: &[Scheduled], num_decodes: usize) -> BatchData {
+        let bs = self.cfg.block_size;
+        let b = rows.len();
+        // Sizes and batch-wide flags first, so every array is allocated once at its size.
+        let (mut t, mut s_total, mut max_blocks, mut max_q, mut max_seq) = (0usize, 0usize, 0usize, 0usize, 0usize);
+        let (mut all_greedy, mut any_pen, mut max_lp) = (true, false, 0usize);
+        let mut any_prompt_lp = false;
+        for r in rows {
+            let seq = seq_ref(&self.seqs, r.seq);
+            let end = seq.num_computed + r.num_new as usize;
+            t += r.num_new as usize;
+            s_total += r.num_samples as usize;
+            max_blocks = max_blocks.max(end.div_ceil(bs));
+            max_q = max_q.max(r.num_new as usize);
+            max_seq = max_seq.max(end);
+            let p = &req_ref(&self.requests, seq.req).params;
+            any_prompt_lp |= p.prompt_logprobs.is_some();
+            if r.num_samples > 0 {
+                all_greedy &= p.temperature == 0.0;
+                any_pen |= p.has_penalties();
+                max_lp = max_lp.max(p.logprobs.unwrap_or(0) as usize);
+            }
+        }
+        let mut d = BatchData {
+            num_seqs: b,
+            num_tokens: t,
+            num_samples: s_total,
+            num_decodes,
+            max_query_len: max_q,
+            max_seq_len: max_seq,
+            all_greedy,
+            any_penalties: any_pen,
+            max_num_logprobs: max_lp,
+            max_blocks,
+            input_ids: Vec::with_capacity(t),
+            positions: Vec::with_capacity(t),
+            slot_mapping: Vec::with_capacity(t),
+            query_start_loc: Vec::with_capacity(b + 1),
+            seq_lens: Vec::with_capacity(b),
+            block_tables: vec![0; b * max_blocks],
+            logits_indices: Vec::with_capacity(s_total),
+            temperature: Vec::with_capacity(s_total),
+            top_p: Vec::with_capacity(s_total),
+            top_k: Vec::with_capacity(s_total),
+            min_p: Vec::with_capacity(s_total),
+            presence_penalty: Vec::with_capacity(s_total),
+            frequency_penalty: Vec::with_capacity(s_total),
+            repetition_penalty: Vec::with_capacity(s_total),
+            seeds: Vec::with_capacity(s_total),
+            sample_steps: Vec::with_capacity(s_total),
+            num_logprobs: Vec::with_capacity(s_total),
+            row_request_ids: Vec::with_capacity(b),
+            sample_rows: Vec::with_capacity(s_total),
+            ..Default::default()
+        };
+        if any_pen {
+            d.prompt_offsets.reserve(s_total + 1);
+            d.output_offsets.reserve(s_total + 1);
+            d.prompt_offsets.push(0);
+            d.output_offsets.push(0);
+        }
+        d.query_start_loc.push(0);
+        for (row, r) in rows.iter().enumerate() {
+            let seq = seq_ref(&self.seqs, r.seq);
+            let req = req_ref(&self.requests, seq.req);
+            let p = &req.params;
+            let start = seq.num_computed;
+            let end = start + r.num_new as usize;
+            let tok0 = d.input_ids.len();
+            d.input_ids.extend(seq.tokens[start..end].iter().map(|&x| x as i64));
+            d.positions.extend((start..end).map(|x| x as i64));
+            let table = &seq.block_table;
+            d.slot_mapping.extend((start..end).map(|pos| (table[pos / bs] as usize * bs + pos % bs) as i64));
+            let nb = end.div_ceil(bs);
+            let dst = &mut d.block_tables[row * max_blocks..row * max_blocks + nb];
+            for (o, &blk) in dst.iter_mut().zip(&table[..nb]) {
+                *o = blk as i32;
+            }
+            d.query_start_loc.push((tok0 + r.num_new as usize) as i32);
+            d.seq_lens.push(end as i32);
+            d.row_request_ids.push(req.request_id.clone());
+
+            if any_prompt_lp && p.prompt_logprobs.is_some() {
+                let first = start.max(seq.prompt_logprobs_done);
+                let last = end.min(seq.num_prompt.saturating_sub(1));
+                for pos in first..last {
+                    d.prompt_logprob_indices.push((tok0 + pos - start) as i64);
+                    d.prompt_logprob_targets.push(seq.tokens[pos + 1] as i64);
+                    d.prompt_logprob_rows.push(row as i32);
+                }
+            }
+
+            for child in 0..r.num_samples {
+                let srow = d.logits_indices.len() as i64;
+                d.logits_indices.push((tok0 + r.num_new as usize - 1) as i64);
+                d.sample_rows.push(row as u32);
+                d.temperature.push(p.temperature);
+                d.top_p.push(p.top_p);
+                d.top_k.push(p.top_k);
+                d.min_p.push(p.min_p);
+                d.presence_penalty.push(p.presence_penalty);
+                d.frequency_penalty.push(p.frequency_penalty);
+                d.repetition_penalty.push(p.repetition_penalty);
+                d.seeds.push(if r.num_samples > 1 { child_seed(req.seed, child) } else { seq.seed });
+                let outs = seq.outputs();
+                d.sample_steps.push(outs.len() as i64);
+                d.num_logprobs.push(p.logprobs.map_or(-1, |x| x as i32));
+                if any_pen {
+                    d.prompt_token_ids.extend(seq.tokens[..seq.num_prompt].iter().map(|&x| x as i64));
+                    d.output_token_ids.extend(outs.iter().map(|&x| x as i64));
+                    d.prompt_offsets.push(d.prompt_token_ids.len() as i32);
+                    d.output_offsets.push(d.output_token_ids.len() as i32);
+                }
+                if outs.len() < p.min_tokens as usize {
+                    for &id in &req.min_tokens_banned {
+                        d.banned_rows.push(srow);
+                        d.banned_token_ids.push(id as i64);
+                    }
+                }
+                for &id in &req.bad_single {
+                    d.banned_rows.push(srow);
+                    d.banned_token_ids.push(id as i64);
+                }
+                for w in &req.bad_multi {
+                    let (prefix, last) = w.split_at(w.len() - 1);
+                    if outs.ends_with(prefix) {
+                        d.banned_rows.push(srow);
+                        d.banned_token_ids.push(last[0] as i64);
+                    }
+                }
+            }
+        }
+        d
+    }
+
+    /// Appends the sampled ids of the pending batch, finishes sequences, frees their blocks.
+    pub fn update(&mut self, sampled: &[i64]) -> Result<Vec<SeqOutput>, String> {
+        let Some(rows) = self.pending.take() else {
+            if sampled.is_empty() {
+                return Ok(std::mem::take(&mut self.abort_outputs));
+            }
+            return Err("update() got sampled ids but no batch is pending: call schedule() first".into());
+        };
+        if sampled.len() != self.pending_samples {
+            let n = self.pending_samples;
+            self.pending = Some(rows);
+            return Err(format!(
+                "sampled_token_ids has {} entries but the last batch has {n} sample rows; pass one id per row",
+                sampled.len()
+            ));
+        }
+        if let Some(bad) = sampled.iter().find(|&&x| !(0..=u32::MAX as i64).contains(&x)) {
+            self.pending = Some(rows);
+            return Err(format!("sampled_token_ids holds {bad}, not a token id"));
+        }
+        let bs = self.cfg.block_size;
+        let mut outs = std::mem::take(&mut self.abort_outputs);
+        outs.reserve(self.pending_samples);
+        let mut finished_reqs: Vec<u32> = vec![];
+        let mut any_finished = false;
+        let mut sample = 0usize;
+        for r in rows.iter() {
+            let srow0 = sample;
+            sample += r.num_samples as usize;
+            let seq = seq_mut(&mut self.seqs, r.seq);
+            if seq.status != SeqStatus::Running {
+                continue; // aborted after schedule()
+            }
+            seq.scheduled = false;
+            let old = seq.num_computed;
+            seq.num_computed += r.num_new as usize;
+            if self.cfg.enable_prefix_caching {
+                let (b0, b1) = (old / bs, seq.num_computed / bs);
+                if b1 > b0 {
+                    seq.ensure_hashes(b1, bs);
+                    for j in b0..b1 {
+                        self.bm.register(seq.block_table[j], seq.block_hashes[j], &seq.tokens[j * bs..(j + 1) * bs]);
+                    }
+                }
+            }
+            seq.prompt_logprobs_done = seq.prompt_logprobs_done.max(seq.num_computed);
+            if r.num_samples == 0 {
+                continue;
+            }
+            if r.num_samples > 1 {
+                self.fork(r.seq);
+            }
+            let req_slot = seq_ref(&self.seqs, r.seq).req;
+            for child in 0..r.num_samples as usize {
+                let s = if r.num_samples > 1 { req_ref(&self.requests, req_slot).seqs[child] } else { r.seq };
+                let srow = srow0 + child;
+                let out = self.append_token(s, sampled[srow] as u32, srow as i32);
+                if out.finish_reason.is_some() {
+                    any_finished = true;
+                    let req = self.requests[req_slot as usize].as_mut().expect("live request slot");
+                    req.num_unfinished -= 1;
+                    if req.num_unfinished == 0 {
+                        finished_reqs.push(req_slot);
+                    }
+                }
+                outs.push(out);
+            }
+        }
+        if any_finished {
+            let seqs = &self.seqs;
+            self.running.retain(|s| seq_ref(seqs, *s).status == SeqStatus::Running);
+        }
+        for r in finished_reqs {
+            let id = req_ref(&self.requests, r).request_id.clone();
+            self.ids.remove(&id);
+            self.release_request(r);
+        }
+        Ok(outs)
+    }
+
+    /// Splits a request whose prompt just finished into its n sequences: children share the
+    /// parent's full prompt blocks and recompute the partial last block themselves, so no
+    /// block copy is needed on the device.
+    fn fork(&mut self, parent: u32) {
+        let bs = self.cfg.block_size;
+        let (req_slot, n_prompt) = {
+            let p = seq_ref(&self.seqs, parent);
+            (p.req, p.num_prompt)
+        };
+        let full = n_prompt / bs;
+        let n = req_ref(&self.requests, req_slot).params.n;
+        for i in 1..n {
+            let p = seq_mut(&mut self.seqs, parent);
+            p.ensure_hashes(full, bs);
+            let table: Vec<u32> = p.block_table[..full].to_vec();
+            for &b in &table {
+                self.bm.share(b);
+            }
+            let tokens = p.tokens[..n_prompt].to_vec();
+            let hashes = p.block_hashes[..full].to_vec();
+            let num_cached = p.num_cached_tokens;
+            let req = req_ref(&self.requests, req_slot);
+            let detok = self.make_detok(&req.params, &tokens);
+            let seed = child_seed(req.seed, i);
+            let child = Sequence {
+                req: req_slot,
+                sample_index: i,
+                status: SeqStatus::Running,
+                tokens,
+                num_prompt: n_prompt,
+                num_computed: full * bs,
+                block_table: table,
+                block_hashes: hashes,
+                seed,
+                prompt_logprobs_done: n_prompt,
+                num_cached_tokens: num_cached,
+                detok,
+                scheduled: false,
+                finish_reason: None,
+            };
+            let s = self.insert_seq(child);
+            self.requests[req_slot as usize].as_mut().expect("live request slot").seqs.push(s);
+            self.running.push(s);
+        }
+    }
+
+    fn append_token(&mut self, s: u32, tok: u32, sample_row: i32) -> SeqOutput {
+        let seq = self.seqs[s as usize].as_mut().expect("live sequence slot");
+        let req = self.requests[seq.req as usize].as_ref().expect("live request slot");
+        let p = &req.params;
+        seq.tokens.push(tok);
+        let nout = seq.num_outputs();
+        let (mut delta, matched) = match seq.detok.as_mut() {
+            Some(d) => d.push(tok),
+            None => (String::new(), None),
+        };
+        let may_stop = nout >= p.min_tokens as usize;
+        // vLLM's precedence: a stop string wins, then length, then EOS, then stop_token_ids.
+        let (finish, stop_reason) = if let (true, Some(m)) = (may_stop, matched) {
+            (Some(FinishReason::Stop), StopReason::Text(m))
+        } else if nout >= p.max_tokens as usize || seq.tokens.len() >= self.cfg.max_model_len {
+            (Some(FinishReason::Length), StopReason::None)
+        } else if may_stop && !p.ignore_eos && self.eos.contains(&tok) {
+            (Some(FinishReason::Stop), StopReason::None)
+        } else if may_stop && req.stop_ids.contains(&tok) {
+            (Some(FinishReason::Stop), StopReason::TokenId(tok))
+        } else {
+            (None, StopReason::None)
+        };
+        if finish.is_some() {
+            if !matches!(stop_reason, StopReason::Text(_)) {
+                if let Some(d) = seq.detok.as_mut() {
+                    delta.push_str(&d.flush());
+                }
+            }
+            seq.status = SeqStatus::Finished;
+            seq.finish_reason = finish;
+            self.bm.free(&mut seq.block_table);
+        }
+        SeqOutput {
+            request_id: req.request_id.clone(),
+            sample_index: seq.sample_index,
+            sample_row,
+            new_token: Some(tok),
+            text_delta: delta,
+            finish_reason: finish,
+            stop_reason,
+            num_prompt_tokens: seq.num_prompt,
+            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
+        }
+    }
+
+    /// Checks the bookkeeping invariants (for tests): every block reference is held by a
+    /// live sequence, and free + referenced = total.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let free = self.bm.check_free_list()?;
+        let mut refs = vec![0u32; self.bm.num_total_blocks()];
+        for seq in self.seqs.iter().flatten() {
+            if seq.status == SeqStatus::Finished && !seq.block_table.is_empty() {
+                return Err("a finished sequence still holds blocks".into());
+            }
+            if seq.status == SeqStatus::Waiting && !seq.block_table.is_empty() {
+                return Err("a waiting sequence holds blocks".into());
+            }
+            if seq.status == SeqStatus::Running && seq.block_table.len() < seq.num_computed.div_ceil(self.cfg.block_size) {
+                return Err("a sequence has computed tokens without blocks".into());
+            }
+            for &b in &seq.block_table {
+                refs[b as usize] += 1;
+            }
+        }
+        for (b, &r) in refs.iter().enumerate() {
+            if r != self.bm.ref_count(b as u32) {
+                return Err(format!("block {b}: {r} tables hold it, ref count {}", self.bm.ref_count(b as u32)));
+            }
+        }
+        let used = refs.iter().filter(|&&r| r > 0).count();
+        if used + free != self.bm.num_total_blocks() {
+            return Err(format!("{used} used + {free} free != {} blocks", self.bm.num_total_blocks()));
+        }
+        if self.running.len() + self.waiting.len()
+            != self.seqs.iter().flatten().filter(|s| s.status != SeqStatus::Finished).count()
+        {
+            return Err("running + waiting does not match the live sequences".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(num_blocks: usize, max_num_seqs: usize, max_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            num_blocks,
+            block_size: 4,
+            max_model_len: 96,
+            max_num_seqs,
+            max_num_batched_tokens: max_tokens,
+            enable_prefix_caching: true,
+            enable_chunked_prefill: true,
+            eos_token_ids: vec![],
+            seed: 7,
+        }
+    }
+
+    fn params(n: u32, max_tokens: u32) -> RequestParams {
+        RequestParams { n, max_tokens, ignore_eos: true, ..Default::default() }
+    }
+
+    /// Checks a batch's layout against the scheduler's own state before update().
+    fn check_batch(s: &Scheduler, b: &BatchData) {
+        assert_eq!(b.query_start_loc.len(), b.num_seqs + 1);
+        assert_eq!(*b.query_start_loc.last().unwrap() as usize, b.num_tokens);
+        assert!(b.num_tokens <= s.cfg.max_num_batched_tokens);
+        assert!(b.num_seqs <= s.cfg.max_num_seqs);
+        for row in 0..b.num_seqs {
+            let (q0, q1) = (b.query_start_loc[row] as usize, b.query_start_loc[row + 1] as usize);
+            assert!(q1 > q0);
+            if row < b.num_decodes {
+                assert_eq!(q1 - q0, 1);
+            }
+            assert_eq!(b.positions[q1 - 1] + 1, b.seq_lens[row] as i64);
+            for t in q0..q1 {
+                let pos = b.positions[t] as usize;
+                let blk = b.block_tables[row * b.max_blocks + pos / 4] as i64;
+                assert_eq!(b.slot_mapping[t], blk * 4 + (pos % 4) as i64);
+            }
+        }
+        assert_eq!(b.logits_indices.len(), b.num_samples);
+        assert_eq!(b.seeds.len(), b.num_samples);
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Add(Vec<u32>, u32, u32),
+        Step(u32),
+        Abort(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (proptest::collection::vec(0u32..3, 1..40), 1u32..4, 1u32..12).prop_map(|(p, n, m)| Op::Add(p, n, m)),
+            5 => any::<u32>().prop_map(Op::Step),
+            1 => any::<usize>().prop_map(Op::Abort),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        /// Random adds, steps and aborts against a small pool: the bookkeeping stays exact,
+        /// every request that was not aborted ends with exactly max_tokens outputs per child,
+        /// and every block comes back.
+        #[test]
+        fn scheduler_invariants(ops in proptest::collection::vec(op(), 1..60),
+                                blocks in 14usize..40, seqs in 1usize..6, budget in 1usize..40) {
+            let mut s = Scheduler::new(cfg(blocks, seqs, budget), None).unwrap();
+            let mut expect: std::collections::HashMap<String, (u32, u32)> = Default::default();
+            let mut got: std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)> = Default::default();
+            let mut next = 0;
+            let mut rng = 1u64;
+            let mut step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
+                let Some(b) = s.schedule().unwrap() else {
+                    for o in s.update(&[]).unwrap() {
+                        got.entry((o.request_id.to_string(), o.sample_index)).or_default().1 = o.finish_reason;
+                    }
+                    return false;
+                };
+                check_batch(s, &b);
+                let ids: Vec<i64> = (0..b.num_samples).map(|_| { *rng = splitmix64(*rng); (*rng % 50) as i64 }).collect();
+                for o in s.update(&ids).unwrap() {
+                    let e = got.entry((o.request_id.to_string(), o.sample_index)).or_default();
+                    assert!(e.1.is_none(), "output after finish");
+                    e.0 += o.new_token.is_some() as u32;
+                    e.1 = o.finish_reason;
+                }
+                s.check_invariants().unwrap();
+                true
+            };
+            for op in ops {
+                match op {
+                    Op::Add(p, n, m) => {
+                        let id = format!("r{next}");
+                        next += 1;
+                        if s.add_request(&id, p, params(n, m)).is_ok() {
+                            expect.insert(id, (n, m));
+                        }
+                    }
+                    Op::Step(_) => { step(&mut s, &mut got, &mut rng); }
+                    Op::Abort(i) => {
+                        if next > 0 {
+                            let id = format!("r{}", i % next);
+                            if s.abort_request(&id) {
+                                expect.get_mut(&id).unwrap().1 = 0;
+                            }
+                        }
+                    }
+                }
+                s.check_invariants().unwrap();
+            }
+            let mut guard = 0;
+            while s.has_unfinished() || guard == 0 {
+                step(&mut s, &mut got, &mut rng);
+                guard += 1;
+                prop_assert!(guard < 5000, "no progress");
+            }
+            for (id, (n, m)) in expect {
+                for i in 0..n {
+                    let (count, fin) = got.get(&(id.clone(), i)).cloned().unwrap_or_default();
+                    if m == 0 {
+                        prop_assert!(fin.is_some());
+                    } else {
+                        prop_assert_eq!(count, m, "{} child {}", id, i);
+                        prop_assert_eq!(fin, Some(FinishReason::Length));
+                    }
+                }
+            }
+            prop_assert_eq!(s.bm.num_free_blocks(), s.bm.num_total_blocks());
+            prop_assert_eq!(s.num_running() + s.num_waiting(), 0);
+        }
+    }
+
+    #[test]
+    fn decodes_first_then_chunked_prefill() {
+        let mut s = Scheduler::new(cfg(64, 8, 10), None).unwrap();
+        s.add_request("a", (1..=5).collect(), params(1, 5)).unwrap();
+        let b = s.schedule().unwrap().unwrap();
+        assert_eq!((b.num_seqs, b.num_tokens, b.num_samples), (1, 5, 1));
+        s.update(&[9]).unwrap();
+        s.add_request("b", (100..130).collect(), params(1, 3)).unwrap();
+        let b = s.schedule().unwrap().unwrap();
+        // One decode for "a" first, then 9 prompt tokens of "b" (budget 10), no sample for b yet.
+        assert_eq!((b.num_decodes, b.num_seqs, b.num_tokens, b.num_samples), (1, 2, 10, 1));
+        assert_eq!(b.input_ids[0], 9);
+        assert_eq!(&b.input_ids[1..], &(100..109).collect::<Vec<i64>>()[..]);
+        check_batch(&s, &b);
+        s.update(&[3]).unwrap();
+        s.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn preemption_recomputes_with_cache_hits() {
+        // 6 blocks of 4: two 9-token prompts fit (3 blocks each) until both grow.
+        let mut s = Scheduler::new(cfg(6, 4, 64), None).unwrap();
+        s.add_request("a", (0..9).collect(), params(1, 10)).unwrap();
+        s.add_request("b", (50..59).collect(), params(1, 10)).unwrap();
+        let mut done = 0;
+        let mut steps = 0;
+        while s.has_unfinished() {
+            let b = s.schedule().unwrap().unwrap();
+            check_batch(&s, &b);
+            let ids = vec![1i64; b.num_samples];
+            done += s.update(&ids).unwrap().iter().filter(|o| o.finish_reason.is_some()).count();
+            s.check_invariants().unwrap();
+            steps += 1;
+            assert!(steps < 200);
+        }
+        assert_eq!(done, 2);
+        assert!(s.num_preemptions > 0);
+        assert!(s.prefix_cache_hit_tokens > 0, "the recompute reuses the cached prompt blocks");
+        assert_eq!(s.bm.num_free_blocks(), 6);
+    }
+}
