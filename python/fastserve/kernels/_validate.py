@@ -24,3 +24,10 @@ def require_last_dim_contiguous(t: torch.Tensor, name: str) -> None:
 
 def require_int_dtype(t: torch.Tensor, name: str, dtypes=(torch.int32, torch.int64)) -> None:
     require(t.dtype in dtypes, name, f"must have dtype in {dtypes}, got {t.dtype}")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact ("ieee") for float32 so that a float32 model on the GPU
+    matches the float32 reference (Triton's default for float32 is tf32, ~1e-3 off); the
+    half types go to the tensor cores as they are."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import require, require_cuda_or_interpret, require_int_dtype
+from ._validate import dot_precision, require, require_cuda_or_interpret, require_int_dtype
 
 LOG2E = 1.4426950408889634
 # Below this many tokens per split, the merge and per-program setup cost more than the extra
@@ -34,6 +34,7 @@ def _decode_partial_kernel(
     stride_pb, stride_ph, stride_ps,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -63,13 +64,13 @@ def _decode_partial_kernel(
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         p = tl.exp2(qk - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     # An empty range (seq_len 0, e.g. a CUDA-graph padding slot) leaves l_i = 0: write zeros.
@@ -189,7 +190,7 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
 
     scale_log2 = float(scale) * LOG2E
     common = dict(G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], DOT_PREC=dot_precision(q.dtype))
     kv_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
     if num_splits == 1:
         _decode_partial_kernel[(batch, hkv, 1)](

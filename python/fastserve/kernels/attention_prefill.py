@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._validate import require, require_cuda_or_interpret, require_int_dtype
+from ._validate import dot_precision, require, require_cuda_or_interpret, require_int_dtype
 
 LOG2E = 1.4426950408889634
 
@@ -24,7 +24,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, offs_d, dmask,
                  q_pos, seq_len, BLOCK_SIZE: tl.constexpr, stride_blk, stride_slot,
-                 MASKED: tl.constexpr, scale_log2):
+                 MASKED: tl.constexpr, scale_log2, DOT_PREC: tl.constexpr):
     offs_n = n0 + offs_n_base
     blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < seq_len, other=0).to(tl.int64)
     rows = blk * stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_slot
@@ -33,7 +33,7 @@ def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, o
     else:
         kv_mask = dmask[None, :]
     k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k))
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, axis=1) * scale_log2)
@@ -44,7 +44,7 @@ def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, o
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -55,7 +55,7 @@ def _prefill_kernel(
     stride_kv, stride_blk, stride_slot, stride_kvh, stride_bt,
     NUM_M_BLOCKS, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACK: tl.constexpr,
+    PACK: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # PACK query heads of one KV group share a program (rows head-major: BLOCK_M // PACK tokens
     # of each), so every K/V tile fetched serves PACK times the rows.
@@ -96,12 +96,12 @@ def _prefill_kernel(
     for n0 in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0,
                                      offs_n_base, offs_d, dmask, q_pos, seq_len, BLOCK_SIZE,
-                                     stride_blk, stride_slot, False, scale_log2)
+                                     stride_blk, stride_slot, False, scale_log2, DOT_PREC)
     kv_end = tl.minimum(seq_len, ctx + m_start + TOK_M)
     for n0 in range(full_end, kv_end, BLOCK_N):
         acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0,
                                      offs_n_base, offs_d, dmask, q_pos, seq_len, BLOCK_SIZE,
-                                     stride_blk, stride_slot, True, scale_log2)
+                                     stride_blk, stride_slot, True, scale_log2, DOT_PREC)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -185,7 +185,7 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_tables.stride(0), num_m_blocks,
         G=hq // hkv, D=d, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PACK=pack,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PACK=pack, DOT_PREC=dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
