@@ -44,6 +44,9 @@ pub struct IncrementalDetokenizer {
     text: String,
     stop_reason: Option<String>,
     finished: bool,
+    /// Stop strings are not matched before this many tokens were pushed (vLLM's min_tokens).
+    min_tokens: usize,
+    num_pushed: usize,
 }
 
 impl IncrementalDetokenizer {
@@ -83,7 +86,16 @@ impl IncrementalDetokenizer {
             text: String::new(),
             stop_reason: None,
             finished: false,
+            min_tokens: 0,
+            num_pushed: 0,
         }
+    }
+
+    /// Stop strings only end the sequence from its `min_tokens`-th output token on (a stop
+    /// string completed earlier is streamed as ordinary text), as in vLLM.
+    pub fn with_min_tokens(mut self, min_tokens: usize) -> Self {
+        self.min_tokens = min_tokens;
+        self
     }
 
     /// Returns (delta safe to emit, stop string matched by this token). After a match the
@@ -92,6 +104,7 @@ impl IncrementalDetokenizer {
         if self.finished {
             return (String::new(), None);
         }
+        self.num_pushed += 1;
         let delta = self.decode_next(token_id);
         self.apply_stop(delta)
     }
@@ -154,7 +167,7 @@ impl IncrementalDetokenizer {
             self.text.push_str(&delta);
             return (delta, None);
         }
-        let fed = self.stop.feed(delta);
+        let fed = self.stop.feed_checked(delta, self.num_pushed >= self.min_tokens);
         self.text.push_str(&fed.emit);
         let matched = fed.matched.map(|i| self.stop.stop(i).to_owned());
         if matched.is_some() {

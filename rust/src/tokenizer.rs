@@ -686,5 +686,25 @@ mod tests {
         assert_eq!(d.stop_reason(), Some("the w"));
         assert!(d.is_finished());
         assert_eq!(d.push(ids[0]), (String::new(), None));
+
+        // Below min_tokens the first "the w" streams as text; the second one stops.
+        let ids = tok.encode("the word, the way", false).unwrap();
+        let first_done = (1..=ids.len())
+            .find(|&n| tok.decode(&ids[..n], true, true).contains("the w"))
+            .unwrap();
+        let mut d = IncrementalDetokenizer::new(tok.clone(), &[], true, true, vec!["the w".into()], false)
+            .with_min_tokens(first_done + 1);
+        let mut out = String::new();
+        let mut matched = None;
+        for &i in &ids {
+            let (delta, m) = d.push(i);
+            out.push_str(&delta);
+            if m.is_some() {
+                matched = m;
+                break;
+            }
+        }
+        assert_eq!(matched.as_deref(), Some("the w"));
+        assert_eq!(out, "the word, ");
     }
 }
