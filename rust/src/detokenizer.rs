@@ -24,6 +24,16 @@ const PROMPT_CONTEXT_TOKENS: usize = 5;
 enum Strategy {
     /// Bytes of an incomplete trailing UTF-8 sequence (at most 3).
     Bytes { pending: Vec<u8> },
+    /// SentencePiece decoder followed token by token. `group` holds the bytes of the current
+    /// run of byte pieces (`group_from_prompt` of them continue the prompt's last run: the
+    /// decoder judges a run as a whole); `at_start`: nothing decoded yet in this run of text,
+    /// so its first space is the one the decoder strips.
+    Pieces {
+        group: Vec<u8>,
+        group_len: usize,
+        group_from_prompt: usize,
+        at_start: bool,
+    },
     /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
     /// `in_byte_group`: the last token pushed is a byte-fallback piece.
     Window {
@@ -61,6 +71,31 @@ impl IncrementalDetokenizer {
         let strategy = if tok.byte_table().is_some() {
             Strategy::Bytes {
                 pending: Vec::with_capacity(8),
+            }
+        } else if let Some((table, _)) = tok.sentencepiece_table() {
+            let visible: Vec<u32> = prompt_token_ids
+                .iter()
+                .copied()
+                .filter(|&id| !(table.get(id).is_empty() || skip_special_tokens && tok.is_special(id)))
+                .collect();
+            let mut group: Vec<u8> = visible
+                .iter()
+                .rev()
+                .take_while(|&&id| tok.is_byte_piece(id) && (spaces_between_special_tokens || !tok.is_added(id)))
+                .map(|&id| table.get(id)[0])
+                .collect();
+            group.reverse();
+            // Whether the text before the prompt's trailing byte run is empty (so far as the
+            // Strip decoder is concerned).
+            let at_start = match visible[..visible.len() - group.len()].last() {
+                Some(&last) => !spaces_between_special_tokens && tok.is_added(last),
+                None => true,
+            };
+            Strategy::Pieces {
+                group_len: group.len(),
+                group_from_prompt: group.len(),
+                group,
+                at_start,
             }
         } else {
             let mut start = prompt_token_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
@@ -120,6 +155,17 @@ impl IncrementalDetokenizer {
                 let s = String::from_utf8_lossy(pending).into_owned();
                 pending.clear();
                 s
+            }
+            Strategy::Pieces {
+                group,
+                group_len,
+                group_from_prompt,
+                at_start,
+            } => {
+                let mut out = String::new();
+                let strip = self.tok.sentencepiece_table().is_some_and(|(_, s)| s);
+                close_group(group, group_len, group_from_prompt, at_start, strip, &mut out);
+                out
             }
             Strategy::Window {
                 ids, read, prefix_text, ..
@@ -197,6 +243,37 @@ impl IncrementalDetokenizer {
                 pending.drain(..consumed);
                 out
             }
+            Strategy::Pieces {
+                group,
+                group_len,
+                group_from_prompt,
+                at_start,
+            } => {
+                let (table, strip) = tok
+                    .sentencepiece_table()
+                    .expect("pieces strategy only with a piece table");
+                let text = table.get(id);
+                // Unknown ids and skipped special tokens never reach the decoder.
+                if text.is_empty() || (self.skip_special_tokens && tok.is_special(id)) {
+                    return String::new();
+                }
+                let verbatim = !self.spaces_between_special_tokens && tok.is_added(id);
+                if tok.is_byte_piece(id) && !verbatim {
+                    group.push(text[0]);
+                    *group_len += 1;
+                    return String::new();
+                }
+                let mut out = String::new();
+                close_group(group, group_len, group_from_prompt, at_start, strip, &mut out);
+                if verbatim {
+                    // Decoded apart from the text around it: the next text starts a new run.
+                    out.push_str(&tok.inner.id_to_token(id).unwrap_or_default());
+                    *at_start = true;
+                } else {
+                    push_piece_text(std::str::from_utf8(text).unwrap_or_default(), at_start, strip, &mut out);
+                }
+                out
+            }
             Strategy::Window {
                 ids,
                 read,
@@ -228,6 +305,57 @@ impl IncrementalDetokenizer {
             }
         }
     }
+}
+
+/// Text of a finished run of byte pieces, as ByteFallback decodes it: the run's string when it
+/// is valid UTF-8, else U+FFFD for every piece. Only what the pieces after the prompt add to
+/// the prompt's part of the run is emitted.
+fn close_group(
+    group: &mut Vec<u8>,
+    group_len: &mut usize,
+    group_from_prompt: &mut usize,
+    at_start: &mut bool,
+    strip: bool,
+    out: &mut String,
+) {
+    if *group_len == 0 {
+        return;
+    }
+    if *group_len > *group_from_prompt {
+        let text = |bytes: &[u8], n: usize| -> String {
+            let s = match std::str::from_utf8(bytes) {
+                Ok(s) => s.to_owned(),
+                Err(_) => "\u{FFFD}".repeat(n),
+            };
+            match s.strip_prefix(' ') {
+                Some(rest) if *at_start && strip => rest.to_owned(),
+                _ => s,
+            }
+        };
+        let all = text(group, *group_len);
+        let prompt_part = if *group_from_prompt > 0 {
+            text(&group[..*group_from_prompt], *group_from_prompt)
+        } else {
+            String::new()
+        };
+        out.push_str(suffix_after(&all, &prompt_part));
+    }
+    *at_start = false;
+    group.clear();
+    *group_len = 0;
+    *group_from_prompt = 0;
+}
+
+/// The Strip decoder removes one space from the very start of the decoded text.
+fn push_piece_text(text: &str, at_start: &mut bool, strip: bool, out: &mut String) {
+    if *at_start && !text.is_empty() {
+        *at_start = false;
+        if strip {
+            out.push_str(text.strip_prefix(' ').unwrap_or(text));
+            return;
+        }
+    }
+    out.push_str(text);
 }
 
 /// Appends the text of `bytes` up to a trailing incomplete UTF-8 sequence, replacing invalid
