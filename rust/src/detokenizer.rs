@@ -1,16 +1,20 @@
 //! Incremental detokenizer for one output sequence, with stop strings applied to its text.
 //!
-//! Two strategies, picked per tokenizer:
+//! Three strategies, picked per tokenizer:
 //! - byte-level BPE (Llama 3, Qwen, GPT-2): a token is a fixed byte string, so decoding is
 //!   appending bytes and cutting off a trailing incomplete UTF-8 sequence; O(token length),
 //!   no decoder call. Equals `decode(output_ids)` exactly, lossy replacement included.
-//! - any other decoder (SentencePiece `▁` + byte fallback, WordPiece, ...): vLLM's
-//!   prefix_offset/read_offset window. The text of the newest tokens is the difference between
-//!   decoding the window with and without them, so decoder rules that look at neighbouring
-//!   tokens (the leading-space strip of SentencePiece) see the same context as a full decode.
-//!   The window is seeded with the prompt's last tokens, so the first output token keeps its
-//!   leading space as it would after the prompt; the window holds only the tokens since the
-//!   last emitted chunk, so each step decodes a handful of tokens.
+//! - the Llama 2 / Mistral SentencePiece decoder (`▁`→space, byte fallback, fuse, strip the
+//!   first space): its rules applied token by token, also without decoder calls. A run of
+//!   byte pieces is held until it ends (the decoder judges the run as a whole).
+//! - any other decoder (Metaspace, WordPiece, ...): vLLM's prefix_offset/read_offset window.
+//!   The text of the newest tokens is the difference between decoding the window with and
+//!   without them, so decoder rules that look at neighbouring tokens see the same context as
+//!   a full decode; the window holds only the tokens since the last emitted chunk.
+//!
+//! For the last two the prompt is left context: the output is the text it adds to the
+//! prompt's, so the first output token keeps the leading space it has after the prompt (which
+//! decoding the output alone would strip).
 
 use std::sync::Arc;
 
