@@ -23,7 +23,9 @@ LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256
 
 
-@triton.jit
+# Per-batch values (block-table width, split length) must not pick a specialization, or a new
+# batch shape would recompile mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "split_len", "scale_log2"])
 def _decode_partial_kernel(
     q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     scale_log2, split_len,

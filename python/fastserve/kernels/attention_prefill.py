@@ -48,7 +48,9 @@ def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, o
     return acc, l_i, m_new
 
 
-@triton.jit
+# Per-batch values (block-table width, query blocks) must not pick a specialization, or a new
+# batch shape would recompile mid-run.
+@triton.jit(do_not_specialize=["stride_bt", "NUM_M_BLOCKS", "scale_log2"])
 def _prefill_kernel(
     q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh,
