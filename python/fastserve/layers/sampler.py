@@ -54,8 +54,10 @@ class SamplingTensors:
     output_token_ids: torch.Tensor  # i64 [No]
     banned_rows: torch.Tensor  # i64 [K]
     banned_token_ids: torch.Tensor  # i64 [K]
-    # i64 [R]: random rows with top_p < 1 (only these are sorted)
+    # i64 [R]: random rows with top_p < 1 and no top_k (only these sort the vocabulary)
     top_p_rows: torch.Tensor
+    # i64 [Rk]: random rows with top_p < 1 and top_k (top-p runs inside their top-k values)
+    top_p_top_k_rows: torch.Tensor
 
     num_samples: int
     all_greedy: bool
@@ -86,7 +88,9 @@ class SamplingTensors:
         uses_top_k = random & (top_k > 0) & (top_k < vocab_size)
         top_k = np.where(uses_top_k, top_k, 0)
         uses_min_p = random & (min_p > 0)
-        top_p_rows = np.flatnonzero(random & (top_p < 1.0)).astype(np.int64)
+        uses_top_p = random & (top_p < 1.0)
+        top_p_rows = np.flatnonzero(uses_top_p & ~uses_top_k).astype(np.int64)
+        top_p_top_k_rows = np.flatnonzero(uses_top_p & uses_top_k).astype(np.int64)
 
         any_penalties = bool(batch.any_penalties)
         if any_penalties:
@@ -134,6 +138,7 @@ class SamplingTensors:
             banned_rows=dev(banned_rows),
             banned_token_ids=dev(banned_ids),
             top_p_rows=dev(top_p_rows),
+            top_p_top_k_rows=dev(top_p_top_k_rows),
             num_samples=s,
             all_greedy=bool(greedy.all()),
             all_random=s > 0 and bool(random.all()),
@@ -239,12 +244,52 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 def _apply_top_k(
     logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks all but each row's top_k logits; also returns the top max_top_k values (sorted,
+    descending) for the top-p step of rows that have both."""
     # Ties with the k-th value are kept, as in vLLM (a threshold, not an index set).
     values = logits.topk(max_top_k, dim=-1).values
     kth = values.gather(1, (top_k.clamp(min=1) - 1)[:, None])
     kth = kth.masked_fill_((top_k <= 0)[:, None], float("-inf"))
-    return logits.masked_fill_(logits < kth, float("-inf"))
+    return logits.masked_fill_(logits < kth, float("-inf")), values
+
+
+def _apply_top_p_within_top_k(
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    rows: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+) -> torch.Tensor:
+    """Top-p over each row's top-k candidates without sorting the vocabulary: the k largest
+    values (plus any tokens tied with the k-th, which top-k keeps) are all the mass there is.
+
+    Tied values are kept or dropped together (a token goes when the mass of candidates at or
+    below its value is <= 1 - p), so the result depends only on the row's own logits, not on the
+    batch's largest k nor on how a sort orders ties; without ties it is vLLM's rule exactly."""
+    vals = values.index_select(0, rows)
+    k = top_k.index_select(0, rows)
+    beyond_k = torch.arange(vals.shape[1], device=vals.device)[None, :] >= k[:, None]
+    vals = vals.masked_fill(beyond_k, float("-inf"))
+    kth = vals.gather(1, (k - 1)[:, None])
+    sub = logits.index_select(0, rows)
+    extra_ties = (sub >= kth).sum(dim=-1, keepdim=True) - k[:, None]
+    top = vals[:, :1]
+    e = (vals - top).exp()
+    total = e.sum(dim=-1, keepdim=True) + extra_ties * (kth - top).exp()
+    # Mass strictly above each value: the exclusive prefix sum taken at the first position of
+    # the value's tie group (searchsorted on the negated, ascending list finds it).
+    above = e.cumsum(dim=-1) - e
+    neg = (-vals).contiguous()
+    first_of_group = torch.searchsorted(neg, neg, side="left").clamp(max=vals.shape[1] - 1)
+    above = above.gather(1, first_of_group)
+    keep = (total - above) > (1 - top_p.index_select(0, rows))[:, None] * total
+    keep &= ~beyond_k
+    # keep is a prefix (mass at or below a value shrinks as the value grows).
+    num_kept = keep.sum(dim=-1).clamp(min=1)
+    cutoff = torch.full((logits.shape[0],), float("-inf"), device=logits.device)
+    cutoff.index_copy_(0, rows, vals.gather(1, (num_kept - 1)[:, None]).squeeze(1))
+    return logits.masked_fill_(logits < cutoff[:, None], float("-inf"))
 
 
 def _apply_top_p(
@@ -317,7 +362,11 @@ class Sampler(torch.nn.Module):
         if st.any_min_p:
             x = _apply_min_p(x, st.min_p)
         if st.any_top_k:
-            x = _apply_top_k(x, st.top_k, st.max_top_k)
+            x, top_values = _apply_top_k(x, st.top_k, st.max_top_k)
+            if st.top_p_top_k_rows.numel():
+                x = _apply_top_p_within_top_k(
+                    x, top_values, st.top_p_top_k_rows, st.top_k, st.top_p
+                )
         if st.top_p_rows.numel():
             x = _apply_top_p(x, st.top_p_rows, st.top_p)
         keys = row_keys(st.seeds, st.sample_steps)
