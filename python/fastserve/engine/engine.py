@@ -72,11 +72,13 @@ class Engine:
         prefills, split and unsplit decode) before the first request, so no user request
         waits on the JIT."""
         t0 = time.perf_counter()
-        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        # Greedy and random rows both: the random draw's noise is compiled on first use.
+        params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+                  SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=3, ignore_eos=True, seed=0)]
         limit = self.model_config.max_model_len - 4
         lengths = sorted({min(n, limit) for n in (1, 3, 9, 17, 130, 600, 2100)})
         for i, n in enumerate(lengths):
-            self.add_request(f"__warmup_{i}", [i % 100 + 1] * n, params)
+            self.add_request(f"__warmup_{i}", [i % 100 + 1] * n, params[i % 2])
         while self.has_unfinished():
             self.step()
         self.requests.clear()

@@ -281,7 +281,9 @@ def _apply_top_p_within_top_k(
     # the value's tie group (searchsorted on the negated, ascending list finds it).
     above = e.cumsum(dim=-1) - e
     neg = (-vals).contiguous()
-    first_of_group = torch.searchsorted(neg, neg, side="left").clamp(max=vals.shape[1] - 1)
+    first_of_group = torch.searchsorted(neg, neg, side="left").clamp(
+        max=vals.shape[1] - 1
+    )
     above = above.gather(1, first_of_group)
     keep = (total - above) > (1 - top_p.index_select(0, rows))[:, None] * total
     keep &= ~beyond_k
@@ -387,7 +389,9 @@ def _token_ids(vocab_size: int, device: torch.device) -> torch.Tensor:
     return _TOKEN_IDS[key]
 
 
-def _gumbel_argmax(x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+def _gumbel_argmax(
+    x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor
+) -> torch.Tensor:
     """argmax(x - log(-log u)): the exponential race argmax(p / E), E = -log(u) ~ Exp(1), taken
     in log space so that no softmax is needed; it draws token i with probability softmax(x)_i."""
     u = uniform_noise(keys, token_ids)

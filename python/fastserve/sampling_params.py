@@ -1,0 +1,429 @@
+"""SamplingParams: vLLM's sampling parameters, with vLLM's names, defaults and validation.
+
+Validation lives here (not in Rust) so that every bad value becomes a `ValueError` naming the
+field and the accepted range, the message a vLLM user already knows; `to_core()` then hands a
+plain typed copy (`fastserve._core.RequestParams`) to the scheduler.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+# vLLM's bounds: below _SAMPLING_EPS a temperature means greedy; between it and _MAX_TEMP vLLM
+# raises the temperature to _MAX_TEMP because logits / t overflows to inf/nan in half precision.
+_SAMPLING_EPS = 1e-5
+_MAX_TEMP = 1e-2
+
+_FIELDS = (
+    "n",
+    "best_of",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "bad_words",
+    "ignore_eos",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "detokenize",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "truncate_prompt_tokens",
+)
+
+
+def _int(name: str, value: Any, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    # bool is an int subclass; n=True is a caller bug, not a count.
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+
+            if isinstance(value, np.integer):
+                return int(value)
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+        kind = "an int or None" if optional else "an int"
+        raise ValueError(
+            f"{name} must be {kind}, got {value!r} of type {type(value).__name__}."
+        )
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            import numpy as np
+
+            if isinstance(value, (np.floating, np.integer)):
+                value = float(value)
+            else:
+                raise TypeError
+        except (ImportError, TypeError):
+            raise ValueError(
+                f"{name} must be a number, got {value!r} of type {type(value).__name__}."
+            ) from None
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got NaN.")
+    return value
+
+
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}.")
+    return value
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(s, str) for s in value
+    ):
+        raise ValueError(
+            f"{name} must be a string or a list of strings, got {value!r}."
+        )
+    return list(value)
+
+
+def _int_list(name: str, value: Any) -> list[int]:
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of ints, got {value!r}.")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be a list of ints, got element {v!r}.")
+        if not 0 <= v < 2**32:
+            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {v}.")
+        out.append(v)
+    return out
+
+
+class SamplingParams:
+    """Sampling parameters for text generation, as in vLLM.
+
+    n: number of output sequences returned for the prompt.
+    best_of: sequences generated; the n with the highest cumulative logprob are returned
+        (default n).
+    presence_penalty / frequency_penalty: in [-2, 2]; subtracted once / per occurrence for
+        tokens already generated.
+    repetition_penalty: > 0; divides positive (multiplies negative) logits of tokens seen in the
+        prompt or output; 1 is off.
+    temperature: >= 0; 0 is greedy.  top_p: in (0, 1].  top_k: 0 or -1 is off, else >= 1.
+    min_p: in [0, 1], relative to the most likely token.
+    seed: per-request seed for reproducible sampling (-1 or None: none).
+    stop / stop_token_ids / bad_words / ignore_eos / max_tokens (None: up to max_model_len) /
+    min_tokens / logprobs / prompt_logprobs / detokenize / skip_special_tokens /
+    spaces_between_special_tokens / include_stop_str_in_output / truncate_prompt_tokens: as in
+    vLLM.
+    """
+
+    __slots__ = _FIELDS
+
+    def __init__(
+        self,
+        n: int = 1,
+        best_of: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        bad_words: Sequence[str] | None = None,
+        ignore_eos: bool = False,
+        max_tokens: int | None = 16,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        detokenize: bool = True,
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
+        truncate_prompt_tokens: int | None = None,
+    ) -> None:
+        self.n = _int("n", n)
+        self.best_of = _int("best_of", best_of, optional=True)
+        self.presence_penalty = _float("presence_penalty", presence_penalty)
+        self.frequency_penalty = _float("frequency_penalty", frequency_penalty)
+        self.repetition_penalty = _float("repetition_penalty", repetition_penalty)
+        self.temperature = _float("temperature", temperature)
+        self.top_p = _float("top_p", top_p)
+        self.top_k = _int("top_k", top_k)
+        self.min_p = _float("min_p", min_p)
+        seed = _int("seed", seed, optional=True)
+        self.seed = None if seed == -1 else seed
+        self.stop = _str_list("stop", stop)
+        self.stop_token_ids = _int_list("stop_token_ids", stop_token_ids)
+        self.bad_words = _str_list("bad_words", bad_words)
+        self.ignore_eos = _bool("ignore_eos", ignore_eos)
+        self.max_tokens = _int("max_tokens", max_tokens, optional=True)
+        self.min_tokens = _int("min_tokens", min_tokens)
+        # vLLM accepts logprobs=True as "the sampled token only" (OpenAI's boolean flag).
+        self.logprobs = (
+            1 if logprobs is True else _int("logprobs", logprobs, optional=True)
+        )
+        self.prompt_logprobs = (
+            1
+            if prompt_logprobs is True
+            else _int("prompt_logprobs", prompt_logprobs, optional=True)
+        )
+        self.detokenize = _bool("detokenize", detokenize)
+        self.skip_special_tokens = _bool("skip_special_tokens", skip_special_tokens)
+        self.spaces_between_special_tokens = _bool(
+            "spaces_between_special_tokens", spaces_between_special_tokens
+        )
+        self.include_stop_str_in_output = _bool(
+            "include_stop_str_in_output", include_stop_str_in_output
+        )
+        self.truncate_prompt_tokens = _int(
+            "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
+        )
+
+        self._verify_args()
+        if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
+            self.temperature = _MAX_TEMP
+        if self.temperature < _SAMPLING_EPS:
+            # Greedy: the filters cannot change an argmax, so they are reset (as vLLM does)
+            # and the batch can take the greedy fast path.
+            self.temperature = 0.0
+            self.top_p = 1.0
+            self.top_k = 0
+            self.min_p = 0.0
+            self._verify_greedy_sampling()
+
+    @classmethod
+    def from_optional(cls, **kwargs: Any) -> SamplingParams:
+        """Build from keyword arguments where None means "the default" (an OpenAI request's
+        omitted fields), unlike the constructor where None is a value for some fields."""
+        return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+    def _verify_args(self) -> None:
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}.")
+        if self.best_of is not None:
+            if self.best_of < 1:
+                raise ValueError(f"best_of must be at least 1, got {self.best_of}.")
+            if self.best_of < self.n:
+                raise ValueError(
+                    f"best_of must be greater than or equal to n, got n={self.n} and "
+                    f"best_of={self.best_of}."
+                )
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise ValueError(
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}."
+            )
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise ValueError(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."
+            )
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(
+                f"repetition_penalty must be greater than zero (1 disables it), got "
+                f"{self.repetition_penalty}."
+            )
+        if not 0.0 <= self.temperature < math.inf:
+            raise ValueError(
+                f"temperature must be non-negative and finite (0 is greedy), got {self.temperature}."
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+        if self.top_k < -1:
+            raise ValueError(
+                f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}."
+            )
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}.")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+        if self.min_tokens < 0:
+            raise ValueError(
+                f"min_tokens must be greater than or equal to 0, got {self.min_tokens}."
+            )
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got "
+                f"{self.min_tokens}."
+            )
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+        if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
+            raise ValueError(
+                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}."
+            )
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise ValueError(
+                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}."
+            )
+        if any(not s for s in self.stop):
+            raise ValueError("stop cannot contain an empty string.")
+        if self.stop and not self.detokenize:
+            raise ValueError(
+                "stop strings are only supported when detokenize is True. Set detokenize=True "
+                "to use stop."
+            )
+        if any(not w.strip() for w in self.bad_words):
+            raise ValueError(
+                "bad_words cannot contain an empty or whitespace-only string."
+            )
+
+    def _verify_greedy_sampling(self) -> None:
+        # n identical greedy sequences are a wasted batch slot each; vLLM refuses them.
+        if self.n > 1:
+            raise ValueError(
+                f"n must be 1 when using greedy sampling (temperature=0), got {self.n}."
+            )
+        if self.best_of is not None and self.best_of > 1:
+            raise ValueError(
+                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}."
+            )
+
+    @property
+    def sampling_type(self) -> str:
+        """ "greedy", "random_seed" or "random", like vLLM's SamplingType names."""
+        if self.temperature < _SAMPLING_EPS:
+            return "greedy"
+        return "random" if self.seed is None else "random_seed"
+
+    @property
+    def all_stop_token_ids(self) -> set[int]:
+        return set(self.stop_token_ids)
+
+    def bad_words_token_ids(self, tokenizer: Any) -> list[list[int]]:
+        """Token ids of each bad word, built like vLLM: encoded without special tokens as
+        written (left-stripped) and again with a leading space, so that the word is banned at
+        the start of the text and mid-text; the spaced form is kept only if it is a different
+        word token of the same length (otherwise it is the same ban or a different split).
+
+        `tokenizer` is a fastserve._core.Tokenizer or anything with
+        `encode(text, add_special_tokens=...)` returning a list of ints."""
+        out: list[list[int]] = []
+        vocab_size = _vocab_size(tokenizer)
+        for word in self.bad_words:
+            plain: list[int] | None = None
+            for prefix in ("", " "):
+                ids = list(
+                    tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
+                )
+                if not ids:
+                    raise ValueError(
+                        f"bad_words entry {word!r} encodes to no tokens; remove it."
+                    )
+                if plain is None:
+                    plain = ids
+                    out.append(ids)
+                elif ids[0] != plain[0] and len(ids) == len(plain):
+                    out.append(ids)
+        if vocab_size is not None:
+            invalid = [t for ids in out for t in ids if t < 0 or t >= vocab_size]
+            if invalid:
+                raise ValueError(
+                    f"bad_words encode to token ids {invalid} outside the tokenizer's vocabulary "
+                    f"(size {vocab_size}); remove those words."
+                )
+        return out
+
+    def to_core(self, tokenizer: Any = None) -> Any:
+        """The Rust core's typed copy (`fastserve._core.RequestParams`). A tokenizer is
+        needed only when bad_words is set. `n` there is the number of sequences to run
+        (best_of when set); top_k <= 0 means off."""
+        from fastserve._core import RequestParams
+
+        if self.bad_words and tokenizer is None:
+            raise ValueError(
+                "bad_words needs a tokenizer: pass one to to_core(tokenizer)."
+            )
+        bad_words_ids = self.bad_words_token_ids(tokenizer) if self.bad_words else []
+        return RequestParams(
+            n=self.best_of if self.best_of is not None else self.n,
+            # The core has no "unbounded"; the engine caps it at max_model_len - prompt_len.
+            max_tokens=self.max_tokens if self.max_tokens is not None else 2**31 - 1,
+            min_tokens=self.min_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            # The core holds an i64; seeds up to 2**64 - 1 (torch's range) keep their bits.
+            seed=self.seed - 2**64
+            if self.seed is not None and self.seed >= 2**63
+            else self.seed,
+            stop=list(self.stop),
+            stop_token_ids=list(self.stop_token_ids),
+            bad_words_token_ids=bad_words_ids,
+            ignore_eos=self.ignore_eos,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
+            spaces_between_special_tokens=self.spaces_between_special_tokens,
+            detokenize=self.detokenize,
+            logprobs=self.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
+    def clone(self) -> SamplingParams:
+        return copy.deepcopy(self)
+
+    def __copy__(self) -> SamplingParams:
+        new = object.__new__(SamplingParams)
+        for f in _FIELDS:
+            v = getattr(self, f)
+            object.__setattr__(new, f, list(v) if isinstance(v, list) else v)
+        return new
+
+    def __deepcopy__(self, memo: dict) -> SamplingParams:
+        return self.__copy__()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SamplingParams):
+            return NotImplemented
+        return all(getattr(self, f) == getattr(other, f) for f in _FIELDS)
+
+    __hash__ = None  # mutable, like vLLM's
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{f}={getattr(self, f)!r}" for f in _FIELDS)
+        return f"SamplingParams({body})"
+
+    def __getstate__(self) -> dict:
+        return {f: getattr(self, f) for f in _FIELDS}
+
+    def __setstate__(self, state: dict) -> None:
+        for f in _FIELDS:
+            object.__setattr__(self, f, state[f])
+
+
+def _vocab_size(tokenizer: Any) -> int | None:
+    size = getattr(tokenizer, "vocab_size", None)
+    try:
+        # Hugging Face tokenizers count added tokens only in len(); fastserve's vocab_size
+        # already includes them.
+        size = max(size or 0, len(tokenizer))
+    except TypeError:
+        pass
+    return size if size else None
