@@ -8,7 +8,7 @@ export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELI
 export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-sed -i "s#/work/shared/models#$PWD/.devcarry#" tests/tiny_models.py
+export FASTSERVE_SHARED_MODELS=$PWD/.devcarry
 for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer; do
   cp .devcarry/${m#*:}/* bench/configs/${m%%:*}/
 done

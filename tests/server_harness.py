@@ -9,7 +9,9 @@ import socket
 import threading
 from pathlib import Path
 
-QWEN_TOKENIZER = Path("/work/shared/models/qwen3-tokenizer")
+from tiny_models import SHARED_MODELS
+
+QWEN_TOKENIZER = SHARED_MODELS / "qwen3-tokenizer"
 
 
 def subprocess_env() -> dict[str, str]:

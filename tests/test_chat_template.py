@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from fastserve.chat_template import TemplateError, load_chat_template, render_chat
 
-MODELS = Path("/work/shared/models")
+from tiny_models import SHARED_MODELS as MODELS
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],

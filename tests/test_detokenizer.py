@@ -11,7 +11,7 @@ import pytest
 
 from fastserve._core import Detokenizer, Tokenizer
 
-MODELS = Path("/work/shared/models")
+from tiny_models import SHARED_MODELS as MODELS
 LLAMA3 = MODELS / "llama3-tokenizer"
 QWEN3 = MODELS / "qwen3-tokenizer"
 FLAGS = list(itertools.product([True, False], [True, False]))  # (skip_special, spaces_between)

@@ -7,6 +7,8 @@ import types
 import numpy as np
 import pytest
 import torch
+from tiny_models import SHARED_MODELS
+
 from fastserve.layers.sampler import (
     Sampler,
     SamplingTensors,
@@ -581,7 +583,7 @@ def test_seeded_request_samples_the_same_tokens_whatever_it_is_batched_with():
 
     from fastserve.sampling_params import SamplingParams
 
-    path = Path("/work/shared/models/qwen3-tokenizer")
+    path = SHARED_MODELS / "qwen3-tokenizer"
     if not (path / "tokenizer.json").exists():
         pytest.skip("qwen3 tokenizer not present")
     tok = core.Tokenizer(str(path))

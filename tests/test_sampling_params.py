@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastserve.sampling_params import SamplingParams
+from tiny_models import SHARED_MODELS
 
-QWEN3 = Path("/work/shared/models/qwen3-tokenizer")
+QWEN3 = SHARED_MODELS / "qwen3-tokenizer"
 
 VLLM_DEFAULTS = dict(
     n=1,

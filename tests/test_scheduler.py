@@ -5,6 +5,7 @@ import pytest
 
 from fastserve import _core
 from fastserve._core import RequestParams, Scheduler
+from tiny_models import SHARED_MODELS
 
 EOS = 2
 
@@ -411,7 +412,7 @@ def test_chunked_prefill_off_schedules_whole_prompts():
 
 @pytest.mark.skipif(not hasattr(_core, "Tokenizer"), reason="needs the Rust Tokenizer (tokenizer branch)")
 def test_detokenize_and_stop_string_with_real_tokenizer():
-    tok = _core.Tokenizer("/work/shared/models/llama3-tokenizer")
+    tok = _core.Tokenizer(str(SHARED_MODELS / "llama3-tokenizer"))
     s = Scheduler(num_blocks=64, max_model_len=256, tokenizer=tok)
     assert set(tok.eos_token_ids) <= set(s.eos_token_ids)
     prompt = tok.encode("The answer is")

@@ -11,7 +11,7 @@ import pytest
 
 from fastserve._core import Tokenizer
 
-MODELS = Path("/work/shared/models")
+from tiny_models import SHARED_MODELS as MODELS
 LLAMA3 = MODELS / "llama3-tokenizer"
 QWEN3 = MODELS / "qwen3-tokenizer"
 REAL = [pytest.param(LLAMA3, id="llama3"), pytest.param(QWEN3, id="qwen3")]

@@ -4,7 +4,7 @@
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path)                 # safetensors
     path = make_tiny_checkpoint(*TINY_VARIANTS["qwen3"], tmp_path)           # by variant name
     path = make_tiny_checkpoint("Qwen3ForCausalLM", tmp_path,
-                                tokenizer_dir="/work/shared/models/qwen3-tokenizer")
+                                tokenizer_dir=SHARED_MODELS / "qwen3-tokenizer")
     hf = load_hf_model(path)                                                 # the HF reference
 
 Each checkpoint is a real `transformers` model (hidden 64, 2 layers, 4 query heads of 16,
@@ -23,7 +23,11 @@ from pathlib import Path
 
 import torch
 
-SHARED_MODELS = Path("/work/shared/models")
+# The real tokenizers live in shared/ beside the checkout (CI clones main next to it);
+# FASTSERVE_SHARED_MODELS overrides, e.g. on the GPU machine where they travel inside the tree.
+SHARED_MODELS = Path(
+    os.environ.get("FASTSERVE_SHARED_MODELS") or Path(__file__).resolve().parents[2] / "shared" / "models"
+)
 
 # name -> (architecture, overrides); every entry is exercised by tests/test_models.py.
 TINY_VARIANTS: dict[str, tuple[str, dict]] = {
