@@ -7,7 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyList;
 
 use crate::batch::{Batch, StepOutput};
-use crate::py_tokenizer::Tokenizer;
+use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
 use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
 
@@ -57,7 +57,7 @@ impl Scheduler {
         max_num_batched_tokens: usize,
         enable_prefix_caching: bool,
         enable_chunked_prefill: bool,
-        tokenizer: Option<PyRef<'_, Tokenizer>>,
+        tokenizer: Option<PyRef<'_, PyTokenizer>>,
         eos_token_ids: Vec<u32>,
         seed: u64,
     ) -> PyResult<Self> {
