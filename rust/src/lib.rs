@@ -1,12 +1,14 @@
 //! fastserve._core: the Python-facing classes, nothing else. Each module registers its own.
 use pyo3::prelude::*;
 
+pub mod detokenizer;
+pub mod py_tokenizer;
+pub mod stop;
 pub mod tokenizer;
 
 pub mod batch;
 pub mod block_manager;
 pub mod py_scheduler;
-pub mod py_tokenizer;
 pub mod sampling_params;
 pub mod scheduler;
 pub mod sequence;
@@ -14,6 +16,7 @@ pub mod sequence;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    py_tokenizer::register(m)?;
     py_scheduler::register(m)?;
     Ok(())
 }

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as fastserve.kernels."""

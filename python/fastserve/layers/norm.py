@@ -1,0 +1,32 @@
+"""RMSNorm, with the residual add fused in (vLLM's `forward(x, residual)` convention)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        # Same op order as HF (variance in float32, cast back before the weight) so float32
+        # and half outputs match HF's bit for bit as far as possible.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
+        # KERNEL DISPATCH (lead): on CUDA, fastserve.kernels.rms_norm(x, self.weight, self.eps)
+        # and fastserve.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps).
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x

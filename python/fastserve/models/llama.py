@@ -1,0 +1,198 @@
+"""Llama-family decoder: Llama 2/3, Mistral, Qwen2/Qwen2.5 and Qwen3 in one file.
+
+The families differ only in flags, read from the architecture and config.json:
+- qkv_bias: Qwen2 always; Llama/Qwen3 when `attention_bias` (Llama's also biases o_proj)
+- qk_norm: Qwen3's per-head RMSNorm of q and k before rotary
+- head_dim: explicit in the config (Qwen3, Mistral Nemo) or hidden_size / num_heads
+- tie_word_embeddings: the LM head is the embedding matrix
+- mlp_bias: Llama's optional bias on gate/up/down
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from fastserve.config import ModelConfig
+from fastserve.layers.activation import get_act_and_mul
+from fastserve.layers.attention import Attention, AttentionMetadata
+from fastserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from fastserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
+from fastserve.layers.norm import RMSNorm
+from fastserve.layers.rotary import get_rope
+
+
+def _arch_flags(config: ModelConfig) -> dict:
+    hf = config.hf_config
+    arch = config.architecture
+    attention_bias = bool(hf.get("attention_bias", False))
+    return {
+        "qkv_bias": True if arch == "Qwen2ForCausalLM" else attention_bias,
+        "o_bias": attention_bias if arch in ("LlamaForCausalLM", "Qwen3ForCausalLM") else False,
+        "qk_norm": arch == "Qwen3ForCausalLM",
+        "mlp_bias": bool(hf.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
+    }
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig, flags: dict):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_kv_heads, bias=flags["qkv_bias"]
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=flags["o_bias"])
+        self.rotary_emb = get_rope(
+            self.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
+        self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.qk_norm = flags["qk_norm"]
+        if self.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, kv_cache, meta, token_seq_lens):
+        qkv = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k, token_seq_lens)
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig, flags: dict):
+        super().__init__()
+        inter = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=flags["mlp_bias"])
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=flags["mlp_bias"])
+        self.act_fn = get_act_and_mul(config.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, flags: dict):
+        super().__init__()
+        self.self_attn = LlamaAttention(config, flags)
+        self.mlp = LlamaMLP(config, flags)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, positions, hidden, residual, kv_cache, meta, token_seq_lens):
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, token_seq_lens)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig, flags: dict):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, flags) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list[torch.Tensor]):
+        token_seq_lens = None
+        if self.layers[0].self_attn.rotary_emb.needs_seq_lens:
+            qsl = meta.query_start_loc.to(torch.int64)
+            token_seq_lens = torch.repeat_interleave(meta.seq_lens, qsl[1:] - qsl[:-1], output_size=input_ids.shape[0])
+        hidden = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, token_seq_lens)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+class LlamaForCausalLM(nn.Module):
+    """model = LlamaForCausalLM(model_config);
+    hidden[T, H] = model(input_ids[T], positions[T], attn_meta, kv_caches);
+    logits[S, vocab_size] (float32) = model.compute_logits(hidden[S, H])."""
+
+    # HF checkpoint name -> (our packed parameter, shard id for its weight_loader)
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        flags = _arch_flags(config)
+        self.model = LlamaModel(config, flags)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
+                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+        return self.model(input_ids, positions, attn_meta, kv_caches)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy HF-named tensors in through each parameter's weight_loader; returns the names
+        of our parameters that were loaded. ValueError on an unknown name or a parameter the
+        checkpoint did not provide."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
+                continue  # recomputed from the config (old checkpoints saved these buffers)
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue  # the tied head is the embedding, loaded under its own name
+            target, shard_id = name, None
+            for hf_name, (packed, sid) in self.packed_modules_mapping.items():
+                if f".{hf_name}." in name:
+                    target, shard_id = name.replace(f".{hf_name}.", f".{packed}."), sid
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no matching parameter in {self.config.architecture}")
+            if shard_id is None:
+                getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            else:
+                param.weight_loader(param, tensor, shard_id)
+            loaded.add(target)
+        missing = set(dict(self.named_parameters()).keys()) - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    pass
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    pass

@@ -1,0 +1,306 @@
+//! Incremental detokenizer for one output sequence, with stop strings applied to its text.
+//!
+//! Two strategies, picked per tokenizer:
+//! - byte-level BPE (Llama 3, Qwen, GPT-2): a token is a fixed byte string, so decoding is
+//!   appending bytes and cutting off a trailing incomplete UTF-8 sequence; O(token length),
+//!   no decoder call. Equals `decode(output_ids)` exactly, lossy replacement included.
+//! - any other decoder (SentencePiece `▁` + byte fallback, WordPiece, ...): vLLM's
+//!   prefix_offset/read_offset window. The text of the newest tokens is the difference between
+//!   decoding the window with and without them, so decoder rules that look at neighbouring
+//!   tokens (the leading-space strip of SentencePiece) see the same context as a full decode.
+//!   The window is seeded with the prompt's last tokens, so the first output token keeps its
+//!   leading space as it would after the prompt; the window holds only the tokens since the
+//!   last emitted chunk, so each step decodes a handful of tokens.
+
+use std::sync::Arc;
+
+use crate::stop::StopMatcher;
+use crate::tokenizer::CoreTokenizer;
+
+/// Prompt tokens decoded as left context for the first output token: as in vLLM, enough for
+/// any decoder rule that depends on the previous token.
+const PROMPT_CONTEXT_TOKENS: usize = 5;
+
+enum Strategy {
+    /// Bytes of an incomplete trailing UTF-8 sequence (at most 3).
+    Bytes { pending: Vec<u8> },
+    /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
+    /// `in_byte_group`: the last token pushed is a byte-fallback piece.
+    Window {
+        ids: Vec<u32>,
+        read: usize,
+        prefix_text: String,
+        in_byte_group: bool,
+    },
+}
+
+/// Incremental detokenizer + stop-string matcher for one output sequence.
+pub struct IncrementalDetokenizer {
+    tok: Arc<CoreTokenizer>,
+    skip_special_tokens: bool,
+    spaces_between_special_tokens: bool,
+    strategy: Strategy,
+    stop: StopMatcher,
+    text: String,
+    stop_reason: Option<String>,
+    finished: bool,
+}
+
+impl IncrementalDetokenizer {
+    pub fn new(
+        tok: Arc<CoreTokenizer>,
+        prompt_token_ids: &[u32],
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool,
+        stop: Vec<String>,
+        include_stop_str_in_output: bool,
+    ) -> Self {
+        let strategy = if tok.byte_table().is_some() {
+            Strategy::Bytes {
+                pending: Vec::with_capacity(8),
+            }
+        } else {
+            let mut start = prompt_token_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
+            // Byte-fallback pieces decode as a group: start the context at a group boundary.
+            while start > 0 && tok.is_byte_piece(prompt_token_ids[start]) {
+                start -= 1;
+            }
+            let ids = prompt_token_ids[start..].to_vec();
+            let prefix_text = tok.decode(&ids, skip_special_tokens, spaces_between_special_tokens);
+            Strategy::Window {
+                read: ids.len(),
+                ids,
+                prefix_text,
+                in_byte_group: false,
+            }
+        };
+        IncrementalDetokenizer {
+            tok,
+            skip_special_tokens,
+            spaces_between_special_tokens,
+            strategy,
+            stop: StopMatcher::new(stop, include_stop_str_in_output),
+            text: String::new(),
+            stop_reason: None,
+            finished: false,
+        }
+    }
+
+    /// Returns (delta safe to emit, stop string matched by this token). After a match the
+    /// sequence is finished and later pushes return nothing.
+    pub fn push(&mut self, token_id: u32) -> (String, Option<String>) {
+        if self.finished {
+            return (String::new(), None);
+        }
+        let delta = self.decode_next(token_id);
+        self.apply_stop(delta)
+    }
+
+    /// Held-back text, at finish without a stop match (an incomplete UTF-8 tail decodes to
+    /// U+FFFD, as a full decode gives). Finishes the sequence.
+    pub fn flush(&mut self) -> String {
+        if self.finished {
+            return String::new();
+        }
+        let rest = match &mut self.strategy {
+            Strategy::Bytes { pending } => {
+                let s = String::from_utf8_lossy(pending).into_owned();
+                pending.clear();
+                s
+            }
+            Strategy::Window {
+                ids, read, prefix_text, ..
+            } => {
+                if *read < ids.len() {
+                    let full = self
+                        .tok
+                        .decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
+                    let delta = suffix_after(&full, prefix_text).to_owned();
+                    ids.drain(..*read);
+                    *read = ids.len();
+                    *prefix_text = full;
+                    delta
+                } else {
+                    String::new()
+                }
+            }
+        };
+        let (mut out, _) = self.apply_stop(rest);
+        if !self.finished {
+            let held = self.stop.flush();
+            out.push_str(&held);
+            self.text.push_str(&held);
+        }
+        self.finished = true;
+        out
+    }
+
+    /// All text emitted so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The stop string that ended the sequence, if one did.
+    pub fn stop_reason(&self) -> Option<&str> {
+        self.stop_reason.as_deref()
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    fn apply_stop(&mut self, delta: String) -> (String, Option<String>) {
+        if self.stop.is_empty() {
+            self.text.push_str(&delta);
+            return (delta, None);
+        }
+        let fed = self.stop.feed(delta);
+        self.text.push_str(&fed.emit);
+        let matched = fed.matched.map(|i| self.stop.stop(i).to_owned());
+        if matched.is_some() {
+            self.finished = true;
+            self.stop_reason = matched.clone();
+        }
+        (fed.emit, matched)
+    }
+
+    fn decode_next(&mut self, id: u32) -> String {
+        let tok = &*self.tok;
+        match &mut self.strategy {
+            Strategy::Bytes { pending } => {
+                if self.skip_special_tokens && tok.is_special(id) {
+                    return String::new();
+                }
+                let table = tok.byte_table().expect("byte strategy only with a byte table");
+                let bytes = table.get(id);
+                if pending.is_empty() {
+                    if let Ok(s) = std::str::from_utf8(bytes) {
+                        return s.to_owned();
+                    }
+                }
+                pending.extend_from_slice(bytes);
+                let mut out = String::new();
+                let consumed = decode_complete_utf8(pending, &mut out);
+                pending.drain(..consumed);
+                out
+            }
+            Strategy::Window {
+                ids,
+                read,
+                prefix_text,
+                in_byte_group,
+            } => {
+                // The decoder never sees a skipped token; leaving it out of the window also
+                // keeps a run of them from growing the window.
+                if self.skip_special_tokens && tok.is_special(id) {
+                    return String::new();
+                }
+                ids.push(id);
+                // A byte piece's text depends on the pieces after it (a bad group turns every
+                // one of its bytes into U+FFFD): wait for the group to end.
+                *in_byte_group = tok.is_byte_piece(id);
+                if *in_byte_group {
+                    return String::new();
+                }
+                let full = tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
+                // A trailing U+FFFD may be an incomplete character that the next token completes.
+                if full.len() <= prefix_text.len() || full.ends_with('\u{FFFD}') {
+                    return String::new();
+                }
+                let delta = suffix_after(&full, prefix_text).to_owned();
+                ids.drain(..*read);
+                *read = ids.len();
+                *prefix_text = tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
+                delta
+            }
+        }
+    }
+}
+
+/// Appends the text of `bytes` up to a trailing incomplete UTF-8 sequence, replacing invalid
+/// sequences with U+FFFD exactly as `String::from_utf8_lossy` does; returns bytes consumed.
+fn decode_complete_utf8(bytes: &[u8], out: &mut String) -> usize {
+    let mut pos = 0;
+    loop {
+        match std::str::from_utf8(&bytes[pos..]) {
+            Ok(s) => {
+                out.push_str(s);
+                return bytes.len();
+            }
+            Err(e) => {
+                let valid = e.valid_up_to();
+                // SAFETY-free: from_utf8 just validated this prefix.
+                out.push_str(std::str::from_utf8(&bytes[pos..pos + valid]).unwrap_or_default());
+                pos += valid;
+                match e.error_len() {
+                    Some(n) => {
+                        out.push('\u{FFFD}');
+                        pos += n;
+                    }
+                    None => return pos,
+                }
+            }
+        }
+    }
+}
+
+/// `full` minus its leading `prefix`; when a decoder rewrote the end of the prefix (it should
+/// not), everything after the common part, cut at a char boundary.
+fn suffix_after<'a>(full: &'a str, prefix: &str) -> &'a str {
+    if let Some(rest) = full.strip_prefix(prefix) {
+        return rest;
+    }
+    let common = full
+        .char_indices()
+        .zip(prefix.chars())
+        .take_while(|((_, a), b)| a == b)
+        .last()
+        .map_or(0, |((i, c), _)| i + c.len_utf8());
+    &full[common..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        // Feeding bytes in arbitrary chunks gives exactly from_utf8_lossy of the whole.
+        #[test]
+        fn chunked_utf8_equals_lossy(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+            cuts in proptest::collection::vec(0usize..64, 0..12),
+        ) {
+            let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(bytes.len())).collect();
+            bounds.push(0);
+            bounds.push(bytes.len());
+            bounds.sort();
+            let mut pending: Vec<u8> = Vec::new();
+            let mut out = String::new();
+            for w in bounds.windows(2) {
+                pending.extend_from_slice(&bytes[w[0]..w[1]]);
+                let n = decode_complete_utf8(&pending, &mut out);
+                pending.drain(..n);
+                prop_assert!(pending.len() <= 3);
+            }
+            out.push_str(&String::from_utf8_lossy(&pending));
+            prop_assert_eq!(out, String::from_utf8_lossy(&bytes).into_owned());
+        }
+    }
+
+    #[test]
+    fn holds_split_multibyte_char() {
+        let euro = "€".as_bytes();
+        let mut out = String::new();
+        assert_eq!(decode_complete_utf8(&euro[..2], &mut out), 0);
+        assert_eq!(out, "");
+        assert_eq!(decode_complete_utf8(euro, &mut out), 3);
+        assert_eq!(out, "€");
+    }
+
+    #[test]
+    fn suffix_after_handles_rewritten_prefix() {
+        assert_eq!(suffix_after("hello world", "hello"), " world");
+        assert_eq!(suffix_after("héllo", "hé\u{FFFD}"), "llo");
+    }
+}

@@ -1,0 +1,27 @@
+"""Shared pytest setup: make `fastserve` (python/) and the helpers in tests/ importable when
+the package is not installed (maturin develop / pip install -e put python/ on the path)."""
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+_TESTS = Path(__file__).resolve().parent
+
+if str(_TESTS) not in sys.path:
+    sys.path.insert(0, str(_TESTS))
+try:
+    import fastserve  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(_ROOT / "python"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
