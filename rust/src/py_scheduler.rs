@@ -59,7 +59,7 @@ impl Scheduler {
         enable_chunked_prefill: bool,
         tokenizer: Option<PyRef<'_, PyTokenizer>>,
         eos_token_ids: Vec<u32>,
-        seed: u64,
+        seed: Option<u64>,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             num_blocks,
@@ -70,7 +70,7 @@ impl Scheduler {
             enable_prefix_caching,
             enable_chunked_prefill,
             eos_token_ids,
-            seed,
+            seed: seed.unwrap_or(0),
         };
         let core = CoreScheduler::new(cfg, tokenizer.map(|t| t.core.clone())).map_err(PyValueError::new_err)?;
         Ok(Scheduler { core })
