@@ -3,6 +3,7 @@
 Scenarios (block size 16, prefix caching on):
   decode_1024           1,024 running sequences, each decoding one token per step
   decode_1024_wait_8192 the same with 8,192 more requests waiting (max_num_seqs = 1,024)
+  decode_1024_no_detok  decode_1024 without a tokenizer (only when one is given)
   admit_8192            8,192 waiting 128-token prompts admitted under an 8,192-token budget
                         (each step: decodes of those admitted so far, then new prompts)
 With a tokenizer (default: /work/shared/models/llama3-tokenizer when fastserve._core has
@@ -281,6 +282,15 @@ def bench_rust(tok, steps, rng, vocab_hi, stop):
     return out
 
 
+def bench_rust_decode_only(steps, rng, vocab_hi):
+    s = Scheduler(num_blocks=120_000, max_model_len=8192, block_size=BLOCK, max_num_seqs=1024,
+                  max_num_batched_tokens=8192, enable_prefix_caching=True, eos_token_ids=[0], seed=0)
+    for i in range(1024):
+        s.add_request(f"d{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params([], 4000))
+    warm_to_decode(s, 1024, vocab_hi, rng)
+    return stats(time_steps(s, steps, vocab_hi, rng))
+
+
 def bench_python(steps, rng, vocab_hi):
     out = {}
     p = dict(max_tokens=4000, temperature=0.8, top_p=0.95, top_k=0, ignore_eos=True)
@@ -293,6 +303,20 @@ def bench_python(steps, rng, vocab_hi):
         s.add_request(f"w{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), dict(p, max_tokens=16), i)
     out["decode_1024_wait_8192"] = stats(time_steps(s, steps, vocab_hi, rng, py=True))
     return out
+
+
+def calibration_us() -> float:
+    """Median time to allocate 1,024 small Python objects: this shared machine's speed varies
+    several-fold with the other tenants' load, so results carry their own yardstick."""
+    class Obj:
+        __slots__ = ("a",)
+
+    ns = []
+    for _ in range(200):
+        t0 = time.perf_counter_ns()
+        [Obj() for _ in range(1024)]
+        ns.append(time.perf_counter_ns() - t0)
+    return round(float(np.median(ns)) / 1e3, 1)
 
 
 def machine() -> dict:
@@ -327,9 +351,14 @@ def main():
         tok = _core.Tokenizer(args.tokenizer)
         stop = ["\u2603STOP\u2603", "<|bench-end|>"]  # never produced by the random ids
         vocab_hi = min(tok.vocab_size, 120_000)
+    cal0 = calibration_us()
     rust = bench_rust(tok, args.steps, rng, vocab_hi, stop)
+    if tok is not None:
+        # The same decode step with detokenization off: the scheduler's own share.
+        rust["decode_1024_no_detok"] = bench_rust_decode_only(args.steps, rng, vocab_hi)
     py = bench_python(args.py_steps, rng, vocab_hi)
     info["loadavg_1m_at_end"] = os.getloadavg()[0]
+    info["calibration_1024_py_objects_us"] = [cal0, calibration_us()]
     result = {
         "bench": "scheduler step: schedule() + update(), numpy hand-off included",
         "block_size": BLOCK, "prompt_len": PROMPT, "prefix_caching": True,

@@ -106,11 +106,7 @@ impl Scheduler {
             self.core.update(&v)
         }
         .map_err(PyValueError::new_err)?;
-        let objs = outs
-            .into_iter()
-            .map(|o| Bound::new(py, StepOutput::from(o)))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyList::new(py, objs)
+        PyList::new(py, outs.into_iter().map(StepOutput::from))
     }
 
     fn has_unfinished(&self) -> bool {
