@@ -170,7 +170,8 @@ impl Batch {
     }
 }
 
-#[pyclass(frozen, module = "fastserve._core")]
+// A free list: every step creates and drops up to max_num_seqs of these.
+#[pyclass(frozen, freelist = 4096, module = "fastserve._core")]
 pub struct StepOutput {
     request_id: Arc<str>,
     #[pyo3(get)]
