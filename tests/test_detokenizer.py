@@ -154,14 +154,14 @@ def sp_pair(tmp_path_factory):
     (out / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True})
     )
-    return Tokenizer(str(out)), sp
+    return Tokenizer(str(out)), sp, tok
 
 
 SP_TEXTS = TEXTS + ["Hello world", " two  spaces", "龘 rare char and 🦩 flamingo", "x"]
 
 
 def test_sentencepiece_conversion_matches_sentencepiece(sp_pair):
-    ours, sp = sp_pair
+    ours, sp, _ = sp_pair
     assert ours.bos_token_id == sp.bos_id() and ours.eos_token_ids == [sp.eos_id()]
     for text in SP_TEXTS:
         ids = sp.encode(text)
@@ -172,7 +172,7 @@ def test_sentencepiece_conversion_matches_sentencepiece(sp_pair):
 
 
 def test_sentencepiece_has_byte_fallback_and_spaces(sp_pair):
-    ours, sp = sp_pair
+    ours, sp, _ = sp_pair
     ids = sp.encode("🦩 flies")
     pieces = [sp.id_to_piece(i) for i in ids]
     assert any(p.startswith("<0x") for p in pieces) and any(p.startswith("▁") for p in pieces)
@@ -180,7 +180,7 @@ def test_sentencepiece_has_byte_fallback_and_spaces(sp_pair):
 
 @pytest.mark.parametrize("skip,spaces", FLAGS)
 def test_sentencepiece_stream_equals_decode(sp_pair, skip, spaces):
-    ours, sp = sp_pair
+    ours, sp, _ = sp_pair
     for text in SP_TEXTS:
         ids = [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
         deltas, _, tail = stream(ours, ids, skip=skip, spaces=spaces)
@@ -193,7 +193,7 @@ def test_sentencepiece_stream_equals_decode(sp_pair, skip, spaces):
 def test_sentencepiece_stream_after_prompt_keeps_leading_space(sp_pair, skip, spaces):
     """Output after a prompt is the text the output adds to the prompt's: the first token's
     `▁` is a real space there, which decoding the output alone would strip."""
-    ours, sp = sp_pair
+    ours, sp, _ = sp_pair
     rng = random.Random(5)
     for text in SP_TEXTS:
         prompt = [sp.bos_id()] + sp.encode("Question: say it")
@@ -222,7 +222,7 @@ def test_sentencepiece_stream_after_prompt_keeps_leading_space(sp_pair, skip, sp
 
 @pytest.mark.parametrize("skip,spaces", FLAGS)
 def test_sentencepiece_random_ids_no_prompt(sp_pair, skip, spaces):
-    ours, sp = sp_pair
+    ours, sp, hf_tok = sp_pair
     rng = random.Random(11)
     for _ in range(80):
         out = [rng.randrange(sp.get_piece_size()) for _ in range(40)]
@@ -234,10 +234,12 @@ def test_sentencepiece_random_ids_no_prompt(sp_pair, skip, spaces):
             out.insert(rng.randrange(len(out) + 1), rng.choice([0, 1, 2]))
         deltas, _, tail = stream(ours, out, skip=skip, spaces=spaces)
         assert "".join(deltas) + tail == ours.decode(out, skip, spaces)
+        if spaces:
+            assert ours.decode(out, skip, spaces) == hf_tok.decode(out, skip_special_tokens=skip)
 
 
 def test_spaces_between_special_tokens_false_drops_decoder_space(sp_pair):
-    ours, sp = sp_pair
+    ours, sp, _ = sp_pair
     ids = [sp.bos_id()] + sp.encode("Hello") + [sp.eos_id()]
     assert ours.decode(ids, False, True) == "<s> Hello</s>"  # == HF fast decode
     assert ours.decode(ids, False, False) == "<s>Hello</s>"  # == HF slow tokenizer

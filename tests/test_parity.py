@@ -34,10 +34,11 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-def mixed_prompts(vocab: int, seed: int, count: int = 8, shared_prefix: int = 0) -> list[list[int]]:
+def mixed_prompts(vocab: int, seed: int, count: int = 8, shared_prefix: int = 0,
+                  lengths: tuple[int, ...] = (1, 3, 7, 16, 17, 29, 33, 50)) -> list[list[int]]:
     rng = random.Random(seed)
     prefix = [rng.randrange(vocab) for _ in range(shared_prefix)]
-    lengths = [1, 3, 7, 16, 17, 29, 33, 50][:count]
+    lengths = list(lengths[:count])
     rng.shuffle(lengths)
     return [prefix + [rng.randrange(vocab) for _ in range(n)] for n in lengths]
 
@@ -72,7 +73,10 @@ PARITY_CASES = [
     pytest.param("llama", {"max_num_batched_tokens": 16}, {}, id="chunked-prefill"),
     pytest.param("qwen3", {"max_num_batched_tokens": 20, "max_num_seqs": 3}, {}, id="chunked-prefill-qwen3"),
     pytest.param("llama", {}, {"shared_prefix": 40}, id="prefix-cache"),
-    pytest.param("qwen2", {"num_gpu_blocks_override": 9, "max_model_len": 128}, {}, id="preemption"),
+    # Prompts that fit one block each are all admitted; their decodes then cross into a
+    # second block that only one of them can get: the rest are preempted and recomputed.
+    pytest.param("qwen2", {"num_gpu_blocks_override": 9, "max_model_len": 128},
+                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="preemption"),
     pytest.param("llama", {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
                  {"shared_prefix": 20}, id="preemption+chunked+prefix"),
 ]
@@ -84,6 +88,9 @@ def test_greedy_matches_hf(checkpoints, variant, llm_kwargs, prompt_kwargs):
     llm = LLM(model=str(path), dtype="float32", device="cpu", **llm_kwargs)
     vocab = llm.get_tokenizer().vocab_size
     prompts = mixed_prompts(vocab, seed=zlib.crc32(variant.encode()) % 1000, **prompt_kwargs)
+    if "shared_prefix" in prompt_kwargs:
+        # A request that finished earlier leaves the shared prefix in the cache: the batch hits it.
+        llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         assert out.prompt_token_ids == prompt
@@ -106,7 +113,9 @@ def test_n_children_share_prompt_and_match_hf(checkpoints):
     llm = LLM(model=str(path), dtype="float32", device="cpu")
     prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=7, count=4)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(n=3, temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+                        # top_k=1 sampling is greedy (vLLM refuses n > 1 with temperature 0).
+                        SamplingParams(n=3, temperature=1.0, top_k=1, max_tokens=MAX_NEW, ignore_eos=True),
+                        use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         ref = hf_greedy(hf, prompt, MAX_NEW)
         assert [c.index for c in out.outputs] == [0, 1, 2]

@@ -1,16 +1,20 @@
 //! Incremental detokenizer for one output sequence, with stop strings applied to its text.
 //!
-//! Two strategies, picked per tokenizer:
+//! Three strategies, picked per tokenizer:
 //! - byte-level BPE (Llama 3, Qwen, GPT-2): a token is a fixed byte string, so decoding is
 //!   appending bytes and cutting off a trailing incomplete UTF-8 sequence; O(token length),
 //!   no decoder call. Equals `decode(output_ids)` exactly, lossy replacement included.
-//! - any other decoder (SentencePiece `▁` + byte fallback, WordPiece, ...): vLLM's
-//!   prefix_offset/read_offset window. The text of the newest tokens is the difference between
-//!   decoding the window with and without them, so decoder rules that look at neighbouring
-//!   tokens (the leading-space strip of SentencePiece) see the same context as a full decode.
-//!   The window is seeded with the prompt's last tokens, so the first output token keeps its
-//!   leading space as it would after the prompt; the window holds only the tokens since the
-//!   last emitted chunk, so each step decodes a handful of tokens.
+//! - the Llama 2 / Mistral SentencePiece decoder (`▁`→space, byte fallback, fuse, strip the
+//!   first space): its rules applied token by token, also without decoder calls. A run of
+//!   byte pieces is held until it ends (the decoder judges the run as a whole).
+//! - any other decoder (Metaspace, WordPiece, ...): vLLM's prefix_offset/read_offset window.
+//!   The text of the newest tokens is the difference between decoding the window with and
+//!   without them, so decoder rules that look at neighbouring tokens see the same context as
+//!   a full decode; the window holds only the tokens since the last emitted chunk.
+//!
+//! For the last two the prompt is left context: the output is the text it adds to the
+//! prompt's, so the first output token keeps the leading space it has after the prompt (which
+//! decoding the output alone would strip).
 
 use std::sync::Arc;
 
@@ -24,6 +28,16 @@ const PROMPT_CONTEXT_TOKENS: usize = 5;
 enum Strategy {
     /// Bytes of an incomplete trailing UTF-8 sequence (at most 3).
     Bytes { pending: Vec<u8> },
+    /// SentencePiece decoder followed token by token. `group` holds the bytes of the current
+    /// run of byte pieces (`group_from_prompt` of them continue the prompt's last run: the
+    /// decoder judges a run as a whole); `at_start`: nothing decoded yet in this run of text,
+    /// so its first space is the one the decoder strips.
+    Pieces {
+        group: Vec<u8>,
+        group_len: usize,
+        group_from_prompt: usize,
+        at_start: bool,
+    },
     /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
     /// `in_byte_group`: the last token pushed is a byte-fallback piece.
     Window {
@@ -44,6 +58,9 @@ pub struct IncrementalDetokenizer {
     text: String,
     stop_reason: Option<String>,
     finished: bool,
+    /// Stop strings are not matched before this many tokens were pushed (vLLM's min_tokens).
+    min_tokens: usize,
+    num_pushed: usize,
 }
 
 impl IncrementalDetokenizer {
@@ -58,6 +75,31 @@ impl IncrementalDetokenizer {
         let strategy = if tok.byte_table().is_some() {
             Strategy::Bytes {
                 pending: Vec::with_capacity(8),
+            }
+        } else if let Some((table, _)) = tok.sentencepiece_table() {
+            let visible: Vec<u32> = prompt_token_ids
+                .iter()
+                .copied()
+                .filter(|&id| !(table.get(id).is_empty() || skip_special_tokens && tok.is_special(id)))
+                .collect();
+            let mut group: Vec<u8> = visible
+                .iter()
+                .rev()
+                .take_while(|&&id| tok.is_byte_piece(id) && (spaces_between_special_tokens || !tok.is_added(id)))
+                .map(|&id| table.get(id)[0])
+                .collect();
+            group.reverse();
+            // Whether the text before the prompt's trailing byte run is empty (so far as the
+            // Strip decoder is concerned).
+            let at_start = match visible[..visible.len() - group.len()].last() {
+                Some(&last) => !spaces_between_special_tokens && tok.is_added(last),
+                None => true,
+            };
+            Strategy::Pieces {
+                group_len: group.len(),
+                group_from_prompt: group.len(),
+                group,
+                at_start,
             }
         } else {
             let mut start = prompt_token_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
@@ -83,7 +125,16 @@ impl IncrementalDetokenizer {
             text: String::new(),
             stop_reason: None,
             finished: false,
+            min_tokens: 0,
+            num_pushed: 0,
         }
+    }
+
+    /// Stop strings only end the sequence from its `min_tokens`-th output token on (a stop
+    /// string completed earlier is streamed as ordinary text), as in vLLM.
+    pub fn with_min_tokens(mut self, min_tokens: usize) -> Self {
+        self.min_tokens = min_tokens;
+        self
     }
 
     /// Returns (delta safe to emit, stop string matched by this token). After a match the
@@ -92,6 +143,7 @@ impl IncrementalDetokenizer {
         if self.finished {
             return (String::new(), None);
         }
+        self.num_pushed += 1;
         let delta = self.decode_next(token_id);
         self.apply_stop(delta)
     }
@@ -107,6 +159,17 @@ impl IncrementalDetokenizer {
                 let s = String::from_utf8_lossy(pending).into_owned();
                 pending.clear();
                 s
+            }
+            Strategy::Pieces {
+                group,
+                group_len,
+                group_from_prompt,
+                at_start,
+            } => {
+                let mut out = String::new();
+                let strip = self.tok.sentencepiece_table().is_some_and(|(_, s)| s);
+                close_group(group, group_len, group_from_prompt, at_start, strip, &mut out);
+                out
             }
             Strategy::Window {
                 ids, read, prefix_text, ..
@@ -154,7 +217,7 @@ impl IncrementalDetokenizer {
             self.text.push_str(&delta);
             return (delta, None);
         }
-        let fed = self.stop.feed(delta);
+        let fed = self.stop.feed_checked(delta, self.num_pushed >= self.min_tokens);
         self.text.push_str(&fed.emit);
         let matched = fed.matched.map(|i| self.stop.stop(i).to_owned());
         if matched.is_some() {
@@ -182,6 +245,37 @@ impl IncrementalDetokenizer {
                 let mut out = String::new();
                 let consumed = decode_complete_utf8(pending, &mut out);
                 pending.drain(..consumed);
+                out
+            }
+            Strategy::Pieces {
+                group,
+                group_len,
+                group_from_prompt,
+                at_start,
+            } => {
+                let (table, strip) = tok
+                    .sentencepiece_table()
+                    .expect("pieces strategy only with a piece table");
+                let text = table.get(id);
+                // Unknown ids and skipped special tokens never reach the decoder.
+                if text.is_empty() || (self.skip_special_tokens && tok.is_special(id)) {
+                    return String::new();
+                }
+                let verbatim = !self.spaces_between_special_tokens && tok.is_added(id);
+                if tok.is_byte_piece(id) && !verbatim {
+                    group.push(text[0]);
+                    *group_len += 1;
+                    return String::new();
+                }
+                let mut out = String::new();
+                close_group(group, group_len, group_from_prompt, at_start, strip, &mut out);
+                if verbatim {
+                    // Decoded apart from the text around it: the next text starts a new run.
+                    out.push_str(&tok.inner.id_to_token(id).unwrap_or_default());
+                    *at_start = true;
+                } else {
+                    push_piece_text(std::str::from_utf8(text).unwrap_or_default(), at_start, strip, &mut out);
+                }
                 out
             }
             Strategy::Window {
@@ -215,6 +309,57 @@ impl IncrementalDetokenizer {
             }
         }
     }
+}
+
+/// Text of a finished run of byte pieces, as ByteFallback decodes it: the run's string when it
+/// is valid UTF-8, else U+FFFD for every piece. Only what the pieces after the prompt add to
+/// the prompt's part of the run is emitted.
+fn close_group(
+    group: &mut Vec<u8>,
+    group_len: &mut usize,
+    group_from_prompt: &mut usize,
+    at_start: &mut bool,
+    strip: bool,
+    out: &mut String,
+) {
+    if *group_len == 0 {
+        return;
+    }
+    if *group_len > *group_from_prompt {
+        let text = |bytes: &[u8], n: usize| -> String {
+            let s = match std::str::from_utf8(bytes) {
+                Ok(s) => s.to_owned(),
+                Err(_) => "\u{FFFD}".repeat(n),
+            };
+            match s.strip_prefix(' ') {
+                Some(rest) if *at_start && strip => rest.to_owned(),
+                _ => s,
+            }
+        };
+        let all = text(group, *group_len);
+        let prompt_part = if *group_from_prompt > 0 {
+            text(&group[..*group_from_prompt], *group_from_prompt)
+        } else {
+            String::new()
+        };
+        out.push_str(suffix_after(&all, &prompt_part));
+    }
+    *at_start = false;
+    group.clear();
+    *group_len = 0;
+    *group_from_prompt = 0;
+}
+
+/// The Strip decoder removes one space from the very start of the decoded text.
+fn push_piece_text(text: &str, at_start: &mut bool, strip: bool, out: &mut String) {
+    if *at_start && !text.is_empty() {
+        *at_start = false;
+        if strip {
+            out.push_str(text.strip_prefix(' ').unwrap_or(text));
+            return;
+        }
+    }
+    out.push_str(text);
 }
 
 /// Appends the text of `bytes` up to a trailing incomplete UTF-8 sequence, replacing invalid

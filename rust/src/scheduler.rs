@@ -269,7 +269,9 @@ impl Scheduler {
             params.spaces_between_special_tokens,
             params.stop.clone(),
             params.include_stop_str_in_output,
-        )))
+        )
+        // vLLM checks no stop string before min_tokens: the detokenizer must not cut there.
+        .with_min_tokens(params.min_tokens as usize)))
     }
 
     pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, params: RequestParams) -> Result<(), String> {

@@ -52,6 +52,12 @@ impl StopMatcher {
     }
 
     pub fn feed(&mut self, delta: String) -> StopFeed {
+        self.feed_checked(delta, true)
+    }
+
+    /// With `check` false (below min_tokens, as vLLM does) no match is reported, but a
+    /// possible start of a stop string is still held, so that it can complete later.
+    pub fn feed_checked(&mut self, delta: String, check: bool) -> StopFeed {
         if self.finished || delta.is_empty() {
             return StopFeed {
                 emit: String::new(),
@@ -82,7 +88,7 @@ impl StopMatcher {
         // The match that completes first wins, as if the text had arrived one char at a time;
         // among those ending together the longest one (it started first).
         let mut best: Option<(usize, usize, usize)> = None; // (end, start, stop index)
-        for (i, s) in self.stops.iter().enumerate() {
+        for (i, s) in self.stops.iter().enumerate().filter(|_| check) {
             if let Some(start) = find_bytes(text.as_bytes(), s.as_bytes()) {
                 let end = start + s.len();
                 let better = match best {
@@ -216,6 +222,32 @@ mod tests {
         let (out, matched, _) = run(&["abc", "ab"], false, &["x a", "bc"]);
         assert_eq!(out.concat(), "x ");
         assert_eq!(matched.as_deref(), Some("ab"));
+    }
+
+    #[test]
+    fn unchecked_feed_holds_but_never_matches() {
+        let mut m = StopMatcher::new(vec!["STOP".into()], false);
+        assert_eq!(
+            m.feed_checked("a STOP b ST".into(), false),
+            StopFeed {
+                emit: "a STOP b ".into(),
+                matched: None
+            }
+        );
+        assert_eq!(
+            m.feed_checked("O".into(), true),
+            StopFeed {
+                emit: "".into(),
+                matched: None
+            }
+        );
+        assert_eq!(
+            m.feed_checked("P!".into(), true),
+            StopFeed {
+                emit: "".into(),
+                matched: Some(0)
+            }
+        );
     }
 
     #[test]

@@ -50,6 +50,11 @@ pub struct CoreTokenizer {
     /// token laid end to end: decoding is then byte concatenation plus lossy UTF-8, which the
     /// incremental detokenizer does per token without calling the decoder at all.
     byte_level: Option<ByteTable>,
+    /// When the decoder is the Llama / Mistral SentencePiece one (`▁`→space, byte fallback,
+    /// fuse, optionally strip the first space), every token's text with `▁` already replaced
+    /// (a byte piece holds its one byte), and whether the leading space is stripped: the
+    /// incremental detokenizer then follows the decoder's rules token by token.
+    sentencepiece: Option<(ByteTable, bool)>,
 }
 
 pub(crate) struct ByteTable {
@@ -161,13 +166,13 @@ impl CoreTokenizer {
         } else {
             None
         };
+        let sentencepiece =
+            sentencepiece_strip_first(&decoder).map(|strip| (build_piece_table(&inner, table_len), strip));
         let mut byte_piece = vec![false; table_len];
         if has_decoder_type(&decoder, "ByteFallback") {
             for (id, flag) in byte_piece.iter_mut().enumerate() {
-                if !added[id] {
-                    if let Some(t) = inner.id_to_token(id as u32) {
-                        *flag = parse_byte_piece(&t).is_some();
-                    }
+                if let Some(t) = inner.id_to_token(id as u32) {
+                    *flag = parse_byte_piece(&t).is_some();
                 }
             }
         }
@@ -185,6 +190,7 @@ impl CoreTokenizer {
             added,
             byte_piece,
             byte_level,
+            sentencepiece,
         })
     }
 
@@ -205,6 +211,10 @@ impl CoreTokenizer {
 
     pub(crate) fn byte_table(&self) -> Option<&ByteTable> {
         self.byte_level.as_ref()
+    }
+
+    pub(crate) fn sentencepiece_table(&self) -> Option<(&ByteTable, bool)> {
+        self.sentencepiece.as_ref().map(|(t, strip)| (t, *strip))
     }
 
     /// Ids of added tokens marked special, ascending.
@@ -402,6 +412,58 @@ fn is_pure_byte_level(decoder: &Value) -> bool {
     }
 }
 
+/// `Some(strip_first_space)` for exactly [Replace("▁", " "), ByteFallback, Fuse] optionally
+/// followed by Strip(" ", 1, 0): what transformers' LlamaConverter writes for Llama 2, Mistral,
+/// Gemma-style SentencePiece BPE models.
+fn sentencepiece_strip_first(decoder: &Value) -> Option<bool> {
+    if decoder.get("type")?.as_str()? != "Sequence" {
+        return None;
+    }
+    let ds = decoder.get("decoders")?.as_array()?;
+    let ty = |d: &Value| d.get("type").and_then(Value::as_str).unwrap_or("").to_owned();
+    if ds.len() < 3 || ds.len() > 4 {
+        return None;
+    }
+    let replace_ok = ty(&ds[0]) == "Replace"
+        && ds[0]
+            .get("pattern")
+            .and_then(|p| p.get("String"))
+            .and_then(Value::as_str)
+            == Some("▁")
+        && ds[0].get("content").and_then(Value::as_str) == Some(" ");
+    if !replace_ok || ty(&ds[1]) != "ByteFallback" || ty(&ds[2]) != "Fuse" {
+        return None;
+    }
+    match ds.get(3) {
+        None => Some(false),
+        Some(d)
+            if ty(d) == "Strip"
+                && d.get("content").and_then(Value::as_str) == Some(" ")
+                && d.get("start").and_then(Value::as_u64) == Some(1)
+                && d.get("stop").and_then(Value::as_u64) == Some(0) =>
+        {
+            Some(true)
+        }
+        _ => None,
+    }
+}
+
+fn build_piece_table(inner: &tokenizers::Tokenizer, table_len: usize) -> ByteTable {
+    let mut bytes = Vec::new();
+    let mut offsets = Vec::with_capacity(table_len + 1);
+    offsets.push(0u32);
+    for id in 0..table_len as u32 {
+        if let Some(token) = inner.id_to_token(id) {
+            match parse_byte_piece(&token) {
+                Some(b) => bytes.push(b),
+                None => bytes.extend_from_slice(token.replace('▁', " ").as_bytes()),
+            }
+        }
+        offsets.push(bytes.len() as u32);
+    }
+    ByteTable { bytes, offsets }
+}
+
 fn has_decoder_type(decoder: &Value, ty: &str) -> bool {
     match decoder.get("type").and_then(Value::as_str) {
         Some(t) if t == ty => true,
@@ -519,6 +581,30 @@ pub(crate) mod test_support {
 
     /// Llama 2 / Mistral layout: `▁` spaces, byte-fallback pieces, Strip decoder, `<s>` prefix.
     pub fn sentencepiece_dir() -> PathBuf {
+        let decoder = json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
+        sentencepiece_dir_with("sentencepiece", decoder)
+    }
+
+    /// Same model, decoders the per-token fast paths do not cover (the decode-window path).
+    pub fn other_decoder_dirs() -> Vec<PathBuf> {
+        let reordered = json!({"type": "Sequence", "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
+        let metaspace = json!({"type": "Sequence", "decoders": [
+            {"type": "ByteFallback"},
+            {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}]});
+        vec![
+            sentencepiece_dir_with("reordered", reordered),
+            sentencepiece_dir_with("metaspace", metaspace),
+        ]
+    }
+
+    fn sentencepiece_dir_with(name: &str, decoder: serde_json::Value) -> PathBuf {
         let mut vocab = serde_json::Map::new();
         for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
             vocab.insert(t.to_string(), json!(i));
@@ -540,20 +626,13 @@ pub(crate) mod test_support {
                 "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
                 "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
                 "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
-            "decoder": {"type": "Sequence", "decoders": [
-                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "decoder": decoder,
             "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>", "continuing_subword_prefix": null,
                       "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
                       "ignore_merges": false, "vocab": vocab,
                       "merges": [["▁", "a"], ["a", "b"], ["▁a", "b"]]}
         });
-        write_dir(
-            "sentencepiece",
-            tokenizer,
-            json!({"bos_token": "<s>", "eos_token": "</s>"}),
-        )
+        write_dir(name, tokenizer, json!({"bos_token": "<s>", "eos_token": "</s>"}))
     }
 }
 
@@ -581,6 +660,11 @@ mod tests {
 
         let sp = CoreTokenizer::from_dir(sentencepiece_dir().to_str().unwrap()).unwrap();
         assert!(sp.byte_table().is_none());
+        assert!(sp.sentencepiece_table().is_some());
+        for dir in other_decoder_dirs() {
+            let other = CoreTokenizer::from_dir(dir.to_str().unwrap()).unwrap();
+            assert!(other.byte_table().is_none() && other.sentencepiece_table().is_none());
+        }
         assert_eq!(sp.encode("ab a", true).unwrap(), vec![1, 264, 262]);
         assert!(sp.is_byte_piece(3 + 0xE2) && !sp.is_byte_piece(262));
     }
@@ -624,16 +708,37 @@ mod tests {
 
     #[test]
     fn stream_equals_decode_random_ids() {
-        for dir in [byte_level_dir(), sentencepiece_dir()] {
+        let mut dirs = vec![byte_level_dir(), sentencepiece_dir()];
+        dirs.extend(other_decoder_dirs());
+        for dir in dirs {
             let tok = Arc::new(CoreTokenizer::from_dir(dir.to_str().unwrap()).unwrap());
             let n = tok.vocab_size as u32;
             let mut seed = 5;
-            for _ in 0..300 {
-                let ids: Vec<u32> = (0..lcg(&mut seed) % 16).map(|_| lcg(&mut seed) % n).collect();
-                let prompt: Vec<u32> = (0..lcg(&mut seed) % 4).map(|_| lcg(&mut seed) % n).collect();
+            // Half the draws from the first and last ids (special/added tokens, merged
+            // pieces): uniform draws would be almost all single bytes.
+            let draw = |seed: &mut u64| {
+                let r = lcg(seed);
+                if r & 1 == 0 {
+                    lcg(seed) % n
+                } else {
+                    let k = lcg(seed) % 13;
+                    if k < 3 {
+                        k
+                    } else {
+                        n - 1 - (k - 3)
+                    }
+                }
+            };
+            for _ in 0..1000 {
+                let ids: Vec<u32> = (0..lcg(&mut seed) % 16).map(|_| draw(&mut seed)).collect();
+                let prompt: Vec<u32> = (0..lcg(&mut seed) % 4).map(|_| draw(&mut seed)).collect();
                 for (skip, spaces) in [(true, true), (true, false), (false, true), (false, false)] {
                     let streamed = stream(&tok, &[], &ids, skip, spaces);
-                    assert_eq!(streamed, tok.decode(&ids, skip, spaces), "{ids:?}");
+                    assert_eq!(
+                        streamed,
+                        tok.decode(&ids, skip, spaces),
+                        "{dir:?} {skip} {spaces} {ids:?}"
+                    );
                     let full = tok.decode(&[prompt.clone(), ids.clone()].concat(), skip, spaces);
                     let head = tok.decode(&prompt, skip, spaces);
                     if tok.byte_table().is_some() {
@@ -686,5 +791,25 @@ mod tests {
         assert_eq!(d.stop_reason(), Some("the w"));
         assert!(d.is_finished());
         assert_eq!(d.push(ids[0]), (String::new(), None));
+
+        // Below min_tokens the first "the w" streams as text; the second one stops.
+        let ids = tok.encode("the word, the way", false).unwrap();
+        let first_done = (1..=ids.len())
+            .find(|&n| tok.decode(&ids[..n], true, true).contains("the w"))
+            .unwrap();
+        let mut d = IncrementalDetokenizer::new(tok.clone(), &[], true, true, vec!["the w".into()], false)
+            .with_min_tokens(first_done + 1);
+        let mut out = String::new();
+        let mut matched = None;
+        for &i in &ids {
+            let (delta, m) = d.push(i);
+            out.push_str(&delta);
+            if m.is_some() {
+                matched = m;
+                break;
+            }
+        }
+        assert_eq!(matched.as_deref(), Some("the w"));
+        assert_eq!(out, "the word, ");
     }
 }

@@ -61,8 +61,26 @@ class Engine:
             seed=args.seed,
         )
         self.requests: dict[str, RequestState] = {}
+        self.step_hook = None
+        if device.type == "cuda":
+            self._warmup()
         self.step_hook = args.step_hook
         logger.info("engine ready in %.1f s", time.perf_counter() - t0)
+
+    def _warmup(self) -> None:
+        """Compile every Triton kernel variant a real workload meets (decode-like and long
+        prefills, split and unsplit decode) before the first request, so no user request
+        waits on the JIT."""
+        t0 = time.perf_counter()
+        params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+        limit = self.model_config.max_model_len - 4
+        lengths = sorted({min(n, limit) for n in (1, 3, 9, 17, 130, 600, 2100)})
+        for i, n in enumerate(lengths):
+            self.add_request(f"__warmup_{i}", [i % 100 + 1] * n, params)
+        while self.has_unfinished():
+            self.step()
+        self.requests.clear()
+        logger.info("warm-up (kernel compilation) took %.1f s", time.perf_counter() - t0)
 
     # -- requests ---------------------------------------------------------------------------
 

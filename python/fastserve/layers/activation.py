@@ -11,7 +11,10 @@ class SiluAndMul(nn.Module):
     """x[..., 2I] laid out [gate | up] -> silu(gate) * up, [..., I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # KERNEL DISPATCH (lead): on CUDA, fastserve.kernels.silu_and_mul(x).
+        if x.is_cuda:
+            from fastserve.kernels.activation import silu_and_mul
+
+            return silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
 

@@ -34,8 +34,12 @@ class AttentionMetadata:
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter this step's K/V [T, Hkv, D] into their cache slots."""
-    # KERNEL DISPATCH (lead): on CUDA, fastserve.kernels.write_kv_cache(k, v, kv_cache,
-    # slot_mapping) (same signature; skips PAD_SLOT_ID without the host sync below).
+    if kv_cache.is_cuda:
+        # The kernel skips PAD_SLOT_ID on the device: no host sync, so CUDA graphs can hold it.
+        from fastserve.kernels.cache import write_kv_cache as write_kernel
+
+        write_kernel(k, v, kv_cache, slot_mapping)
+        return
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
     v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
@@ -105,15 +109,25 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        # KERNEL DISPATCH (lead): on CUDA, with D = meta.num_decodes and
-        # n = meta.query_start_loc[D] == D (decodes have one token each):
-        #   out[:D] = kernels.paged_decode_attention(q[:D], kv_cache, meta.block_tables[:D],
-        #                                            meta.seq_lens[:D], self.scale,
-        #                                            max_seq_len=meta.max_seq_len)
-        #   out[D:] = kernels.paged_prefill_attention(q[D:], kv_cache,
-        #                                             meta.query_start_loc[D:] - D, meta.seq_lens[D:],
-        #                                             meta.block_tables[D:], meta.max_query_len, self.scale)
-        # (both read the cache written above). The torch path below is the CPU reference and
-        # the fallback on any device.
-        out = paged_attention_torch(q, kv_cache, meta, self.scale)
+        if q.is_cuda:
+            out = self._forward_kernels(q, kv_cache, meta)
+        else:
+            out = paged_attention_torch(q, kv_cache, meta, self.scale)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _forward_kernels(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        from fastserve.kernels.attention_decode import paged_decode_attention
+        from fastserve.kernels.attention_prefill import paged_prefill_attention
+
+        # Decode rows come first, one token each: the split-K decode kernel serves them (a
+        # decode inside the prefill kernel would waste a whole query tile), the prefill
+        # kernel the rest. Both read the K/V written above.
+        out = torch.empty_like(q)
+        d = meta.num_decodes
+        if d:
+            paged_decode_attention(q[:d], kv_cache, meta.block_tables[:d], meta.seq_lens[:d], self.scale,
+                                   out=out[:d], max_seq_len=meta.max_seq_len)
+        if q.shape[0] > d:
+            paged_prefill_attention(q[d:], kv_cache, meta.query_start_loc[d:] - d, meta.seq_lens[d:],
+                                    meta.block_tables[d:], meta.max_query_len, self.scale, out=out[d:])
+        return out

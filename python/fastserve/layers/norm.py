@@ -24,8 +24,13 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without `residual`: norm(x). With it: (norm(x + residual), x + residual)."""
-        # KERNEL DISPATCH (lead): on CUDA, fastserve.kernels.rms_norm(x, self.weight, self.eps)
-        # and fastserve.kernels.fused_add_rms_norm(x, residual, self.weight, self.eps).
+        if x.is_cuda and (x.is_contiguous() or x.dim() == 2):
+            from fastserve.kernels.rmsnorm import fused_add_rms_norm, rms_norm
+
+            if residual is None:
+                return rms_norm(x, self.weight, self.eps)
+            # In place (vLLM's convention): residual += x, x = norm(residual).
+            return fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         x = x + residual

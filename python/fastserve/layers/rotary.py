@@ -99,10 +99,12 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                 token_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        # KERNEL DISPATCH (lead): on CUDA and not needs_seq_lens,
-        #   fastserve.kernels.rotary_embedding(positions, q, k, self.cos_sin_cache, is_neox=True)
-        # (in place, q and k at once). Dynamic NTK keeps this torch path: its angles depend
-        # on each token's sequence length, not on a table row.
+        if q.is_cuda and not self.needs_seq_lens:
+            from fastserve.kernels.rotary import rotary_embedding
+
+            # In place, q and k in one launch. Dynamic NTK stays on the torch path below: its
+            # angles depend on each token's sequence length, not on a table row.
+            return rotary_embedding(positions, q, k, self.cos_sin_cache, is_neox=True)
         cos, sin = self._cos_sin(positions, token_seq_lens)
         return _rotate(q, cos.to(q.dtype), sin.to(q.dtype)), _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One device call: GPU correctness tests, then the throughput benchmarks; results under $OUT.
+# Expects python/fastserve/_core.abi3.so (built here as an abi3 wheel) and .devcarry/ with the
+# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+sed -i "s#/work/shared/models#$PWD/.devcarry#" tests/tiny_models.py
+for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer; do
+  cp .devcarry/${m#*:}/* bench/configs/${m%%:*}/
+done
+python3 bench/device_info.py > "$OUT/device.json"
+if [ "$what" != bench ]; then
+  timeout 400 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_engine.py -m gpu -s 2>&1 | tail -n 30
+fi
+if [ "$what" != tests ]; then
+  tp="python3 bench/throughput.py --info $OUT/device.json --quiet"
+  $tp --model bench/configs/llama3-8b --num-prompts 1 --input-len 128 --output-len 256 --backends fastserve \
+      --max-num-seqs 256 --out "$OUT/throughput-llama3-8b-batch1.json" 2>&1 | tail -n 3
+  $tp --model bench/configs/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve,hf \
+      --hf-max-prompts 256 --out "$OUT/throughput-llama3-8b-1000x512x256.json" 2>&1 | tail -n 3
+  $tp --model bench/configs/qwen3-0.6b --num-prompts 256 --random-range 100 1024 --backends fastserve \
+      --out "$OUT/throughput-qwen3-0.6b-random.json" 2>&1 | tail -n 3
+fi

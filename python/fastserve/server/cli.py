@@ -1,0 +1,119 @@
+"""`python -m fastserve` command line: vLLM's `vllm serve` flags, same names and meanings."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# 32 MiB holds a 1M-token prompt as a JSON list of ids; anything larger is refused with 413
+# before it is read, so one client cannot make the server buffer an unbounded body.
+DEFAULT_MAX_BODY_MB = 32
+
+
+def _bool_flag(parser, name: str, default: bool, help_: str) -> None:
+    parser.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=default,
+                        help=help_)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastserve",
+        description="Serve a Hugging Face model over the OpenAI API (completions, chat, "
+                    "models, tokenize, metrics). Without --model the server starts on a "
+                    "built-in tiny demo checkpoint with random weights (its output is noise).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_tag", nargs="?", default=None,
+                   help="The model directory, as vLLM's `vllm serve MODEL` (same as --model).")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=None,
+                   help="Path to a Hugging Face model directory (config.json, safetensors, "
+                        "tokenizer.json). Leave out to run the tiny random demo model.")
+    m.add_argument("--tokenizer", default=None,
+                   help="Tokenizer directory when it differs from --model.")
+    m.add_argument("--served-model-name", nargs="+", default=None,
+                   help="Model name(s) clients use in the `model` field; the first is the one "
+                        "/v1/models reports. Default: the --model path.")
+    m.add_argument("--chat-template", default=None,
+                   help="Chat template for /v1/chat/completions: a path to a Jinja file or the "
+                        "template text itself; read once at start. Default: the tokenizer's.")
+    m.add_argument("--max-model-len", type=int, default=None,
+                   help="Context length (prompt + output tokens). Default: the model's "
+                        "max_position_embeddings.")
+    m.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16", "half", "float", "bf16",
+                            "fp16", "fp32"],
+                   help="Weights and activations dtype; auto = the checkpoint's torch_dtype "
+                        "(float32 on CPU).")
+    m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"],
+                   help="How to read weights; dummy = random weights (for benchmarks).")
+    m.add_argument("--seed", type=int, default=0,
+                   help="Seed of the engine's random generator (requests without a seed draw "
+                        "from it).")
+    m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="Put text inside <think>...</think> into message.reasoning_content "
+                        "(delta.reasoning_content when streaming).")
+    e = p.add_argument_group("engine")
+    e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                   help="Where the model runs; auto = cuda when available, else cpu.")
+    e.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="Fraction of GPU memory the engine may use for weights, activations "
+                        "and KV cache.")
+    e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="Number of GPUs to shard each layer across.")
+    e.add_argument("--max-num-seqs", type=int, default=256,
+                   help="Most sequences in one engine step.")
+    e.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="Most tokens (prefill + decode) in one engine step.")
+    e.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
+                   help="Tokens per KV-cache block.")
+    e.add_argument("--num-gpu-blocks-override", type=int, default=None,
+                   help="Use exactly this many KV-cache blocks instead of profiling memory.")
+    e.add_argument("--enforce-eager", action="store_true",
+                   help="Never capture CUDA graphs (slower decode, faster start).")
+    _bool_flag(e, "enable-prefix-caching", True,
+               "Reuse KV blocks of prompts that share a prefix.")
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="Interface to bind. fastserve binds only the loopback interface by "
+                        "default (vLLM binds all): a server reachable from the network should "
+                        "be a choice, ideally with --api-key. Use --host 0.0.0.0 to serve "
+                        "other machines.")
+    s.add_argument("--port", type=int, default=8000, help="TCP port.")
+    # The default is resolved after parsing so that --help never prints a secret.
+    s.add_argument("--api-key", default=None,
+                   help="Require `Authorization: Bearer KEY` on every /v1 route and on "
+                        "/tokenize and /detokenize (/health, /version, /metrics and "
+                        "/openapi.json stay open). Default: the FASTSERVE_API_KEY environment "
+                        "variable; unset = no key needed.")
+    s.add_argument("--max-request-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
+                   help="Larger request bodies are refused with 413.")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="On SIGINT/SIGTERM, seconds to let running requests finish before "
+                        "they are cut off.")
+    s.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error", "critical"],
+                   help="Server log level.")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="Do not log each request's id, route and status.")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = make_parser()
+    if argv and argv[0] == "serve":  # `python -m fastserve serve MODEL`, as `vllm serve MODEL`
+        argv = argv[1:]
+    args = parser.parse_args(argv)
+    if args.api_key is None:
+        args.api_key = os.environ.get("FASTSERVE_API_KEY") or None
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            parser.error("give the model once: either positionally or with --model")
+        args.model = args.model_tag
+    if not 0 < args.gpu_memory_utilization <= 1:
+        parser.error("--gpu-memory-utilization must be in (0, 1]")
+    for name in ("port", "tensor_parallel_size", "max_num_seqs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.max_request_body_mb <= 0:
+        parser.error("--max-request-body-mb must be positive")
+    return args

@@ -1,0 +1,321 @@
+"""Triton kernels against their torch references (kernels/reference.py).
+
+CPU: each check runs in a child Python with TRITON_INTERPRET=1 (it must be set before triton is
+first imported, so it cannot be flipped inside this pytest process without breaking other
+tests) at small sizes. GPU (@pytest.mark.gpu): the same checks at real sizes, in process.
+
+Every check draws fresh random inputs, poisons outputs with NaN first, and uses paged caches
+whose blocks are a random permutation (unused table entries point at random live blocks, so
+an over-read changes the answer).
+
+Run one CPU group by hand: TRITON_INTERPRET=1 python tests/test_kernels.py decode
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import fastserve.kernels as K
+    from fastserve.kernels import reference as R
+except ImportError:  # a bare checkout (e.g. the GPU box without the Rust extension)
+    sys.path.insert(0, str(ROOT))
+    import kernels as K
+    from kernels import reference as R
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    assert not torch.isnan(out).any(), f"{what}: NaN in output (an element was never written)"
+    tol = TOL[dtype]
+    rel = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+    assert rel < tol, f"{what}: relative error {rel:.2e} >= {tol:.0e}"
+    torch.testing.assert_close(out.float(), ref.float(), atol=5 * tol, rtol=5 * tol, msg=what)
+
+
+def make_paged_cache(lens: list[int], hkv: int, d: int, block_size: int, dtype, device,
+                     spare_blocks: int = 3):
+    """A random cache and block tables whose blocks are shuffled across the pool."""
+    blocks_per_seq = [max(1, math.ceil(n / block_size)) for n in lens]
+    max_blocks = max(blocks_per_seq) + 1
+    num_blocks = sum(blocks_per_seq) + spare_blocks
+    kv_cache = torch.randn(2, num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    perm = torch.randperm(num_blocks, device=device).to(torch.int32)
+    tables = torch.randint(0, num_blocks, (len(lens), max_blocks), dtype=torch.int32, device=device)
+    at = 0
+    for i, nb in enumerate(blocks_per_seq):
+        tables[i, :nb] = perm[at:at + nb]
+        at += nb
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return kv_cache, tables, seq_lens
+
+
+# ---------------------------------------------------------------- checks (shared CPU / GPU)
+
+def check_decode(device, dtype, batch_lens, hq, hkv, d, block_size, num_splits=None):
+    kv_cache, tables, seq_lens = make_paged_cache(batch_lens, hkv, d, block_size, dtype, device)
+    q = torch.randn(len(batch_lens), hq, d, dtype=dtype, device=device)
+    scale = d ** -0.5
+    out = torch.full_like(q, float("nan"))
+    K.paged_decode_attention(q, kv_cache, tables, seq_lens, scale, out=out, num_splits=num_splits)
+    ref = R.paged_decode_attention(q, kv_cache, tables, seq_lens, scale)
+    assert_close(out, ref, dtype, f"decode lens={batch_lens[:4]} hq={hq} hkv={hkv} d={d} splits={num_splits}")
+
+
+def check_prefill(device, dtype, ctx_q, hq, hkv, d, block_size, config=None):
+    """ctx_q: (cached context, new query tokens) per sequence."""
+    lens = [c + n for c, n in ctx_q]
+    kv_cache, tables, seq_lens = make_paged_cache(lens, hkv, d, block_size, dtype, device)
+    q_lens = torch.tensor([n for _, n in ctx_q], dtype=torch.int32, device=device)
+    qsl = torch.zeros(len(ctx_q) + 1, dtype=torch.int32, device=device)
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    q = torch.randn(int(qsl[-1]), hq, d, dtype=dtype, device=device)
+    scale = d ** -0.5
+    out = torch.full_like(q, float("nan"))
+    K.paged_prefill_attention(q, kv_cache, qsl, seq_lens, tables, int(q_lens.max()), scale,
+                              out=out, config=config)
+    ref = R.paged_prefill_attention(q, kv_cache, qsl, seq_lens, tables, scale)
+    assert_close(out, ref, dtype, f"prefill ctx_q={ctx_q[:4]} hq={hq} hkv={hkv} d={d}")
+
+
+def check_write_kv_cache(device, dtype, num_tokens, hkv, d, block_size, num_blocks):
+    cache = torch.randn(2, num_blocks, block_size, hkv, d, dtype=dtype, device=device)
+    expected = cache.clone()
+    slots = torch.randperm(num_blocks * block_size, device=device)[:num_tokens]
+    slots[torch.rand(num_tokens, device=device) < 0.2] = -1  # padded tokens
+    k = torch.randn(num_tokens, hkv, d, dtype=dtype, device=device)
+    v = torch.randn(num_tokens, hkv, d, dtype=dtype, device=device)
+    K.write_kv_cache(k, v, cache, slots)
+    R.write_kv_cache(k, v, expected, slots)
+    assert torch.equal(cache, expected), "write_kv_cache differs from the reference scatter"
+
+
+def check_rms_norm(device, dtype, rows, hidden):
+    x = torch.randn(rows, hidden, dtype=dtype, device=device)
+    w = (1 + 0.1 * torch.randn(hidden, device=device)).to(dtype)
+    out = torch.full_like(x, float("nan"))
+    K.rms_norm(x, w, 1e-6, out=out)
+    assert_close(out, R.rms_norm(x, w, 1e-6), dtype, f"rms_norm {rows}x{hidden}")
+
+    residual = torch.randn(rows, hidden, dtype=dtype, device=device)
+    ref_out, ref_res = R.fused_add_rms_norm(x, residual, w, 1e-6)
+    x2, r2 = x.clone(), residual.clone()
+    got_x, got_r = K.fused_add_rms_norm(x2, r2, w, 1e-6)
+    assert got_x.data_ptr() == x2.data_ptr() and got_r.data_ptr() == r2.data_ptr(), "must be in place"
+    assert torch.equal(r2, ref_res), "fused_add_rms_norm residual is not x + residual"
+    assert_close(x2, ref_out, dtype, f"fused_add_rms_norm {rows}x{hidden}")
+
+
+def check_rotary(device, dtype, num_tokens, hq, hkv, d, rot, is_neox, flat):
+    max_pos = 4096
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, dtype=torch.float32, device=device) / rot))
+    freqs = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv[None, :]
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)
+    positions = torch.randint(0, max_pos, (num_tokens,), device=device)
+    q = torch.randn(num_tokens, hq, d, dtype=dtype, device=device)
+    k = torch.randn(num_tokens, hkv, d, dtype=dtype, device=device)
+    ref_q = R.rotary_embedding(positions, q, cache, is_neox)
+    ref_k = R.rotary_embedding(positions, k, cache, is_neox)
+    if flat:
+        q2, k2 = q.reshape(num_tokens, -1).clone(), k.reshape(num_tokens, -1).clone()
+        K.rotary_embedding(positions, q2, k2, cache, is_neox, head_size=d)
+        q2, k2 = q2.view_as(q), k2.view_as(k)
+    else:
+        q2, k2 = q.clone(), k.clone()
+        K.rotary_embedding(positions, q2, k2, cache, is_neox)
+    what = f"rotary neox={is_neox} rot={rot}/{d}"
+    assert_close(q2, ref_q, dtype, what + " q")
+    assert_close(k2, ref_k, dtype, what + " k")
+
+
+def check_silu_and_mul(device, dtype, shape, inter):
+    x = torch.randn(*shape, 2 * inter, dtype=dtype, device=device)
+    out = torch.full((*shape, inter), float("nan"), dtype=dtype, device=device)
+    K.silu_and_mul(x, out=out)
+    assert_close(out, R.silu_and_mul(x), dtype, f"silu_and_mul {shape} I={inter}")
+
+
+# ---------------------------------------------------------------- CPU cases (interpreted)
+
+F32, F16 = torch.float32, torch.float16
+CPU_CASES = {
+    "decode": [
+        (check_decode, dict(dtype=F32, batch_lens=[1, 17, 40], hq=2, hkv=2, d=32, block_size=8)),
+        (check_decode, dict(dtype=F16, batch_lens=[33, 5], hq=8, hkv=2, d=64, block_size=16)),
+        (check_decode, dict(dtype=F32, batch_lens=[70, 3, 0], hq=8, hkv=1, d=32, block_size=16,
+                            num_splits=3)),  # MQA, GQA 8, splits past short sequences, empty slot
+        (check_decode, dict(dtype=F32, batch_lens=[50, 9], hq=4, hkv=1, d=80, block_size=8,
+                            num_splits=2)),  # head_dim padded 80 -> 128
+    ],
+    "prefill": [
+        (check_prefill, dict(dtype=F32, ctx_q=[(0, 37), (20, 5), (50, 1), (7, 33)], hq=2, hkv=2,
+                             d=32, block_size=16)),
+        (check_prefill, dict(dtype=F16, ctx_q=[(0, 40), (13, 19)], hq=8, hkv=2, d=64,
+                             block_size=8)),
+        (check_prefill, dict(dtype=F32, ctx_q=[(40, 24), (0, 3)], hq=8, hkv=1, d=32,
+                             block_size=16)),
+        (check_prefill, dict(dtype=F32, ctx_q=[(9, 20)], hq=2, hkv=1, d=80, block_size=8)),
+        (check_prefill, dict(dtype=F32, ctx_q=[(30, 21), (0, 40), (5, 1)], hq=8, hkv=2, d=32,
+                             block_size=8, config=dict(PACK=2))),  # two heads per program
+        (check_prefill, dict(dtype=F32, ctx_q=[(17, 9), (0, 22)], hq=4, hkv=1, d=32,
+                             block_size=16, config=dict(PACK=4))),
+        (check_prefill, dict(dtype=F32, ctx_q=[(40, 1), (9, 3), (0, 4)], hq=8, hkv=2, d=32,
+                             block_size=8, config=dict(BLOCK_M=16, PACK=4))),  # decode-like tiles
+    ],
+    "cache": [
+        (check_write_kv_cache, dict(dtype=F32, num_tokens=20, hkv=2, d=32, block_size=8, num_blocks=6)),
+        (check_write_kv_cache, dict(dtype=F16, num_tokens=7, hkv=3, d=80, block_size=16, num_blocks=2)),
+    ],
+    "norm": [
+        (check_rms_norm, dict(dtype=F32, rows=5, hidden=96)),
+        (check_rms_norm, dict(dtype=F16, rows=3, hidden=256)),
+    ],
+    "rotary": [
+        (check_rotary, dict(dtype=F32, num_tokens=6, hq=4, hkv=2, d=32, rot=32, is_neox=True, flat=False)),
+        (check_rotary, dict(dtype=F32, num_tokens=6, hq=4, hkv=1, d=32, rot=32, is_neox=False, flat=True)),
+        (check_rotary, dict(dtype=F16, num_tokens=5, hq=3, hkv=3, d=64, rot=16, is_neox=True, flat=False)),
+        (check_rotary, dict(dtype=F32, num_tokens=4, hq=2, hkv=2, d=64, rot=16, is_neox=False, flat=False)),
+    ],
+    "activation": [
+        (check_silu_and_mul, dict(dtype=F32, shape=(7,), inter=96)),
+        (check_silu_and_mul, dict(dtype=F16, shape=(2, 3), inter=40)),
+    ],
+}
+
+
+def _run_cpu_group(group: str) -> None:
+    torch.manual_seed(0)
+    for fn, kwargs in CPU_CASES[group]:
+        fn("cpu", **kwargs)
+        print(f"ok {fn.__name__} {kwargs}", flush=True)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("group", sorted(CPU_CASES))
+def test_interpreted(group):
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, __file__, group], env=env, cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=580)
+    assert proc.returncode == 0, f"{group} failed under TRITON_INTERPRET=1:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.stdout.count("ok ") == len(CPU_CASES[group]), proc.stdout
+
+
+# ---------------------------------------------------------------- argument errors (no launch)
+
+def test_errors_name_the_argument():
+    q = torch.randn(2, 8, 64)
+    cache = torch.randn(2, 4, 16, 2, 64)
+    tables = torch.zeros(2, 4, dtype=torch.int32)
+    lens = torch.ones(2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="seq_lens"):
+        K.paged_decode_attention(q, cache, tables, lens.long(), 0.1)
+    with pytest.raises(ValueError, match="q: num_heads"):
+        K.paged_decode_attention(torch.randn(2, 7, 64), cache, tables, lens, 0.1)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        K.paged_prefill_attention(q, cache, lens, lens, tables, 1, 0.1)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        K.write_kv_cache(torch.randn(3, 2, 64), torch.randn(3, 2, 64), cache, torch.zeros(3))
+    with pytest.raises(ValueError, match="weight"):
+        K.rms_norm(torch.randn(2, 8), torch.randn(4), 1e-6)
+    with pytest.raises(ValueError, match="x"):
+        K.silu_and_mul(torch.randn(2, 7))
+    with pytest.raises(ValueError, match="head_size"):
+        K.rotary_embedding(torch.zeros(2, dtype=torch.long), torch.randn(2, 64), None,
+                           torch.randn(10, 32), True)
+    with pytest.raises(ValueError, match="x: must be a CUDA tensor"):
+        K.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6)
+
+
+# ---------------------------------------------------------------- GPU, real sizes
+
+BF16 = torch.bfloat16
+
+
+def _rand_lens(n, lo, hi):
+    return torch.randint(lo, hi, (n,)).tolist()
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8), (32, 4), (16, 1)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [BF16, F16])
+def test_decode_gpu(hq, hkv, d, dtype):
+    lens = _rand_lens(12, 1, 5000)
+    check_decode("cuda", dtype, lens, hq, hkv, d, block_size=16)
+    check_decode("cuda", dtype, lens, hq, hkv, d, block_size=16, num_splits=1)
+    check_decode("cuda", dtype, [1, 700, 9000], hq, hkv, d, block_size=32, num_splits=7)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [80, 96, 256])
+def test_decode_gpu_padded_head_dims(d):
+    check_decode("cuda", BF16, _rand_lens(6, 1, 3000), 16, 4, d, block_size=16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8), (32, 4), (16, 1)])
+@pytest.mark.parametrize("d", [64, 128])
+def test_prefill_gpu(hq, hkv, d):
+    # Whole prompts, chunked prefill (query shorter than context), prefix hits, decodes.
+    ctx_q = [(0, 1024), (0, 300), (777, 129), (2048, 512), (1500, 1), (63, 64), (0, 1)]
+    check_prefill("cuda", BF16, ctx_q, hq, hkv, d, block_size=16)
+    check_prefill("cuda", F16, [(100, 1000), (0, 17)], hq, hkv, d, block_size=32)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("config", [None, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+                                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+                                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+                                    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PACK=2),
+                                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, PACK=4)])
+def test_prefill_gpu_long_queries_and_tile_configs(config):
+    # Past 2048 query tokens the default switches tile shape; also pin each swept shape.
+    check_prefill("cuda", BF16, [(0, 2600), (1000, 2100), (3000, 1), (5, 70)], 32, 8, 128,
+                  block_size=16, config=config)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8), (12, 4), (16, 1)])
+def test_prefill_gpu_short_queries(hq, hkv):
+    # max_query_len <= 16 switches to head-packed small tiles (decodes, speculative verify).
+    check_prefill("cuda", BF16, [(1000, 1), (50, 3), (4000, 16), (0, 7), (333, 1)], hq, hkv, 128,
+                  block_size=16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("d", [80, 96, 256])
+def test_prefill_gpu_padded_head_dims(d):
+    check_prefill("cuda", BF16, [(0, 400), (300, 77), (20, 1)], 8, 2, d, block_size=16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_small_kernels_gpu():
+    for dtype in (BF16, F16, F32):
+        check_write_kv_cache("cuda", dtype, 3000, 8, 128, 16, 400)
+        check_rms_norm("cuda", dtype, 1000, 4096)
+        check_rotary("cuda", dtype, 2000, 32, 8, 128, 128, True, False)
+        check_rotary("cuda", dtype, 2000, 16, 16, 64, 32, False, True)
+        check_silu_and_mul("cuda", dtype, (1000,), 14336)
+
+
+if __name__ == "__main__":
+    _run_cpu_group(sys.argv[1])
