@@ -6,7 +6,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::batch::{Batch, StepOutput};
+use crate::batch::{Batch, EmptyArrays, StepOutput};
 use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
 use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
@@ -14,6 +14,7 @@ use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
 #[pyclass(module = "fastserve._core")]
 pub struct Scheduler {
     core: CoreScheduler,
+    empty: EmptyArrays,
 }
 
 fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
@@ -50,6 +51,7 @@ impl Scheduler {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
+        py: Python<'_>,
         num_blocks: usize,
         max_model_len: usize,
         block_size: usize,
@@ -73,7 +75,7 @@ impl Scheduler {
             seed: seed.unwrap_or(0),
         };
         let core = CoreScheduler::new(cfg, tokenizer.map(|t| t.core.clone())).map_err(PyValueError::new_err)?;
-        Ok(Scheduler { core })
+        Ok(Scheduler { core, empty: EmptyArrays::new(py) })
     }
 
     fn add_request(&mut self, request_id: &str, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
@@ -87,7 +89,7 @@ impl Scheduler {
 
     fn schedule(&mut self, py: Python<'_>) -> PyResult<Option<Batch>> {
         match self.core.schedule().map_err(PyRuntimeError::new_err)? {
-            Some(d) => Ok(Some(Batch::from_data(py, d)?)),
+            Some(d) => Ok(Some(Batch::from_data(py, d, &self.empty)?)),
             None => Ok(None),
         }
     }
