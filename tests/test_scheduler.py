@@ -419,19 +419,20 @@ def test_detokenize_and_stop_string_with_real_tokenizer():
     gen = tok.encode(" forty two. END of story", add_special_tokens=False)
     s.add_request("a", prompt, RequestParams(max_tokens=50, stop=["END"]))
     s.add_request("b", prompt, RequestParams(max_tokens=len(gen), ignore_eos=True))
-    text = {"a": "", "b": ""}
+    # below min_tokens a stop string is ordinary text (vLLM)
+    s.add_request("m", prompt, RequestParams(max_tokens=len(gen), min_tokens=len(gen), stop=["END"]))
+    text = {"a": "", "b": "", "m": ""}
     fin = {}
     for t in gen:
-        s.schedule()
-        for o in s.update(np.array([t] * (2 - len(fin)), dtype=np.int64)):
+        b = s.schedule()
+        for o in s.update(np.array([t] * b.num_samples, dtype=np.int64)):
             text[o.request_id] += o.text_delta
             if o.finished:
                 fin[o.request_id] = o
-        if len(fin) == 2:
-            break
     assert (fin["a"].finish_reason, fin["a"].stop_reason) == ("stop", "END")
     assert text["a"] == " forty two. "
     assert text["b"] == tok.decode(gen) and fin["b"].finish_reason == "length"
+    assert text["m"] == tok.decode(gen) and fin["m"].finish_reason == "length"
     eos = tok.eos_token_ids[0]
     s.add_request("c", prompt, RequestParams(max_tokens=5))
     s.schedule()

@@ -95,12 +95,32 @@ pub struct Batch {
     sample_rows: Vec<u32>,
 }
 
+/// Zero-length arrays shared by every batch: most steps have no penalties, bans or prompt
+/// logprobs, and a fresh empty array per field per step is pure overhead. Sharing is safe
+/// because a zero-length array has nothing to write.
+pub struct EmptyArrays {
+    i64: A1<i64>,
+    i32: A1<i32>,
+}
+
+impl EmptyArrays {
+    pub fn new(py: Python<'_>) -> Self {
+        EmptyArrays { i64: arr(py, Vec::new()), i32: arr(py, Vec::new()) }
+    }
+    fn i64(&self, py: Python<'_>, v: Vec<i64>) -> A1<i64> {
+        if v.is_empty() { self.i64.clone_ref(py) } else { arr(py, v) }
+    }
+    fn i32(&self, py: Python<'_>, v: Vec<i32>) -> A1<i32> {
+        if v.is_empty() { self.i32.clone_ref(py) } else { arr(py, v) }
+    }
+}
+
 fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> A1<T> {
     v.into_pyarray(py).unbind()
 }
 
 impl Batch {
-    pub fn from_data(py: Python<'_>, d: BatchData) -> PyResult<Batch> {
+    pub fn from_data(py: Python<'_>, d: BatchData, empty: &EmptyArrays) -> PyResult<Batch> {
         let (b, m) = (d.num_seqs, d.max_blocks);
         let block_tables = d.block_tables.into_pyarray(py).reshape([b, m])?.unbind();
         Ok(Batch {
@@ -130,15 +150,15 @@ impl Batch {
             seeds: arr(py, d.seeds),
             sample_steps: arr(py, d.sample_steps),
             num_logprobs: arr(py, d.num_logprobs),
-            prompt_token_ids: arr(py, d.prompt_token_ids),
-            prompt_offsets: arr(py, d.prompt_offsets),
-            output_token_ids: arr(py, d.output_token_ids),
-            output_offsets: arr(py, d.output_offsets),
-            banned_rows: arr(py, d.banned_rows),
-            banned_token_ids: arr(py, d.banned_token_ids),
-            prompt_logprob_indices: arr(py, d.prompt_logprob_indices),
-            prompt_logprob_targets: arr(py, d.prompt_logprob_targets),
-            prompt_logprob_rows: arr(py, d.prompt_logprob_rows),
+            prompt_token_ids: empty.i64(py, d.prompt_token_ids),
+            prompt_offsets: empty.i32(py, d.prompt_offsets),
+            output_token_ids: empty.i64(py, d.output_token_ids),
+            output_offsets: empty.i32(py, d.output_offsets),
+            banned_rows: empty.i64(py, d.banned_rows),
+            banned_token_ids: empty.i64(py, d.banned_token_ids),
+            prompt_logprob_indices: empty.i64(py, d.prompt_logprob_indices),
+            prompt_logprob_targets: empty.i64(py, d.prompt_logprob_targets),
+            prompt_logprob_rows: empty.i32(py, d.prompt_logprob_rows),
             row_request_ids: d.row_request_ids,
             sample_rows: d.sample_rows,
         })
@@ -170,7 +190,8 @@ impl Batch {
     }
 }
 
-#[pyclass(frozen, module = "fastserve._core")]
+// A free list: every step creates and drops up to max_num_seqs of these.
+#[pyclass(frozen, freelist = 4096, module = "fastserve._core")]
 pub struct StepOutput {
     request_id: Arc<str>,
     #[pyo3(get)]

@@ -6,14 +6,15 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyList;
 
-use crate::batch::{Batch, StepOutput};
-use crate::py_tokenizer::PyTokenizer as Tokenizer;
+use crate::batch::{Batch, EmptyArrays, StepOutput};
+use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
 use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
 
 #[pyclass(module = "fastserve._core")]
 pub struct Scheduler {
     core: CoreScheduler,
+    empty: EmptyArrays,
 }
 
 fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
@@ -50,6 +51,7 @@ impl Scheduler {
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
+        py: Python<'_>,
         num_blocks: usize,
         max_model_len: usize,
         block_size: usize,
@@ -57,9 +59,9 @@ impl Scheduler {
         max_num_batched_tokens: usize,
         enable_prefix_caching: bool,
         enable_chunked_prefill: bool,
-        tokenizer: Option<PyRef<'_, Tokenizer>>,
+        tokenizer: Option<PyRef<'_, PyTokenizer>>,
         eos_token_ids: Vec<u32>,
-        seed: u64,
+        seed: Option<u64>,
     ) -> PyResult<Self> {
         let cfg = SchedulerConfig {
             num_blocks,
@@ -70,10 +72,10 @@ impl Scheduler {
             enable_prefix_caching,
             enable_chunked_prefill,
             eos_token_ids,
-            seed,
+            seed: seed.unwrap_or(0),
         };
         let core = CoreScheduler::new(cfg, tokenizer.map(|t| t.core.clone())).map_err(PyValueError::new_err)?;
-        Ok(Scheduler { core })
+        Ok(Scheduler { core, empty: EmptyArrays::new(py) })
     }
 
     fn add_request(&mut self, request_id: &str, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
@@ -87,7 +89,7 @@ impl Scheduler {
 
     fn schedule(&mut self, py: Python<'_>) -> PyResult<Option<Batch>> {
         match self.core.schedule().map_err(PyRuntimeError::new_err)? {
-            Some(d) => Ok(Some(Batch::from_data(py, d)?)),
+            Some(d) => Ok(Some(Batch::from_data(py, d, &self.empty)?)),
             None => Ok(None),
         }
     }
@@ -106,11 +108,7 @@ impl Scheduler {
             self.core.update(&v)
         }
         .map_err(PyValueError::new_err)?;
-        let objs = outs
-            .into_iter()
-            .map(|o| Bound::new(py, StepOutput::from(o)))
-            .collect::<PyResult<Vec<_>>>()?;
-        PyList::new(py, objs)
+        PyList::new(py, outs.into_iter().map(StepOutput::from))
     }
 
     fn has_unfinished(&self) -> bool {

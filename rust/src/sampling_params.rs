@@ -85,6 +85,8 @@ impl RequestParams {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 
+    // `!(x >= 0.0)` on purpose: it also rejects NaN, which `x < 0.0` would let through.
+    #[allow(clippy::neg_cmp_op_on_partial_ord)]
     pub fn validate(&self) -> Result<(), String> {
         if self.n < 1 {
             return Err(format!("n must be at least 1, got {}", self.n));

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::block_manager::BlockManager;
 use crate::sampling_params::RequestParams;
-use crate::sequence::{child_seed, splitmix64, FinishReason, Request, SeqStatus, Sequence, StopReason};
+use crate::sequence::{child_seed, splitmix64, FinishReason, Request, SampleParams, SeqStatus, Sequence, StopReason};
 use crate::tokenizer::{CoreTokenizer, IncrementalDetokenizer};
 
 #[derive(Clone, Debug)]
@@ -28,8 +28,8 @@ impl SchedulerConfig {
         if self.num_blocks == 0 {
             return Err("num_blocks must be at least 1; raise --gpu-memory-utilization".into());
         }
-        if self.block_size == 0 {
-            return Err("block_size must be at least 1".into());
+        if !self.block_size.is_power_of_two() || self.block_size > 1024 {
+            return Err(format!("block_size must be a power of two up to 1024 (e.g. 16), got {}", self.block_size));
         }
         if self.max_model_len < 2 {
             return Err(format!("max_model_len must be at least 2, got {}", self.max_model_len));
@@ -146,9 +146,41 @@ pub struct Scheduler {
     decode_rows: Vec<Scheduled>,
     prefill_rows: Vec<Scheduled>,
     hit_buf: Vec<u32>,
+    partial: Vec<u32>,
     pub num_preemptions: u64,
     pub prefix_cache_queried_tokens: u64,
     pub prefix_cache_hit_tokens: u64,
+}
+
+/// Look-ahead (in sequences) for software prefetch: a 1,024-sequence step touches a few
+/// scattered cache lines per sequence (its struct, token tail, block table, id), and fetching
+/// them a few iterations early overlaps the misses instead of paying them one by one.
+const AHEAD: usize = 6;
+
+#[inline(always)]
+fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    #[allow(unused_unsafe)]
+    // SAFETY: a prefetch is a hint; it never faults, whatever the address.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch(p as *const i8, core::arch::x86_64::_MM_HINT_T0)
+    }
+}
+
+/// Prefetches sequence slot `s` itself (first stage) or, once it is cached, the heap lines
+/// it points to (second stage).
+#[inline(always)]
+fn prefetch_seq(seqs: &[Option<Sequence>], s: u32, deep: bool) {
+    let Some(slot) = seqs.get(s as usize) else { return };
+    if !deep {
+        prefetch(slot as *const Option<Sequence>);
+        return;
+    }
+    if let Some(q) = slot {
+        prefetch(q.tokens.as_ptr().wrapping_add(q.num_computed));
+        prefetch(q.block_table.as_ptr().wrapping_add(q.block_table.len().saturating_sub(1)));
+        prefetch(Arc::as_ptr(&q.request_id) as *const u8);
+    }
 }
 
 #[inline]
@@ -192,6 +224,7 @@ impl Scheduler {
             decode_rows: vec![],
             prefill_rows: vec![],
             hit_buf: vec![],
+            partial: vec![],
             num_preemptions: 0,
             prefix_cache_queried_tokens: 0,
             prefix_cache_hit_tokens: 0,
@@ -224,12 +257,12 @@ impl Scheduler {
         }
     }
 
-    fn make_detok(&self, params: &RequestParams, prompt: &[u32]) -> Option<IncrementalDetokenizer> {
+    fn make_detok(&self, params: &RequestParams, prompt: &[u32]) -> Option<Box<IncrementalDetokenizer>> {
         let tok = self.tokenizer.as_ref()?;
         if !params.detokenize {
             return None;
         }
-        Some(IncrementalDetokenizer::new(
+        Some(Box::new(IncrementalDetokenizer::new(
             tok.clone(),
             prompt,
             params.skip_special_tokens,
@@ -238,7 +271,7 @@ impl Scheduler {
             params.include_stop_str_in_output,
         )
         // vLLM checks no stop string before min_tokens: the detokenizer must not cut there.
-        .with_min_tokens(params.min_tokens as usize))
+        .with_min_tokens(params.min_tokens as usize)))
     }
 
     pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, params: RequestParams) -> Result<(), String> {
@@ -293,19 +326,22 @@ impl Scheduler {
             }
         };
         let seq = Sequence {
+            num_computed: 0,
+            tokens: prompt,
+            block_table: vec![],
+            sp: SampleParams::of(&params),
+            status: SeqStatus::Waiting,
+            scheduled: false,
+            pending_fork: n > 1,
             req: req_slot,
             sample_index: 0,
-            status: SeqStatus::Waiting,
-            tokens: prompt,
             num_prompt: p,
-            num_computed: 0,
-            block_table: vec![],
-            block_hashes: vec![],
             seed: if n > 1 { child_seed(seed, 0) } else { seed },
+            request_id: request_id.clone(),
+            block_hashes: vec![],
             prompt_logprobs_done: 0,
             num_cached_tokens: None,
             detok,
-            scheduled: false,
             finish_reason: None,
         };
         let s = self.insert_seq(seq);
@@ -405,13 +441,42 @@ impl Scheduler {
         self.num_preemptions += 1;
     }
 
+    /// Schedules running sequence `s` for up to `budget` tokens, preempting the newest running
+    /// sequences (possibly `s` itself) while the pool is short of blocks.
+    fn schedule_running(&mut self, s: u32, budget: &mut usize, preempted: &mut bool) {
+        let seq = seq_ref(&self.seqs, s);
+        let rem = seq.num_remaining();
+        let num_new = rem.min(*budget);
+        if num_new < rem && !self.cfg.enable_chunked_prefill {
+            return;
+        }
+        let need = self.bm.blocks_for(seq.num_computed + num_new);
+        loop {
+            let seq = seq_mut(&mut self.seqs, s);
+            if self.bm.grow(&mut seq.block_table, need) {
+                seq.scheduled = true;
+                let end = seq.num_computed + num_new;
+                let num_samples = self.samples_for(seq_ref(&self.seqs, s), end);
+                let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
+                if rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
+                *budget -= num_new;
+                return;
+            }
+            let victim = self.running.pop().expect("the sequence at hand is running");
+            self.preempt(victim, budget);
+            *preempted = true;
+            if victim == s {
+                return;
+            }
+        }
+    }
+
     fn samples_for(&self, seq: &Sequence, end: usize) -> u32 {
         if end < seq.tokens.len() {
             return 0;
         }
-        let req = req_ref(&self.requests, seq.req);
-        if seq.sample_index == 0 && (req.seqs.len() as u32) < req.params.n {
-            req.params.n
+        if seq.pending_fork {
+            seq.sp.n
         } else {
             1
         }
@@ -435,46 +500,38 @@ impl Scheduler {
 
         // Running sequences first (decodes, then unfinished prefills), oldest first; when the
         // pool runs dry the newest running sequence is preempted, possibly the one at hand.
-        for decode_pass in [true, false] {
-            let mut i = 0;
-            while i < self.running.len() {
-                if budget == 0 || self.decode_rows.len() + self.prefill_rows.len() >= self.cfg.max_num_seqs {
-                    break;
-                }
-                let s = self.running[i];
-                let seq = seq_ref(&self.seqs, s);
-                let rem = seq.num_remaining();
-                if seq.scheduled || (rem == 1) != decode_pass {
-                    i += 1;
-                    continue;
-                }
-                let num_new = rem.min(budget);
-                if num_new < rem && !self.cfg.enable_chunked_prefill {
-                    i += 1;
-                    continue;
-                }
-                let need = self.bm.blocks_for(seq.num_computed + num_new);
-                loop {
-                    let seq = seq_mut(&mut self.seqs, s);
-                    if self.bm.grow(&mut seq.block_table, need) {
-                        seq.scheduled = true;
-                        let end = seq.num_computed + num_new;
-                        let num_samples = self.samples_for(seq_ref(&self.seqs, s), end);
-                        let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
-                        if rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
-                        budget -= num_new;
-                        i += 1;
-                        break;
-                    }
-                    let victim = self.running.pop().expect("the sequence at hand is running");
-                    self.preempt(victim, &mut budget);
-                    preempted = true;
-                    if victim == s {
-                        break;
-                    }
-                }
+        // One walk finds the decodes; only the few sequences still prefilling are revisited.
+        let mut partial = std::mem::take(&mut self.partial);
+        partial.clear();
+        let mut i = 0;
+        while i < self.running.len() {
+            if budget == 0 || self.decode_rows.len() >= self.cfg.max_num_seqs {
+                break;
+            }
+            if let Some(&f) = self.running.get(i + 2 * AHEAD) {
+                prefetch_seq(&self.seqs, f, false);
+            }
+            if let Some(&f) = self.running.get(i + AHEAD) {
+                prefetch_seq(&self.seqs, f, true);
+            }
+            let s = self.running[i];
+            i += 1;
+            if seq_ref(&self.seqs, s).num_remaining() != 1 {
+                partial.push(s);
+                continue;
+            }
+            // When `s` preempts itself it was the tail, so the walk ends there.
+            self.schedule_running(s, &mut budget, &mut preempted);
+        }
+        for &s in &partial {
+            if budget == 0 || self.decode_rows.len() + self.prefill_rows.len() >= self.cfg.max_num_seqs {
+                break;
+            }
+            if seq_ref(&self.seqs, s).status == SeqStatus::Running {
+                self.schedule_running(s, &mut budget, &mut preempted);
             }
         }
+        self.partial = partial;
 
         // Waiting requests, FCFS, only while nothing had to be preempted this step.
         while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
@@ -483,10 +540,9 @@ impl Scheduler {
                 break;
             }
             let seq = seq_mut(&mut self.seqs, s);
-            let req = req_ref(&self.requests, seq.req);
             self.hit_buf.clear();
             let first_schedule = seq.num_computed == 0 && seq.block_table.is_empty();
-            let use_cache = self.cfg.enable_prefix_caching && req.params.prompt_logprobs.is_none();
+            let use_cache = self.cfg.enable_prefix_caching && !seq.sp.prompt_logprobs;
             if first_schedule && use_cache {
                 // At least one token must be computed to produce logits.
                 let max_hit = (seq.tokens.len() - 1) / bs;
@@ -561,15 +617,15 @@ impl Scheduler {
             let end = seq.num_computed + r.num_new as usize;
             t += r.num_new as usize;
             s_total += r.num_samples as usize;
-            max_blocks = max_blocks.max(end.div_ceil(bs));
+            max_blocks = max_blocks.max(self.bm.blocks_for(end));
             max_q = max_q.max(r.num_new as usize);
             max_seq = max_seq.max(end);
-            let p = &req_ref(&self.requests, seq.req).params;
-            any_prompt_lp |= p.prompt_logprobs.is_some();
+            let p = &seq.sp;
+            any_prompt_lp |= p.prompt_logprobs;
             if r.num_samples > 0 {
                 all_greedy &= p.temperature == 0.0;
-                any_pen |= p.has_penalties();
-                max_lp = max_lp.max(p.logprobs.unwrap_or(0) as usize);
+                any_pen |= p.has_penalties;
+                max_lp = max_lp.max(p.num_logprobs.max(0) as usize);
             }
         }
         let mut d = BatchData {
@@ -612,26 +668,32 @@ impl Scheduler {
         }
         d.query_start_loc.push(0);
         for (row, r) in rows.iter().enumerate() {
+            if let Some(f) = rows.get(row + 2 * AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, false);
+            }
+            if let Some(f) = rows.get(row + AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, true);
+            }
             let seq = seq_ref(&self.seqs, r.seq);
-            let req = req_ref(&self.requests, seq.req);
-            let p = &req.params;
+            let p = &seq.sp;
             let start = seq.num_computed;
             let end = start + r.num_new as usize;
             let tok0 = d.input_ids.len();
             d.input_ids.extend(seq.tokens[start..end].iter().map(|&x| x as i64));
             d.positions.extend((start..end).map(|x| x as i64));
             let table = &seq.block_table;
-            d.slot_mapping.extend((start..end).map(|pos| (table[pos / bs] as usize * bs + pos % bs) as i64));
-            let nb = end.div_ceil(bs);
+            let (sh, mask) = (self.bm.block_shift, bs - 1);
+            d.slot_mapping.extend((start..end).map(|pos| (((table[pos >> sh] as usize) << sh) | (pos & mask)) as i64));
+            let nb = self.bm.blocks_for(end);
             let dst = &mut d.block_tables[row * max_blocks..row * max_blocks + nb];
             for (o, &blk) in dst.iter_mut().zip(&table[..nb]) {
                 *o = blk as i32;
             }
             d.query_start_loc.push((tok0 + r.num_new as usize) as i32);
             d.seq_lens.push(end as i32);
-            d.row_request_ids.push(req.request_id.clone());
+            d.row_request_ids.push(seq.request_id.clone());
 
-            if any_prompt_lp && p.prompt_logprobs.is_some() {
+            if any_prompt_lp && p.prompt_logprobs {
                 let first = start.max(seq.prompt_logprobs_done);
                 let last = end.min(seq.num_prompt.saturating_sub(1));
                 for pos in first..last {
@@ -652,16 +714,20 @@ impl Scheduler {
                 d.presence_penalty.push(p.presence_penalty);
                 d.frequency_penalty.push(p.frequency_penalty);
                 d.repetition_penalty.push(p.repetition_penalty);
-                d.seeds.push(if r.num_samples > 1 { child_seed(req.seed, child) } else { seq.seed });
+                d.seeds.push(if r.num_samples > 1 { child_seed(req_ref(&self.requests, seq.req).seed, child) } else { seq.seed });
                 let outs = seq.outputs();
                 d.sample_steps.push(outs.len() as i64);
-                d.num_logprobs.push(p.logprobs.map_or(-1, |x| x as i32));
+                d.num_logprobs.push(p.num_logprobs);
                 if any_pen {
                     d.prompt_token_ids.extend(seq.tokens[..seq.num_prompt].iter().map(|&x| x as i64));
                     d.output_token_ids.extend(outs.iter().map(|&x| x as i64));
                     d.prompt_offsets.push(d.prompt_token_ids.len() as i32);
                     d.output_offsets.push(d.output_token_ids.len() as i32);
                 }
+                if !p.has_bans {
+                    continue;
+                }
+                let req = req_ref(&self.requests, seq.req);
                 if outs.len() < p.min_tokens as usize {
                     for &id in &req.min_tokens_banned {
                         d.banned_rows.push(srow);
@@ -710,7 +776,13 @@ impl Scheduler {
         let mut finished_reqs: Vec<u32> = vec![];
         let mut any_finished = false;
         let mut sample = 0usize;
-        for r in rows.iter() {
+        for (k, r) in rows.iter().enumerate() {
+            if let Some(f) = rows.get(k + 2 * AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, false);
+            }
+            if let Some(f) = rows.get(k + AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, true);
+            }
             let srow0 = sample;
             sample += r.num_samples as usize;
             let seq = seq_mut(&mut self.seqs, r.seq);
@@ -721,7 +793,8 @@ impl Scheduler {
             let old = seq.num_computed;
             seq.num_computed += r.num_new as usize;
             if self.cfg.enable_prefix_caching {
-                let (b0, b1) = (old / bs, seq.num_computed / bs);
+                let sh = self.bm.block_shift;
+                let (b0, b1) = (old >> sh, seq.num_computed >> sh);
                 if b1 > b0 {
                     seq.ensure_hashes(b1, bs);
                     for j in b0..b1 {
@@ -789,22 +862,26 @@ impl Scheduler {
             let detok = self.make_detok(&req.params, &tokens);
             let seed = child_seed(req.seed, i);
             let child = Sequence {
+                num_computed: full * bs,
+                tokens,
+                block_table: table,
+                sp: SampleParams::of(&req.params),
+                status: SeqStatus::Running,
+                scheduled: false,
+                pending_fork: false,
                 req: req_slot,
                 sample_index: i,
-                status: SeqStatus::Running,
-                tokens,
                 num_prompt: n_prompt,
-                num_computed: full * bs,
-                block_table: table,
-                block_hashes: hashes,
                 seed,
+                request_id: req.request_id.clone(),
+                block_hashes: hashes,
                 prompt_logprobs_done: n_prompt,
                 num_cached_tokens: num_cached,
                 detok,
-                scheduled: false,
                 finish_reason: None,
             };
             let s = self.insert_seq(child);
+            seq_mut(&mut self.seqs, parent).pending_fork = false;
             self.requests[req_slot as usize].as_mut().expect("live request slot").seqs.push(s);
             self.running.push(s);
         }
@@ -812,8 +889,7 @@ impl Scheduler {
 
     fn append_token(&mut self, s: u32, tok: u32, sample_row: i32) -> SeqOutput {
         let seq = self.seqs[s as usize].as_mut().expect("live sequence slot");
-        let req = self.requests[seq.req as usize].as_ref().expect("live request slot");
-        let p = &req.params;
+        let p = seq.sp;
         seq.tokens.push(tok);
         let nout = seq.num_outputs();
         let (mut delta, matched) = match seq.detok.as_mut() {
@@ -828,7 +904,7 @@ impl Scheduler {
             (Some(FinishReason::Length), StopReason::None)
         } else if may_stop && !p.ignore_eos && self.eos.contains(&tok) {
             (Some(FinishReason::Stop), StopReason::None)
-        } else if may_stop && req.stop_ids.contains(&tok) {
+        } else if may_stop && p.has_stop_ids && req_ref(&self.requests, seq.req).stop_ids.contains(&tok) {
             (Some(FinishReason::Stop), StopReason::TokenId(tok))
         } else {
             (None, StopReason::None)
@@ -844,7 +920,7 @@ impl Scheduler {
             self.bm.free(&mut seq.block_table);
         }
         SeqOutput {
-            request_id: req.request_id.clone(),
+            request_id: seq.request_id.clone(),
             sample_index: seq.sample_index,
             sample_row,
             new_token: Some(tok),
@@ -942,14 +1018,14 @@ mod tests {
     #[derive(Clone, Debug)]
     enum Op {
         Add(Vec<u32>, u32, u32),
-        Step(u32),
+        Step,
         Abort(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             2 => (proptest::collection::vec(0u32..3, 1..40), 1u32..4, 1u32..12).prop_map(|(p, n, m)| Op::Add(p, n, m)),
-            5 => any::<u32>().prop_map(Op::Step),
+            5 => Just(Op::Step),
             1 => any::<usize>().prop_map(Op::Abort),
         ]
     }
@@ -967,7 +1043,7 @@ mod tests {
             let mut got: std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)> = Default::default();
             let mut next = 0;
             let mut rng = 1u64;
-            let mut step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
+            let step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
                 let Some(b) = s.schedule().unwrap() else {
                     for o in s.update(&[]).unwrap() {
                         got.entry((o.request_id.to_string(), o.sample_index)).or_default().1 = o.finish_reason;
@@ -994,7 +1070,7 @@ mod tests {
                             expect.insert(id, (n, m));
                         }
                     }
-                    Op::Step(_) => { step(&mut s, &mut got, &mut rng); }
+                    Op::Step => { step(&mut s, &mut got, &mut rng); }
                     Op::Abort(i) => {
                         if next > 0 {
                             let id = format!("r{}", i % next);
@@ -1067,5 +1143,56 @@ mod tests {
         assert!(s.num_preemptions > 0);
         assert!(s.prefix_cache_hit_tokens > 0, "the recompute reuses the cached prompt blocks");
         assert_eq!(s.bm.num_free_blocks(), 6);
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// `cargo test --release --lib timing -- --ignored --nocapture`: the core's share of a
+    /// 1,024-sequence decode step, without the Python boundary.
+    #[test]
+    #[ignore]
+    fn decode_step_1024() {
+        let mut s = Scheduler::new(
+            SchedulerConfig {
+                num_blocks: 200_000,
+                block_size: 16,
+                max_model_len: 8192,
+                max_num_seqs: 1024,
+                max_num_batched_tokens: 8192,
+                enable_prefix_caching: true,
+                enable_chunked_prefill: true,
+                eos_token_ids: vec![0],
+                seed: 0,
+            },
+            None,
+        )
+        .unwrap();
+        let mut x = 1u64;
+        for i in 0..1024 {
+            let p: Vec<u32> = (0..128).map(|_| { x = splitmix64(x); 100 + (x % 30000) as u32 }).collect();
+            s.add_request(&format!("r{i}"), p, RequestParams { max_tokens: 4000, ignore_eos: true, ..Default::default() }).unwrap();
+        }
+        let ids: Vec<i64> = (0..1024).map(|i| 100 + i).collect();
+        for _ in 0..40 {
+            let b = s.schedule().unwrap().unwrap();
+            s.update(&ids[..b.num_samples]).unwrap();
+        }
+        let (mut ts, mut tu) = (vec![], vec![]);
+        for _ in 0..500 {
+            let t0 = std::time::Instant::now();
+            let b = s.schedule().unwrap().unwrap();
+            let t1 = std::time::Instant::now();
+            let o = s.update(&ids[..b.num_samples]).unwrap();
+            let t2 = std::time::Instant::now();
+            drop((b, o));
+            ts.push((t1 - t0).as_nanos());
+            tu.push((t2 - t1).as_nanos());
+        }
+        ts.sort();
+        tu.sort();
+        eprintln!("schedule median {} us, update median {} us", ts[250] / 1000, tu[250] / 1000);
     }
 }

@@ -56,25 +56,78 @@ pub struct Request {
     pub aborted: bool,
 }
 
+/// The per-token and per-sample facts of a request's params, copied into each sequence so
+/// the per-step loops never chase a pointer to the request.
+#[derive(Clone, Copy, Debug)]
+pub struct SampleParams {
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: i32,
+    pub min_p: f32,
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub repetition_penalty: f32,
+    pub num_logprobs: i32,
+    pub max_tokens: u32,
+    pub min_tokens: u32,
+    pub n: u32,
+    pub ignore_eos: bool,
+    pub has_penalties: bool,
+    /// min_tokens or bad words: the request's ban lists must be consulted.
+    pub has_bans: bool,
+    pub has_stop_ids: bool,
+    pub prompt_logprobs: bool,
+}
+
+impl SampleParams {
+    pub fn of(p: &RequestParams) -> Self {
+        SampleParams {
+            temperature: p.temperature,
+            top_p: p.top_p,
+            top_k: p.top_k,
+            min_p: p.min_p,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            repetition_penalty: p.repetition_penalty,
+            num_logprobs: p.logprobs.map_or(-1, |x| x as i32),
+            max_tokens: p.max_tokens,
+            min_tokens: p.min_tokens,
+            n: p.n,
+            ignore_eos: p.ignore_eos,
+            has_penalties: p.has_penalties(),
+            has_bans: p.min_tokens > 0 || !p.bad_words_token_ids.is_empty(),
+            has_stop_ids: !p.stop_token_ids.is_empty(),
+            prompt_logprobs: p.prompt_logprobs.is_some(),
+        }
+    }
+}
+
+// repr(C) keeps the fields every step touches together at the front (two cache lines), so a
+// 1,024-sequence step stays within cache.
+#[repr(C)]
 pub struct Sequence {
-    pub req: u32,
-    pub sample_index: u32,
-    pub status: SeqStatus,
-    /// Prompt followed by every generated token.
-    pub tokens: Vec<u32>,
-    pub num_prompt: usize,
     /// Tokens whose KV is in `block_table` (a prefix of `tokens`).
     pub num_computed: usize,
+    /// Prompt followed by every generated token.
+    pub tokens: Vec<u32>,
     pub block_table: Vec<u32>,
+    pub sp: SampleParams,
+    pub status: SeqStatus,
+    /// Set when scheduled in the current step.
+    pub scheduled: bool,
+    /// n > 1 and the prompt not yet forked into its children.
+    pub pending_fork: bool,
+    pub req: u32,
+    pub sample_index: u32,
+    pub num_prompt: usize,
+    pub seed: i64,
+    pub request_id: Arc<str>,
     /// Chained prefix-cache hashes of the full blocks of `tokens` computed so far.
     pub block_hashes: Vec<u64>,
-    pub seed: i64,
     /// Prompt positions whose prompt logprob was already requested (recomputes skip them).
     pub prompt_logprobs_done: usize,
     pub num_cached_tokens: Option<usize>,
-    pub detok: Option<IncrementalDetokenizer>,
-    /// Set when scheduled in the current step: its row in the pending batch.
-    pub scheduled: bool,
+    pub detok: Option<Box<IncrementalDetokenizer>>,
     pub finish_reason: Option<FinishReason>,
 }
 
