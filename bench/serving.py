@@ -154,6 +154,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="Requests sent before measuring.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--result", default=None, help="Write the JSON result here (else stdout).")
+    p.add_argument("--info", default=None,
+                   help="device_info JSON (bench/device_info.py) measured in the same run, embedded in the result.")
     return p
 
 
@@ -165,6 +167,8 @@ def main(argv=None) -> int:
     if any(r <= 0 for r in args.request_rate):
         raise SystemExit("--request-rate values must be positive (or inf)")
     result = asyncio.run(main_async(args))
+    if args.info:
+        result["device"] = json.loads(Path(args.info).read_text())
     text = json.dumps(result, indent=2)
     if args.result:
         Path(args.result).write_text(text + "\n")
