@@ -14,7 +14,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from fastserve.engine.arg_utils import EngineArgs
-from fastserve.engine.engine import Engine
+from fastserve.engine.engine import Engine, RequestError  # noqa: F401 - re-exported for the server
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
@@ -38,6 +38,8 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.dead_error: BaseException | None = None
+        # Resolves when the step loop dies: the server exits rather than linger half-alive.
+        self.died: asyncio.Future | None = None
         self._stats = self.engine.stats()
 
     @property
@@ -46,6 +48,7 @@ class AsyncEngine:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.died = self._loop.create_future()
         self._thread = threading.Thread(target=self._run, name="fastserve-engine", daemon=True)
         self._thread.start()
 
@@ -54,6 +57,8 @@ class AsyncEngine:
         self._wake.set()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        # Tensor-parallel workers go with the engine, not only when this process exits.
+        self.engine.shutdown()
 
     def stats(self) -> dict:
         return dict(self._stats)
@@ -124,12 +129,20 @@ class AsyncEngine:
                 states = self.engine.step()
                 self._stats = self.engine.stats()
                 if states:
-                    self._post([(s.request_id, s.to_output()) for s in states])
+                    errors = self.engine.request_errors
+                    self._post([(s.request_id, errors.pop(s.request_id, None) or s.to_output())
+                                for s in states])
         except BaseException as e:  # noqa: BLE001 - the loop cannot continue; everyone must know
             logger.exception("engine step loop died")
             self.dead_error = e
             err = EngineDeadError(f"the engine stopped after an error: {e!r}")
             self._post_all(err)
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(self._set_died, e)
+
+    def _set_died(self, e: BaseException) -> None:
+        if self.died is not None and not self.died.done():
+            self.died.set_result(e)
 
     def _post(self, items) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -28,6 +28,17 @@ logger = logging.getLogger("fastserve")
 _DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 
 
+class RequestError(RuntimeError):
+    """A failure that belongs to one request: the engine fails that request alone and keeps
+    serving the rest of the batch. Per-request work (the step hook when it targets a row,
+    routing a request's outputs) raises or is wrapped into this; any other exception in a
+    step cannot be attributed and stops the engine."""
+
+    def __init__(self, request_id: str, message: str) -> None:
+        super().__init__(f"request {request_id!r}: {message}")
+        self.request_id = request_id
+
+
 class Engine:
     def __init__(self, args: EngineArgs):
         t0 = time.perf_counter()
@@ -47,7 +58,17 @@ class Engine:
         self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
         self.served_model_names = list(args.served_model_name or [args.model])
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
-        self.runner = ModelRunner(args, self.model_config)
+        # Tensor parallel: the executor starts ranks 1..N-1 and gives the driver's runner
+        # (rank 0), which broadcasts each step's Batch to them; step() is the same either way.
+        self.executor = None
+        if args.tensor_parallel_size > 1:
+            from fastserve.distributed.executor import TensorParallelExecutor
+
+            self.executor = TensorParallelExecutor(args, self.model_config)
+            self.model_config = self.executor.model_config
+            self.runner = self.executor.runner
+        else:
+            self.runner = ModelRunner(args, self.model_config)
         self.scheduler = Scheduler(
             num_blocks=self.runner.num_blocks,
             max_model_len=self.model_config.max_model_len,
@@ -61,9 +82,16 @@ class Engine:
             seed=args.seed,
         )
         self.requests: dict[str, RequestState] = {}
+        # Requests failed alone by the last step() (their states come back finished): the
+        # AsyncEngine hands each caller its error instead of an output.
+        self.request_errors: dict[str, RequestError] = {}
         self.step_hook = None
         if device.type == "cuda":
-            self._warmup()
+            try:
+                self._warmup()
+            except BaseException:
+                self.shutdown()  # no tensor-parallel worker outlives a failed start
+                raise
         self.step_hook = args.step_hook
         logger.info("engine ready in %.1f s", time.perf_counter() - t0)
 
@@ -130,41 +158,75 @@ class Engine:
 
     def step(self) -> list[RequestState]:
         """Run one step; returns the requests that got new output (finished ones included,
-        and removed from the engine)."""
+        and removed from the engine). A request failed alone this step is among them,
+        finished, with its error in `request_errors`."""
         batch = self.scheduler.schedule()
         if batch is None:
             return []
+        touched: dict[str, RequestState] = {}
         if self.step_hook is not None:
-            self.step_hook(batch)
+            try:
+                self.step_hook(batch)
+            except RequestError as e:
+                # The batch still runs for everyone else: update() skips the rows of a
+                # request aborted after schedule(), and the aborted rows only write KV into
+                # slots of blocks just freed (nothing allocates before the next schedule()).
+                self._fail(e, touched, e)
+        rows = set(batch.prompt_logprob_rows.tolist())
         self.runner.prompt_logprobs_k = max(
-            (self.requests[batch.request_id(int(r))].params.prompt_logprobs or 0
-             for r in set(batch.prompt_logprob_rows.tolist())), default=0)
+            (s.params.prompt_logprobs or 0 for s in
+             (self.requests.get(batch.request_id(int(r))) for r in rows) if s is not None),
+            default=0)
         result = self.runner.execute(batch)
         if result.prompt_logprobs is not None:
-            self._route_prompt_logprobs(batch, result.prompt_logprobs)
+            self._route_prompt_logprobs(batch, result.prompt_logprobs, touched)
         now = time.time()
-        touched: dict[str, RequestState] = {}
         for out in self.scheduler.update(result.sampled_token_ids):
             state = self.requests.get(out.request_id)
-            if state is None:  # aborted by the caller already
+            if state is None:  # aborted by the caller already, or failed this step
                 continue
-            state.apply(out, result, now)
+            try:
+                state.apply(out, result, now)
+            except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
+                self._fail(RequestError(out.request_id, f"routing its output failed: {e!r}"), touched, e)
+                continue
             touched[out.request_id] = state
         for rid, state in touched.items():
             if state.finished:
-                del self.requests[rid]
+                self.requests.pop(rid, None)
         return list(touched.values())
 
-    def _route_prompt_logprobs(self, batch, arrays) -> None:
+    def _fail(self, err: RequestError, touched: dict[str, RequestState], cause: BaseException) -> None:
+        state = self.requests.pop(err.request_id, None)
+        if state is None:
+            logger.warning("ignoring %s: no such running request", err)
+            return
+        logger.error("request %s failed alone: %s", err.request_id, err, exc_info=cause)
+        self.scheduler.abort_request(err.request_id)
+        state.abort()
+        self.request_errors[err.request_id] = err
+        touched[err.request_id] = state
+
+    def _route_prompt_logprobs(self, batch, arrays, touched: dict[str, RequestState]) -> None:
         rows = batch.prompt_logprob_rows
         # Rows come grouped by sequence: one slice per request.
         starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
         ends = np.r_[starts[1:], len(rows)]
         for start, end in zip(starts.tolist(), ends.tolist()):
-            state = self.requests.get(batch.request_id(int(rows[start])))
-            if state is not None:
+            rid = batch.request_id(int(rows[start]))
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            try:
                 state.add_prompt_logprobs(batch.prompt_logprob_targets[start:end],
                                           *(a[start:end] for a in arrays))
+            except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
+                self._fail(RequestError(rid, f"routing its prompt logprobs failed: {e!r}"), touched, e)
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (idempotent; a TP=1 engine holds no processes)."""
+        if self.executor is not None:
+            self.executor.shutdown()
 
     def stats(self) -> dict:
         s = self.scheduler

@@ -3,9 +3,11 @@ changing its import."""
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,10 +36,31 @@ class LLM:
         for name in _ACCEPTED_NOOPS & set(kwargs):
             kwargs.pop(name)
         self.engine_args = EngineArgs(model=model, tokenizer=tokenizer, **kwargs)
-        if self.engine_args.tensor_parallel_size > 1 or self.engine_args.data_parallel_size > 1:
-            raise ValueError("tensor_parallel_size and data_parallel_size above 1 are not supported yet")
-        self.engine = Engine(self.engine_args)
+        if self.engine_args.data_parallel_size > 1:
+            # Replicas in processes of their own; prompts are split among them per call.
+            from fastserve.distributed.offline_replicas import OfflineReplicas
+
+            self.engine = OfflineReplicas(self.engine_args)
+        else:
+            self.engine = Engine(self.engine_args)
         self._ids = itertools.count()
+        # Tensor-parallel workers are child processes: stop them at interpreter exit even
+        # when the LLM is never shut down or collected (a weak reference, so registering
+        # does not keep the LLM alive).
+        ref = weakref.ref(self)
+        atexit.register(lambda: (llm := ref()) is not None and llm.shutdown())
+
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (idempotent). Called at exit and on deletion."""
+        engine = self.__dict__.get("engine")
+        if engine is not None:
+            engine.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception as e:  # noqa: BLE001 - never raise from a finalizer (interpreter teardown)
+            logger.debug("LLM shutdown in __del__ failed: %r", e)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
@@ -147,6 +170,11 @@ class LLM:
         engine = self.engine
         # Check every prompt first so that one bad prompt fails the call before any runs.
         token_lists = [engine.validate_prompt(ids, p) for ids, p in zip(token_lists, params)]
+        if self.engine_args.data_parallel_size > 1:
+            outputs = engine.generate_split(texts, token_lists, params, use_tqdm)
+            for out in outputs:  # replicas number their requests independently
+                out.request_id = f"offline-{next(self._ids)}"
+            return outputs
         ids = [f"offline-{next(self._ids)}" for _ in token_lists]
         results: dict[str, RequestOutput] = {}
         try:

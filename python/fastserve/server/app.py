@@ -229,7 +229,8 @@ def engine_args_from(args):
     return EngineArgs(
         model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
         max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
+        tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=getattr(args, "data_parallel_size", 1), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format, block_size=args.block_size,
@@ -242,6 +243,10 @@ def _build_engine(engine_args):
     # stall the event loop that is answering /health.
     from fastserve.engine.async_engine import AsyncEngine
 
+    if engine_args.data_parallel_size > 1:
+        from fastserve.distributed.async_replicas import DataParallelAsyncEngine
+
+        return DataParallelAsyncEngine(engine_args)
     return AsyncEngine(engine_args)
 
 
@@ -314,9 +319,10 @@ async def start_server(args, engine_args=None) -> RunningServer:
     return RunningServer(state, runner, loaded, port)
 
 
-async def serve(args) -> int:
-    """Runs until SIGINT/SIGTERM (exit code 0 after draining) or a failed load (1)."""
-    server = await start_server(args)
+async def serve(args, engine_args=None) -> int:
+    """Runs until SIGINT/SIGTERM (exit code 0 after draining), a failed load (1) or the
+    engine's death (1)."""
+    server = await start_server(args, engine_args)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -332,9 +338,16 @@ async def serve(args) -> int:
                          exc_info=None if isinstance(err, ValueError) else err)
             code = 1
         else:
-            await stopper
-            logger.info("shutting down: no new requests; waiting up to %.0f s for running "
-                        "ones", args.shutdown_timeout)
+            died = server.state.engine.died
+            await asyncio.wait({stopper, died}, return_when=asyncio.FIRST_COMPLETED)
+            if died.done():
+                # Its waiting clients already got an error; exiting (as vLLM does when its
+                # engine core dies) lets a supervisor restart a server that cannot recover.
+                logger.error("the engine died (%r): exiting with code 1", died.result())
+                code = 1
+            else:
+                logger.info("shutting down: no new requests; waiting up to %.0f s for "
+                            "running ones", args.shutdown_timeout)
     finally:
         stopper.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -49,6 +49,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0,
                    help="Seed of the engine's random generator (requests without a seed draw "
                         "from it).")
+    # Accepted so that a vLLM command line fails with a reason instead of "unrecognized".
+    m.add_argument("--trust-remote-code", action="store_true",
+                   help="Refused: fastserve runs only its own model code, never Python shipped "
+                        "inside a checkpoint.")
     m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="Put text inside <think>...</think> into message.reasoning_content "
                         "(delta.reasoning_content when streaming).")
@@ -60,6 +64,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "and KV cache.")
     e.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="Number of GPUs to shard each layer across.")
+    e.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="Number of engine replicas (each --tensor-parallel-size GPUs); requests "
+                        "go to the least-loaded one.")
     e.add_argument("--max-num-seqs", type=int, default=256,
                    help="Most sequences in one engine step.")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
@@ -109,9 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.model is not None and args.model != args.model_tag:
             parser.error("give the model once: either positionally or with --model")
         args.model = args.model_tag
+    if args.trust_remote_code:
+        parser.error("--trust-remote-code is refused: fastserve never runs code shipped inside a "
+                     "checkpoint; it runs its own implementations of the supported "
+                     "architectures (Llama, Mistral, Qwen2, Qwen3). Drop the flag.")
     if not 0 < args.gpu_memory_utilization <= 1:
         parser.error("--gpu-memory-utilization must be in (0, 1]")
-    for name in ("port", "tensor_parallel_size", "max_num_seqs"):
+    for name in ("port", "tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     if args.max_request_body_mb <= 0:

@@ -15,6 +15,13 @@ from .errors import bad_request
 
 # vLLM's default --max-logprobs: the number of alternatives a request may ask for.
 MAX_LOGPROBS = 20
+# Bounds on what one request may make the engine hold or check per token (vLLM has none;
+# without them n=10**6 or 10**5 stop strings from one client would stall everyone).
+MAX_N = 128                   # n and best_of
+MAX_STOP_STRINGS = 64         # checked against the new text at every token
+MAX_STOP_STRING_CHARS = 1024
+MAX_TOKEN_ID_LIST = 1024      # stop_token_ids, and bad_words entries
+MAX_PROMPTS = 1024            # prompts in one /v1/completions request
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -56,6 +63,23 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     return_tokens_as_token_ids: bool = False
 
     def check_common(self) -> None:
+        for name in ("n", "best_of"):
+            value = getattr(self, name)
+            if value is not None and value > MAX_N:
+                raise bad_request(f"{name} is {value}; the most one request may ask for is "
+                                  f"{MAX_N}: send several requests instead", name)
+        stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if len(stop) > MAX_STOP_STRINGS:
+            raise bad_request(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are "
+                              "allowed", "stop")
+        if any(len(x) > MAX_STOP_STRING_CHARS for x in stop):
+            raise bad_request(f"a stop string is longer than {MAX_STOP_STRING_CHARS} "
+                              "characters; shorten it", "stop")
+        for name in ("stop_token_ids", "bad_words"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_TOKEN_ID_LIST:
+                raise bad_request(f"{name} holds {len(value)} entries; at most "
+                                  f"{MAX_TOKEN_ID_LIST} are allowed", name)
         if self.logit_bias:
             raise bad_request("logit_bias is not supported by fastserve yet; remove it "
                               "(use bad_words to ban tokens)", "logit_bias")
@@ -103,6 +127,9 @@ class CompletionRequest(_SamplingFields, kw_only=True):
             return [p]
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
+        if len(p) > MAX_PROMPTS and not all(isinstance(x, int) for x in p):
+            raise bad_request(f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS} go in one "
+                              "request: split the batch", "prompt")
         if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
             return [list(p)]
         if all(isinstance(x, str) for x in p):

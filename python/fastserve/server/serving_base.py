@@ -94,6 +94,11 @@ async def read_json(request: web.Request, type_):
         raise from_validation_error(e) from None
     except msgspec.DecodeError as e:
         raise bad_request(f"The request body is not valid JSON ({e}); send a JSON object.") from None
+    except UnicodeDecodeError as e:  # msgspec checks strings' UTF-8 only as it decodes them
+        raise bad_request(f"The request body is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                          "send UTF-8 JSON.") from None
+    except RecursionError:
+        raise bad_request("The request body nests JSON too deeply; flatten it.") from None
     if hasattr(req, "check"):
         req.check()
     return req
@@ -175,6 +180,10 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     """engine.generate with the request's metrics; aborts the request (freeing its KV blocks
     at once) when the consumer goes away before it finished: a client disconnect cancels the
     handler, and the cancellation unwinds through here."""
+    # Imported here: the engine (and torch) is loaded by now, while this module must import
+    # quickly so the listener is up before the model starts loading.
+    from fastserve.engine.engine import RequestError as _RequestError
+
     engine = state.engine
     m = state.metrics
     start = time.monotonic()
@@ -186,6 +195,8 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     except ValueError as e:  # the engine's own validation, before anything ran
         fields = {f: f for f in (*_SP_FIELDS, "prompt")}
         raise bad_request(str(e), param_from_value_error(str(e), fields)) from None
+    except _RequestError as e:
+        raise _request_failed(e) from None
     except BaseException:  # cancelled (client gone) before the first token, or engine error
         with contextlib.suppress(Exception):
             await engine.abort(request_id)
@@ -197,20 +208,23 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     finished = False
     reason: str | None = "abort"
     try:
-        async for out in _chain(first, stream):
-            now = time.monotonic()
-            total = sum(len(o.token_ids) for o in out.outputs)
-            if total > seen_tokens:
-                if last is None:
-                    m.ttft.observe(now - start)
-                else:
-                    m.itl.observe(now - last)
-                m.generation_tokens += total - seen_tokens
-                seen_tokens, last = total, now
-            if out.finished:
-                finished = True
-                reason = out.outputs[0].finish_reason if out.outputs else None
-            yield out
+        try:
+            async for out in _chain(first, stream):
+                now = time.monotonic()
+                total = sum(len(o.token_ids) for o in out.outputs)
+                if total > seen_tokens:
+                    if last is None:
+                        m.ttft.observe(now - start)
+                    else:
+                        m.itl.observe(now - last)
+                    m.generation_tokens += total - seen_tokens
+                    seen_tokens, last = total, now
+                if out.finished:
+                    finished = True
+                    reason = out.outputs[0].finish_reason if out.outputs else None
+                yield out
+        except _RequestError as e:
+            raise _request_failed(e) from None
     finally:
         if not finished:
             with contextlib.suppress(Exception):
@@ -218,6 +232,12 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
         with contextlib.suppress(Exception):
             await stream.aclose()
         m.finished(reason, time.monotonic() - start)
+
+
+def _request_failed(err) -> APIError:
+    """The engine failed this request alone (the details are in the server log)."""
+    return APIError("processing this request failed inside the engine (see the server log); "
+                    "the server keeps serving other requests", 500, code="request_failed")
 
 
 async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

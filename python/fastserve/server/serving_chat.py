@@ -59,6 +59,12 @@ async def render_prompt(state: ServerState, tokenizer, messages, *, chat_templat
     except ValueError as e:
         param = "chat_template" if "chat_template" in str(e) or "template" in str(e) else "messages"
         raise bad_request(str(e), param) from None
+    except Exception as e:  # noqa: BLE001 - the sandbox's refusals (OverflowError, SecurityError...)
+        # Rendering depends only on the request (its messages, maybe its own template): a
+        # template that breaks on them is the request's fault, never a 500.
+        param = "chat_template" if chat_template else "messages"
+        raise bad_request(f"the chat template failed to render: {type(e).__name__}: {e}",
+                          param) from None
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 
 from fastserve.config import ModelConfig
+from fastserve.distributed.parallel_state import all_reduce_min, cpu_barrier
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
+from fastserve.layers.linear import tp_rank_and_size
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import load_model
@@ -88,9 +90,14 @@ class ModelRunner:
         self.max_num_batched_tokens = args.max_num_batched_tokens
         self.max_blocks_per_seq = math.ceil(model_config.max_model_len / args.block_size)
         torch.manual_seed(args.seed)
+        self.tp_rank, self.tp_size = tp_rank_and_size()
+        self.num_kv_heads = model_config.get_num_kv_heads(self.tp_size)
+        # Tensor parallel driver only: broadcasts each step's Batch to the other ranks.
+        self.batch_sender = None
 
         t0 = time.perf_counter()
         self.model = load_model(model_config, args.load_format)
+        cpu_barrier()
         logger.info("loaded %s (%s, %s) in %.1f s", model_config.architecture, model_config.dtype,
                     self.device, time.perf_counter() - t0)
         self.sampler = Sampler()
@@ -100,11 +107,13 @@ class ModelRunner:
             _StepBuffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
             if self.is_cuda else None
         )
-        self.num_blocks = self._determine_num_blocks()
+        # Every rank must hold the same block ids, so the rank with the least free memory
+        # decides.
+        self.num_blocks = all_reduce_min(self._determine_num_blocks())
         kvc.check_fits(self.num_blocks, self.block_size, model_config.max_model_len)
         self.kv_caches = kvc.allocate(
             model_config.num_hidden_layers, self.num_blocks, self.block_size,
-            model_config.get_num_kv_heads(), model_config.head_dim, model_config.dtype, self.device,
+            self.num_kv_heads, model_config.head_dim, model_config.dtype, self.device,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB); %.1f sequences of max_model_len=%d fit",
@@ -122,7 +131,7 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         c = self.config
-        return kvc.bytes_per_block(c.num_hidden_layers, self.block_size, c.get_num_kv_heads(), c.head_dim, c.dtype)
+        return kvc.bytes_per_block(c.num_hidden_layers, self.block_size, self.num_kv_heads, c.head_dim, c.dtype)
 
     def _determine_num_blocks(self) -> int:
         if self.args.num_gpu_blocks_override is not None:
@@ -146,7 +155,7 @@ class ModelRunner:
         blocks_per_seq = math.ceil(int(seq_lens.max()) / self.block_size)
         num_blocks = seqs * blocks_per_seq
         c = self.config
-        scratch = kvc.allocate(c.num_hidden_layers, num_blocks, self.block_size, c.get_num_kv_heads(),
+        scratch = kvc.allocate(c.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads,
                                c.head_dim, c.dtype, self.device)
         block_tables = np.arange(num_blocks, dtype=np.int32).reshape(seqs, blocks_per_seq)
         qsl = np.zeros(seqs + 1, dtype=np.int32)
@@ -194,16 +203,37 @@ class ModelRunner:
         return (b.load(b.input_ids, batch.input_ids), b.load(b.positions, batch.positions), meta,
                 b.load(b.logits_indices, batch.logits_indices))
 
-    @torch.inference_mode()
-    def execute(self, batch) -> StepResult:
+    def _forward(self, batch):
+        """(hidden states, hidden states prompt logprobs may read or None, logits row
+        indices). The path taken depends only on the batch, so every tensor-parallel rank
+        takes the same one and meets the same collectives."""
         if self.graphs is not None and batch.num_decodes == batch.num_seqs and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
             logits_indices = torch.from_numpy(batch.logits_indices).to(self.device, non_blocking=True)
-            prompt_hidden = None
-        else:
-            input_ids, positions, meta, logits_indices = self._prepare(batch)
-            hidden = self.model(input_ids, positions, meta, self.kv_caches)
-            prompt_hidden = hidden
+            return hidden, None, logits_indices
+        input_ids, positions, meta, logits_indices = self._prepare(batch)
+        hidden = self.model(input_ids, positions, meta, self.kv_caches)
+        return hidden, hidden, logits_indices
+
+    @torch.inference_mode()
+    def execute_model(self, batch) -> None:
+        """A non-driver tensor-parallel rank's step: the forward pass and the LM head's
+        all-gathers, in the driver's order; the driver samples."""
+        hidden, prompt_hidden, logits_indices = self._forward(batch)
+        self.model.compute_logits(hidden[logits_indices])
+        if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
+            self.model.compute_logits(prompt_hidden[torch.from_numpy(batch.prompt_logprob_indices).to(self.device)])
+        if self.is_cuda:
+            # The next step refills the pinned host buffers this step's copies read from.
+            # The driver cannot send it before this rank's last collective anyway, so the
+            # wait costs nothing and makes the reuse safe without that argument.
+            torch.cuda.current_stream(self.device).synchronize()
+
+    @torch.inference_mode()
+    def execute(self, batch) -> StepResult:
+        if self.batch_sender is not None:
+            self.batch_sender.send(batch)
+        hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
         st = SamplingTensors.from_batch(batch, self.device, self.vocab_size)
         out = self.sampler(logits, st)
@@ -218,7 +248,7 @@ class ModelRunner:
                          plp.topk_ids.cpu().numpy(), plp.topk_logprobs.cpu().numpy())
 
         want_top = out.sampled_ranks is not None
-        return StepResult(
+        result = StepResult(
             sampled_token_ids=out.sampled_token_ids.cpu().numpy(),
             sampled_logprobs=out.sampled_logprobs.cpu().numpy(),
             topk_ids=out.topk_ids.cpu().numpy() if want_top else None,
@@ -226,6 +256,9 @@ class ModelRunner:
             sampled_ranks=out.sampled_ranks.cpu().numpy() if want_top else None,
             prompt_logprobs=prompt_lp,
         )
+        if self.batch_sender is not None:
+            self.batch_sender.step_open = False  # the host copies above waited for every collective
+        return result
 
     def _max_prompt_logprobs(self, batch) -> int:
         # The engine registers each request's prompt_logprobs count; rows map to requests.
