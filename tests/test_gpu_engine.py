@@ -6,27 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_parity import GREEDY, MAX_NEW, hf_greedy, mixed_prompts, tokenizer_for
-from tiny_models import TINY_VARIANTS, load_hf_model, make_tiny_checkpoint
+# `checkpoints` is test_parity's module fixture: the same tiny checkpoints and HF references.
+from test_parity import GREEDY, MAX_NEW, checkpoints, hf_greedy, mixed_prompts  # noqa: F401
 
 from fastserve import LLM, SamplingParams
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    cache = {}
-
-    def get(variant):
-        if variant not in cache:
-            arch, overrides = TINY_VARIANTS[variant]
-            path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(variant), tokenizer_dir=tokenizer_for(arch),
-                                        name=variant, **overrides)
-            cache[variant] = (path, load_hf_model(path))
-        return cache[variant]
-
-    return get
 
 
 @pytest.mark.parametrize("variant,kwargs", [
@@ -36,8 +21,8 @@ def ckpt(tmp_path_factory):
     ("llama", {"max_num_batched_tokens": 16}),
     ("llama", {"enforce_eager": True, "num_gpu_blocks_override": 10, "max_model_len": 128}),
 ])
-def test_float32_on_gpu_equals_hf(ckpt, variant, kwargs):
-    path, hf = ckpt(variant)
+def test_float32_on_gpu_equals_hf(checkpoints, variant, kwargs):
+    path, hf = checkpoints(variant)
     kwargs.setdefault("num_gpu_blocks_override", 512)
     llm = LLM(model=str(path), dtype="float32", device="cuda", **kwargs)
     prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=11)
@@ -46,8 +31,8 @@ def test_float32_on_gpu_equals_hf(ckpt, variant, kwargs):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, MAX_NEW)
 
 
-def test_bf16_on_gpu_follows_cpu_float32(ckpt):
-    path, _ = ckpt("llama")
+def test_bf16_on_gpu_follows_cpu_float32(checkpoints):
+    path, _ = checkpoints("llama")
     prompts = mixed_prompts(128256, seed=3)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     cpu = LLM(model=str(path), dtype="float32", device="cpu").generate(
@@ -65,8 +50,8 @@ def test_bf16_on_gpu_follows_cpu_float32(ckpt):
     assert all(first), agree
 
 
-def test_cuda_graphs_equal_eager(ckpt):
-    path, _ = ckpt("qwen3")
+def test_cuda_graphs_equal_eager(checkpoints):
+    path, _ = checkpoints("qwen3")
     prompts = mixed_prompts(151936, seed=5)
     params = SamplingParams(temperature=0.8, top_p=0.9, seed=7, max_tokens=12, ignore_eos=True)
     outs = []
