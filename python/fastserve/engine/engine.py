@@ -37,6 +37,11 @@ class RequestError(RuntimeError):
     def __init__(self, request_id: str, message: str) -> None:
         super().__init__(f"request {request_id!r}: {message}")
         self.request_id = request_id
+        self.message = message
+
+    def __reduce__(self):
+        # Data-parallel replicas send it through a pipe; the default would call cls(str).
+        return (type(self), (self.request_id, self.message))
 
 
 class Engine:
