@@ -177,12 +177,7 @@ class Engine:
                 # request aborted after schedule(), and the aborted rows only write KV into
                 # slots of blocks just freed (nothing allocates before the next schedule()).
                 self._fail(e, touched, e)
-        rows = set(batch.prompt_logprob_rows.tolist())
-        self.runner.prompt_logprobs_k = max(
-            (s.params.prompt_logprobs or 0 for s in
-             (self.requests.get(batch.request_id(int(r))) for r in rows) if s is not None),
-            default=0)
-        result = self.runner.execute(batch)
+        result = self.runner.execute(batch, self._prompt_logprobs_k(batch))
         if result.prompt_logprobs is not None:
             self._route_prompt_logprobs(batch, result.prompt_logprobs, touched)
         now = time.time()
@@ -200,6 +195,15 @@ class Engine:
             if state.finished:
                 self.requests.pop(rid, None)
         return list(touched.values())
+
+    def _prompt_logprobs_k(self, batch) -> int:
+        """Top-K for this step's prompt logprobs: the largest any of its requests asked for
+        (0, and no per-row work, when none did)."""
+        rows = batch.prompt_logprob_rows
+        if not rows.shape[0]:
+            return 0
+        states = (self.requests.get(batch.request_id(int(r))) for r in np.unique(rows))
+        return max((s.params.prompt_logprobs or 0 for s in states if s is not None), default=0)
 
     def _fail(self, err: RequestError, touched: dict[str, RequestState], cause: BaseException) -> None:
         state = self.requests.pop(err.request_id, None)

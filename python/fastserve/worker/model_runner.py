@@ -230,7 +230,9 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).synchronize()
 
     @torch.inference_mode()
-    def execute(self, batch) -> StepResult:
+    def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
+        """prompt_logprobs_k: top-K for the batch's prompt-logprob rows (the engine knows
+        which requests asked for how many)."""
         if self.batch_sender is not None:
             self.batch_sender.send(batch)
         hidden, prompt_hidden, logits_indices = self._forward(batch)
@@ -243,7 +245,7 @@ class ModelRunner:
             idx = torch.from_numpy(batch.prompt_logprob_indices).to(self.device)
             targets = torch.from_numpy(batch.prompt_logprob_targets).to(self.device)
             plp = compute_prompt_logprobs(self.model.compute_logits(prompt_hidden[idx]), targets,
-                                          max(1, self._max_prompt_logprobs(batch)))
+                                          max(1, prompt_logprobs_k))
             prompt_lp = (plp.target_logprobs.cpu().numpy(), plp.target_ranks.cpu().numpy(),
                          plp.topk_ids.cpu().numpy(), plp.topk_logprobs.cpu().numpy())
 
@@ -259,10 +261,6 @@ class ModelRunner:
         if self.batch_sender is not None:
             self.batch_sender.step_open = False  # the host copies above waited for every collective
         return result
-
-    def _max_prompt_logprobs(self, batch) -> int:
-        # The engine registers each request's prompt_logprobs count; rows map to requests.
-        return getattr(self, "prompt_logprobs_k", 0)
 
 
 __all__ = ["ModelRunner", "StepResult", "resolve_device", "PAD_SLOT_ID"]
