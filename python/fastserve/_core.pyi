@@ -2,10 +2,11 @@
 
 Everything the GPU needs per step comes out of `Scheduler.schedule()` as one `Batch` of flat,
 contiguous numpy arrays (moved out of Rust `Vec`s, never copied element by element);
-everything the engine reports comes back from `Scheduler.update()` as `StepOutput`s.
+everything the engine reports comes back from `Scheduler.update()` as one `StepOutputs` of
+columns (a list of request ids, numpy arrays, one text buffer), not an object per sequence.
 """
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -105,8 +106,11 @@ class RequestParams:
         detokenize: bool = True,
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
+        final_only: bool = False,
     ) -> None:
-        """`n` here is the number of sequences to run (best_of when set); top_k <= 0 is off."""
+        """`n` here is the number of sequences to run (best_of when set); top_k <= 0 is off.
+        final_only: report the request's sequences only when they finish (vLLM's FINAL_ONLY
+        output kind), with their whole text, instead of a row per step."""
 
 class Batch:
     """One step's work. Sequences are rows 0..num_seqs; decodes (query length 1) come first,
@@ -167,14 +171,49 @@ class Batch:
     prompt_logprob_rows: npt.NDArray[np.int32]  # [P]
 
     def request_id(self, row: int) -> str:
-        """Request id of sequence row `row` (for the rare per-request paths: prompt logprobs)."""
+        """Request id of sequence row `row` (for the rare per-request paths: prompt logprobs).
+        RuntimeError once this batch's update() has run: rows name request slots, which
+        update() may release."""
     def sample_request_id(self, sample: int) -> str: ...
 
+class FinishedOutput:
+    """A sequence that finished (or was aborted), reported once."""
+
+    request_id: str
+    sample_index: int
+    finish_reason: str  # "stop" | "length" | "abort"
+    stop_reason: int | str | None  # the stop string or stop token id; None for EOS/length
+    text: str  # the whole output for a final_only request; "" otherwise (rows carried it)
+    token_ids: list[int]  # every output token
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    first_token_time: float | None  # the `now` of the update() that appended the first token
+
+class StepOutputs:
+    """One update(), as columns: row j is one sequence (of a request without final_only)
+    that got a token this step. A Python loop over rows is for the caller that streams;
+    iteration and indexing build a StepOutput per sequence (tests, simple callers)."""
+
+    num_new_tokens: int  # tokens appended this step, reported as rows or not
+    num_rows: int
+    request_ids: list[str]  # [R]
+    sample_indices: npt.NDArray[np.int32]  # [R] 0..n-1: which child sequence of the request
+    sample_rows: npt.NDArray[np.int32]  # [R] the batch's sample row of the token (logprobs)
+    token_ids: npt.NDArray[np.int64]  # [R]
+    text: str  # the rows' text deltas, concatenated
+    text_offsets: npt.NDArray[np.int64]  # [R + 1] code-point offsets into text
+    finished: list[FinishedOutput]  # every sequence that finished, with a row or not
+    def __len__(self) -> int: ...
+    def __getitem__(self, index: int) -> StepOutput: ...
+    def __iter__(self) -> Iterator[StepOutput]: ...
+
 class StepOutput:
+    """One sequence's output of one step (a view built from StepOutputs)."""
+
     request_id: str
     sample_index: int  # 0..n-1: which child sequence of the request
     sample_row: int  # this step's sample row of the new token (for its logprobs); -1 if none
-    new_token_ids: list[int]
+    new_token_ids: list[int]  # all of them for a final_only sequence, [] for an abort
     text_delta: str
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort"
@@ -202,13 +241,14 @@ class Scheduler:
     ) -> None:
         """ValueError for a duplicate id, an empty prompt, or prompt_len >= max_model_len."""
     def abort_request(self, request_id: str) -> bool:
-        """Frees every block of the request at once; True if it was known. Its StepOutputs
-        (finish_reason "abort") come with the next update()."""
+        """Frees every block of the request at once; True if it was known. Its sequences come
+        back in the next update()'s `finished` (finish_reason "abort")."""
     def schedule(self) -> Batch | None:
         """None when nothing is runnable."""
-    def update(self, sampled_token_ids: npt.NDArray[np.int64]) -> list[StepOutput]:
+    def update(self, sampled_token_ids: npt.NDArray[np.int64], now: float = 0.0) -> StepOutputs:
         """One sampled id per sample row of the last Batch. Appends, detokenizes, checks
-        stop strings / stop ids / EOS / max_tokens / max_model_len, frees finished blocks."""
+        stop strings / stop ids / EOS / max_tokens / max_model_len, frees finished blocks.
+        `now` stamps each sequence's first token (FinishedOutput.first_token_time)."""
     def has_unfinished(self) -> bool: ...
     @property
     def num_running(self) -> int: ...

@@ -347,10 +347,10 @@ class SamplingParams:
                 )
         return out
 
-    def to_core(self, tokenizer: Any = None) -> Any:
+    def to_core(self, tokenizer: Any = None, final_only: bool = False) -> Any:
         """The Rust core's typed copy (`fastserve._core.RequestParams`). A tokenizer is
         needed only when bad_words is set. `n` there is the number of sequences to run
-        (best_of when set); top_k <= 0 means off."""
+        (best_of when set); top_k <= 0 means off; final_only: see Engine.add_request."""
         from fastserve._core import RequestParams
 
         if self.bad_words and tokenizer is None:
@@ -384,6 +384,7 @@ class SamplingParams:
             detokenize=self.detokenize,
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
+            final_only=final_only,
         )
 
     def clone(self) -> SamplingParams:

@@ -1,15 +1,13 @@
-//! The Python views of one step: `Batch` (numpy arrays moved out of the Rust Vecs, so the
-//! hand-off costs one small allocation per array, not a copy per element) and `StepOutput`.
-
-use std::sync::Arc;
+//! The Python view of one step's input: `Batch` (numpy arrays moved out of the Rust Vecs, so
+//! the hand-off costs one small allocation per array, not a copy per element).
 
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayMethods};
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
-use pyo3::IntoPyObjectExt;
+use pyo3::types::PyString;
 
-use crate::scheduler::{BatchData, SeqOutput};
-use crate::sequence::StopReason;
+use crate::py_scheduler::Scheduler;
+use crate::scheduler::BatchData;
 
 type A1<T> = Py<PyArray1<T>>;
 
@@ -91,8 +89,12 @@ pub struct Batch {
     #[pyo3(get)]
     prompt_logprob_rows: A1<i32>,
 
-    row_request_ids: Vec<Arc<str>>,
+    row_req_slots: Vec<u32>,
     sample_rows: Vec<u32>,
+    /// The scheduler and its step count when this batch was made: request ids are looked up
+    /// there (a row costs no string), and only while this batch is the pending one.
+    sched: Py<Scheduler>,
+    step: u64,
 }
 
 /// Zero-length arrays shared by every batch: most steps have no penalties, bans or prompt
@@ -107,10 +109,10 @@ impl EmptyArrays {
     pub fn new(py: Python<'_>) -> Self {
         EmptyArrays { i64: arr(py, Vec::new()), i32: arr(py, Vec::new()) }
     }
-    fn i64(&self, py: Python<'_>, v: Vec<i64>) -> A1<i64> {
+    pub fn i64(&self, py: Python<'_>, v: Vec<i64>) -> A1<i64> {
         if v.is_empty() { self.i64.clone_ref(py) } else { arr(py, v) }
     }
-    fn i32(&self, py: Python<'_>, v: Vec<i32>) -> A1<i32> {
+    pub fn i32(&self, py: Python<'_>, v: Vec<i32>) -> A1<i32> {
         if v.is_empty() { self.i32.clone_ref(py) } else { arr(py, v) }
     }
 }
@@ -120,7 +122,7 @@ fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> A1<T> {
 }
 
 impl Batch {
-    pub fn from_data(py: Python<'_>, d: BatchData, empty: &EmptyArrays) -> PyResult<Batch> {
+    pub fn from_data(py: Python<'_>, d: BatchData, empty: &EmptyArrays, sched: Py<Scheduler>, step: u64) -> PyResult<Batch> {
         let (b, m) = (d.num_seqs, d.max_blocks);
         let block_tables = d.block_tables.into_pyarray(py).reshape([b, m])?.unbind();
         Ok(Batch {
@@ -159,111 +161,36 @@ impl Batch {
             prompt_logprob_indices: empty.i64(py, d.prompt_logprob_indices),
             prompt_logprob_targets: empty.i64(py, d.prompt_logprob_targets),
             prompt_logprob_rows: empty.i32(py, d.prompt_logprob_rows),
-            row_request_ids: d.row_request_ids,
+            row_req_slots: d.row_req_slots,
             sample_rows: d.sample_rows,
+            sched,
+            step,
         })
     }
 }
 
 #[pymethods]
 impl Batch {
-    /// Request id of sequence row `row`.
-    fn request_id(&self, row: usize) -> PyResult<&str> {
-        self.row_request_ids
+    /// Request id of sequence row `row` (until this batch's update()).
+    fn request_id(&self, py: Python<'_>, row: usize) -> PyResult<Py<PyString>> {
+        let slot = *self
+            .row_req_slots
             .get(row)
-            .map(|s| &**s)
-            .ok_or_else(|| PyIndexError::new_err(format!("row {row} is out of range for {} rows", self.num_seqs)))
+            .ok_or_else(|| PyIndexError::new_err(format!("row {row} is out of range for {} rows", self.num_seqs)))?;
+        self.sched.bind(py).try_borrow()?.request_id_of_slot(py, slot, self.step)
     }
 
-    fn sample_request_id(&self, sample: usize) -> PyResult<&str> {
+    fn sample_request_id(&self, py: Python<'_>, sample: usize) -> PyResult<Py<PyString>> {
         let row = *self.sample_rows.get(sample).ok_or_else(|| {
             PyIndexError::new_err(format!("sample {sample} is out of range for {} samples", self.num_samples))
         })?;
-        Ok(&self.row_request_ids[row as usize])
+        self.request_id(py, row as usize)
     }
 
     fn __repr__(&self) -> String {
         format!(
             "Batch(num_seqs={}, num_decodes={}, num_tokens={}, num_samples={})",
             self.num_seqs, self.num_decodes, self.num_tokens, self.num_samples
-        )
-    }
-}
-
-// A free list: every step creates and drops up to max_num_seqs of these.
-#[pyclass(frozen, freelist = 4096, module = "fastserve._core")]
-pub struct StepOutput {
-    request_id: Arc<str>,
-    #[pyo3(get)]
-    sample_index: u32,
-    #[pyo3(get)]
-    sample_row: i32,
-    new_token: Option<u32>,
-    #[pyo3(get)]
-    text_delta: String,
-    #[pyo3(get)]
-    finished: bool,
-    finish: Option<&'static str>,
-    stop: StopReason,
-    #[pyo3(get)]
-    num_prompt_tokens: usize,
-    #[pyo3(get)]
-    num_cached_tokens: usize,
-}
-
-impl From<SeqOutput> for StepOutput {
-    fn from(o: SeqOutput) -> Self {
-        StepOutput {
-            request_id: o.request_id,
-            sample_index: o.sample_index,
-            sample_row: o.sample_row,
-            new_token: o.new_token,
-            text_delta: o.text_delta,
-            finished: o.finish_reason.is_some(),
-            finish: o.finish_reason.map(|f| f.as_str()),
-            stop: o.stop_reason,
-            num_prompt_tokens: o.num_prompt_tokens,
-            num_cached_tokens: o.num_cached_tokens,
-        }
-    }
-}
-
-#[pymethods]
-impl StepOutput {
-    #[getter]
-    fn request_id(&self) -> &str {
-        &self.request_id
-    }
-    /// The step's token (a list, as in vLLM; empty for an abort).
-    #[getter]
-    fn new_token_ids(&self) -> Vec<u32> {
-        self.new_token.into_iter().collect()
-    }
-    #[getter]
-    fn finish_reason(&self) -> Option<&'static str> {
-        self.finish
-    }
-    #[getter]
-    fn stop_reason(&self, py: Python<'_>) -> PyResult<PyObject> {
-        match &self.stop {
-            StopReason::None => Ok(py.None()),
-            StopReason::TokenId(t) => t.into_py_any(py),
-            StopReason::Text(s) => s.into_py_any(py),
-        }
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "StepOutput(request_id={:?}, sample_index={}, new_token_ids={:?}, text_delta={:?}, finish_reason={}, stop_reason={})",
-            &*self.request_id,
-            self.sample_index,
-            self.new_token.into_iter().collect::<Vec<_>>(),
-            self.text_delta,
-            self.finish.map_or("None".to_string(), |f| format!("{f:?}")),
-            match &self.stop {
-                StopReason::None => "None".to_string(),
-                StopReason::TokenId(t) => t.to_string(),
-                StopReason::Text(s) => format!("{s:?}"),
-            }
         )
     }
 }

@@ -18,7 +18,7 @@
 
 use std::sync::Arc;
 
-use crate::stop::StopMatcher;
+use crate::stop::{StopMatcher, StopSet};
 use crate::tokenizer::CoreTokenizer;
 
 /// Prompt tokens decoded as left context for the first output token: as in vLLM, enough for
@@ -56,6 +56,9 @@ pub struct IncrementalDetokenizer {
     strategy: Strategy,
     stop: StopMatcher,
     text: String,
+    /// Whether `text` is kept. The scheduler turns it off: appending to 1,024 scattered
+    /// buffers costs a cache miss each per step, and `replay` rebuilds the text at finish.
+    keep_text: bool,
     stop_reason: Option<String>,
     finished: bool,
     /// Stop strings are not matched before this many tokens were pushed (vLLM's min_tokens).
@@ -71,6 +74,30 @@ impl IncrementalDetokenizer {
         spaces_between_special_tokens: bool,
         stop: Vec<String>,
         include_stop_str_in_output: bool,
+    ) -> Self {
+        let stop = Arc::new(StopSet::new(stop));
+        Self::with_stop_set(tok, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens, stop, include_stop_str_in_output)
+    }
+
+    /// As `new`, with stop strings shared between the sequences of one request.
+    pub fn with_stop_set(
+        tok: Arc<CoreTokenizer>,
+        prompt_token_ids: &[u32],
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool,
+        stop: Arc<StopSet>,
+        include_stop_str_in_output: bool,
+    ) -> Self {
+        let stop = StopMatcher::shared(stop, include_stop_str_in_output);
+        Self::build(tok, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens, stop)
+    }
+
+    fn build(
+        tok: Arc<CoreTokenizer>,
+        prompt_token_ids: &[u32],
+        skip_special_tokens: bool,
+        spaces_between_special_tokens: bool,
+        stop: StopMatcher,
     ) -> Self {
         let strategy = if tok.byte_table().is_some() {
             Strategy::Bytes {
@@ -121,8 +148,9 @@ impl IncrementalDetokenizer {
             skip_special_tokens,
             spaces_between_special_tokens,
             strategy,
-            stop: StopMatcher::new(stop, include_stop_str_in_output),
+            stop,
             text: String::new(),
+            keep_text: true,
             stop_reason: None,
             finished: false,
             min_tokens: 0,
@@ -140,12 +168,66 @@ impl IncrementalDetokenizer {
     /// Returns (delta safe to emit, stop string matched by this token). After a match the
     /// sequence is finished and later pushes return nothing.
     pub fn push(&mut self, token_id: u32) -> (String, Option<String>) {
+        let mut out = String::new();
+        let matched = self.push_into(token_id, &mut out);
+        (out, matched.map(|i| self.stop.stop(i).to_owned()))
+    }
+
+    /// `push` without allocating: appends the delta to `out` (the scheduler's one text buffer
+    /// for the whole step) and returns the index of the stop string matched, if any.
+    pub fn push_into(&mut self, token_id: u32, out: &mut String) -> Option<usize> {
         if self.finished {
-            return (String::new(), None);
+            return None;
         }
         self.num_pushed += 1;
-        let delta = self.decode_next(token_id);
-        self.apply_stop(delta)
+        let start = out.len();
+        self.decode_into(token_id, out);
+        let matched = self.stop.feed_into(out, start, self.num_pushed >= self.min_tokens);
+        if self.keep_text {
+            self.text.push_str(&out[start..]);
+        }
+        if let Some(i) = matched {
+            self.finished = true;
+            self.stop_reason = Some(self.stop.stop(i).to_owned());
+        }
+        matched
+    }
+
+    /// Cache hint: this detokenizer's own state, which `push_into` is about to read.
+    #[inline]
+    pub fn prefetch_state(&self) {
+        let p = self as *const Self as *const u8;
+        for line in 0..std::mem::size_of::<Self>().div_ceil(64) {
+            crate::scheduler::prefetch(p.wrapping_add(line * 64));
+        }
+    }
+
+    /// Stops keeping `text` (see `keep_text`).
+    pub fn without_text(mut self) -> Self {
+        self.keep_text = false;
+        self
+    }
+
+    /// The text that a fresh detokenizer with these settings emits for `outputs` after
+    /// `prompt`, flushed or not: what this one streamed, since detokenizing is deterministic.
+    pub fn replay(&self, prompt: &[u32], outputs: &[u32], flush: bool) -> String {
+        let mut d = Self::build(
+            self.tok.clone(),
+            prompt,
+            self.skip_special_tokens,
+            self.spaces_between_special_tokens,
+            self.stop.fresh(),
+        )
+        .with_min_tokens(self.min_tokens)
+        .without_text();
+        let mut out = String::new();
+        for &t in outputs {
+            d.push_into(t, &mut out);
+        }
+        if flush {
+            out.push_str(&d.flush());
+        }
+        out
     }
 
     /// Held-back text, at finish without a stop match (an incomplete UTF-8 tail decodes to
@@ -227,26 +309,33 @@ impl IncrementalDetokenizer {
         (fed.emit, matched)
     }
 
+    fn decode_into(&mut self, id: u32, out: &mut String) {
+        if let Strategy::Bytes { pending } = &mut self.strategy {
+            let tok = &*self.tok;
+            if self.skip_special_tokens && tok.is_special(id) {
+                return;
+            }
+            let table = tok.byte_table().expect("byte strategy only with a byte table");
+            if pending.is_empty() {
+                if let Some(s) = table.get_str(id) {
+                    out.push_str(s);
+                    return;
+                }
+            }
+            pending.extend_from_slice(table.get(id));
+            let consumed = decode_complete_utf8(pending, out);
+            pending.drain(..consumed);
+            return;
+        }
+        let delta = self.decode_next(id);
+        out.push_str(&delta);
+    }
+
+    /// The SentencePiece and window strategies (the byte strategy is `decode_into`'s).
     fn decode_next(&mut self, id: u32) -> String {
         let tok = &*self.tok;
         match &mut self.strategy {
-            Strategy::Bytes { pending } => {
-                if self.skip_special_tokens && tok.is_special(id) {
-                    return String::new();
-                }
-                let table = tok.byte_table().expect("byte strategy only with a byte table");
-                let bytes = table.get(id);
-                if pending.is_empty() {
-                    if let Ok(s) = std::str::from_utf8(bytes) {
-                        return s.to_owned();
-                    }
-                }
-                pending.extend_from_slice(bytes);
-                let mut out = String::new();
-                let consumed = decode_complete_utf8(pending, &mut out);
-                pending.drain(..consumed);
-                out
-            }
+            Strategy::Bytes { .. } => unreachable!("decode_into handles the byte strategy"),
             Strategy::Pieces {
                 group,
                 group_len,

@@ -4,9 +4,10 @@
 use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyList;
+use pyo3::types::PyString;
 
-use crate::batch::{Batch, EmptyArrays, StepOutput};
+use crate::batch::{Batch, EmptyArrays};
+use crate::py_outputs::{FinishedOutput, StepOutput, StepOutputs};
 use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
 use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
@@ -15,6 +16,22 @@ use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
 pub struct Scheduler {
     core: CoreScheduler,
     empty: EmptyArrays,
+    /// Python request id per request slot: a reported row hands out a reference to it.
+    ids: Vec<Option<Py<PyString>>>,
+    /// Counts schedule() and update() calls: a Batch may name its rows' requests only while
+    /// the count is the one it was made at.
+    step: u64,
+}
+
+impl Scheduler {
+    pub fn request_id_of_slot(&self, py: Python<'_>, slot: u32, step: u64) -> PyResult<Py<PyString>> {
+        if step != self.step {
+            return Err(PyRuntimeError::new_err(
+                "this Batch is no longer pending: read its request ids before passing its samples to update()",
+            ));
+        }
+        Ok(self.ids[slot as usize].as_ref().expect("a scheduled request has an id").clone_ref(py))
+    }
 }
 
 fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
@@ -75,40 +92,52 @@ impl Scheduler {
             seed: seed.unwrap_or(0),
         };
         let core = CoreScheduler::new(cfg, tokenizer.map(|t| t.core.clone())).map_err(PyValueError::new_err)?;
-        Ok(Scheduler { core, empty: EmptyArrays::new(py) })
+        Ok(Scheduler { core, empty: EmptyArrays::new(py), ids: vec![], step: 0 })
     }
 
-    fn add_request(&mut self, request_id: &str, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
+    fn add_request(&mut self, request_id: &Bound<'_, PyString>, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
         let prompt = extract_ids("prompt_token_ids", prompt_token_ids)?;
-        self.core.add_request(request_id, prompt, params).map_err(PyValueError::new_err)
+        let slot = self.core.add_request(request_id.to_str()?, prompt, params).map_err(PyValueError::new_err)? as usize;
+        if self.ids.len() <= slot {
+            self.ids.resize_with(slot + 1, || None);
+        }
+        self.ids[slot] = Some(request_id.clone().unbind());
+        Ok(())
     }
 
     fn abort_request(&mut self, request_id: &str) -> bool {
         self.core.abort_request(request_id)
     }
 
-    fn schedule(&mut self, py: Python<'_>) -> PyResult<Option<Batch>> {
-        match self.core.schedule().map_err(PyRuntimeError::new_err)? {
-            Some(d) => Ok(Some(Batch::from_data(py, d, &self.empty)?)),
+    fn schedule(slf: &Bound<'_, Self>) -> PyResult<Option<Batch>> {
+        let py = slf.py();
+        let mut me = slf.borrow_mut();
+        let data = me.core.schedule().map_err(PyRuntimeError::new_err)?;
+        me.step += 1;
+        match data {
+            Some(d) => Ok(Some(Batch::from_data(py, d, &me.empty, slf.clone().unbind(), me.step)?)),
             None => Ok(None),
         }
     }
 
-    fn update<'py>(&mut self, py: Python<'py>, sampled_token_ids: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyList>> {
-        let outs = if let Ok(a) = sampled_token_ids.extract::<PyReadonlyArray1<i64>>() {
+    /// `now`: the time stamped on each sequence's first token (the engine passes time.time()).
+    #[pyo3(signature = (sampled_token_ids, now = 0.0))]
+    fn update(&mut self, py: Python<'_>, sampled_token_ids: &Bound<'_, PyAny>, now: f64) -> PyResult<StepOutputs> {
+        let res = if let Ok(a) = sampled_token_ids.extract::<PyReadonlyArray1<i64>>() {
             if a.is_c_contiguous() {
-                self.core.update(a.as_slice()?)
+                self.core.update(a.as_slice()?, now)
             } else {
-                self.core.update(&a.as_array().to_vec())
+                self.core.update(&a.as_array().to_vec(), now)
             }
         } else {
             let v: Vec<i64> = sampled_token_ids.extract().map_err(|_| {
                 PyValueError::new_err("sampled_token_ids must be a 1-D int64 array (one id per sample row)")
             })?;
-            self.core.update(&v)
+            self.core.update(&v, now)
         }
         .map_err(PyValueError::new_err)?;
-        PyList::new(py, outs.into_iter().map(StepOutput::from))
+        self.step += 1;
+        StepOutputs::from_result(py, res, &self.ids, &self.empty)
     }
 
     fn has_unfinished(&self) -> bool {
@@ -164,6 +193,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RequestParams>()?;
     m.add_class::<Batch>()?;
     m.add_class::<StepOutput>()?;
+    m.add_class::<StepOutputs>()?;
+    m.add_class::<FinishedOutput>()?;
     m.add_class::<Scheduler>()?;
     Ok(())
 }

@@ -50,6 +50,10 @@ pub struct RequestParams {
     pub logprobs: Option<u32>,
     #[pyo3(get)]
     pub prompt_logprobs: Option<u32>,
+    /// Report this request's sequences only when they finish (vLLM's FINAL_ONLY output
+    /// kind): update() then hands Python nothing for them on the other steps.
+    #[pyo3(get)]
+    pub final_only: bool,
 }
 
 impl Default for RequestParams {
@@ -76,6 +80,7 @@ impl Default for RequestParams {
             detokenize: true,
             logprobs: None,
             prompt_logprobs: None,
+            final_only: false,
         }
     }
 }
@@ -134,7 +139,7 @@ impl RequestParams {
         seed = None, stop = vec![], stop_token_ids = vec![], bad_words_token_ids = vec![],
         ignore_eos = false, include_stop_str_in_output = false, skip_special_tokens = true,
         spaces_between_special_tokens = true, detokenize = true, logprobs = None,
-        prompt_logprobs = None
+        prompt_logprobs = None, final_only = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -159,6 +164,7 @@ impl RequestParams {
         detokenize: bool,
         logprobs: Option<u32>,
         prompt_logprobs: Option<u32>,
+        final_only: bool,
     ) -> PyResult<Self> {
         let p = RequestParams {
             n,
@@ -182,6 +188,7 @@ impl RequestParams {
             detokenize,
             logprobs,
             prompt_logprobs,
+            final_only,
         };
         p.validate().map_err(PyValueError::new_err)?;
         Ok(p)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::block_manager::BlockManager;
 use crate::sampling_params::RequestParams;
 use crate::sequence::{child_seed, splitmix64, FinishReason, Request, SampleParams, SeqStatus, Sequence, StopReason};
+use crate::stop::StopSet;
 use crate::tokenizer::{CoreTokenizer, IncrementalDetokenizer};
 
 #[derive(Clone, Debug)]
@@ -106,21 +107,79 @@ pub struct BatchData {
     pub prompt_logprob_targets: Vec<i64>,
     pub prompt_logprob_rows: Vec<i32>,
 
-    pub row_request_ids: Vec<Arc<str>>,
+    /// Request slot of each row (see `Scheduler::add_request`).
+    pub row_req_slots: Vec<u32>,
     pub sample_rows: Vec<u32>,
 }
 
+/// A sequence that finished this step (or was aborted since the last update), with its
+/// whole output: a final-only request is reported through this alone.
 #[derive(Debug)]
-pub struct SeqOutput {
+pub struct FinishedSeq {
     pub request_id: Arc<str>,
     pub sample_index: u32,
-    pub sample_row: i32,
-    pub new_token: Option<u32>,
-    pub text_delta: String,
-    pub finish_reason: Option<FinishReason>,
+    pub finish_reason: FinishReason,
     pub stop_reason: StopReason,
+    /// For a final-only request, all text emitted (for a stop string: up to it, or through
+    /// it when it is included); empty otherwise (the rows carried it as deltas).
+    pub text: String,
+    pub token_ids: Vec<u32>,
     pub num_prompt_tokens: usize,
     pub num_cached_tokens: usize,
+    /// The `now` given to the update() that appended the first output token (0: none yet).
+    pub first_token_time: f64,
+    /// The request asked for its output only at the end (RequestParams.final_only).
+    pub final_only: bool,
+    /// This sequence's row among the step's reported rows, if it has one.
+    pub row: Option<u32>,
+}
+
+/// What one update() produced, column by column, so that handing it to Python costs a few
+/// arrays instead of an object per sequence. Rows are reported only for sequences whose
+/// request wants per-step output; every sequence that finished is in `finished`.
+#[derive(Debug, Default)]
+pub struct StepResult {
+    /// Tokens appended this step, reported or not (for throughput counters).
+    pub num_new_tokens: usize,
+    /// Per reported row: request slot (see `Scheduler::add_request`), sample index, sample
+    /// row of the batch, the token appended, and the end of its text delta in `text`.
+    pub row_req: Vec<u32>,
+    pub row_sample_index: Vec<i32>,
+    pub row_sample_row: Vec<i32>,
+    pub row_token: Vec<i64>,
+    pub row_text_end: Vec<u32>,
+    pub row_num_prompt: Vec<u32>,
+    pub row_num_cached: Vec<u32>,
+    /// Index into `finished` of the row's sequence when it finished this step, else -1.
+    pub row_finished: Vec<i32>,
+    /// The reported rows' text deltas, concatenated.
+    pub text: String,
+    pub finished: Vec<FinishedSeq>,
+}
+
+impl StepResult {
+    /// Room for `rows` reported rows, taken at the first one: a step reports all of its
+    /// rows or few, and growing eight vectors by doubling costs more than the guess.
+    fn reserve(&mut self, rows: usize) {
+        self.row_req.reserve(rows);
+        self.row_sample_index.reserve(rows);
+        self.row_sample_row.reserve(rows);
+        self.row_token.reserve(rows);
+        self.row_text_end.reserve(rows);
+        self.row_num_prompt.reserve(rows);
+        self.row_num_cached.reserve(rows);
+        self.row_finished.reserve(rows);
+        self.text.reserve(rows * 8);
+    }
+
+    pub fn num_rows(&self) -> usize {
+        self.row_req.len()
+    }
+    /// Text delta of reported row `j`.
+    pub fn row_text(&self, j: usize) -> &str {
+        let start = if j == 0 { 0 } else { self.row_text_end[j - 1] as usize };
+        &self.text[start..self.row_text_end[j] as usize]
+    }
 }
 
 pub struct Scheduler {
@@ -140,7 +199,7 @@ pub struct Scheduler {
     pending_samples: usize,
     /// Abort outputs waiting for the next update(); their slots are released once no
     /// pending batch can still name them.
-    abort_outputs: Vec<SeqOutput>,
+    abort_outputs: Vec<FinishedSeq>,
     deferred_requests: Vec<u32>,
     // Reused across steps so scheduling allocates nothing per sequence.
     decode_rows: Vec<Scheduled>,
@@ -155,10 +214,10 @@ pub struct Scheduler {
 /// Look-ahead (in sequences) for software prefetch: a 1,024-sequence step touches a few
 /// scattered cache lines per sequence (its struct, token tail, block table, id), and fetching
 /// them a few iterations early overlaps the misses instead of paying them one by one.
-const AHEAD: usize = 6;
+const AHEAD: usize = 8;
 
 #[inline(always)]
-fn prefetch<T>(p: *const T) {
+pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(target_arch = "x86_64")]
     #[allow(unused_unsafe)]
     // SAFETY: a prefetch is a hint; it never faults, whatever the address.
@@ -167,19 +226,30 @@ fn prefetch<T>(p: *const T) {
     }
 }
 
-/// Prefetches sequence slot `s` itself (first stage) or, once it is cached, the heap lines
-/// it points to (second stage).
+/// What of a sequence to prefetch: its slot (first stage), or, once that is cached, the heap
+/// lines it points to (the block table's tail, and the token buffer's when `update` will
+/// append to it).
+#[derive(Clone, Copy, PartialEq)]
+enum Stage {
+    Slot,
+    Heap { tokens: bool },
+}
+
 #[inline(always)]
-fn prefetch_seq(seqs: &[Option<Sequence>], s: u32, deep: bool) {
+fn prefetch_seq(seqs: &[Option<Sequence>], s: u32, stage: Stage) {
     let Some(slot) = seqs.get(s as usize) else { return };
-    if !deep {
-        prefetch(slot as *const Option<Sequence>);
+    let Stage::Heap { tokens } = stage else {
+        let p = slot as *const Option<Sequence> as *const u8;
+        for line in 0..std::mem::size_of::<Option<Sequence>>().div_ceil(64) {
+            prefetch(p.wrapping_add(line * 64));
+        }
         return;
-    }
+    };
     if let Some(q) = slot {
-        prefetch(q.tokens.as_ptr().wrapping_add(q.num_computed));
+        if tokens {
+            prefetch(q.tokens.as_ptr().wrapping_add(q.tokens.len().saturating_sub(1)));
+        }
         prefetch(q.block_table.as_ptr().wrapping_add(q.block_table.len().saturating_sub(1)));
-        prefetch(Arc::as_ptr(&q.request_id) as *const u8);
     }
 }
 
@@ -257,24 +327,27 @@ impl Scheduler {
         }
     }
 
-    fn make_detok(&self, params: &RequestParams, prompt: &[u32]) -> Option<Box<IncrementalDetokenizer>> {
+    fn make_detok(&self, params: &RequestParams, prompt: &[u32], stop: &Arc<StopSet>) -> Option<Box<IncrementalDetokenizer>> {
         let tok = self.tokenizer.as_ref()?;
         if !params.detokenize {
             return None;
         }
-        Some(Box::new(IncrementalDetokenizer::new(
+        Some(Box::new(IncrementalDetokenizer::with_stop_set(
             tok.clone(),
             prompt,
             params.skip_special_tokens,
             params.spaces_between_special_tokens,
-            params.stop.clone(),
+            stop.clone(),
             params.include_stop_str_in_output,
         )
         // vLLM checks no stop string before min_tokens: the detokenizer must not cut there.
-        .with_min_tokens(params.min_tokens as usize)))
+        .with_min_tokens(params.min_tokens as usize)
+        .without_text()))
     }
 
-    pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, params: RequestParams) -> Result<(), String> {
+    /// Queues a request; returns its slot, which names it in `StepResult::row_req` until it
+    /// is released (the update() that reports it finished is the last to name it).
+    pub fn add_request(&mut self, request_id: &str, prompt: Vec<u32>, params: RequestParams) -> Result<u32, String> {
         if self.ids.contains_key(request_id) {
             return Err(format!("request_id {request_id:?} is already in use; give each request a unique id"));
         }
@@ -315,7 +388,8 @@ impl Scheduler {
         min_tokens_banned.extend(params.stop_token_ids.iter().copied().filter(|t| !eos.contains(t)));
         let bad_single = params.bad_words_token_ids.iter().filter(|w| w.len() == 1).map(|w| w[0]).collect();
         let bad_multi = params.bad_words_token_ids.iter().filter(|w| w.len() > 1).cloned().collect();
-        let detok = self.make_detok(&params, &prompt);
+        let stop_set = Arc::new(StopSet::new(params.stop.clone()));
+        let detok = self.make_detok(&params, &prompt, &stop_set);
         let n = params.n;
         let request_id: Arc<str> = Arc::from(request_id);
         let req_slot = match self.free_requests.pop() {
@@ -327,6 +401,7 @@ impl Scheduler {
         };
         let seq = Sequence {
             num_computed: 0,
+            last_token: *prompt.last().expect("prompt checked non-empty"),
             tokens: prompt,
             block_table: vec![],
             sp: SampleParams::of(&params),
@@ -343,6 +418,7 @@ impl Scheduler {
             num_cached_tokens: None,
             detok,
             finish_reason: None,
+            first_token_time: 0.0,
         };
         let s = self.insert_seq(seq);
         self.requests[req_slot as usize] = Some(Request {
@@ -357,10 +433,11 @@ impl Scheduler {
             num_unfinished: n,
             aborted: false,
             params,
+            stop_set,
         });
         self.ids.insert(request_id, req_slot);
         self.waiting.push_back(s);
-        Ok(())
+        Ok(req_slot)
     }
 
     /// Frees every block of the request now; its "abort" outputs come with the next update().
@@ -387,18 +464,31 @@ impl Scheduler {
                 None => true,
             };
             if alive {
-                self.abort_outputs.push(SeqOutput {
+                let seq = req.seqs.get(i as usize).map(|&s| seq_mut(&mut self.seqs, s));
+                let (text, token_ids, num_cached, first) = match seq {
+                    Some(q) => (
+                        match &q.detok {
+                            Some(d) if req.params.final_only => d.replay(&q.tokens[..q.num_prompt], q.outputs(), false),
+                            _ => String::new(),
+                        },
+                        q.outputs().to_vec(),
+                        q.num_cached_tokens.unwrap_or(0),
+                        q.first_token_time,
+                    ),
+                    None => (String::new(), vec![], 0, 0.0),
+                };
+                self.abort_outputs.push(FinishedSeq {
                     request_id: req.request_id.clone(),
                     sample_index: i,
-                    sample_row: -1,
-                    new_token: None,
-                    text_delta: String::new(),
-                    finish_reason: Some(FinishReason::Abort),
+                    finish_reason: FinishReason::Abort,
                     stop_reason: StopReason::None,
+                    text,
+                    token_ids,
                     num_prompt_tokens: req.num_prompt_tokens,
-                    num_cached_tokens: req.seqs.get(i as usize).map_or(0, |&s| {
-                        seq_ref(&self.seqs, s).num_cached_tokens.unwrap_or(0)
-                    }),
+                    num_cached_tokens: num_cached,
+                    first_token_time: first,
+                    final_only: req.params.final_only,
+                    row: None,
                 });
             }
         }
@@ -508,11 +598,11 @@ impl Scheduler {
             if budget == 0 || self.decode_rows.len() >= self.cfg.max_num_seqs {
                 break;
             }
-            if let Some(&f) = self.running.get(i + 2 * AHEAD) {
-                prefetch_seq(&self.seqs, f, false);
+            if let Some(&f) = self.running.get(i + 3 * AHEAD) {
+                prefetch_seq(&self.seqs, f, Stage::Slot);
             }
             if let Some(&f) = self.running.get(i + AHEAD) {
-                prefetch_seq(&self.seqs, f, true);
+                prefetch_seq(&self.seqs, f, Stage::Heap { tokens: false });
             }
             let s = self.running[i];
             i += 1;
@@ -656,7 +746,7 @@ impl Scheduler {
             seeds: Vec::with_capacity(s_total),
             sample_steps: Vec::with_capacity(s_total),
             num_logprobs: Vec::with_capacity(s_total),
-            row_request_ids: Vec::with_capacity(b),
+            row_req_slots: Vec::with_capacity(b),
             sample_rows: Vec::with_capacity(s_total),
             ..Default::default()
         };
@@ -668,18 +758,22 @@ impl Scheduler {
         }
         d.query_start_loc.push(0);
         for (row, r) in rows.iter().enumerate() {
-            if let Some(f) = rows.get(row + 2 * AHEAD) {
-                prefetch_seq(&self.seqs, f.seq, false);
+            if let Some(f) = rows.get(row + 3 * AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, Stage::Slot);
             }
             if let Some(f) = rows.get(row + AHEAD) {
-                prefetch_seq(&self.seqs, f.seq, true);
+                prefetch_seq(&self.seqs, f.seq, Stage::Heap { tokens: f.num_new > 1 });
             }
             let seq = seq_ref(&self.seqs, r.seq);
             let p = &seq.sp;
             let start = seq.num_computed;
             let end = start + r.num_new as usize;
             let tok0 = d.input_ids.len();
-            d.input_ids.extend(seq.tokens[start..end].iter().map(|&x| x as i64));
+            if end - start == 1 && end == seq.tokens.len() {
+                d.input_ids.push(seq.last_token as i64);
+            } else {
+                d.input_ids.extend(seq.tokens[start..end].iter().map(|&x| x as i64));
+            }
             d.positions.extend((start..end).map(|x| x as i64));
             let table = &seq.block_table;
             let (sh, mask) = (self.bm.block_shift, bs - 1);
@@ -691,7 +785,7 @@ impl Scheduler {
             }
             d.query_start_loc.push((tok0 + r.num_new as usize) as i32);
             d.seq_lens.push(end as i32);
-            d.row_request_ids.push(seq.request_id.clone());
+            d.row_req_slots.push(seq.req);
 
             if any_prompt_lp && p.prompt_logprobs {
                 let first = start.max(seq.prompt_logprobs_done);
@@ -751,10 +845,11 @@ impl Scheduler {
     }
 
     /// Appends the sampled ids of the pending batch, finishes sequences, frees their blocks.
-    pub fn update(&mut self, sampled: &[i64]) -> Result<Vec<SeqOutput>, String> {
+    /// `now` (any clock; the engine passes Unix time) stamps each sequence's first token.
+    pub fn update(&mut self, sampled: &[i64], now: f64) -> Result<StepResult, String> {
         let Some(rows) = self.pending.take() else {
             if sampled.is_empty() {
-                return Ok(std::mem::take(&mut self.abort_outputs));
+                return Ok(StepResult { finished: std::mem::take(&mut self.abort_outputs), ..Default::default() });
             }
             return Err("update() got sampled ids but no batch is pending: call schedule() first".into());
         };
@@ -771,17 +866,31 @@ impl Scheduler {
             return Err(format!("sampled_token_ids holds {bad}, not a token id"));
         }
         let bs = self.cfg.block_size;
-        let mut outs = std::mem::take(&mut self.abort_outputs);
-        outs.reserve(self.pending_samples);
+        let mut res = StepResult { finished: std::mem::take(&mut self.abort_outputs), ..Default::default() };
         let mut finished_reqs: Vec<u32> = vec![];
         let mut any_finished = false;
         let mut sample = 0usize;
         for (k, r) in rows.iter().enumerate() {
-            if let Some(f) = rows.get(k + 2 * AHEAD) {
-                prefetch_seq(&self.seqs, f.seq, false);
+            if let Some(f) = rows.get(k + 3 * AHEAD) {
+                prefetch_seq(&self.seqs, f.seq, Stage::Slot);
             }
             if let Some(f) = rows.get(k + AHEAD) {
-                prefetch_seq(&self.seqs, f.seq, true);
+                prefetch_seq(&self.seqs, f.seq, Stage::Heap { tokens: true });
+                if let Some(Some(q)) = self.seqs.get(f.seq as usize) {
+                    if let Some(d) = &q.detok {
+                        d.prefetch_state();
+                    }
+                }
+            }
+            // The bytes of the token that a row a few ahead will detokenize (sample rows
+            // follow rows one to one in a decode step; elsewhere the hint is merely early).
+            if let Some(tok) = &self.tokenizer {
+                if let Some(&id) = sampled.get(sample + 3 * AHEAD) {
+                    tok.prefetch_token(id as u32, false);
+                }
+                if let Some(&id) = sampled.get(sample + AHEAD) {
+                    tok.prefetch_token(id as u32, true);
+                }
             }
             let srow0 = sample;
             sample += r.num_samples as usize;
@@ -813,8 +922,7 @@ impl Scheduler {
             for child in 0..r.num_samples as usize {
                 let s = if r.num_samples > 1 { req_ref(&self.requests, req_slot).seqs[child] } else { r.seq };
                 let srow = srow0 + child;
-                let out = self.append_token(s, sampled[srow] as u32, srow as i32);
-                if out.finish_reason.is_some() {
+                if self.append_token(s, sampled[srow] as u32, srow as i32, now, &mut res) {
                     any_finished = true;
                     let req = self.requests[req_slot as usize].as_mut().expect("live request slot");
                     req.num_unfinished -= 1;
@@ -822,7 +930,6 @@ impl Scheduler {
                         finished_reqs.push(req_slot);
                     }
                 }
-                outs.push(out);
             }
         }
         if any_finished {
@@ -834,7 +941,7 @@ impl Scheduler {
             self.ids.remove(&id);
             self.release_request(r);
         }
-        Ok(outs)
+        Ok(res)
     }
 
     /// Splits a request whose prompt just finished into its n sequences: children share the
@@ -859,10 +966,11 @@ impl Scheduler {
             let hashes = p.block_hashes[..full].to_vec();
             let num_cached = p.num_cached_tokens;
             let req = req_ref(&self.requests, req_slot);
-            let detok = self.make_detok(&req.params, &tokens);
+            let detok = self.make_detok(&req.params, &tokens, &req.stop_set);
             let seed = child_seed(req.seed, i);
             let child = Sequence {
                 num_computed: full * bs,
+                last_token: *tokens.last().expect("a prompt is never empty"),
                 tokens,
                 block_table: table,
                 sp: SampleParams::of(&req.params),
@@ -879,6 +987,7 @@ impl Scheduler {
                 num_cached_tokens: num_cached,
                 detok,
                 finish_reason: None,
+                first_token_time: 0.0,
             };
             let s = self.insert_seq(child);
             seq_mut(&mut self.seqs, parent).pending_fork = false;
@@ -887,19 +996,28 @@ impl Scheduler {
         }
     }
 
-    fn append_token(&mut self, s: u32, tok: u32, sample_row: i32) -> SeqOutput {
+    /// Appends `tok` to sequence `s`, detokenizes it into `res.text`, applies the stop rules
+    /// and reports the row (unless final-only) and the finish; true when it finished.
+    fn append_token(&mut self, s: u32, tok: u32, sample_row: i32, now: f64, res: &mut StepResult) -> bool {
         let seq = self.seqs[s as usize].as_mut().expect("live sequence slot");
         let p = seq.sp;
         seq.tokens.push(tok);
+        seq.last_token = tok;
+        res.num_new_tokens += 1;
         let nout = seq.num_outputs();
-        let (mut delta, matched) = match seq.detok.as_mut() {
-            Some(d) => d.push(tok),
-            None => (String::new(), None),
+        if nout == 1 {
+            seq.first_token_time = now;
+        }
+        let start = res.text.len();
+        let matched = match seq.detok.as_mut() {
+            Some(d) => d.push_into(tok, &mut res.text).is_some(),
+            None => false,
         };
         let may_stop = nout >= p.min_tokens as usize;
         // vLLM's precedence: a stop string wins, then length, then EOS, then stop_token_ids.
-        let (finish, stop_reason) = if let (true, Some(m)) = (may_stop, matched) {
-            (Some(FinishReason::Stop), StopReason::Text(m))
+        let (finish, stop_reason) = if may_stop && matched {
+            let text = seq.detok.as_ref().and_then(|d| d.stop_reason()).unwrap_or_default().to_owned();
+            (Some(FinishReason::Stop), StopReason::Text(text))
         } else if nout >= p.max_tokens as usize || seq.tokens.len() >= self.cfg.max_model_len {
             (Some(FinishReason::Length), StopReason::None)
         } else if may_stop && !p.ignore_eos && self.eos.contains(&tok) {
@@ -909,27 +1027,52 @@ impl Scheduler {
         } else {
             (None, StopReason::None)
         };
-        if finish.is_some() {
+        if let Some(f) = finish {
             if !matches!(stop_reason, StopReason::Text(_)) {
                 if let Some(d) = seq.detok.as_mut() {
-                    delta.push_str(&d.flush());
+                    res.text.push_str(&d.flush());
                 }
             }
             seq.status = SeqStatus::Finished;
             seq.finish_reason = finish;
             self.bm.free(&mut seq.block_table);
+            let row = (!p.final_only).then_some(res.row_req.len() as u32);
+            res.finished.push(FinishedSeq {
+                request_id: seq.request_id.clone(),
+                sample_index: seq.sample_index,
+                finish_reason: f,
+                stop_reason,
+                // A streamed sequence's text went out as deltas: only a final-only one needs it.
+                text: match &seq.detok {
+                    Some(d) if p.final_only => d.replay(&seq.tokens[..seq.num_prompt], seq.outputs(), true),
+                    _ => String::new(),
+                },
+                token_ids: seq.outputs().to_vec(),
+                num_prompt_tokens: seq.num_prompt,
+                num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
+                first_token_time: seq.first_token_time,
+                final_only: p.final_only,
+                row,
+            });
         }
-        SeqOutput {
-            request_id: seq.request_id.clone(),
-            sample_index: seq.sample_index,
-            sample_row,
-            new_token: Some(tok),
-            text_delta: delta,
-            finish_reason: finish,
-            stop_reason,
-            num_prompt_tokens: seq.num_prompt,
-            num_cached_tokens: seq.num_cached_tokens.unwrap_or(0),
+        if p.final_only {
+            // Detokenized all the same (stop strings and the final text need it); the delta
+            // just does not travel.
+            res.text.truncate(start);
+        } else {
+            if res.row_req.capacity() == 0 {
+                res.reserve(self.pending_samples);
+            }
+            res.row_req.push(seq.req);
+            res.row_sample_index.push(seq.sample_index as i32);
+            res.row_sample_row.push(sample_row);
+            res.row_token.push(tok as i64);
+            res.row_text_end.push(res.text.len() as u32);
+            res.row_num_prompt.push(seq.num_prompt as u32);
+            res.row_num_cached.push(seq.num_cached_tokens.unwrap_or(0) as u32);
+            res.row_finished.push(if finish.is_some() { res.finished.len() as i32 - 1 } else { -1 });
         }
+        finish.is_some()
     }
 
     /// Checks the bookkeeping invariants (for tests): every block reference is held by a
@@ -1017,14 +1160,16 @@ mod tests {
 
     #[derive(Clone, Debug)]
     enum Op {
-        Add(Vec<u32>, u32, u32),
+        /// prompt, n, max_tokens, final_only
+        Add(Vec<u32>, u32, u32, bool),
         Step,
         Abort(usize),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            2 => (proptest::collection::vec(0u32..3, 1..40), 1u32..4, 1u32..12).prop_map(|(p, n, m)| Op::Add(p, n, m)),
+            2 => (proptest::collection::vec(0u32..3, 1..40), 1u32..4, 1u32..12, any::<bool>())
+                .prop_map(|(p, n, m, f)| Op::Add(p, n, m, f)),
             5 => Just(Op::Step),
             1 => any::<usize>().prop_map(Op::Abort),
         ]
@@ -1034,48 +1179,69 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(200))]
         /// Random adds, steps and aborts against a small pool: the bookkeeping stays exact,
         /// every request that was not aborted ends with exactly max_tokens outputs per child,
-        /// and every block comes back.
+        /// every block comes back, a final-only request ("f" ids) never gets a row and a
+        /// streamed one gets a row per token.
         #[test]
         fn scheduler_invariants(ops in proptest::collection::vec(op(), 1..60),
                                 blocks in 14usize..40, seqs in 1usize..6, budget in 1usize..40) {
             let mut s = Scheduler::new(cfg(blocks, seqs, budget), None).unwrap();
             let mut expect: std::collections::HashMap<String, (u32, u32)> = Default::default();
             let mut got: std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)> = Default::default();
+            let mut rows: std::collections::HashMap<(String, u32), u32> = Default::default();
             let mut next = 0;
             let mut rng = 1u64;
-            let step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
-                let Some(b) = s.schedule().unwrap() else {
-                    for o in s.update(&[]).unwrap() {
-                        got.entry((o.request_id.to_string(), o.sample_index)).or_default().1 = o.finish_reason;
+            let mut step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
+                let record = |got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, r: &StepResult| {
+                    for f in &r.finished {
+                        let e = got.entry((f.request_id.to_string(), f.sample_index)).or_default();
+                        assert!(e.1.is_none(), "finished twice");
+                        *e = (f.token_ids.len() as u32, Some(f.finish_reason));
                     }
+                };
+                let Some(b) = s.schedule().unwrap() else {
+                    let r = s.update(&[], 0.0).unwrap();
+                    assert_eq!(r.num_rows(), 0);
+                    record(got, &r);
                     return false;
                 };
                 check_batch(s, &b);
+                // Slots name requests only until update() releases them: read the ids now.
+                let slot_ids: std::collections::HashMap<u32, String> = b.row_req_slots.iter()
+                    .map(|&sl| (sl, req_ref(&s.requests, sl).request_id.to_string())).collect();
                 let ids: Vec<i64> = (0..b.num_samples).map(|_| { *rng = splitmix64(*rng); (*rng % 50) as i64 }).collect();
-                for o in s.update(&ids).unwrap() {
-                    let e = got.entry((o.request_id.to_string(), o.sample_index)).or_default();
-                    assert!(e.1.is_none(), "output after finish");
-                    e.0 += o.new_token.is_some() as u32;
-                    e.1 = o.finish_reason;
+                let r = s.update(&ids, 0.0).unwrap();
+                assert!(r.num_new_tokens >= r.num_rows());
+                for j in 0..r.num_rows() {
+                    assert_eq!(r.row_token[j], ids[r.row_sample_row[j] as usize]);
+                    let id = &slot_ids[&r.row_req[j]];
+                    assert!(id.starts_with('r'), "final-only request {id} got a row");
+                    *rows.entry((id.clone(), r.row_sample_index[j] as u32)).or_default() += 1;
                 }
+                for f in r.finished.iter().filter(|f| f.request_id.starts_with('r')) {
+                    assert_eq!(rows.get(&(f.request_id.to_string(), f.sample_index)).copied().unwrap_or(0),
+                               f.token_ids.len() as u32, "a streamed sequence's rows are its tokens");
+                }
+                record(got, &r);
                 s.check_invariants().unwrap();
                 true
             };
             for op in ops {
                 match op {
-                    Op::Add(p, n, m) => {
-                        let id = format!("r{next}");
+                    Op::Add(p, n, m, final_only) => {
+                        let id = format!("{}{next}", if final_only { 'f' } else { 'r' });
                         next += 1;
-                        if s.add_request(&id, p, params(n, m)).is_ok() {
+                        if s.add_request(&id, p, RequestParams { final_only, ..params(n, m) }).is_ok() {
                             expect.insert(id, (n, m));
                         }
                     }
                     Op::Step => { step(&mut s, &mut got, &mut rng); }
                     Op::Abort(i) => {
                         if next > 0 {
-                            let id = format!("r{}", i % next);
-                            if s.abort_request(&id) {
-                                expect.get_mut(&id).unwrap().1 = 0;
+                            for kind in ['r', 'f'] {
+                                let id = format!("{kind}{}", i % next);
+                                if s.abort_request(&id) {
+                                    expect.get_mut(&id).unwrap().1 = 0;
+                                }
                             }
                         }
                     }
@@ -1110,7 +1276,7 @@ mod tests {
         s.add_request("a", (1..=5).collect(), params(1, 5)).unwrap();
         let b = s.schedule().unwrap().unwrap();
         assert_eq!((b.num_seqs, b.num_tokens, b.num_samples), (1, 5, 1));
-        s.update(&[9]).unwrap();
+        s.update(&[9], 0.0).unwrap();
         s.add_request("b", (100..130).collect(), params(1, 3)).unwrap();
         let b = s.schedule().unwrap().unwrap();
         // One decode for "a" first, then 9 prompt tokens of "b" (budget 10), no sample for b yet.
@@ -1118,7 +1284,7 @@ mod tests {
         assert_eq!(b.input_ids[0], 9);
         assert_eq!(&b.input_ids[1..], &(100..109).collect::<Vec<i64>>()[..]);
         check_batch(&s, &b);
-        s.update(&[3]).unwrap();
+        s.update(&[3], 0.0).unwrap();
         s.check_invariants().unwrap();
     }
 
@@ -1134,7 +1300,7 @@ mod tests {
             let b = s.schedule().unwrap().unwrap();
             check_batch(&s, &b);
             let ids = vec![1i64; b.num_samples];
-            done += s.update(&ids).unwrap().iter().filter(|o| o.finish_reason.is_some()).count();
+            done += s.update(&ids, 0.0).unwrap().finished.len();
             s.check_invariants().unwrap();
             steps += 1;
             assert!(steps < 200);
@@ -1167,25 +1333,31 @@ mod timing {
                 eos_token_ids: vec![0],
                 seed: 0,
             },
-            None,
+            std::env::var("FASTSERVE_TIMING_TOKENIZER").ok().map(|d| Arc::new(CoreTokenizer::from_dir(&d).unwrap())),
         )
         .unwrap();
+        let stop: Vec<String> = if s.tokenizer.is_some() { vec!["\u{2603}STOP\u{2603}".into(), "<|bench-end|>".into()] } else { vec![] };
         let mut x = 1u64;
         for i in 0..1024 {
             let p: Vec<u32> = (0..128).map(|_| { x = splitmix64(x); 100 + (x % 30000) as u32 }).collect();
-            s.add_request(&format!("r{i}"), p, RequestParams { max_tokens: 4000, ignore_eos: true, ..Default::default() }).unwrap();
+            s.add_request(&format!("r{i}"), p, RequestParams { max_tokens: 4000, ignore_eos: true, stop: stop.clone(), ..Default::default() }).unwrap();
         }
-        let ids: Vec<i64> = (0..1024).map(|i| 100 + i).collect();
+        // Fresh random ids each step over most of the vocabulary, as a model samples them: the
+        // same ids every step would keep their detokenizer table entries in cache.
+        let vocab = s.tokenizer.as_ref().map_or(30_000, |t| t.vocab_size.min(120_000)) as u64;
+        let mut draw = |n: usize| -> Vec<i64> { (0..n).map(|_| { x = splitmix64(x); 100 + (x % (vocab - 100)) as i64 }).collect() };
         for _ in 0..40 {
             let b = s.schedule().unwrap().unwrap();
-            s.update(&ids[..b.num_samples]).unwrap();
+            s.update(&draw(b.num_samples), 0.0).unwrap();
         }
         let (mut ts, mut tu) = (vec![], vec![]);
-        for _ in 0..500 {
+        let steps: usize = std::env::var("FASTSERVE_TIMING_STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+        for _ in 0..steps {
+            let ids = draw(1024);
             let t0 = std::time::Instant::now();
             let b = s.schedule().unwrap().unwrap();
             let t1 = std::time::Instant::now();
-            let o = s.update(&ids[..b.num_samples]).unwrap();
+            let o = s.update(&ids[..b.num_samples], 0.0).unwrap();
             let t2 = std::time::Instant::now();
             drop((b, o));
             ts.push((t1 - t0).as_nanos());
@@ -1193,6 +1365,6 @@ mod timing {
         }
         ts.sort();
         tu.sort();
-        eprintln!("schedule median {} us, update median {} us", ts[250] / 1000, tu[250] / 1000);
+        eprintln!("schedule median {} us, update median {} us", ts[steps / 2] / 1000, tu[steps / 2] / 1000);
     }
 }

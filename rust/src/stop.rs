@@ -2,6 +2,8 @@
 //! searched each step (never the whole output), and text that could still turn into a stop
 //! string is held back so that nothing streamed ever has to be retracted.
 
+use std::sync::Arc;
+
 /// Result of feeding one decoded delta through the matcher.
 #[derive(Debug, PartialEq, Eq)]
 pub struct StopFeed {
@@ -11,28 +13,61 @@ pub struct StopFeed {
     pub matched: Option<usize>,
 }
 
-pub struct StopMatcher {
+/// A request's stop strings, shared by its sequences.
+pub struct StopSet {
     stops: Vec<String>,
-    include_stop_str_in_output: bool,
     /// Longest stop string, in bytes: bounds both the hold-back and the search tail.
     max_len: usize,
+    /// Bit b set when some stop string starts with byte b. A match, or a held suffix that
+    /// may grow into one, must start at such a byte, so a delta without any (the common
+    /// case) is emitted without a search.
+    first: [u64; 4],
+}
+
+impl StopSet {
+    /// Empty stop strings are ignored: they would match before any text.
+    pub fn new(stops: Vec<String>) -> Self {
+        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
+        let max_len = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut first = [0u64; 4];
+        for s in &stops {
+            let b = s.as_bytes()[0];
+            first[(b >> 6) as usize] |= 1 << (b & 63);
+        }
+        StopSet { stops, max_len, first }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stops.is_empty()
+    }
+
+    #[inline]
+    fn any_first_byte(&self, text: &[u8]) -> bool {
+        text.iter().any(|&b| self.first[(b >> 6) as usize] & (1 << (b & 63)) != 0)
+    }
+}
+
+pub struct StopMatcher {
+    set: Arc<StopSet>,
+    include_stop_str_in_output: bool,
     /// Not yet emitted: the longest suffix that is a proper prefix of some stop string.
     held: String,
     /// With include_stop_str_in_output nothing is held (the stop string is emitted anyway),
-    /// but a match may start in text already emitted: keep its last max_len - 1 bytes.
+    /// but a match may start in text already emitted: keep its last max_len - 1 bytes, from
+    /// the first byte that can start a stop string on (empty when none can).
     tail: String,
     finished: bool,
 }
 
 impl StopMatcher {
-    /// Empty stop strings are ignored: they would match before any text.
     pub fn new(stops: Vec<String>, include_stop_str_in_output: bool) -> Self {
-        let stops: Vec<String> = stops.into_iter().filter(|s| !s.is_empty()).collect();
-        let max_len = stops.iter().map(|s| s.len()).max().unwrap_or(0);
+        Self::shared(Arc::new(StopSet::new(stops)), include_stop_str_in_output)
+    }
+
+    pub fn shared(set: Arc<StopSet>, include_stop_str_in_output: bool) -> Self {
         StopMatcher {
-            stops,
+            set,
             include_stop_str_in_output,
-            max_len,
             held: String::new(),
             tail: String::new(),
             finished: false,
@@ -40,15 +75,39 @@ impl StopMatcher {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.stops.is_empty()
+        self.set.is_empty()
+    }
+
+    /// A matcher with the same stop strings and mode, in its initial state.
+    pub fn fresh(&self) -> Self {
+        Self::shared(self.set.clone(), self.include_stop_str_in_output)
     }
 
     pub fn stop(&self, index: usize) -> &str {
-        &self.stops[index]
+        &self.set.stops[index]
     }
 
     pub fn finished(&self) -> bool {
         self.finished
+    }
+
+    /// `out[start..]` is a new delta: leaves in its place the part safe to emit and returns
+    /// the index of the stop string it completed. Searches and allocates only when the delta
+    /// holds a byte that can start a stop string or text is already held.
+    pub fn feed_into(&mut self, out: &mut String, start: usize, check: bool) -> Option<usize> {
+        if self.finished {
+            out.truncate(start);
+            return None;
+        }
+        if self.set.is_empty()
+            || (self.held.is_empty() && self.tail.is_empty() && !self.set.any_first_byte(&out.as_bytes()[start..]))
+        {
+            return None;
+        }
+        let delta = out.split_off(start);
+        let fed = self.feed_checked(delta, check);
+        out.push_str(&fed.emit);
+        fed.matched
     }
 
     pub fn feed(&mut self, delta: String) -> StopFeed {
@@ -64,7 +123,7 @@ impl StopMatcher {
                 matched: None,
             };
         }
-        if self.stops.is_empty() {
+        if self.set.is_empty() {
             return StopFeed {
                 emit: delta,
                 matched: None,
@@ -88,7 +147,7 @@ impl StopMatcher {
         // The match that completes first wins, as if the text had arrived one char at a time;
         // among those ending together the longest one (it started first).
         let mut best: Option<(usize, usize, usize)> = None; // (end, start, stop index)
-        for (i, s) in self.stops.iter().enumerate().filter(|_| check) {
+        for (i, s) in self.set.stops.iter().enumerate().filter(|_| check) {
             if let Some(start) = find_bytes(text.as_bytes(), s.as_bytes()) {
                 let end = start + s.len();
                 let better = match best {
@@ -117,8 +176,12 @@ impl StopMatcher {
         }
 
         if self.include_stop_str_in_output {
-            let keep = floor_char_boundary(&text, text.len().saturating_sub(self.max_len - 1));
-            self.tail = text[keep..].to_owned();
+            let keep = floor_char_boundary(&text, text.len().saturating_sub(self.set.max_len - 1));
+            let from = text.as_bytes()[keep..]
+                .iter()
+                .position(|&b| self.set.any_first_byte(&[b]))
+                .map_or(text.len(), |i| keep + i);
+            self.tail = text[from..].to_owned();
             let emit = if skip == 0 { text } else { text[skip..].to_owned() };
             return StopFeed { emit, matched: None };
         }
@@ -142,12 +205,13 @@ impl StopMatcher {
     /// Bytes of the longest suffix of `text` that is a proper prefix of some stop string.
     fn partial_match_len(&self, text: &str) -> usize {
         let bytes = text.as_bytes();
-        let from = bytes.len().saturating_sub(self.max_len - 1);
+        let from = bytes.len().saturating_sub(self.set.max_len - 1);
         // Earliest start first: the longest suffix wins. Stop strings are valid UTF-8, so a
         // byte-wise prefix match can only begin at a char boundary.
         for start in from..bytes.len() {
             let suffix = &bytes[start..];
             if self
+                .set
                 .stops
                 .iter()
                 .any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix))
@@ -265,7 +329,50 @@ mod tests {
         assert_eq!(matched.as_deref(), Some("終了"));
     }
 
+    /// `run` through `feed_into`: the pieces arrive appended to one growing buffer.
+    fn run_into(stops: &[&str], include: bool, pieces: &[&str], check_from: usize) -> (String, Option<String>, String) {
+        let mut m = StopMatcher::new(stops.iter().map(|s| s.to_string()).collect(), include);
+        let mut out = String::from("prefix|");
+        for (k, p) in pieces.iter().enumerate() {
+            let start = out.len();
+            out.push_str(p);
+            if let Some(i) = m.feed_into(&mut out, start, k >= check_from) {
+                return (out, Some(m.stop(i).to_owned()), String::new());
+            }
+        }
+        let rest = m.flush();
+        (out, None, rest)
+    }
+
     proptest! {
+        // The in-place feed (with its no-search fast path) emits exactly what `feed` emits.
+        #[test]
+        fn feed_into_equals_feed(
+            pieces in proptest::collection::vec("[abcx€ ]{0,6}", 0..12),
+            stops in proptest::collection::vec("[ab€]{1,3}", 1..4),
+            include in any::<bool>(),
+            check_from in 0usize..4,
+        ) {
+            let piece_refs: Vec<&str> = pieces.iter().map(|s| s.as_str()).collect();
+            let stop_refs: Vec<&str> = stops.iter().map(|s| s.as_str()).collect();
+            let mut m = StopMatcher::new(stops.clone(), include);
+            let mut emitted = String::from("prefix|");
+            let mut matched = None;
+            for (k, p) in piece_refs.iter().enumerate() {
+                let f = m.feed_checked(p.to_string(), k >= check_from);
+                emitted.push_str(&f.emit);
+                if let Some(i) = f.matched {
+                    matched = Some(m.stop(i).to_owned());
+                    break;
+                }
+            }
+            let rest = if matched.is_none() { m.flush() } else { String::new() };
+            let (out2, matched2, rest2) = run_into(&stop_refs, include, &piece_refs, check_from);
+            prop_assert_eq!(out2, emitted);
+            prop_assert_eq!(matched2, matched);
+            prop_assert_eq!(rest2, rest);
+        }
+
         // Streaming in arbitrary pieces gives exactly the cut of the whole text at the
         // first-completing stop string, whatever the split points.
         #[test]

@@ -60,9 +60,52 @@ pub struct CoreTokenizer {
 pub(crate) struct ByteTable {
     bytes: Vec<u8>,
     offsets: Vec<u32>,
+    /// Bit `id` set when token `id`'s bytes are valid UTF-8 on their own (most are): its
+    /// text is then taken without validating it per step (16 KB for 128K tokens, so it
+    /// stays cached where the per-token check would touch every byte).
+    whole_utf8: Vec<u64>,
 }
 
 impl ByteTable {
+    fn new(bytes: Vec<u8>, offsets: Vec<u32>) -> Self {
+        let n = offsets.len().saturating_sub(1);
+        let mut whole_utf8 = vec![0u64; n.div_ceil(64)];
+        for id in 0..n {
+            if std::str::from_utf8(&bytes[offsets[id] as usize..offsets[id + 1] as usize]).is_ok() {
+                whole_utf8[id / 64] |= 1 << (id % 64);
+            }
+        }
+        ByteTable { bytes, offsets, whole_utf8 }
+    }
+
+    /// Token `id`'s text when its bytes are valid UTF-8 by themselves.
+    #[inline]
+    pub(crate) fn get_str(&self, id: u32) -> Option<&str> {
+        let i = id as usize;
+        let word = *self.whole_utf8.get(i / 64)?;
+        if word & (1 << (i % 64)) == 0 {
+            return None;
+        }
+        let bytes = &self.bytes[self.offsets[i] as usize..self.offsets[i + 1] as usize];
+        // SAFETY: the bit is set only for ids whose bytes passed from_utf8 in `new`, and the
+        // table is never modified after that.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    }
+
+    /// Cache hint for `get(id)`: first its offset, then (once that is cached) its bytes.
+    #[inline]
+    pub(crate) fn prefetch(&self, id: u32, bytes: bool) {
+        let i = id as usize;
+        if i + 1 >= self.offsets.len() {
+            return;
+        }
+        if bytes {
+            crate::scheduler::prefetch(self.bytes.as_ptr().wrapping_add(self.offsets[i] as usize));
+        } else {
+            crate::scheduler::prefetch(self.offsets.as_ptr().wrapping_add(i));
+        }
+    }
+
     #[inline]
     pub(crate) fn get(&self, id: u32) -> &[u8] {
         let i = id as usize;
@@ -192,6 +235,17 @@ impl CoreTokenizer {
             byte_level,
             sentencepiece,
         })
+    }
+
+    /// Cache hint for detokenizing `id` soon (see `ByteTable::prefetch`).
+    #[inline]
+    pub fn prefetch_token(&self, id: u32, bytes: bool) {
+        if let Some(t) = &self.byte_level {
+            t.prefetch(id, bytes);
+        }
+        if !bytes {
+            crate::scheduler::prefetch(self.special.as_ptr().wrapping_add(id as usize));
+        }
     }
 
     #[inline]
@@ -461,7 +515,7 @@ fn build_piece_table(inner: &tokenizers::Tokenizer, table_len: usize) -> ByteTab
         }
         offsets.push(bytes.len() as u32);
     }
-    ByteTable { bytes, offsets }
+    ByteTable::new(bytes, offsets)
 }
 
 fn has_decoder_type(decoder: &Value, ty: &str) -> bool {
@@ -522,7 +576,7 @@ fn build_byte_table(inner: &tokenizers::Tokenizer, table_len: usize) -> ByteTabl
         }
         offsets.push(bytes.len() as u32);
     }
-    ByteTable { bytes, offsets }
+    ByteTable::new(bytes, offsets)
 }
 
 #[cfg(test)]
@@ -534,9 +588,19 @@ pub(crate) mod test_support {
     fn write_dir(name: &str, tokenizer: serde_json::Value, config: serde_json::Value) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("fastserve-tok-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("tokenizer.json"), tokenizer.to_string()).unwrap();
-        std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
+        write_atomic(&dir.join("tokenizer.json"), &tokenizer.to_string());
+        write_atomic(&dir.join("tokenizer_config.json"), &config.to_string());
         dir
+    }
+
+    /// Tests run in parallel and rebuild the same directories: a reader must never see a file
+    /// half written, so each is written aside and renamed into place.
+    fn write_atomic(path: &std::path::Path, text: &str) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let tmp = path.with_extension(format!("tmp{}", N.fetch_add(1, Ordering::Relaxed)));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
     }
 
     fn added(id: u32, content: &str, special: bool) -> serde_json::Value {
@@ -571,11 +635,7 @@ pub(crate) mod test_support {
             tokenizer,
             json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}),
         );
-        std::fs::write(
-            dir.join("generation_config.json"),
-            json!({"eos_token_id": [262, 261]}).to_string(),
-        )
-        .unwrap();
+        write_atomic(&dir.join("generation_config.json"), &json!({"eos_token_id": [262, 261]}).to_string());
         dir
     }
 

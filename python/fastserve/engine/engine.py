@@ -2,8 +2,8 @@
 
 One step = Scheduler.schedule() (Rust) -> ModelRunner.execute() (torch) ->
 Scheduler.update() (Rust: append, detokenize, stop checks, free blocks) -> route the step's
-outputs to their requests. Only the routing touches Python per request, and only for the
-sequences that produced something this step."""
+outputs to their requests. Only the routing touches Python per request: per streamed row,
+and per finished sequence; a final-only request (the offline LLM's) costs nothing per step."""
 
 from __future__ import annotations
 
@@ -87,6 +87,8 @@ class Engine:
             seed=args.seed,
         )
         self.requests: dict[str, RequestState] = {}
+        # Output tokens appended so far, streamed or not (the offline progress bar's rate).
+        self.num_new_tokens = 0
         # Requests failed alone by the last step() (their states come back finished): the
         # AsyncEngine hands each caller its error instead of an output.
         self.request_errors: dict[str, RequestError] = {}
@@ -139,12 +141,16 @@ class Engine:
         return prompt_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> RequestState:
+                    prompt: str | None = None, final_only: bool = False) -> RequestState:
+        """final_only: the caller wants the finished output alone (the offline LLM), so the
+        core reports the request once per sequence at its end instead of a row per token.
+        Ignored when per-token logprobs or best_of ranking need every step's row."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already running")
         prompt_token_ids = self.validate_prompt(list(prompt_token_ids), params)
-        core = params.to_core(self.tokenizer)
-        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer)
+        final_only = final_only and params.logprobs is None and (params.best_of or params.n) == params.n
+        core = params.to_core(self.tokenizer, final_only=final_only)
+        state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, final_only)
         self.scheduler.add_request(request_id, prompt_token_ids, core)
         self.requests[request_id] = state
         return state
@@ -181,20 +187,48 @@ class Engine:
         if result.prompt_logprobs is not None:
             self._route_prompt_logprobs(batch, result.prompt_logprobs, touched)
         now = time.time()
-        for out in self.scheduler.update(result.sampled_token_ids):
-            state = self.requests.get(out.request_id)
+        out = self.scheduler.update(result.sampled_token_ids, now)
+        self.num_new_tokens += out.num_new_tokens
+        if out.num_rows:
+            self._route_rows(out, result, now, touched)
+        for f in out.finished:
+            rid = f.request_id
+            state = self.requests.get(rid)
             if state is None:  # aborted by the caller already, or failed this step
                 continue
             try:
-                state.apply(out, result, now)
+                state.finish_seq(f, now)
             except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
-                self._fail(RequestError(out.request_id, f"routing its output failed: {e!r}"), touched, e)
+                self._fail(RequestError(rid, f"routing its output failed: {e!r}"), touched, e)
                 continue
-            touched[out.request_id] = state
+            touched[rid] = state
         for rid, state in touched.items():
             if state.finished:
                 self.requests.pop(rid, None)
         return list(touched.values())
+
+    def _route_rows(self, out, result, now: float, touched: dict[str, RequestState]) -> None:
+        """Hands each streamed row (one sequence's token of this step) to its request. The
+        columns become Python lists in one call each; what is left per row is the append."""
+        requests = self.requests
+        indices = out.sample_indices.tolist()
+        rows = out.sample_rows
+        logprobs = result.sampled_logprobs[rows].tolist()
+        rows = rows.tolist()
+        tokens = out.token_ids.tolist()
+        offsets = out.text_offsets.tolist()
+        text = out.text
+        for j, rid in enumerate(out.request_ids):
+            state = requests.get(rid)
+            if state is None:  # aborted by the caller already, or failed this step
+                continue
+            try:
+                state.add_token(indices[j], tokens[j], text[offsets[j]:offsets[j + 1]], logprobs[j], result,
+                                rows[j], now)
+            except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
+                self._fail(RequestError(rid, f"routing its output failed: {e!r}"), touched, e)
+                continue
+            touched[rid] = state
 
     def _prompt_logprobs_k(self, batch) -> int:
         """Top-K for this step's prompt logprobs: the largest any of its requests asked for

@@ -179,7 +179,7 @@ class LLM:
         results: dict[str, RequestOutput] = {}
         try:
             for rid, text, toks, p in zip(ids, texts, token_lists, params):
-                engine.add_request(rid, toks, p, prompt=text)
+                engine.add_request(rid, toks, p, prompt=text, final_only=True)
             self._loop(ids, results, sum(len(t) for t in token_lists), use_tqdm)
         except BaseException:
             for rid in ids:
@@ -191,19 +191,18 @@ class LLM:
     def _loop(self, ids, results, num_prompt_tokens: int, use_tqdm: bool) -> None:
         engine = self.engine
         bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
-        out_tokens = 0
+        tokens0 = engine.num_new_tokens
         t0 = time.perf_counter()
         in_done = 0
         try:
             while len(results) < len(ids):
                 for state in engine.step():
-                    out_tokens += state.new_token_count
-                    state.new_token_count = 0
                     if state.finished:
                         results[state.request_id] = state.to_output()
                         in_done += len(state.prompt_token_ids)
                         bar.update(1)
                         elapsed = max(time.perf_counter() - t0, 1e-9)
+                        out_tokens = engine.num_new_tokens - tokens0
                         bar.set_postfix_str(
                             f"est. speed input: {in_done / elapsed:.2f} toks/s, output: {out_tokens / elapsed:.2f} toks/s",
                             refresh=False,

@@ -1,5 +1,6 @@
-"""RequestState: what the engine accumulates for one request from the core's StepOutputs
-(text deltas, token ids, logprobs, finish reasons), turned into a vLLM RequestOutput."""
+"""RequestState: what the engine accumulates for one request from the core's step outputs
+(a row per streamed token: text delta, id, logprob; a FinishedOutput per finished sequence),
+turned into a vLLM RequestOutput."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ class RequestState:
     __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "tokenizer", "num_seqs",
                  "texts", "token_ids", "cum_logprobs", "logprobs", "finish_reasons", "stop_reasons",
                  "num_finished", "prompt_logprobs", "num_cached_tokens", "metrics", "finished",
-                 "new_token_count")
+                 "final_only")
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer):
+                 params: SamplingParams, tokenizer, final_only: bool = False):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -39,31 +40,42 @@ class RequestState:
         now = time.time()
         self.metrics = RequestMetrics(arrival_time=now, last_token_time=now)
         self.finished = False
-        self.new_token_count = 0  # tokens added by the last apply() calls (for throughput bars)
+        # The core reports this request only as its sequences finish (no per-step rows).
+        self.final_only = final_only
 
-    def apply(self, out, result, now: float) -> None:
-        i = out.sample_index
-        new = out.new_token_ids
-        if new:
-            self.token_ids[i].extend(new)
-            self.new_token_count += len(new)
-            if self.metrics.first_token_time is None:
-                self.metrics.first_token_time = now
-            self.metrics.last_token_time = now
-        self.texts[i] += out.text_delta
-        self.num_cached_tokens = out.num_cached_tokens
-        row = out.sample_row
-        if row >= 0:
-            self.cum_logprobs[i] += float(result.sampled_logprobs[row])
-            if self.logprobs[i] is not None:
-                self.logprobs[i].append(self._token_logprobs(result, row, new[-1]))
-        if out.finished and self.finish_reasons[i] is None:
-            self.finish_reasons[i] = out.finish_reason
-            self.stop_reasons[i] = out.stop_reason
-            self.num_finished += 1
-            if self.num_finished == self.num_seqs:
-                self.finished = True
-                self.metrics.finished_time = now
+    def add_token(self, i: int, token_id: int, text_delta: str, logprob: float, result, row: int,
+                  now: float) -> None:
+        """One streamed row: sequence `i` got `token_id` (sample row `row` of `result`)."""
+        self.token_ids[i].append(token_id)
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = now
+        self.metrics.last_token_time = now
+        self.texts[i] += text_delta
+        self.cum_logprobs[i] += logprob
+        if self.logprobs[i] is not None:
+            self.logprobs[i].append(self._token_logprobs(result, row, token_id))
+
+    def finish_seq(self, f, now: float) -> None:
+        """Sequence `f.sample_index` finished (a `FinishedOutput`); a final-only one brings
+        its whole output here, a streamed one has had it row by row."""
+        i = f.sample_index
+        if self.finish_reasons[i] is not None:
+            return
+        if self.final_only:
+            self.token_ids[i] = f.token_ids
+            self.texts[i] = f.text
+            first = f.first_token_time
+            if first is not None:
+                m = self.metrics
+                m.first_token_time = first if m.first_token_time is None else min(m.first_token_time, first)
+                m.last_token_time = now
+        self.num_cached_tokens = f.num_cached_tokens
+        self.finish_reasons[i] = f.finish_reason
+        self.stop_reasons[i] = f.stop_reason
+        self.num_finished += 1
+        if self.num_finished == self.num_seqs:
+            self.finished = True
+            self.metrics.finished_time = now
 
     def _token_logprobs(self, result, row: int, token_id: int) -> dict:
         k = self.params.logprobs
