@@ -242,8 +242,8 @@ def time_steps(sched, steps, vocab_hi, rng, py=False, max_samples=1024):
 
 
 def rust_params(stop, max_tokens, final_only=False):
-    return RequestParams(max_tokens=max_tokens, ignore_eos=True, stop=stop, temperature=0.8, top_p=0.95,
-                         final_only=final_only)
+    extra = {"final_only": True} if final_only else {}  # a baseline build may predate it
+    return RequestParams(max_tokens=max_tokens, ignore_eos=True, stop=stop, temperature=0.8, top_p=0.95, **extra)
 
 
 def warm_to_decode(sched, num_seqs, vocab_hi, rng, py=False):
@@ -271,13 +271,6 @@ def bench_rust(tok, steps, rng, vocab_hi, stop):
     out["decode_1024_wait_8192"] = stats(time_steps(s, steps, vocab_hi, rng))
     assert s.num_running == 1024 and s.num_waiting == 8192
 
-    # The offline LLM's requests: detokenized and stop-checked the same, reported at the end.
-    s = Scheduler(**kw)
-    for i in range(1024):
-        s.add_request(f"f{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params(stop, 4000, True))
-    warm_to_decode(s, 1024, vocab_hi, rng)
-    out["decode_1024_final_only"] = stats(time_steps(s, steps, vocab_hi, rng))
-
     s = Scheduler(**{**kw, "max_num_seqs": 8192})
     for i in range(8192):
         s.add_request(f"a{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params(stop, 16))
@@ -292,6 +285,17 @@ def bench_rust(tok, steps, rng, vocab_hi, stop):
         s.update(ids)
         ns.append(time.perf_counter_ns() - t2 + t1 - t0)
     out["admit_8192"] = {**stats(ns), "mean_tokens_per_step": round(float(np.mean(tokens)))}
+
+    # The offline LLM's requests: detokenized and stop-checked the same, reported at the end.
+    try:
+        rust_params(stop, 1, True)
+    except TypeError:  # a baseline build from before final_only
+        return out
+    s = Scheduler(**kw)
+    for i in range(1024):
+        s.add_request(f"f{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params(stop, 4000, True))
+    warm_to_decode(s, 1024, vocab_hi, rng)
+    out["decode_1024_final_only"] = stats(time_steps(s, steps, vocab_hi, rng))
     return out
 
 
@@ -358,6 +362,10 @@ def main():
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--py-steps", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scheduler-cpu.json"))
+    ap.add_argument("--baseline", metavar="SITE", help="also run the Rust scenarios with the fastserve installed "
+                    "under SITE (e.g. `pip install --target SITE` of an earlier commit's wheel), in a subprocess")
+    ap.add_argument("--baseline-commit", default="", help="the commit SITE was built from (recorded)")
+    ap.add_argument("--rust-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     rng = np.random.default_rng(0)
     info = machine()
@@ -371,6 +379,11 @@ def main():
     if tok is not None:
         # The same decode step with detokenization off: the scheduler's own share.
         rust["decode_1024_no_detok"] = bench_rust_decode_only(args.steps, rng, vocab_hi)
+    if args.rust_only:
+        with open(args.out, "w") as f:
+            json.dump({"rust": rust, "machine": info, "calibration_1024_py_objects_us": [cal0, calibration_us()]}, f)
+        return
+    baseline = run_baseline(args) if args.baseline else None
     py = bench_python(args.py_steps, rng, vocab_hi)
     info["loadavg_1m_at_end"] = os.getloadavg()[0]
     info["calibration_1024_py_objects_us"] = [cal0, calibration_us()]
@@ -384,10 +397,36 @@ def main():
         "targets_us": {"decode_1024": 150, "decode_1024_wait_8192": 1000},
         "speedup_decode_1024": round(py["decode_1024"]["median_us"] / rust["decode_1024"]["median_us"], 1),
     }
+    if baseline is not None:
+        result["baseline"] = baseline
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    print(f"{'scenario':<26}{'median us':>10}{'p90 us':>9}{'baseline':>10}{'target':>8}")
+    base = (baseline or {}).get("rust", {})
+    for name, r in rust.items():
+        b = base.get(name, {}).get("median_us", "")
+        print(f"{name:<26}{r['median_us']:>10}{r['p90_us']:>9}{b:>10}{result['targets_us'].get(name, ''):>8}")
+    print(f"{'python reference decode_1024':<26}{py['decode_1024']['median_us']:>10}{py['decode_1024']['p90_us']:>9}")
+    print(f"calibration (1,024 Python objects): {info['calibration_1024_py_objects_us']} us; "
+          f"wrote {args.out}")
+
+
+def run_baseline(args) -> dict:
+    """The Rust scenarios of this file against an earlier build, in a fresh interpreter (its
+    fastserve from args.baseline), on this machine and in this run."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
+        cmd = [sys.executable, os.path.abspath(__file__), "--rust-only", "--steps", str(args.steps), "--out", tmp.name]
+        if args.tokenizer:
+            cmd += ["--tokenizer", args.tokenizer]
+        env = dict(os.environ, PYTHONPATH=args.baseline)
+        subprocess.run(cmd, env=env, check=True, cwd="/")
+        with open(tmp.name) as f:
+            got = json.load(f)
+    return {"commit": args.baseline_commit, "site": args.baseline, "rust": got["rust"],
+            "calibration_1024_py_objects_us": got["calibration_1024_py_objects_us"]}
 
 
 if __name__ == "__main__":
