@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness tests, then the throughput benchmarks; results under $OUT.
 # Expects python/fastserve/_core.abi3.so (built here as an abi3 wheel) and .devcarry/ with the
-# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|all]
+# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|llama|all]
+# (llama: the tests and the two Llama-3-8B benchmarks)
 set -uo pipefail
 what=${1:-all}
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -13,15 +14,20 @@ for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer; do
   cp .devcarry/${m#*:}/* bench/configs/${m%%:*}/
 done
 python3 bench/device_info.py > "$OUT/device.json"
+# Result files are named for the GPU (h100, h200, ...) so one card's results never replace another's.
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((g for g in ('h100', 'h200', 'a100', 'l40s') if g in n), 'gpu'))")
 if [ "$what" != bench ]; then
-  timeout 400 python3 -m pytest -q -p no:cacheprovider -x tests/test_gpu_engine.py -m gpu -s 2>&1 | tail -n 30
+  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_staging.py \
+      tests/test_sampler.py tests/test_step_outputs.py -s 2>&1 | tail -n 30
 fi
 if [ "$what" != tests ]; then
   tp="python3 bench/throughput.py --info $OUT/device.json --quiet"
   $tp --model bench/configs/llama3-8b --num-prompts 1 --input-len 128 --output-len 256 --backends fastserve \
-      --max-num-seqs 256 --out "$OUT/throughput-llama3-8b-batch1.json" 2>&1 | tail -n 3
+      --max-num-seqs 256 --out "$OUT/throughput-llama3-8b-batch1-$gpu.json" 2>&1 | tail -n 3
   $tp --model bench/configs/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve,hf \
-      --hf-max-prompts 256 --out "$OUT/throughput-llama3-8b-1000x512x256.json" 2>&1 | tail -n 3
-  $tp --model bench/configs/qwen3-0.6b --num-prompts 256 --random-range 100 1024 --backends fastserve \
-      --out "$OUT/throughput-qwen3-0.6b-random.json" 2>&1 | tail -n 3
+      --hf-max-prompts 256 --out "$OUT/throughput-llama3-8b-1000x512x256-$gpu.json" 2>&1 | tail -n 3
+  if [ "$what" != llama ]; then
+    $tp --model bench/configs/qwen3-0.6b --num-prompts 256 --random-range 100 1024 --backends fastserve \
+        --out "$OUT/throughput-qwen3-0.6b-random-$gpu.json" 2>&1 | tail -n 3
+  fi
 fi

@@ -72,9 +72,11 @@ class SamplingTensors:
 
     @classmethod
     def from_batch(
-        cls, batch, device: torch.device | str, vocab_size: int
+        cls, batch, device: torch.device | str, vocab_size: int, staging=None
     ) -> SamplingTensors:
-        """`batch` is a fastserve._core.Batch (or anything with its sampling attributes)."""
+        """`batch` is a fastserve._core.Batch (or anything with its sampling attributes).
+        `staging` (a worker.staging.PinnedStaging) moves every array in one copy; without
+        it each array is copied on its own."""
         temperature = np.asarray(batch.temperature, dtype=np.float32)
         top_p = np.asarray(batch.top_p, dtype=np.float32)
         top_k = np.asarray(batch.top_k).astype(np.int64)
@@ -113,32 +115,36 @@ class SamplingTensors:
             keep = banned_ids < vocab_size
             banned_rows, banned_ids = banned_rows[keep], banned_ids[keep]
 
-        def dev(a, dtype=None):
-            a = np.asarray(a) if dtype is None else np.asarray(a, dtype=dtype)
+        host = dict(
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            min_p=min_p,
+            presence_penalty=np.asarray(batch.presence_penalty, dtype=np.float32),
+            frequency_penalty=np.asarray(batch.frequency_penalty, dtype=np.float32),
+            repetition_penalty=np.asarray(batch.repetition_penalty, dtype=np.float32),
+            seeds=np.asarray(batch.seeds, dtype=np.int64),
+            sample_steps=np.asarray(batch.sample_steps, dtype=np.int64),
+            num_logprobs=num_logprobs,
+            prompt_rows=prompt_rows,
+            prompt_token_ids=np.asarray(prompt_ids, dtype=np.int64),
+            output_rows=output_rows,
+            output_token_ids=np.asarray(output_ids, dtype=np.int64),
+            banned_rows=banned_rows,
+            banned_token_ids=banned_ids,
+            top_p_rows=top_p_rows,
+            top_p_top_k_rows=top_p_top_k_rows,
+        )
+        if staging is not None:
+            tensors = dict(zip(host, staging.to_device(list(host.values()))))
+        else:
             with warnings.catch_warnings():
                 # Arrays moved out of Rust may be read-only; nothing here writes to them.
                 warnings.simplefilter("ignore", UserWarning)
-                return torch.from_numpy(a).to(device, non_blocking=True)
+                tensors = {k: torch.from_numpy(a).to(device, non_blocking=True) for k, a in host.items()}
 
         return cls(
-            temperature=dev(temperature),
-            top_p=dev(top_p),
-            top_k=dev(top_k),
-            min_p=dev(min_p),
-            presence_penalty=dev(batch.presence_penalty, np.float32),
-            frequency_penalty=dev(batch.frequency_penalty, np.float32),
-            repetition_penalty=dev(batch.repetition_penalty, np.float32),
-            seeds=dev(batch.seeds, np.int64),
-            sample_steps=dev(batch.sample_steps, np.int64),
-            num_logprobs=dev(num_logprobs),
-            prompt_rows=dev(prompt_rows),
-            prompt_token_ids=dev(prompt_ids, np.int64),
-            output_rows=dev(output_rows),
-            output_token_ids=dev(output_ids, np.int64),
-            banned_rows=dev(banned_rows),
-            banned_token_ids=dev(banned_ids),
-            top_p_rows=dev(top_p_rows),
-            top_p_top_k_rows=dev(top_p_top_k_rows),
+            **tensors,
             num_samples=s,
             all_greedy=bool(greedy.all()),
             all_random=s > 0 and bool(random.all()),

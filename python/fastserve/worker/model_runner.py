@@ -24,6 +24,7 @@ from fastserve.layers.linear import tp_rank_and_size
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import load_model
+from fastserve.worker.staging import PinnedStaging
 
 logger = logging.getLogger("fastserve")
 
@@ -107,6 +108,7 @@ class ModelRunner:
             _StepBuffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
             if self.is_cuda else None
         )
+        self.sampling_staging = PinnedStaging(self.device) if self.is_cuda else None
         # Every rank must hold the same block ids, so the rank with the least free memory
         # decides.
         self.num_blocks = all_reduce_min(self._determine_num_blocks())
@@ -209,8 +211,8 @@ class ModelRunner:
         takes the same one and meets the same collectives."""
         if self.graphs is not None and batch.num_decodes == batch.num_seqs and self.graphs.can_run(batch):
             hidden = self.graphs.run(batch)
-            logits_indices = torch.from_numpy(batch.logits_indices).to(self.device, non_blocking=True)
-            return hidden, None, logits_indices
+            b = self.buffers
+            return hidden, None, b.load(b.logits_indices, batch.logits_indices)
         input_ids, positions, meta, logits_indices = self._prepare(batch)
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         return hidden, hidden, logits_indices
@@ -237,7 +239,7 @@ class ModelRunner:
             self.batch_sender.send(batch)
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
-        st = SamplingTensors.from_batch(batch, self.device, self.vocab_size)
+        st = SamplingTensors.from_batch(batch, self.device, self.vocab_size, self.sampling_staging)
         out = self.sampler(logits, st)
 
         prompt_lp = None
