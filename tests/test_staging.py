@@ -43,14 +43,9 @@ devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def test_views_equal_arrays_across_steps_and_growth(device):
     rng = np.random.default_rng(0)
     staging = PinnedStaging(torch.device(device), capacity=256)
-    kept = check(staging, rng, 6)
-    snapshot = [v.cpu().clone() for v in kept]
     for step in range(30):
         check(staging, rng, int(rng.integers(1, 24)))
     assert staging.capacity > 256, "the buffer never had to grow: the test missed the growth path"
-    # A step's tensors keep their storage after the buffer grew (they are no longer live
-    # inputs, but reading them must not fault).
-    assert all(t.shape == v.shape for t, v in zip(snapshot, kept))
 
 
 def test_only_known_dtypes():

@@ -182,6 +182,13 @@ impl IncrementalDetokenizer {
         self.num_pushed += 1;
         let start = out.len();
         self.decode_into(token_id, out);
+        self.emit_into(out, start)
+    }
+
+    /// `out[start..]` is newly decoded text: cuts it at a stop string (holding back a
+    /// possible start of one), keeps what is emitted when `keep_text`, and finishes the
+    /// sequence on a match, whose stop-string index it returns.
+    fn emit_into(&mut self, out: &mut String, start: usize) -> Option<usize> {
         let matched = self.stop.feed_into(out, start, self.num_pushed >= self.min_tokens);
         if self.keep_text {
             self.text.push_str(&out[start..]);
@@ -270,11 +277,14 @@ impl IncrementalDetokenizer {
                 }
             }
         };
-        let (mut out, _) = self.apply_stop(rest);
+        let mut out = rest;
+        self.emit_into(&mut out, 0);
         if !self.finished {
             let held = self.stop.flush();
+            if self.keep_text {
+                self.text.push_str(&held);
+            }
             out.push_str(&held);
-            self.text.push_str(&held);
         }
         self.finished = true;
         out
@@ -292,21 +302,6 @@ impl IncrementalDetokenizer {
 
     pub fn is_finished(&self) -> bool {
         self.finished
-    }
-
-    fn apply_stop(&mut self, delta: String) -> (String, Option<String>) {
-        if self.stop.is_empty() {
-            self.text.push_str(&delta);
-            return (delta, None);
-        }
-        let fed = self.stop.feed_checked(delta, self.num_pushed >= self.min_tokens);
-        self.text.push_str(&fed.emit);
-        let matched = fed.matched.map(|i| self.stop.stop(i).to_owned());
-        if matched.is_some() {
-            self.finished = true;
-            self.stop_reason = matched.clone();
-        }
-        (fed.emit, matched)
     }
 
     fn decode_into(&mut self, id: u32, out: &mut String) {
