@@ -191,6 +191,9 @@ class ModelConfig:
     seed: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
+    # The checkpoint's quantization (None: unquantized); every linear layer receives it with
+    # its checkpoint name and picks its weight layout and matmul from it.
+    quant_config: Any = None
 
     @classmethod
     def from_pretrained(

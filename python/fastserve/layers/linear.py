@@ -6,6 +6,11 @@ Packed layers (QKV, gate/up) take HF's separate tensors one shard at a time:
 QKVParallelLinear with shard_id "q" / "k" / "v", MergedColumnParallelLinear with 0, 1, ...
 
 With no process group (or a group of one) every layer is a plain `F.linear`.
+
+Every constructor takes `quant_config` (the model's quantization config, None for an
+unquantized checkpoint) and `prefix` (the layer's dotted name in the checkpoint, e.g.
+"model.layers.0.self_attn.qkv_proj"), so that a quantization format can choose per module
+(GPTQ `dynamic` overrides, `modules_to_not_convert`, compressed-tensors `ignore`).
 """
 
 from __future__ import annotations
@@ -45,8 +50,11 @@ class LinearBase(nn.Module):
     `tp_dim` is the weight dimension split across ranks (0: output/column, 1: input/row,
     None: replicated)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, *,
+                 quant_config=None, prefix: str = ""):
         super().__init__()
+        self.quant_config = quant_config
+        self.prefix = prefix
         self.tp_rank, self.tp_size = tp_rank_and_size()
         self.tp_dim = tp_dim
         self.input_size = input_size
@@ -83,8 +91,8 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None)
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
+        super().__init__(input_size, output_size, bias, None, quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         self._copy(param.data, loaded_weight, type(self).__name__)
@@ -93,9 +101,10 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output features split across ranks; no communication (the next RowParallel reduces)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
         tp_size = tp_rank_and_size()[1]
-        super().__init__(input_size, _check_divisible(output_size, tp_size, "output size"), bias, 0)
+        super().__init__(input_size, _check_divisible(output_size, tp_size, "output size"), bias, 0,
+                         quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         size = param.data.size(0)
@@ -106,9 +115,10 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (gate_up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, *, quant_config=None,
+                 prefix: str = ""):
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias)
+        super().__init__(input_size, sum(output_sizes), bias, quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if shard_id is None or not 0 <= shard_id < len(self.output_sizes):
@@ -125,7 +135,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     KV heads are replicated when there are fewer than ranks (MQA under TP)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False):
+    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False,
+                 *, quant_config=None, prefix: str = ""):
         tp_rank, tp_size = tp_rank_and_size()
         self.head_dim = head_dim
         self.num_heads = _check_divisible(total_num_heads, tp_size, "num_attention_heads")
@@ -136,7 +147,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.num_kv_heads = 1
             self.kv_replicas = _check_divisible(tp_size, total_num_kv_heads, "tensor_parallel_size over num_key_value_heads")
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
-        super().__init__(hidden_size, output_size, bias)
+        super().__init__(hidden_size, output_size, bias, quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         q_size = self.num_heads * self.head_dim
@@ -157,9 +168,10 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(LinearBase):
     """Input features split across ranks; partial products are summed with an all-reduce."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
         tp_size = tp_rank_and_size()[1]
-        super().__init__(_check_divisible(input_size, tp_size, "input size"), output_size, bias, 1)
+        super().__init__(_check_divisible(input_size, tp_size, "input size"), output_size, bias, 1,
+                         quant_config=quant_config, prefix=prefix)
 
     def weight_loader(self, param, loaded_weight, shard_id=None):
         if param.data.dim() == 1:  # the bias is added once, after the reduction

@@ -42,17 +42,20 @@ def _arch_flags(config: ModelConfig) -> dict:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig, flags: dict):
+    def __init__(self, config: ModelConfig, flags: dict, prefix: str):
         super().__init__()
         self.head_dim = config.head_dim
+        quant = config.quant_config
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_kv_heads, bias=flags["qkv_bias"]
+            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_kv_heads, bias=flags["qkv_bias"],
+            quant_config=quant, prefix=f"{prefix}.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=flags["o_bias"])
+        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=flags["o_bias"],
+                                        quant_config=quant, prefix=f"{prefix}.o_proj")
         self.rotary_emb = get_rope(
             self.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
@@ -76,11 +79,14 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: ModelConfig, flags: dict):
+    def __init__(self, config: ModelConfig, flags: dict, prefix: str):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=flags["mlp_bias"])
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=flags["mlp_bias"])
+        quant = config.quant_config
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=flags["mlp_bias"],
+                                                       quant_config=quant, prefix=f"{prefix}.gate_up_proj")
+        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=flags["mlp_bias"],
+                                           quant_config=quant, prefix=f"{prefix}.down_proj")
         self.act_fn = get_act_and_mul(config.hidden_act)
 
     def forward(self, x):
@@ -88,10 +94,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, flags: dict):
+    def __init__(self, config: ModelConfig, flags: dict, prefix: str):
         super().__init__()
-        self.self_attn = LlamaAttention(config, flags)
-        self.mlp = LlamaMLP(config, flags)
+        self.self_attn = LlamaAttention(config, flags, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, flags, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -110,7 +116,9 @@ class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig, flags: dict):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, flags) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, flags, f"model.layers.{i}") for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions, meta: AttentionMetadata, kv_caches: list[torch.Tensor]):
