@@ -79,6 +79,11 @@ PARITY_CASES = [
                  {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="preemption"),
     pytest.param("llama", {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
                  {"shared_prefix": 20}, id="preemption+chunked+prefix"),
+    # Decode steps through the CUDA-graph inputs (padded to the captured sizes 1, 2, 4, 5),
+    # run eagerly on CPU: padding rows must change nothing.
+    pytest.param("llama", {"emulate_decode_graphs": True, "max_num_seqs": 5}, {}, id="decode-graph-inputs"),
+    pytest.param("qwen2", {"emulate_decode_graphs": True, "num_gpu_blocks_override": 9, "max_model_len": 128},
+                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="decode-graph-inputs+preemption"),
 ]
 
 
@@ -97,6 +102,8 @@ def test_greedy_matches_hf(checkpoints, variant, llm_kwargs, prompt_kwargs):
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
         assert out.outputs[0].finish_reason == "length"
     sched = llm.engine.scheduler
+    if llm_kwargs.get("emulate_decode_graphs"):
+        assert llm.engine.runner.graphs is not None and not llm.engine.runner.graphs.captured
     if "shared_prefix" in prompt_kwargs and "num_gpu_blocks_override" not in llm_kwargs:
         assert sum(o.num_cached_tokens for o in outs) > 0, "shared prefix should hit the prefix cache"
     if "num_gpu_blocks_override" in llm_kwargs:

@@ -230,6 +230,7 @@ class Scheduler:
         block_size: int = 16,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 8192,
+        max_num_sample_rows: int | None = None,
         enable_prefix_caching: bool = True,
         enable_chunked_prefill: bool = True,
         tokenizer: Tokenizer | None = None,
@@ -244,7 +245,12 @@ class Scheduler:
         """Frees every block of the request at once; True if it was known. Its sequences come
         back in the next update()'s `finished` (finish_reason "abort")."""
     def schedule(self) -> Batch | None:
-        """None when nothing is runnable."""
+        """None when nothing is runnable. A Batch never exceeds max_num_seqs rows,
+        max_num_batched_tokens tokens or max_num_sample_rows sample rows (default
+        max_num_seqs + 128): work past a limit waits for a later step."""
+    def discard_pending(self) -> bool:
+        """Drops the pending Batch unrun (the worker refused it): its sequences keep their
+        blocks and computed tokens and are scheduled again. True if one was pending."""
     def update(self, sampled_token_ids: npt.NDArray[np.int64], now: float = 0.0) -> StepOutputs:
         """One sampled id per sample row of the last Batch. Appends, detokenizes, checks
         stop strings / stop ids / EOS / max_tokens / max_model_len, frees finished blocks.
@@ -260,6 +266,14 @@ class Scheduler:
     def num_total_blocks(self) -> int: ...
     @property
     def num_preemptions(self) -> int: ...
+    @property
+    def max_num_seqs(self) -> int: ...
+    @property
+    def max_num_batched_tokens(self) -> int: ...
+    @property
+    def max_num_sample_rows(self) -> int: ...
+    @property
+    def max_model_len(self) -> int: ...
     @property
     def prefix_cache_queried_tokens(self) -> int: ...
     @property

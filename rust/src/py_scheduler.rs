@@ -12,6 +12,10 @@ use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
 use crate::scheduler::{Scheduler as CoreScheduler, SchedulerConfig};
 
+/// Sample rows a step may add past its max_num_seqs one-sample rows when no limit is given:
+/// one request of the server's largest n / best_of (128) finishing its prompt.
+const DEFAULT_MAX_N: usize = 128;
+
 #[pyclass(module = "fastserve._core")]
 pub struct Scheduler {
     core: CoreScheduler,
@@ -63,8 +67,8 @@ impl Scheduler {
     #[new]
     #[pyo3(signature = (
         *, num_blocks, max_model_len, block_size = 16, max_num_seqs = 256,
-        max_num_batched_tokens = 8192, enable_prefix_caching = true, enable_chunked_prefill = true,
-        tokenizer = None, eos_token_ids = vec![], seed = 0
+        max_num_batched_tokens = 8192, max_num_sample_rows = None, enable_prefix_caching = true,
+        enable_chunked_prefill = true, tokenizer = None, eos_token_ids = vec![], seed = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -74,6 +78,7 @@ impl Scheduler {
         block_size: usize,
         max_num_seqs: usize,
         max_num_batched_tokens: usize,
+        max_num_sample_rows: Option<usize>,
         enable_prefix_caching: bool,
         enable_chunked_prefill: bool,
         tokenizer: Option<PyRef<'_, PyTokenizer>>,
@@ -86,6 +91,7 @@ impl Scheduler {
             max_model_len,
             max_num_seqs,
             max_num_batched_tokens,
+            max_num_sample_rows: max_num_sample_rows.unwrap_or(max_num_seqs + DEFAULT_MAX_N),
             enable_prefix_caching,
             enable_chunked_prefill,
             eos_token_ids,
@@ -107,6 +113,16 @@ impl Scheduler {
 
     fn abort_request(&mut self, request_id: &str) -> bool {
         self.core.abort_request(request_id)
+    }
+
+    /// Drops the pending batch unrun (the worker refused it before running anything): its
+    /// sequences are scheduled again next step. True if a batch was pending.
+    fn discard_pending(&mut self) -> bool {
+        let dropped = self.core.discard_pending();
+        if dropped {
+            self.step += 1;
+        }
+        dropped
     }
 
     fn schedule(slf: &Bound<'_, Self>) -> PyResult<Option<Batch>> {
@@ -170,6 +186,22 @@ impl Scheduler {
     #[getter]
     fn prefix_cache_hit_tokens(&self) -> u64 {
         self.core.prefix_cache_hit_tokens
+    }
+    #[getter]
+    fn max_num_seqs(&self) -> usize {
+        self.core.cfg.max_num_seqs
+    }
+    #[getter]
+    fn max_num_batched_tokens(&self) -> usize {
+        self.core.cfg.max_num_batched_tokens
+    }
+    #[getter]
+    fn max_num_sample_rows(&self) -> usize {
+        self.core.cfg.max_num_sample_rows
+    }
+    #[getter]
+    fn max_model_len(&self) -> usize {
+        self.core.cfg.max_model_len
     }
     #[getter]
     fn block_size(&self) -> usize {

@@ -11,13 +11,26 @@ use crate::sequence::{child_seed, splitmix64, FinishReason, Request, SampleParam
 use crate::stop::StopSet;
 use crate::tokenizer::{CoreTokenizer, IncrementalDetokenizer};
 
+/// The per-step limits are the bounds the worker sizes its fixed per-step buffers from
+/// (`fastserve/worker/step_buffers.py` lists each buffer with the limit that makes it safe):
+/// a step never holds more than `max_num_seqs` rows, `max_num_batched_tokens` tokens or
+/// `max_num_sample_rows` sample rows. Work past a limit waits for the next step.
 #[derive(Clone, Debug)]
 pub struct SchedulerConfig {
     pub num_blocks: usize,
     pub block_size: usize,
     pub max_model_len: usize,
+    /// Rows (sequences) per step.
     pub max_num_seqs: usize,
+    /// Tokens per step (the sum of the rows' query lengths).
     pub max_num_batched_tokens: usize,
+    /// Sample rows (logits rows sampled) per step. A row yields one sample, except the row
+    /// that finishes an n > 1 prompt, which yields n (one per child): n prompts finishing in
+    /// one step would otherwise multiply a step's sample rows without bound. Deferral, not a
+    /// growing buffer: a prompt whose last chunk would pass the limit computes all but its
+    /// last token now and finishes in a later step, so the logits and sampler buffers keep a
+    /// fixed size and the memory profile covers them. At least the largest n it admits.
+    pub max_num_sample_rows: usize,
     pub enable_prefix_caching: bool,
     pub enable_chunked_prefill: bool,
     pub eos_token_ids: Vec<u32>,
@@ -40,6 +53,9 @@ impl SchedulerConfig {
         }
         if self.max_num_batched_tokens == 0 {
             return Err("max_num_batched_tokens must be at least 1".into());
+        }
+        if self.max_num_sample_rows == 0 {
+            return Err("max_num_sample_rows must be at least 1".into());
         }
         if !self.enable_chunked_prefill && self.max_num_batched_tokens < self.max_model_len {
             return Err(format!(
@@ -197,6 +213,8 @@ pub struct Scheduler {
     rng: u64,
     pending: Option<Vec<Scheduled>>,
     pending_samples: usize,
+    /// Sample rows of the step being scheduled so far (bounded by max_num_sample_rows).
+    step_samples: usize,
     /// Abort outputs waiting for the next update(); their slots are released once no
     /// pending batch can still name them.
     abort_outputs: Vec<FinishedSeq>,
@@ -289,6 +307,7 @@ impl Scheduler {
             rng: splitmix64(cfg.seed),
             pending: None,
             pending_samples: 0,
+            step_samples: 0,
             abort_outputs: vec![],
             deferred_requests: vec![],
             decode_rows: vec![],
@@ -362,6 +381,13 @@ impl Scheduler {
             ));
         }
         params.validate()?;
+        if params.n as usize > self.cfg.max_num_sample_rows {
+            return Err(format!(
+                "n (sequences per request, best_of when set) is {} but one step samples at most {} rows \
+                 (max_num_sample_rows): lower n / best_of or raise max_num_sample_rows",
+                params.n, self.cfg.max_num_sample_rows
+            ));
+        }
         if !params.stop.is_empty() && (self.tokenizer.is_none() || !params.detokenize) {
             return Err("stop strings need detokenized text: pass a tokenizer to the Scheduler and keep \
                         detokenize=True, or use stop_token_ids"
@@ -523,6 +549,7 @@ impl Scheduler {
             for rows in [&mut self.decode_rows, &mut self.prefill_rows] {
                 if let Some(k) = rows.iter().rposition(|r| r.seq == s) {
                     *budget += rows[k].num_new as usize;
+                    self.step_samples -= rows[k].num_samples as usize;
                     rows.remove(k);
                 }
             }
@@ -536,8 +563,11 @@ impl Scheduler {
     fn schedule_running(&mut self, s: u32, budget: &mut usize, preempted: &mut bool) {
         let seq = seq_ref(&self.seqs, s);
         let rem = seq.num_remaining();
-        let num_new = rem.min(*budget);
+        let mut num_new = rem.min(*budget);
         if num_new < rem && !self.cfg.enable_chunked_prefill {
+            return;
+        }
+        if !self.fits_samples(seq, rem, &mut num_new) {
             return;
         }
         let need = self.bm.blocks_for(seq.num_computed + num_new);
@@ -550,6 +580,7 @@ impl Scheduler {
                 let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
                 if rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
                 *budget -= num_new;
+                self.step_samples += num_samples as usize;
                 return;
             }
             let victim = self.running.pop().expect("the sequence at hand is running");
@@ -559,6 +590,21 @@ impl Scheduler {
                 return;
             }
         }
+    }
+
+    /// Whether `seq`'s chunk of `num_new` tokens (of `rem` left) keeps the step within
+    /// max_num_sample_rows; a chunk that would finish the prompt past the limit is cut one
+    /// token short (no sample this step, the last token next step) when chunked prefill allows.
+    fn fits_samples(&self, seq: &Sequence, rem: usize, num_new: &mut usize) -> bool {
+        let k = self.samples_for(seq, seq.num_computed + *num_new) as usize;
+        if self.step_samples + k <= self.cfg.max_num_sample_rows {
+            return true;
+        }
+        if *num_new > 1 && *num_new == rem && self.cfg.enable_chunked_prefill {
+            *num_new -= 1;
+            return true;
+        }
+        false
     }
 
     fn samples_for(&self, seq: &Sequence, end: usize) -> u32 {
@@ -586,6 +632,7 @@ impl Scheduler {
         let mut budget = self.cfg.max_num_batched_tokens;
         self.decode_rows.clear();
         self.prefill_rows.clear();
+        self.step_samples = 0;
         let mut preempted = false;
 
         // Running sequences first (decodes, then unfinished prefills), oldest first; when the
@@ -646,13 +693,21 @@ impl Scheduler {
             }
             let computed = seq.num_computed.max(self.hit_buf.len() * bs);
             let rem = seq.tokens.len() - computed;
-            let num_new = if self.cfg.enable_chunked_prefill {
+            let mut num_new = if self.cfg.enable_chunked_prefill {
                 rem.min(budget)
             } else if rem <= budget {
                 rem
             } else {
                 break;
             };
+            let k = if computed + num_new < seq.tokens.len() { 0 } else if seq.pending_fork { seq.sp.n as usize } else { 1 };
+            if self.step_samples + k > self.cfg.max_num_sample_rows {
+                if num_new > 1 && num_new == rem && self.cfg.enable_chunked_prefill {
+                    num_new -= 1;
+                } else {
+                    break;
+                }
+            }
             let blocks = self.bm.blocks_for(computed + num_new);
             let need = blocks - self.hit_buf.len() - seq.block_table.len() + self.bm.free_among(&self.hit_buf);
             if need > self.bm.num_free_blocks() {
@@ -681,6 +736,7 @@ impl Scheduler {
             let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
             if num_new == 1 && rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
             budget -= num_new;
+            self.step_samples += num_samples as usize;
         }
 
         if self.decode_rows.is_empty() && self.prefill_rows.is_empty() {
@@ -944,6 +1000,20 @@ impl Scheduler {
         Ok(res)
     }
 
+    /// Drops the pending batch without running it: its sequences keep their blocks and
+    /// computed tokens and are scheduled again by the next schedule(). For a step the worker
+    /// refused before running anything (a request it failed alone is aborted first).
+    pub fn discard_pending(&mut self) -> bool {
+        let Some(rows) = self.pending.take() else { return false };
+        for r in rows {
+            if let Some(Some(seq)) = self.seqs.get_mut(r.seq as usize) {
+                seq.scheduled = false;
+            }
+        }
+        self.pending_samples = 0;
+        true
+    }
+
     /// Splits a request whose prompt just finished into its n sequences: children share the
     /// parent's full prompt blocks and recompute the partial last block themselves, so no
     /// block copy is needed on the device.
@@ -1124,6 +1194,7 @@ mod tests {
             max_model_len: 96,
             max_num_seqs,
             max_num_batched_tokens: max_tokens,
+            max_num_sample_rows: max_num_seqs + 3,
             enable_prefix_caching: true,
             enable_chunked_prefill: true,
             eos_token_ids: vec![],
@@ -1141,6 +1212,7 @@ mod tests {
         assert_eq!(*b.query_start_loc.last().unwrap() as usize, b.num_tokens);
         assert!(b.num_tokens <= s.cfg.max_num_batched_tokens);
         assert!(b.num_seqs <= s.cfg.max_num_seqs);
+        assert!(b.num_samples <= s.cfg.max_num_sample_rows);
         for row in 0..b.num_seqs {
             let (q0, q1) = (b.query_start_loc[row] as usize, b.query_start_loc[row + 1] as usize);
             assert!(q1 > q0);
@@ -1164,6 +1236,8 @@ mod tests {
         Add(Vec<u32>, u32, u32, bool),
         Step,
         Abort(usize),
+        /// schedule() then discard_pending(): the worker refused the batch.
+        Discard,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -1172,6 +1246,7 @@ mod tests {
                 .prop_map(|(p, n, m, f)| Op::Add(p, n, m, f)),
             5 => Just(Op::Step),
             1 => any::<usize>().prop_map(Op::Abort),
+            1 => Just(Op::Discard),
         ]
     }
 
@@ -1183,8 +1258,11 @@ mod tests {
         /// streamed one gets a row per token.
         #[test]
         fn scheduler_invariants(ops in proptest::collection::vec(op(), 1..60),
-                                blocks in 14usize..40, seqs in 1usize..6, budget in 1usize..40) {
-            let mut s = Scheduler::new(cfg(blocks, seqs, budget), None).unwrap();
+                                blocks in 14usize..40, seqs in 1usize..6, budget in 1usize..40,
+                                samples in 3usize..9) {
+            // Sample-row limits from 3 (the largest n below) up: prompts finishing with n > 1
+            // must wait for room, never overflow it.
+            let mut s = Scheduler::new(SchedulerConfig { max_num_sample_rows: samples, ..cfg(blocks, seqs, budget) }, None).unwrap();
             let mut expect: std::collections::HashMap<String, (u32, u32)> = Default::default();
             let mut got: std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)> = Default::default();
             let mut rows: std::collections::HashMap<(String, u32), u32> = Default::default();
@@ -1235,6 +1313,13 @@ mod tests {
                         }
                     }
                     Op::Step => { step(&mut s, &mut got, &mut rng); }
+                    Op::Discard => {
+                        if let Some(b) = s.schedule().unwrap() {
+                            check_batch(&s, &b);
+                            prop_assert!(s.discard_pending());
+                        }
+                        prop_assert!(!s.discard_pending());
+                    }
                     Op::Abort(i) => {
                         if next > 0 {
                             for kind in ['r', 'f'] {
@@ -1289,6 +1374,29 @@ mod tests {
     }
 
     #[test]
+    fn prompts_finishing_with_n_wait_for_sample_rows() {
+        // 9 prompts of n = 4 with room for 6 sample rows a step (the server's crash: 9 x n
+        // rows in one step): each step finishes at most one prompt's 4 children on top of
+        // the running decodes, and every child still gets all of its tokens.
+        let mut s = Scheduler::new(SchedulerConfig { max_num_sample_rows: 6, ..cfg(400, 64, 512) }, None).unwrap();
+        for i in 0..9 {
+            s.add_request(&format!("r{i}"), vec![1, 2, 3, 4, 5, 6, i], params(4, 3)).unwrap();
+        }
+        assert!(s.add_request("too-many", vec![1], params(7, 3)).unwrap_err().contains("max_num_sample_rows"));
+        let mut finished = 0;
+        for _ in 0..200 {
+            let Some(b) = s.schedule().unwrap() else { break };
+            check_batch(&s, &b);
+            assert!(b.num_samples <= 6, "{} sample rows", b.num_samples);
+            let ids = vec![7i64; b.num_samples];
+            finished += s.update(&ids, 0.0).unwrap().finished.len();
+            s.check_invariants().unwrap();
+        }
+        assert_eq!(finished, 36);
+        assert!(!s.has_unfinished());
+    }
+
+    #[test]
     fn preemption_recomputes_with_cache_hits() {
         // 6 blocks of 4: two 9-token prompts fit (3 blocks each) until both grow.
         let mut s = Scheduler::new(cfg(6, 4, 64), None).unwrap();
@@ -1328,6 +1436,7 @@ mod timing {
                 max_model_len: 8192,
                 max_num_seqs: 1024,
                 max_num_batched_tokens: 8192,
+                max_num_sample_rows: 1024 + 128,
                 enable_prefix_caching: true,
                 enable_chunked_prefill: true,
                 eos_token_ids: vec![0],

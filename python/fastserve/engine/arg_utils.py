@@ -26,6 +26,8 @@ class EngineArgs:
     data_parallel_size: int = 1
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    # Sample rows per step (None: max_num_seqs + the largest n, 128); see worker/step_buffers.py.
+    max_num_sample_rows: int | None = None
     enforce_eager: bool = False
     seed: int = 0
     enable_prefix_caching: bool = True
@@ -47,6 +49,9 @@ class EngineArgs:
     # Test hook: called with the Batch before each model step (lets a test inject a fault
     # into the step loop without mocking the engine).
     step_hook: object = field(default=None, repr=False)
+    # Test hook: on CPU, run decode-only steps through the CUDA-graph input path (padded
+    # static buffers) eagerly, so CPU tests cover what only the GPU would otherwise run.
+    emulate_decode_graphs: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -65,6 +70,7 @@ class EngineArgs:
         _positive("data_parallel_size", self.data_parallel_size)
         _positive("max_num_seqs", self.max_num_seqs)
         _positive("max_num_batched_tokens", self.max_num_batched_tokens, allow_none=True)
+        _positive("max_num_sample_rows", self.max_num_sample_rows, allow_none=True)
         _positive("max_model_len", self.max_model_len, allow_none=True)
         _positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         if self.block_size not in (8, 16, 32, 64, 128):

@@ -14,15 +14,12 @@ import threading
 from collections.abc import AsyncIterator
 
 from fastserve.engine.arg_utils import EngineArgs
-from fastserve.engine.engine import Engine, RequestError  # noqa: F401 - re-exported for the server
+from fastserve.engine.engine import Engine
+from fastserve.errors import EngineDeadError, RequestError  # noqa: F401 - re-exported for the server
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
 logger = logging.getLogger("fastserve")
-
-
-class EngineDeadError(RuntimeError):
-    pass
 
 
 class AsyncEngine:

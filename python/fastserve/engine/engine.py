@@ -17,31 +17,17 @@ from fastserve._core import Scheduler, Tokenizer
 from fastserve.config import ModelConfig
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.engine.request_state import RequestState
+from fastserve.errors import RequestError, StepLimitError
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 from fastserve.worker.model_runner import ModelRunner, resolve_device
+from fastserve.worker.step_buffers import StepLimits
 
 logger = logging.getLogger("fastserve")
 
 # Scheduler token budget when the user gives none: vLLM's default for chunked prefill on
 # large GPUs; the CPU path keeps steps short so tests stay quick.
 _DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
-
-
-class RequestError(RuntimeError):
-    """A failure that belongs to one request: the engine fails that request alone and keeps
-    serving the rest of the batch. Per-request work (the step hook when it targets a row,
-    routing a request's outputs) raises or is wrapped into this; any other exception in a
-    step cannot be attributed and stops the engine."""
-
-    def __init__(self, request_id: str, message: str) -> None:
-        super().__init__(f"request {request_id!r}: {message}")
-        self.request_id = request_id
-        self.message = message
-
-    def __reduce__(self):
-        # Data-parallel replicas send it through a pipe; the default would call cls(str).
-        return (type(self), (self.request_id, self.message))
 
 
 class Engine:
@@ -74,12 +60,11 @@ class Engine:
             self.runner = self.executor.runner
         else:
             self.runner = ModelRunner(args, self.model_config)
+        # The same limits the runner sized its step buffers from (worker/step_buffers.py).
+        limits = StepLimits.from_args(args, self.model_config.max_model_len)
         self.scheduler = Scheduler(
             num_blocks=self.runner.num_blocks,
-            max_model_len=self.model_config.max_model_len,
-            block_size=args.block_size,
-            max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
+            **limits.scheduler_kwargs(),
             enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill,
             tokenizer=self.tokenizer,
@@ -183,7 +168,11 @@ class Engine:
                 # request aborted after schedule(), and the aborted rows only write KV into
                 # slots of blocks just freed (nothing allocates before the next schedule()).
                 self._fail(e, touched, e)
-        result = self.runner.execute(batch, self._prompt_logprobs_k(batch))
+        try:
+            result = self.runner.execute(batch, self._prompt_logprobs_k(batch))
+        except StepLimitError as e:
+            self._refuse_step(batch, e, touched)
+            return list(touched.values())
         if result.prompt_logprobs is not None:
             self._route_prompt_logprobs(batch, result.prompt_logprobs, touched)
         now = time.time()
@@ -238,6 +227,15 @@ class Engine:
             return 0
         states = (self.requests.get(batch.request_id(int(r))) for r in np.unique(rows))
         return max((s.params.prompt_logprobs or 0 for s in states if s is not None), default=0)
+
+    def _refuse_step(self, batch, err: StepLimitError, touched: dict[str, RequestState]) -> None:
+        """The worker refused the batch before running anything (a step limit the scheduler
+        should have kept): drop the step, fail the request of the first row past the limit
+        as an internal error, and let everyone else run again next step."""
+        rid = str(batch.request_id(err.row))
+        logger.error("step refused by the worker, failing request %s alone: %s", rid, err)
+        self.scheduler.discard_pending()
+        self._fail(RequestError(rid, str(err)), touched, err)
 
     def _fail(self, err: RequestError, touched: dict[str, RequestState], cause: BaseException) -> None:
         state = self.requests.pop(err.request_id, None)

@@ -198,6 +198,10 @@ class LLM:
             while len(results) < len(ids):
                 for state in engine.step():
                     if state.finished:
+                        err = engine.request_errors.pop(state.request_id, None)
+                        if err is not None:
+                            # Its output is kept (finish_reason "abort"); the rest run on.
+                            logger.error("request %s failed alone: %s", state.request_id, err)
                         results[state.request_id] = state.to_output()
                         in_done += len(state.prompt_token_ids)
                         bar.update(1)

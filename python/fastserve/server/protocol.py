@@ -13,15 +13,14 @@ import msgspec
 
 from .errors import bad_request
 
-# vLLM's default --max-logprobs: the number of alternatives a request may ask for.
-MAX_LOGPROBS = 20
-# Bounds on what one request may make the engine hold or check per token (vLLM has none;
-# without them n=10**6 or 10**5 stop strings from one client would stall everyone).
-MAX_N = 128                   # n and best_of
-MAX_STOP_STRINGS = 64         # checked against the new text at every token
-MAX_STOP_STRING_CHARS = 1024
-MAX_TOKEN_ID_LIST = 1024      # stop_token_ids, and bad_words entries
-MAX_PROMPTS = 1024            # prompts in one /v1/completions request
+from ..limits import (  # noqa: F401 - the request limits, re-exported for the server
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKEN_ID_LIST,
+)
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):

@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 import msgspec
 from aiohttp import web
 
+from ..errors import RequestError
 from .errors import APIError, bad_request, from_validation_error, param_from_value_error
 from .metrics import ServerMetrics
 
@@ -180,10 +181,6 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     """engine.generate with the request's metrics; aborts the request (freeing its KV blocks
     at once) when the consumer goes away before it finished: a client disconnect cancels the
     handler, and the cancellation unwinds through here."""
-    # Imported here: the engine (and torch) is loaded by now, while this module must import
-    # quickly so the listener is up before the model starts loading.
-    from fastserve.engine.engine import RequestError as _RequestError
-
     engine = state.engine
     m = state.metrics
     start = time.monotonic()
@@ -195,7 +192,7 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     except ValueError as e:  # the engine's own validation, before anything ran
         fields = {f: f for f in (*_SP_FIELDS, "prompt")}
         raise bad_request(str(e), param_from_value_error(str(e), fields)) from None
-    except _RequestError as e:
+    except RequestError as e:
         raise _request_failed(e) from None
     except BaseException:  # cancelled (client gone) before the first token, or engine error
         with contextlib.suppress(Exception):
@@ -223,7 +220,7 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
                     finished = True
                     reason = out.outputs[0].finish_reason if out.outputs else None
                 yield out
-        except _RequestError as e:
+        except RequestError as e:
             raise _request_failed(e) from None
     finally:
         if not finished:

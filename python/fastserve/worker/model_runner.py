@@ -1,10 +1,12 @@
 """ModelRunner: owns the model, the KV cache and the step's device buffers; turns one
 `fastserve._core.Batch` into sampled token ids.
 
-Per step the Batch's flat numpy arrays are copied (one memcpy each) into persistent pinned
-host buffers and from there, asynchronously, into persistent device buffers; the only
+Per step the Batch's flat numpy arrays are copied (one memcpy each) into persistent host
+buffers (pinned on CUDA) and from there, asynchronously, into persistent device buffers
+sized from the scheduler's step limits (worker/step_buffers.py lists them); the only
 host<->device sync is reading the sampled ids back. Decode-only steps replay a CUDA graph
-captured for the nearest padded batch size (see cuda_graphs.py)."""
+captured for the nearest padded batch size (see cuda_graphs.py). The CPU runner takes the
+same buffer path, so CPU tests exercise it."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_lo
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import load_model
 from fastserve.worker.staging import PinnedStaging
+from fastserve.worker.step_buffers import StepBuffers, StepLimits
 
 logger = logging.getLogger("fastserve")
 
@@ -49,47 +52,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class _StepBuffers:
-    """Persistent pinned host + device buffers for the Batch arrays (GPU only)."""
-
-    def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, device: torch.device):
-        def pair(shape, dtype):
-            return (torch.zeros(shape, dtype=dtype, pin_memory=True), torch.zeros(shape, dtype=dtype, device=device))
-
-        self.input_ids = pair(max_tokens, torch.int64)
-        self.positions = pair(max_tokens, torch.int64)
-        self.slot_mapping = pair(max_tokens, torch.int64)
-        self.query_start_loc = pair(max_seqs + 1, torch.int32)
-        self.seq_lens = pair(max_seqs, torch.int32)
-        self.block_tables = pair((max_seqs, max_blocks), torch.int32)
-        self.logits_indices = pair(max_seqs * 4, torch.int64)
-
-    @staticmethod
-    def load(buf: tuple[torch.Tensor, torch.Tensor], array: np.ndarray) -> torch.Tensor:
-        host, dev = buf
-        if array.ndim == 2:
-            rows, cols = array.shape
-            h = host[:rows, :cols]
-            h.numpy()[...] = array
-            d = dev[:rows, :cols]
-            d.copy_(h, non_blocking=True)
-            return d
-        n = array.shape[0]
-        host[:n].numpy()[...] = array
-        d = dev[:n]
-        d.copy_(host[:n], non_blocking=True)
-        return d
-
-
 class ModelRunner:
     def __init__(self, args: EngineArgs, model_config: ModelConfig):
         self.args = args
         self.config = model_config
         self.device = model_config.device
         self.block_size = args.block_size
+        self.limits = StepLimits.from_args(args, model_config.max_model_len)
         self.max_num_seqs = args.max_num_seqs
         self.max_num_batched_tokens = args.max_num_batched_tokens
-        self.max_blocks_per_seq = math.ceil(model_config.max_model_len / args.block_size)
+        self.max_num_sample_rows = self.limits.max_num_sample_rows
+        self.max_blocks_per_seq = self.limits.max_blocks_per_seq
         torch.manual_seed(args.seed)
         self.tp_rank, self.tp_size = tp_rank_and_size()
         self.num_kv_heads = model_config.get_num_kv_heads(self.tp_size)
@@ -104,11 +77,8 @@ class ModelRunner:
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         self.is_cuda = self.device.type == "cuda"
-        self.buffers = (
-            _StepBuffers(self.max_num_batched_tokens, self.max_num_seqs, self.max_blocks_per_seq, self.device)
-            if self.is_cuda else None
-        )
-        self.sampling_staging = PinnedStaging(self.device) if self.is_cuda else None
+        self.buffers = StepBuffers(self.limits, self.device)
+        self.sampling_staging = PinnedStaging(self.device)
         # Every rank must hold the same block ids, so the rank with the least free memory
         # decides.
         self.num_blocks = all_reduce_min(self._determine_num_blocks())
@@ -130,6 +100,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self)
             logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
                         self.graphs.sizes, time.perf_counter() - t0)
+        elif not self.is_cuda and args.emulate_decode_graphs:
+            from fastserve.worker.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, capture=False)
 
     def _block_bytes(self) -> int:
         c = self.config
@@ -146,7 +120,8 @@ class ModelRunner:
     @torch.inference_mode()
     def _profile_peak_bytes(self) -> int:
         """Peak memory of the largest step: max_num_batched_tokens prompt tokens over a
-        throwaway cache just big enough for them, plus logits and sampling for max_num_seqs."""
+        throwaway cache just big enough for them, plus logits and the sampler's heaviest
+        path (penalties, top-p sort, logprobs) for max_num_sample_rows rows."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         tokens = self.max_num_batched_tokens
@@ -174,8 +149,10 @@ class ModelRunner:
         )
         input_ids = torch.randint(0, self.vocab_size, (tokens,), device=self.device)
         hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), meta, scratch)
-        logits = self.model.compute_logits(hidden[qsl[1:] - 1].repeat(math.ceil(self.max_num_seqs / seqs), 1)[: self.max_num_seqs])
-        logits.softmax(dim=-1).argmax(dim=-1)
+        rows = self.max_num_sample_rows
+        logits = self.model.compute_logits(hidden[qsl[1:] - 1].repeat(math.ceil(rows / seqs), 1)[:rows])
+        self.sampler(logits, SamplingTensors.from_batch(_heaviest_sampling(rows), self.device, self.vocab_size,
+                                                        self.sampling_staging))
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
@@ -186,14 +163,6 @@ class ModelRunner:
     # -- one step ---------------------------------------------------------------------------
 
     def _prepare(self, batch):
-        if self.buffers is None:
-            t = torch.from_numpy
-            meta = AttentionMetadata(
-                slot_mapping=t(batch.slot_mapping), query_start_loc=t(batch.query_start_loc),
-                seq_lens=t(batch.seq_lens), block_tables=t(batch.block_tables),
-                num_decodes=batch.num_decodes, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
-            )
-            return t(batch.input_ids), t(batch.positions), meta, t(batch.logits_indices)
         b = self.buffers
         meta = AttentionMetadata(
             slot_mapping=b.load(b.slot_mapping, batch.slot_mapping),
@@ -217,6 +186,12 @@ class ModelRunner:
         hidden = self.model(input_ids, positions, meta, self.kv_caches)
         return hidden, hidden, logits_indices
 
+    def _prompt_hidden_rows(self, prompt_hidden, batch):
+        """Hidden states [P, H] at the batch's prompt-logprob positions. The callers project
+        them max_num_sample_rows rows at a time, so a long prompt never holds [P, vocab]
+        float32 logits (8k prompt tokens x 128k vocabulary would be 4 GiB, past the profile)."""
+        return prompt_hidden[torch.from_numpy(batch.prompt_logprob_indices).to(self.device)]
+
     @torch.inference_mode()
     def execute_model(self, batch) -> None:
         """A non-driver tensor-parallel rank's step: the forward pass and the LM head's
@@ -224,7 +199,10 @@ class ModelRunner:
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         self.model.compute_logits(hidden[logits_indices])
         if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
-            self.model.compute_logits(prompt_hidden[torch.from_numpy(batch.prompt_logprob_indices).to(self.device)])
+            # The driver's chunks, in its order: each one all-gathers the LM head's slices.
+            rows = self._prompt_hidden_rows(prompt_hidden, batch)
+            for start in range(0, rows.shape[0], self.max_num_sample_rows):
+                self.model.compute_logits(rows[start:start + self.max_num_sample_rows])
         if self.is_cuda:
             # The next step refills the pinned host buffers this step's copies read from.
             # The driver cannot send it before this rank's last collective anyway, so the
@@ -234,7 +212,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
         """prompt_logprobs_k: top-K for the batch's prompt-logprob rows (the engine knows
-        which requests asked for how many)."""
+        which requests asked for how many). StepLimitError, before anything runs (or is sent
+        to other ranks), when the batch exceeds a step buffer."""
+        self.buffers.check(batch)
         if self.batch_sender is not None:
             self.batch_sender.send(batch)
         hidden, prompt_hidden, logits_indices = self._forward(batch)
@@ -244,10 +224,10 @@ class ModelRunner:
 
         prompt_lp = None
         if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
-            idx = torch.from_numpy(batch.prompt_logprob_indices).to(self.device)
             targets = torch.from_numpy(batch.prompt_logprob_targets).to(self.device)
-            plp = compute_prompt_logprobs(self.model.compute_logits(prompt_hidden[idx]), targets,
-                                          max(1, prompt_logprobs_k))
+            plp = compute_prompt_logprobs(self._prompt_hidden_rows(prompt_hidden, batch), targets,
+                                          max(1, prompt_logprobs_k), chunk_rows=self.max_num_sample_rows,
+                                          compute_logits=self.model.compute_logits)
             prompt_lp = (plp.target_logprobs.cpu().numpy(), plp.target_ranks.cpu().numpy(),
                          plp.topk_ids.cpu().numpy(), plp.topk_logprobs.cpu().numpy())
 
@@ -263,6 +243,25 @@ class ModelRunner:
         if self.batch_sender is not None:
             self.batch_sender.step_open = False  # the host copies above waited for every collective
         return result
+
+
+def _heaviest_sampling(rows: int):
+    """A Batch's sampling arrays for `rows` rows on the sampler's heaviest path: penalties
+    (two [S, vocab + 1] count tensors), top-p without top-k (a full sort), min-p, 20
+    logprobs (ranks and top-K), random draws. For the memory profile only."""
+    from types import SimpleNamespace
+
+    f32 = lambda v: np.full(rows, v, dtype=np.float32)  # noqa: E731
+    one = np.arange(rows + 1, dtype=np.int32)
+    return SimpleNamespace(
+        temperature=f32(1.0), top_p=f32(0.9), top_k=np.zeros(rows, dtype=np.int32), min_p=f32(0.05),
+        presence_penalty=f32(0.5), frequency_penalty=f32(0.5), repetition_penalty=f32(1.1),
+        seeds=np.arange(rows, dtype=np.int64), sample_steps=np.zeros(rows, dtype=np.int64),
+        num_logprobs=np.full(rows, 20, dtype=np.int32), any_penalties=True,
+        prompt_token_ids=np.arange(rows, dtype=np.int64), prompt_offsets=one,
+        output_token_ids=np.arange(rows, dtype=np.int64), output_offsets=one,
+        banned_rows=np.zeros(0, dtype=np.int64), banned_token_ids=np.zeros(0, dtype=np.int64),
+    )
 
 
 __all__ = ["ModelRunner", "StepResult", "resolve_device", "PAD_SLOT_ID"]
