@@ -187,6 +187,8 @@ CPU_CASES = {
         (check_rotary, dict(dtype=F32, num_tokens=6, hq=4, hkv=1, d=32, rot=32, is_neox=False, flat=True)),
         (check_rotary, dict(dtype=F16, num_tokens=5, hq=3, hkv=3, d=64, rot=16, is_neox=True, flat=False)),
         (check_rotary, dict(dtype=F32, num_tokens=4, hq=2, hkv=2, d=64, rot=16, is_neox=False, flat=False)),
+        # GPT-NeoX (Pythia-2.8B) heads: 80 wide, 20 rotated (a half of 10 is not a power of two)
+        (check_rotary, dict(dtype=F32, num_tokens=5, hq=2, hkv=2, d=80, rot=20, is_neox=True, flat=False)),
     ],
     "activation": [
         (check_silu_and_mul, dict(dtype=F32, shape=(7,), inter=96)),
@@ -314,6 +316,7 @@ def test_small_kernels_gpu():
         check_rms_norm("cuda", dtype, 1000, 4096)
         check_rotary("cuda", dtype, 2000, 32, 8, 128, 128, True, False)
         check_rotary("cuda", dtype, 2000, 16, 16, 64, 32, False, True)
+        check_rotary("cuda", dtype, 2000, 32, 32, 80, 20, True, False)
         check_silu_and_mul("cuda", dtype, (1000,), 14336)
 
 

@@ -51,10 +51,12 @@ def _llm(path, **kw):
                cpu_kv_cache_space_gb=0.01, seed=0, **kw)
 
 
-@pytest.mark.parametrize("variant", ["llama", "llama_mqa_tied"])
+@pytest.mark.parametrize("variant", ["llama", "llama_mqa_tied", "opt_350m", "gpt_neox_sequential"])
 def test_tp2_matches_tp1_greedy_and_workers_exit(variant, tmp_path):
     """GQA (2 KV heads split 1 + 1) and MQA with a tied LM head (1 KV head replicated on
-    both ranks); greedy, seeded random and prompt logprobs all equal TP=1."""
+    both ranks); OPT with replicated project_in/out and learned positions; GPT-NeoX's
+    interleaved fused QKV split by heads with partial rotary. Greedy, seeded random and
+    prompt logprobs all equal TP=1."""
     arch, overrides = TINY_VARIANTS[variant]
     path = make_tiny_checkpoint(arch, tmp_path, vocab_size=1001, **overrides)  # odd: padded vocab shard
     prompts = _prompts(len(variant))

@@ -59,6 +59,15 @@ TINY_VARIANTS: dict[str, tuple[str, dict]] = {
     "qwen2_tied_mqa": ("Qwen2ForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3ForCausalLM", {"head_dim": 32}),  # explicit head_dim != hidden / heads
     "qwen3_tied": ("Qwen3ForCausalLM", {"tie_word_embeddings": True}),
+    "opt": ("OPTForCausalLM", {}),  # pre-LN, ReLU, tied head (OPT's defaults)
+    # opt-350m's shape: post-LN (no final LayerNorm), embeddings narrower than hidden.
+    "opt_350m": ("OPTForCausalLM", {"do_layer_norm_before": False, "word_embed_proj_dim": 32}),
+    "opt_nobias_untied": (
+        "OPTForCausalLM",
+        {"enable_bias": False, "layer_norm_elementwise_affine": False, "tie_word_embeddings": False},
+    ),
+    "gpt_neox": ("GPTNeoXForCausalLM", {"rotary_pct": 0.5, "rotary_emb_base": 5000}),  # parallel residual
+    "gpt_neox_sequential": ("GPTNeoXForCausalLM", {"use_parallel_residual": False, "rotary_pct": 0.25}),
 }
 
 # tokenizer size -> embedding rows of the real checkpoints that use it (Qwen pads its
@@ -77,6 +86,15 @@ _BASE = dict(
 )
 
 
+# Architectures whose HF config takes other fields than the Llama family's _BASE.
+_ARCH_BASE = {
+    "OPTForCausalLM": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=512),
+    "GPTNeoXForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                               max_position_embeddings=512, tie_word_embeddings=False),
+}
+
+
 def _config_class(arch: str):
     import transformers
 
@@ -85,6 +103,8 @@ def _config_class(arch: str):
         "MistralForCausalLM": transformers.MistralConfig,
         "Qwen2ForCausalLM": transformers.Qwen2Config,
         "Qwen3ForCausalLM": transformers.Qwen3Config,
+        "OPTForCausalLM": transformers.OPTConfig,
+        "GPTNeoXForCausalLM": transformers.GPTNeoXConfig,
     }
     if arch not in table:
         raise ValueError(f"make_tiny_checkpoint: arch {arch!r} is not one of {sorted(table)}")
@@ -134,7 +154,7 @@ def make_tiny_checkpoint(
 
     if save_format not in ("safetensors", "bin"):
         raise ValueError(f"save_format must be 'safetensors' or 'bin', got {save_format!r}")
-    kwargs = dict(_BASE)
+    kwargs = dict(_ARCH_BASE.get(arch, _BASE))
     if tokenizer_dir is not None:
         tokenizer_dir = Path(tokenizer_dir)
         if vocab_size is None:

@@ -20,6 +20,10 @@ starts from `original_max_position_embeddings`), llama3/longrope/su/mrope are no
 A sliding window we do not implement caps the length to the window (vLLM's
 `disable_sliding_window` behaviour), so attention stays exact. A user max_model_len above
 the derived limit is a ValueError.
+
+Architectures that spell a field differently (OPT's `ffn_dim`, GPT-NeoX 4.x's `rotary_pct`)
+are read through per-architecture aliases, and fields config.json leaves out get the
+default of that architecture's HF config class (OPT ties its LM head, NeoX rotates 25%).
 """
 
 from __future__ import annotations
@@ -60,11 +64,52 @@ _ROPE_TYPES_ALREADY_SCALED = ("su", "longrope", "llama3", "mrope", "default")
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
+# architecture -> {its config.json key: our key}; the alias is read only when our key is absent.
+_ARCH_FIELD_ALIASES: dict[str, dict[str, str]] = {
+    "OPTForCausalLM": {"ffn_dim": "intermediate_size", "activation_function": "hidden_act"},
+    "GPTNeoXForCausalLM": {"rotary_emb_base": "rope_theta", "rotary_pct": "partial_rotary_factor"},
+}
+# architecture -> HF config-class defaults that differ from the Llama-like ones below.
+_ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "OPTForCausalLM": {"hidden_act": "relu", "tie_word_embeddings": True},
+    "GPTNeoXForCausalLM": {"hidden_act": "gelu", "partial_rotary_factor": 0.25},
+}
 
-def _require_int(hf: dict, key: str) -> int:
+
+def _with_arch_fields(hf: dict, arch: str) -> dict:
+    """A copy of config.json with `arch`'s aliases and defaults resolved to our field names."""
+    out = dict(hf)
+    for alias, key in _ARCH_FIELD_ALIASES.get(arch, {}).items():
+        if out.get(key) is None and alias in out:
+            out[key] = out[alias]
+    for key, value in _ARCH_DEFAULTS.get(arch, {}).items():
+        if out.get(key) is None:
+            out[key] = value
+    return out
+
+
+def partial_rotary_factor(hf: dict) -> float:
+    """The rotated fraction of each head: rope_parameters' (transformers 5) or the top-level
+    field (4.x), 1.0 when neither is set."""
+    params = hf.get("rope_parameters")
+    value = params.get("partial_rotary_factor") if isinstance(params, dict) else None
+    if value is None:
+        value = hf.get("partial_rotary_factor")
+    value = 1.0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"config.json partial_rotary_factor (rotary_pct) must be in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _config_key(arch: str, key: str) -> str:
+    """How `arch`'s config.json spells our field `key` (for error messages)."""
+    return next((alias for alias, k in _ARCH_FIELD_ALIASES.get(arch, {}).items() if k == key), key)
+
+
+def _require_int(hf: dict, key: str, spelled: str | None = None) -> int:
     value = hf.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"config.json field {key!r} must be a positive integer, got {value!r}")
+        raise ValueError(f"config.json field {spelled or key!r} must be a positive integer, got {value!r}")
     return value
 
 
@@ -123,6 +168,7 @@ def rope_parameters(hf: dict) -> tuple[float, dict | None]:
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         scaling.pop("type", None)
         scaling.pop("rope_theta", None)
+        scaling.pop("partial_rotary_factor", None)
         scaling["rope_type"] = rope_type
         if rope_type == "default":
             scaling = None
@@ -194,6 +240,10 @@ class ModelConfig:
     # The checkpoint's quantization (None: unquantized); every linear layer receives it with
     # its checkpoint name and picks its weight layout and matmul from it.
     quant_config: Any = None
+    # LayerNorm models (OPT, GPT-NeoX): `layer_norm_eps`, torch's default when absent (OPT).
+    layer_norm_eps: float = 1e-5
+    # Fraction of head_dim that rotary rotates (GPT-NeoX `rotary_pct`); 1.0 is a full rotary.
+    partial_rotary_factor: float = 1.0
 
     @classmethod
     def from_pretrained(
@@ -233,6 +283,7 @@ class ModelConfig:
         archs = hf.get("architectures") or []
         if not archs:
             raise ValueError("config.json has no `architectures` entry: cannot tell which model class to build")
+        hf_config, hf = hf, _with_arch_fields(hf, archs[0])
         hidden = _require_int(hf, "hidden_size")
         heads = _require_int(hf, "num_attention_heads")
         kv_heads = hf.get("num_key_value_heads")
@@ -259,7 +310,7 @@ class ModelConfig:
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
             model=model,
-            hf_config=hf,
+            hf_config=hf_config,
             architecture=archs[0],
             dtype=resolve_dtype(dtype, hf, device),
             device=device,
@@ -270,7 +321,7 @@ class ModelConfig:
             num_attention_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=int(head_dim),
-            intermediate_size=_require_int(hf, "intermediate_size"),
+            intermediate_size=_require_int(hf, "intermediate_size", _config_key(archs[0], "intermediate_size")),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             hidden_act=str(hf.get("hidden_act", "silu")),
             rope_theta=theta,
@@ -280,6 +331,8 @@ class ModelConfig:
             seed=seed,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
+            partial_rotary_factor=partial_rotary_factor(hf),
         )
 
     def get_num_kv_heads(self, tp_size: int = 1) -> int:

@@ -1,5 +1,10 @@
-"""Rotary position embeddings, neox layout (rotate_half over the two halves of head_dim),
-as Llama, Mistral and Qwen use, with rope_scaling "linear", "dynamic" and "llama3".
+"""Rotary position embeddings, neox layout (rotate_half over the two halves of the rotated
+dims), as Llama, Mistral, Qwen and GPT-NeoX use, with rope_scaling "linear", "dynamic" and
+"llama3".
+
+Partial rotary (GPT-NeoX's `rotary_pct`, HF's `partial_rotary_factor`): only the first
+`rotary_dim` features of each head rotate, the rest pass through; every frequency formula
+uses rotary_dim where a full rotary uses head_dim (as HF does).
 
 Dynamic NTK follows Hugging Face, not vLLM: vLLM builds one table with the base stretched
 for max_position_embeddings * factor, which changes outputs even for short prompts; HF keeps
@@ -48,37 +53,49 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def _rotate_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    # HF's order: rotate x[..., :rotary_dim], then cat the untouched rest back on.
+    return torch.cat((_rotate(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     """forward(positions[T], q[T, Hq, D], k[T, Hkv, D], token_seq_lens[T] | None) -> (q, k).
+
+    rotary_dim (default head_dim): how many leading features of each head rotate.
 
     `needs_seq_lens` is True only for dynamic NTK, whose rotation depends on the length of
     each token's sequence; the model passes those lengths only then."""
 
     def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,
-                 max_position_embeddings: int | None = None):
+                 max_position_embeddings: int | None = None, rotary_dim: int | None = None):
         super().__init__()
         self.head_dim = head_dim
+        rotary_dim = head_dim if rotary_dim is None else rotary_dim
+        if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
+            raise ValueError(f"rotary dim {rotary_dim} (head_dim x partial_rotary_factor) must be even and in "
+                             f"(0, head_dim={head_dim}]")
+        self.rotary_dim = rotary_dim
         self.base = float(base)
         self.rope_type = "default" if rope_scaling is None else rope_scaling["rope_type"]
         self.scaling = rope_scaling or {}
         self.max_position_embeddings = max_position_embeddings or max_position
         self.needs_seq_lens = self.rope_type == "dynamic"
         if self.rope_type in ("default", "dynamic"):
-            inv_freq = _default_inv_freq(self.base, head_dim)
+            inv_freq = _default_inv_freq(self.base, rotary_dim)
         elif self.rope_type == "linear":
-            inv_freq = _default_inv_freq(self.base, head_dim) / float(self.scaling["factor"])
+            inv_freq = _default_inv_freq(self.base, rotary_dim) / float(self.scaling["factor"])
         elif self.rope_type == "llama3":
-            inv_freq = _llama3_inv_freq(self.base, head_dim, self.scaling)
+            inv_freq = _llama3_inv_freq(self.base, rotary_dim, self.scaling)
         else:
             raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported: use default, linear, dynamic or llama3")
         # The table is float32 whatever the model dtype: HF computes angles in float32 too.
         table_len = max(max_position, self.max_position_embeddings)
         freqs = torch.outer(torch.arange(table_len, dtype=torch.float32), inv_freq)
-        # [max_position, head_dim] rows of [cos | sin]: vLLM's layout, which
+        # [max_position, rotary_dim] rows of [cos | sin]: vLLM's layout, which
         # fastserve.kernels.rotary_embedding reads directly.
         self.register_buffer("cos_sin_cache", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
-        self.register_buffer("inv_freq_exponent", torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim,
-                             persistent=False)
+        exponent = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+        self.register_buffer("inv_freq_exponent", exponent, persistent=False)
 
     def _cos_sin(self, positions: torch.Tensor, token_seq_lens: torch.Tensor | None):
         cos, sin = self.cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)
@@ -89,7 +106,7 @@ class RotaryEmbedding(nn.Module):
             maxpos = self.max_position_embeddings
             lens = token_seq_lens.to(torch.float32)
             stretched = lens > maxpos
-            dim = self.head_dim
+            dim = self.rotary_dim
             base = self.base * ((factor * lens / maxpos) - (factor - 1)) ** (dim / (dim - 2))
             inv_freq = 1.0 / (base.unsqueeze(-1) ** self.inv_freq_exponent)
             freqs = positions.to(torch.float32).unsqueeze(-1) * inv_freq
@@ -103,12 +120,16 @@ class RotaryEmbedding(nn.Module):
             from fastserve.kernels.rotary import rotary_embedding
 
             # In place, q and k in one launch. Dynamic NTK stays on the torch path below: its
-            # angles depend on each token's sequence length, not on a table row.
+            # angles depend on each token's sequence length, not on a table row. A partial
+            # rotary needs nothing more: the kernel rotates the cache's width of each head.
             return rotary_embedding(positions, q, k, self.cos_sin_cache, is_neox=True)
         cos, sin = self._cos_sin(positions, token_seq_lens)
+        if self.rotary_dim != self.head_dim:
+            return (_rotate_partial(q, cos.to(q.dtype), sin.to(q.dtype), self.rotary_dim),
+                    _rotate_partial(k, cos.to(k.dtype), sin.to(k.dtype), self.rotary_dim))
         return _rotate(q, cos.to(q.dtype), sin.to(q.dtype)), _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
 
 
 def get_rope(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,
-             max_position_embeddings: int | None = None) -> RotaryEmbedding:
-    return RotaryEmbedding(head_dim, max_position, base, rope_scaling, max_position_embeddings)
+             max_position_embeddings: int | None = None, rotary_dim: int | None = None) -> RotaryEmbedding:
+    return RotaryEmbedding(head_dim, max_position, base, rope_scaling, max_position_embeddings, rotary_dim)

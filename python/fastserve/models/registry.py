@@ -6,13 +6,17 @@ from typing import Any
 
 from torch import nn
 
+from fastserve.models.gpt_neox import GPTNeoXForCausalLM
 from fastserve.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from fastserve.models.opt import OPTForCausalLM
 
 _MODELS: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "OPTForCausalLM": OPTForCausalLM,
+    "GPTNeoXForCausalLM": GPTNeoXForCausalLM,
 }
 
 

@@ -83,7 +83,7 @@ def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -0.02
         gen = generators.get(param.device)
         if gen is None:
             gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
-        if param.dim() == 1 and "norm" in name:
+        if param.dim() == 1 and name.endswith("norm.weight"):  # LayerNorm biases take the bias init
             param.fill_(1.0)
         elif param.dim() == 1:
             param.uniform_(low / 10, high / 10, generator=gen)
