@@ -200,3 +200,86 @@ def test_chat_renders_template_with_kwargs(checkpoints):
     assert "<|im_start|>user\nHi there<|im_end|>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert len(out.outputs[0].token_ids) == 4
+
+
+def hf_penalized_greedy(model, prompt: list[int], n: int, rep: float, freq: float, pres: float,
+                        bad: list[int], min_tokens: int, eos: list[int]) -> list[int]:
+    """Greedy with vLLM's penalties and bans, applied to HF's logits by the definitions:
+    bad words and (below min_tokens) EOS masked; repetition over prompt + output tokens,
+    frequency and presence over output tokens."""
+    toks, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            x = model(torch.tensor([toks])).logits[0, -1].float().clone()
+            for t in bad:
+                x[t] = float("-inf")
+            if len(out) < min_tokens:
+                for t in eos:
+                    x[t] = float("-inf")
+            for t in set(prompt) | set(out):
+                x[t] = x[t] / rep if x[t] > 0 else x[t] * rep
+            for t in set(out):
+                x[t] -= freq * out.count(t) + pres
+            nxt = int(x.argmax())
+            out.append(nxt)
+            toks.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("llm_kwargs,lengths", [
+    pytest.param({"max_num_batched_tokens": 24}, (3, 9, 17, 5, 30, 12), id="chunked"),
+    # Prompts of one block each, admitted together, whose decodes cross into a second block
+    # only some can get: the rest are preempted and recomputed (their state must survive).
+    pytest.param({"num_gpu_blocks_override": 9, "max_model_len": 128}, (14, 15, 13, 12, 15, 11),
+                 id="preemption"),
+])
+def test_penalties_and_bans_match_reference(checkpoints, llm_kwargs, lengths):
+    """Penalty counts and bans live in the worker's state across steps (sent once per
+    sequence, counted on the device): the greedy tokens equal the definitions applied to HF's
+    logits, with n > 1 children, preemption, chunked prefill and slots reused in play."""
+    path, hf = checkpoints("llama")
+    llm = LLM(model=str(path), dtype="float32", device="cpu", **llm_kwargs)
+    vocab = llm.get_tokenizer().vocab_size
+    eos = llm.engine.eos_token_ids
+    prompts = mixed_prompts(vocab, seed=5, count=6, lengths=lengths)
+    settings = [  # (repetition, frequency, presence, single-token bad words, min_tokens, n)
+        (1.3, 0.0, 0.0, [], 0, 1),
+        (1.0, 0.8, 0.0, [], 0, 2),
+        (1.0, 0.0, 1.5, [], 4, 1),
+        (0.8, -0.3, 0.4, [], 0, 1),
+        (1.2, 0.5, 0.5, [17, 99, 1000], 2, 3),
+        (1.0, 0.0, 0.0, [], 0, 1),
+    ]
+    params = []
+    for rep, freq, pres, bad, min_tokens, n in settings:
+        bad_words = [llm.get_tokenizer().decode([t]) for t in bad]
+        # n > 1 greedy is refused (as vLLM): top_k=1 is greedy through the random path.
+        greedy = dict(temperature=0.0) if n == 1 else dict(temperature=1.0, top_k=1, seed=n)
+        params.append(SamplingParams(**greedy, max_tokens=MAX_NEW, ignore_eos=min_tokens == 0, n=n,
+                                     repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
+                                     min_tokens=min_tokens, bad_words=bad_words or None))
+    for _ in range(2):  # the second round reuses the sequence slots the first one freed
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for prompt, (rep, freq, pres, bad, min_tokens, n), out in zip(prompts, settings, outs):
+            want = hf_penalized_greedy(hf, prompt, MAX_NEW, rep, freq, pres, _bad_ids(llm, bad), min_tokens, eos)
+            assert len(out.outputs) == n
+            for c in out.outputs:
+                got = c.token_ids
+                assert got == want[:len(got)], (rep, freq, pres, bad, min_tokens)
+                assert len(got) == MAX_NEW or (got[-1] in eos and len(got) >= min_tokens)
+    if "num_gpu_blocks_override" in llm_kwargs:
+        assert llm.engine.scheduler.num_preemptions > 0
+
+
+def _bad_ids(llm, bad: list[int]) -> list[int]:
+    """The ids vLLM bans for each bad word (its text encoded, with and without a leading
+    space), single-token ones only: what the reference masks."""
+    tok = llm.get_tokenizer()
+    ids = set()
+    for t in bad:
+        word = tok.decode([t])
+        for text in (word, " " + word.lstrip()):
+            enc = tok.encode(text, add_special_tokens=False)
+            if len(enc) == 1:
+                ids.add(enc[0])
+    return sorted(ids)

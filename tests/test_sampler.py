@@ -556,18 +556,26 @@ def _fake_model_logits(batch, vocab):
 
 
 def _run(scheduler, vocab):
+    """The scheduler driven with the worker's persistent sampler state, as the engine does."""
+    from fastserve.worker.sampler_state import SamplerState
+
     tokens: dict[tuple[str, int], list[int]] = {}
     sampler = Sampler()
+    state = SamplerState("cpu", vocab)
     while scheduler.has_unfinished():
         batch = scheduler.schedule()
         if batch is None:
             break
-        st = SamplingTensors.from_batch(batch, "cpu", vocab)
+        state.apply(batch)
+        st = SamplingTensors.from_rows(state.rows(batch), "cpu", vocab, None, state)
         out = sampler(_fake_model_logits(batch, vocab), st)
-        banned = set(zip(batch.banned_rows.tolist(), batch.banned_token_ids.tolist()))
-        assert (
-            not {(r, t) for r, t in enumerate(out.sampled_token_ids.tolist())} & banned
-        )
+        state.record(st.count_rows, st.count_vocab_rows, out.sampled_token_ids)
+        sampled = out.sampled_token_ids
+        # min_tokens keeps EOS out of every row that has a ban row (all here).
+        for row, vrow, active in zip(st.ban_rows.tolist(), st.ban_vocab_rows.tolist(),
+                                     st.min_tokens_active.tolist()):
+            flags = int(state.flags[vrow, sampled[row]])
+            assert not flags & 2 and not (active and flags & 4)
         for so in scheduler.update(out.sampled_token_ids.numpy()):
             tokens.setdefault((so.request_id, so.sample_index), []).extend(
                 so.new_token_ids

@@ -38,8 +38,7 @@ def check_layout(s, b):
     # no two tokens of the step write the same KV slot
     assert len(np.unique(b.slot_mapping)) == T
     assert b.logits_indices.shape == (S,) and ((b.logits_indices >= 0) & (b.logits_indices < T)).all()
-    for name in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-                 "repetition_penalty", "seeds", "sample_steps", "num_logprobs"):
+    for name in ("sample_seq_slots", "sample_steps"):
         assert getattr(b, name).shape == (S,), name
 
 
@@ -72,12 +71,16 @@ def test_batch_arrays_dtype_and_shape():
     b = s.schedule()
     dtypes = {
         "input_ids": np.int64, "positions": np.int64, "slot_mapping": np.int64, "query_start_loc": np.int32,
-        "seq_lens": np.int32, "block_tables": np.int32, "logits_indices": np.int64, "temperature": np.float32,
-        "top_p": np.float32, "top_k": np.int32, "min_p": np.float32, "presence_penalty": np.float32,
-        "frequency_penalty": np.float32, "repetition_penalty": np.float32, "seeds": np.int64,
-        "sample_steps": np.int64, "num_logprobs": np.int32, "prompt_token_ids": np.int64,
-        "prompt_offsets": np.int32, "output_token_ids": np.int64, "output_offsets": np.int32,
-        "banned_rows": np.int64, "banned_token_ids": np.int64, "prompt_logprob_indices": np.int64,
+        "seq_lens": np.int32, "block_tables": np.int32, "logits_indices": np.int64,
+        "sample_seq_slots": np.int32, "sample_steps": np.int64, "fork_sample_rows": np.int64,
+        "fork_seeds": np.int64, "banned_rows": np.int64, "banned_token_ids": np.int64,
+        "new_seq_slots": np.int32, "new_temperature": np.float32, "new_top_p": np.float32,
+        "new_top_k": np.int32, "new_min_p": np.float32, "new_presence_penalty": np.float32,
+        "new_frequency_penalty": np.float32, "new_repetition_penalty": np.float32, "new_seeds": np.int64,
+        "new_num_logprobs": np.int32, "new_min_tokens": np.int32, "new_prompt_offsets": np.int32,
+        "new_prompt_token_ids": np.int64, "new_output_offsets": np.int32, "new_output_token_ids": np.int64,
+        "new_ban_offsets": np.int32, "new_ban_token_ids": np.int64, "new_min_ban_offsets": np.int32,
+        "new_min_ban_token_ids": np.int64, "freed_seq_slots": np.int32, "prompt_logprob_indices": np.int64,
         "prompt_logprob_targets": np.int64, "prompt_logprob_rows": np.int32,
     }
     for name, dt in dtypes.items():
@@ -89,13 +92,31 @@ def test_batch_arrays_dtype_and_shape():
     assert [b.request_id(0), b.request_id(1)] == ["a", "b"]
     assert [b.sample_request_id(0), b.sample_request_id(1)] == ["a", "b"]
     np.testing.assert_array_equal(b.logits_indices, [10, 17])
-    np.testing.assert_array_equal(b.temperature, [0.0, 1.0])
-    np.testing.assert_array_equal(b.num_logprobs, [3, -1])
-    assert b.max_num_logprobs == 3 and not b.all_greedy and not b.any_penalties
-    assert b.seeds[1] == 123
-    assert b.prompt_token_ids.shape == (0,) and b.prompt_offsets.shape == (0,)
+    # The sampler state of both sequences travels with their first batch, and only then.
+    np.testing.assert_array_equal(b.new_seq_slots, b.sample_seq_slots)
+    np.testing.assert_array_equal(b.new_temperature, [0.0, 1.0])
+    np.testing.assert_array_equal(b.new_num_logprobs, [3, -1])
+    assert b.new_seeds[1] == 123
+    assert b.new_prompt_token_ids.shape == (0,) and b.new_prompt_offsets.tolist() == [0, 0, 0]
     with pytest.raises(IndexError):
         b.request_id(2)
+    s.update(np.array([100, 101], dtype=np.int64))
+    b = s.schedule()
+    assert b.new_seq_slots.shape == (0,) and b.sample_seq_slots.shape == (2,)
+    np.testing.assert_array_equal(b.sample_steps, [1, 1])
+
+
+def worker_bans(state, b) -> list[tuple[int, int]]:
+    """(sample row, token) pairs the sampler masks this step: the worker state's static bans
+    (min_tokens' ids while below min_tokens, single-token bad words) and the batch's pairs."""
+    state.apply(b)
+    r = state.rows(b)
+    pairs = set(zip(r["banned_rows"].tolist(), r["banned_token_ids"].tolist()))
+    for row, vrow, active in zip(r["ban_rows"], r["ban_vocab_rows"], r["min_tokens_active"]):
+        f = state.flags[int(vrow)].numpy()
+        mask = ((f & 2) != 0) | (((f & 4) != 0) & bool(active))
+        pairs |= {(int(row), int(t)) for t in np.flatnonzero(mask)}
+    return sorted(pairs)
 
 
 def test_chunked_prefill_layout_decodes_first():
@@ -234,8 +255,14 @@ def test_n_fork_shares_prompt_blocks():
     b = s.schedule()
     assert b.num_seqs == 1 and b.num_samples == 3
     np.testing.assert_array_equal(b.logits_indices, [13, 13, 13])
-    assert len(set(b.seeds.tolist())) == 3 and (b.sample_steps == 0).all()
-    seeds = b.seeds.copy()
+    from fastserve.worker.sampler_state import SamplerState
+
+    state = SamplerState("cpu", 1000)
+    state.apply(b)
+    seeds = state.rows(b)["seeds"]
+    # One slot (the parent's) for the three rows; children 1 and 2 get their own seeds.
+    assert len(set(b.sample_seq_slots.tolist())) == 1 and b.fork_sample_rows.tolist() == [1, 2]
+    assert len(set(seeds.tolist())) == 3 and (b.sample_steps == 0).all()
     used_before = s.num_total_blocks - s.num_free_blocks
     outs = s.update(np.array([10, 11, 12], dtype=np.int64))
     assert [(o.sample_index, o.new_token_ids) for o in outs] == [(0, [10]), (1, [11]), (2, [12])]
@@ -251,7 +278,10 @@ def test_n_fork_shares_prompt_blocks():
     full = b.block_tables[:, :3]
     assert (full == full[0]).all()
     assert len(set(b.block_tables[:, 3].tolist())) == 3
-    np.testing.assert_array_equal(b.seeds, seeds)
+    # The children are new to the worker, with the seeds they sampled their first token with.
+    assert len(b.new_seq_slots) == 2 and b.fork_sample_rows.shape == (0,)
+    state.apply(b)
+    np.testing.assert_array_equal(state.rows(b)["seeds"], seeds)
     np.testing.assert_array_equal(b.sample_steps, [1, 1, 1])
     s.update(np.array([20, 21, 22], dtype=np.int64))
     outs = drive(s, rng)
@@ -264,7 +294,7 @@ def test_seeds_request_or_drawn_from_scheduler_rng():
         s = make(seed=sched_seed)
         s.add_request("x", [5, 6, 7], RequestParams(max_tokens=1))
         s.add_request("y", [5, 6, 8], RequestParams(max_tokens=1, seed=42))
-        return s.schedule().seeds.tolist()
+        return s.schedule().new_seeds.tolist()
 
     a, b, c = seeds(0), seeds(0), seeds(1)
     assert a == b and a[1] == 42 and c[1] == 42 and a[0] != c[0]
@@ -292,6 +322,9 @@ def test_finish_reasons_stop_ids_eos_length():
 
 
 def test_min_tokens_bans_and_defers_stop():
+    from fastserve.worker.sampler_state import SamplerState
+
+    state = SamplerState("cpu", 1000)
     s = make()
     s.add_request("m", [5, 6, 7], RequestParams(max_tokens=10, min_tokens=3, stop_token_ids=[77, 78]))
     banned = []
@@ -299,12 +332,12 @@ def test_min_tokens_bans_and_defers_stop():
     # scheduler ignores them until the output count reaches min_tokens.
     for tok in (EOS, 77, 5):
         b = s.schedule()
-        banned.append(sorted(zip(b.banned_rows.tolist(), b.banned_token_ids.tolist())))
+        banned.append(worker_bans(state, b))
         (o,) = s.update(np.array([tok], dtype=np.int64))
         assert not o.finished
     assert banned == [[(0, EOS), (0, 77), (0, 78)]] * 3
     b = s.schedule()
-    assert b.banned_rows.shape == (0,)
+    assert worker_bans(state, b) == []
     (o,) = s.update(np.array([78], dtype=np.int64))
     assert (o.finish_reason, o.stop_reason, o.new_token_ids) == ("stop", 78, [78])
 
@@ -313,36 +346,57 @@ def test_min_tokens_with_ignore_eos_bans_only_stop_ids():
     s = make()
     s.add_request("m", [5, 6, 7], RequestParams(max_tokens=3, min_tokens=1, ignore_eos=True, stop_token_ids=[9]))
     b = s.schedule()
-    assert list(zip(b.banned_rows.tolist(), b.banned_token_ids.tolist())) == [(0, 9)]
+    from fastserve.worker.sampler_state import SamplerState
+
+    assert worker_bans(SamplerState("cpu", 1000), b) == [(0, 9)]
 
 
 def test_bad_words_single_and_multi_token():
     s = make()
     s.add_request("a", [5, 6, 7], RequestParams(max_tokens=10, bad_words_token_ids=[[13], [40, 41, 42]]))
     s.add_request("b", [5, 6, 8], RequestParams(max_tokens=10))
+    from fastserve.worker.sampler_state import SamplerState
+
+    state = SamplerState("cpu", 1000)
     pairs = []
     for toks in ([40, 3], [41, 3], [50, 3], [40, 3]):
         b = s.schedule()
-        pairs.append(sorted(zip(b.banned_rows.tolist(), b.banned_token_ids.tolist())))
+        pairs.append(worker_bans(state, b))
         s.update(np.array(toks, dtype=np.int64))
     # after "40 41" the multi-token word's last token is banned; after "50" it no longer is
     assert pairs == [[(0, 13)], [(0, 13)], [(0, 13), (0, 42)], [(0, 13)]]
 
 
-def test_penalty_arrays_csr():
+def test_penalty_state_sent_once_and_counted_on_the_worker():
+    """A penalized sequence's prompt tokens travel once; its output counts then live in the
+    worker's state, updated from the sampled ids, and equal the outputs at every step."""
+    import torch
+
+    from fastserve.worker.sampler_state import SamplerState
+
     s = make()
-    s.add_request("a", [5, 6, 7], RequestParams(max_tokens=10, repetition_penalty=1.2))
+    s.add_request("a", [5, 6, 7], RequestParams(max_tokens=10, repetition_penalty=1.2, frequency_penalty=0.5))
     s.add_request("b", [8, 9], RequestParams(max_tokens=10))
     b = s.schedule()
-    assert b.any_penalties
-    np.testing.assert_array_equal(b.prompt_token_ids, [5, 6, 7, 8, 9])
-    np.testing.assert_array_equal(b.prompt_offsets, [0, 3, 5])
-    np.testing.assert_array_equal(b.output_offsets, [0, 0, 0])
-    np.testing.assert_array_equal(b.repetition_penalty, np.array([1.2, 1.0], dtype=np.float32))
-    s.update(np.array([30, 31], dtype=np.int64))
-    b = s.schedule()
-    np.testing.assert_array_equal(b.output_token_ids, [30, 31])
-    np.testing.assert_array_equal(b.output_offsets, [0, 1, 2])
+    np.testing.assert_array_equal(b.new_prompt_token_ids, [5, 6, 7])  # repetition penalty only
+    np.testing.assert_array_equal(b.new_prompt_offsets, [0, 3, 3])
+    np.testing.assert_array_equal(b.new_repetition_penalty, np.array([1.2, 1.0], dtype=np.float32))
+    state = SamplerState("cpu", 100)
+    outputs = []
+    for toks in ([30, 31], [30, 33], [44, 35]):
+        state.apply(b)
+        r = state.rows(b)
+        assert r["penalty_rows"].tolist() == [0]
+        state.record(torch.from_numpy(r["count_rows"]), torch.from_numpy(r["count_vocab_rows"]),
+                     torch.tensor(toks))
+        outputs.append(toks[0])
+        vrow = int(r["penalty_vocab_rows"][0])
+        want = np.bincount(outputs, minlength=100)
+        np.testing.assert_array_equal(state.counts[vrow].numpy(), want)
+        assert set(np.flatnonzero(state.flags[vrow].numpy() & 1)) == {5, 6, 7}
+        s.update(np.array(toks, dtype=np.int64))
+        b = s.schedule()
+        assert b.new_seq_slots.shape == (0,) and b.new_prompt_token_ids.shape == (0,)
 
 
 def test_prompt_logprobs_positions_across_chunks():

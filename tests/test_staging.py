@@ -56,10 +56,11 @@ def test_only_known_dtypes():
 
 @pytest.mark.parametrize("device", devices)
 def test_sampling_tensors_staged_equal_unstaged(device):
-    """SamplingTensors.from_batch gives the same tensors through one staged copy as array by
-    array, on a real Batch with penalties, bans and logprobs in play."""
+    """SamplingTensors.from_rows gives the same tensors through one staged copy as array by
+    array, on real Batches with penalties, bans and logprobs in play."""
     from fastserve._core import RequestParams, Scheduler
     from fastserve.layers.sampler import SamplingTensors
+    from fastserve.worker.sampler_state import SamplerState
 
     s = Scheduler(num_blocks=64, max_model_len=128, block_size=4, eos_token_ids=[2])
     s.add_request("a", [5, 6, 7, 8, 9], RequestParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=5,
@@ -68,10 +69,14 @@ def test_sampling_tensors_staged_equal_unstaged(device):
     s.add_request("b", [11, 12], RequestParams(max_tokens=4, temperature=0.0, frequency_penalty=0.3,
                                                bad_words_token_ids=[[13], [14, 15]], min_p=0.1))
     staging = PinnedStaging(torch.device(device))
+    state = SamplerState(device, 1000)
     for _ in range(3):
         b = s.schedule()
-        plain = SamplingTensors.from_batch(b, device, 1000)
-        staged = SamplingTensors.from_batch(b, device, 1000, staging)
+        state.apply(b)
+        rows = state.rows(b)
+        plain = SamplingTensors.from_rows(rows, device, 1000, None, state)
+        staged = SamplingTensors.from_rows(rows, device, 1000, staging, state)
+        assert plain.any_penalties and plain.any_banned
         for name, value in vars(plain).items():
             other = getattr(staged, name)
             if isinstance(value, torch.Tensor):

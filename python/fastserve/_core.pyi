@@ -126,10 +126,6 @@ class Batch:
     num_decodes: int  # D
     max_query_len: int
     max_seq_len: int
-    all_greedy: bool  # every sample has temperature == 0
-    any_penalties: bool  # some sample has presence/frequency/repetition penalty != neutral
-    max_num_logprobs: int  # max over samples of logprobs (0 when none asked)
-
     # model inputs
     input_ids: npt.NDArray[np.int64]  # [T]
     positions: npt.NDArray[np.int64]  # [T]
@@ -139,30 +135,43 @@ class Batch:
     block_tables: npt.NDArray[np.int32]  # [B, max_blocks] padded with 0 past each table
     logits_indices: npt.NDArray[np.int64]  # [S] token index (into T) whose logits are sampled
 
-    # sampling, one entry per sample row
-    temperature: npt.NDArray[np.float32]  # [S] 0 = greedy
-    top_p: npt.NDArray[np.float32]
-    top_k: npt.NDArray[np.int32]  # <= 0 off
-    min_p: npt.NDArray[np.float32]
-    presence_penalty: npt.NDArray[np.float32]
-    frequency_penalty: npt.NDArray[np.float32]
-    repetition_penalty: npt.NDArray[np.float32]
-    seeds: npt.NDArray[np.int64]  # per sequence: the request's seed (or one drawn from the
-    # scheduler's seeded RNG when the request has none), mixed with the child index for n > 1
+    # sampling: the worker keeps each sequence's sampler state by sequence slot
+    # (worker/sampler_state.py); a step names the slot and the output count of each row
+    sample_seq_slots: npt.NDArray[np.int32]  # [S]
     sample_steps: npt.NDArray[np.int64]  # [S] output tokens the sequence has so far (RNG counter)
-    num_logprobs: npt.NDArray[np.int32]  # [S] -1 = none
-
-    # penalty inputs, filled only when any_penalties (else empty): CSR by sample row
-    prompt_token_ids: npt.NDArray[np.int64]
-    prompt_offsets: npt.NDArray[np.int32]  # [S + 1]
-    output_token_ids: npt.NDArray[np.int64]
-    output_offsets: npt.NDArray[np.int32]  # [S + 1]
-
-    # (sample row, token id) pairs to mask to -inf: EOS and stop_token_ids while below
-    # min_tokens, and bad_words (single-token ones always; multi-token ones when the
-    # sequence's last tokens equal the bad word's prefix)
+    # rows of children 1..n of a prompt finishing this step (the parent's slot, own seed)
+    fork_sample_rows: npt.NDArray[np.int64]  # [F]
+    fork_seeds: npt.NDArray[np.int64]  # [F]
+    # (sample row, token) pairs banned this step alone: multi-token bad words whose prefix
+    # the sequence's outputs end with
     banned_rows: npt.NDArray[np.int64]  # [K]
     banned_token_ids: npt.NDArray[np.int64]  # [K]
+
+    # sequences new to the worker (first scheduled, or forked children): their state, once
+    new_seq_slots: npt.NDArray[np.int32]  # [N]
+    new_temperature: npt.NDArray[np.float32]  # [N] 0 = greedy
+    new_top_p: npt.NDArray[np.float32]
+    new_top_k: npt.NDArray[np.int32]  # <= 0 off
+    new_min_p: npt.NDArray[np.float32]
+    new_presence_penalty: npt.NDArray[np.float32]
+    new_frequency_penalty: npt.NDArray[np.float32]
+    new_repetition_penalty: npt.NDArray[np.float32]
+    new_seeds: npt.NDArray[np.int64]  # the request's seed (or one drawn from the scheduler's
+    # seeded RNG), mixed with the child index for n > 1
+    new_num_logprobs: npt.NDArray[np.int32]  # -1 = none
+    new_min_tokens: npt.NDArray[np.int32]
+    # CSR by new sequence ([N + 1] offsets): prompt tokens (repetition penalty only), outputs
+    # so far (any penalty), single-token bad words, ids banned below min_tokens
+    new_prompt_offsets: npt.NDArray[np.int32]
+    new_prompt_token_ids: npt.NDArray[np.int64]
+    new_output_offsets: npt.NDArray[np.int32]
+    new_output_token_ids: npt.NDArray[np.int64]
+    new_ban_offsets: npt.NDArray[np.int32]
+    new_ban_token_ids: npt.NDArray[np.int64]
+    new_min_ban_offsets: npt.NDArray[np.int32]
+    new_min_ban_token_ids: npt.NDArray[np.int64]
+    # sequence slots released since the last batch that ran
+    freed_seq_slots: npt.NDArray[np.int32]
 
     # prompt logprobs: token indices (into T) whose next-token logprob is wanted, the token
     # that follows each, and the sequence row it belongs to

@@ -25,12 +25,6 @@ pub struct Batch {
     max_query_len: usize,
     #[pyo3(get)]
     max_seq_len: usize,
-    #[pyo3(get)]
-    all_greedy: bool,
-    #[pyo3(get)]
-    any_penalties: bool,
-    #[pyo3(get)]
-    max_num_logprobs: usize,
 
     #[pyo3(get)]
     input_ids: A1<i64>,
@@ -48,39 +42,58 @@ pub struct Batch {
     logits_indices: A1<i64>,
 
     #[pyo3(get)]
-    temperature: A1<f32>,
-    #[pyo3(get)]
-    top_p: A1<f32>,
-    #[pyo3(get)]
-    top_k: A1<i32>,
-    #[pyo3(get)]
-    min_p: A1<f32>,
-    #[pyo3(get)]
-    presence_penalty: A1<f32>,
-    #[pyo3(get)]
-    frequency_penalty: A1<f32>,
-    #[pyo3(get)]
-    repetition_penalty: A1<f32>,
-    #[pyo3(get)]
-    seeds: A1<i64>,
+    sample_seq_slots: A1<i32>,
     #[pyo3(get)]
     sample_steps: A1<i64>,
     #[pyo3(get)]
-    num_logprobs: A1<i32>,
-
+    fork_sample_rows: A1<i64>,
     #[pyo3(get)]
-    prompt_token_ids: A1<i64>,
-    #[pyo3(get)]
-    prompt_offsets: A1<i32>,
-    #[pyo3(get)]
-    output_token_ids: A1<i64>,
-    #[pyo3(get)]
-    output_offsets: A1<i32>,
-
+    fork_seeds: A1<i64>,
     #[pyo3(get)]
     banned_rows: A1<i64>,
     #[pyo3(get)]
     banned_token_ids: A1<i64>,
+
+    #[pyo3(get)]
+    new_seq_slots: A1<i32>,
+    #[pyo3(get)]
+    new_temperature: A1<f32>,
+    #[pyo3(get)]
+    new_top_p: A1<f32>,
+    #[pyo3(get)]
+    new_top_k: A1<i32>,
+    #[pyo3(get)]
+    new_min_p: A1<f32>,
+    #[pyo3(get)]
+    new_presence_penalty: A1<f32>,
+    #[pyo3(get)]
+    new_frequency_penalty: A1<f32>,
+    #[pyo3(get)]
+    new_repetition_penalty: A1<f32>,
+    #[pyo3(get)]
+    new_seeds: A1<i64>,
+    #[pyo3(get)]
+    new_num_logprobs: A1<i32>,
+    #[pyo3(get)]
+    new_min_tokens: A1<i32>,
+    #[pyo3(get)]
+    new_prompt_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_prompt_token_ids: A1<i64>,
+    #[pyo3(get)]
+    new_output_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_output_token_ids: A1<i64>,
+    #[pyo3(get)]
+    new_ban_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_ban_token_ids: A1<i64>,
+    #[pyo3(get)]
+    new_min_ban_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_min_ban_token_ids: A1<i64>,
+    #[pyo3(get)]
+    freed_seq_slots: A1<i32>,
 
     #[pyo3(get)]
     prompt_logprob_indices: A1<i64>,
@@ -97,23 +110,27 @@ pub struct Batch {
     step: u64,
 }
 
-/// Zero-length arrays shared by every batch: most steps have no penalties, bans or prompt
-/// logprobs, and a fresh empty array per field per step is pure overhead. Sharing is safe
-/// because a zero-length array has nothing to write.
+/// Zero-length arrays shared by every batch: most steps have no new sequences, penalties,
+/// bans or prompt logprobs, and a fresh empty array per field per step is pure overhead.
+/// Sharing is safe because a zero-length array has nothing to write.
 pub struct EmptyArrays {
     i64: A1<i64>,
     i32: A1<i32>,
+    f32: A1<f32>,
 }
 
 impl EmptyArrays {
     pub fn new(py: Python<'_>) -> Self {
-        EmptyArrays { i64: arr(py, Vec::new()), i32: arr(py, Vec::new()) }
+        EmptyArrays { i64: arr(py, Vec::new()), i32: arr(py, Vec::new()), f32: arr(py, Vec::new()) }
     }
     pub fn i64(&self, py: Python<'_>, v: Vec<i64>) -> A1<i64> {
         if v.is_empty() { self.i64.clone_ref(py) } else { arr(py, v) }
     }
     pub fn i32(&self, py: Python<'_>, v: Vec<i32>) -> A1<i32> {
         if v.is_empty() { self.i32.clone_ref(py) } else { arr(py, v) }
+    }
+    pub fn f32(&self, py: Python<'_>, v: Vec<f32>) -> A1<f32> {
+        if v.is_empty() { self.f32.clone_ref(py) } else { arr(py, v) }
     }
 }
 
@@ -125,6 +142,7 @@ impl Batch {
     pub fn from_data(py: Python<'_>, d: BatchData, empty: &EmptyArrays, sched: Py<Scheduler>, step: u64) -> PyResult<Batch> {
         let (b, m) = (d.num_seqs, d.max_blocks);
         let block_tables = d.block_tables.into_pyarray(py).reshape([b, m])?.unbind();
+        let (e64, e32, ef) = (|v| empty.i64(py, v), |v| empty.i32(py, v), |v| empty.f32(py, v));
         Ok(Batch {
             num_seqs: d.num_seqs,
             num_tokens: d.num_tokens,
@@ -132,9 +150,6 @@ impl Batch {
             num_decodes: d.num_decodes,
             max_query_len: d.max_query_len,
             max_seq_len: d.max_seq_len,
-            all_greedy: d.all_greedy,
-            any_penalties: d.any_penalties,
-            max_num_logprobs: d.max_num_logprobs,
             input_ids: arr(py, d.input_ids),
             positions: arr(py, d.positions),
             slot_mapping: arr(py, d.slot_mapping),
@@ -142,25 +157,35 @@ impl Batch {
             seq_lens: arr(py, d.seq_lens),
             block_tables,
             logits_indices: arr(py, d.logits_indices),
-            temperature: arr(py, d.temperature),
-            top_p: arr(py, d.top_p),
-            top_k: arr(py, d.top_k),
-            min_p: arr(py, d.min_p),
-            presence_penalty: arr(py, d.presence_penalty),
-            frequency_penalty: arr(py, d.frequency_penalty),
-            repetition_penalty: arr(py, d.repetition_penalty),
-            seeds: arr(py, d.seeds),
+            sample_seq_slots: arr(py, d.sample_seq_slots),
             sample_steps: arr(py, d.sample_steps),
-            num_logprobs: arr(py, d.num_logprobs),
-            prompt_token_ids: empty.i64(py, d.prompt_token_ids),
-            prompt_offsets: empty.i32(py, d.prompt_offsets),
-            output_token_ids: empty.i64(py, d.output_token_ids),
-            output_offsets: empty.i32(py, d.output_offsets),
-            banned_rows: empty.i64(py, d.banned_rows),
-            banned_token_ids: empty.i64(py, d.banned_token_ids),
-            prompt_logprob_indices: empty.i64(py, d.prompt_logprob_indices),
-            prompt_logprob_targets: empty.i64(py, d.prompt_logprob_targets),
-            prompt_logprob_rows: empty.i32(py, d.prompt_logprob_rows),
+            fork_sample_rows: e64(d.fork_sample_rows),
+            fork_seeds: e64(d.fork_seeds),
+            banned_rows: e64(d.banned_rows),
+            banned_token_ids: e64(d.banned_token_ids),
+            new_seq_slots: e32(d.new_seq_slots),
+            new_temperature: ef(d.new_temperature),
+            new_top_p: ef(d.new_top_p),
+            new_top_k: e32(d.new_top_k),
+            new_min_p: ef(d.new_min_p),
+            new_presence_penalty: ef(d.new_presence_penalty),
+            new_frequency_penalty: ef(d.new_frequency_penalty),
+            new_repetition_penalty: ef(d.new_repetition_penalty),
+            new_seeds: e64(d.new_seeds),
+            new_num_logprobs: e32(d.new_num_logprobs),
+            new_min_tokens: e32(d.new_min_tokens),
+            new_prompt_offsets: e32(d.new_prompt_offsets),
+            new_prompt_token_ids: e64(d.new_prompt_token_ids),
+            new_output_offsets: e32(d.new_output_offsets),
+            new_output_token_ids: e64(d.new_output_token_ids),
+            new_ban_offsets: e32(d.new_ban_offsets),
+            new_ban_token_ids: e64(d.new_ban_token_ids),
+            new_min_ban_offsets: e32(d.new_min_ban_offsets),
+            new_min_ban_token_ids: e64(d.new_min_ban_token_ids),
+            freed_seq_slots: e32(d.freed_seq_slots),
+            prompt_logprob_indices: e64(d.prompt_logprob_indices),
+            prompt_logprob_targets: e64(d.prompt_logprob_targets),
+            prompt_logprob_rows: e32(d.prompt_logprob_rows),
             row_req_slots: d.row_req_slots,
             sample_rows: d.sample_rows,
             sched,

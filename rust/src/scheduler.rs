@@ -79,6 +79,12 @@ pub struct Scheduled {
 }
 
 /// One step's arrays, laid out as `fastserve._core.Batch` documents them.
+///
+/// The sampler's per-sequence state lives in the worker, keyed by sequence slot: a
+/// sequence's parameters, seed, ban lists and (when penalized) prompt and output tokens
+/// travel once, in the `new_*` columns of the first batch that names it; every batch after
+/// that carries only a slot and a step counter per sample row, plus the slots released
+/// since the last batch that ran (vLLM v1's NewRequestData / CachedRequestData split).
 #[derive(Default, Debug)]
 pub struct BatchData {
     pub num_seqs: usize,
@@ -87,9 +93,6 @@ pub struct BatchData {
     pub num_decodes: usize,
     pub max_query_len: usize,
     pub max_seq_len: usize,
-    pub all_greedy: bool,
-    pub any_penalties: bool,
-    pub max_num_logprobs: usize,
     pub max_blocks: usize,
 
     pub input_ids: Vec<i64>,
@@ -100,24 +103,44 @@ pub struct BatchData {
     pub block_tables: Vec<i32>,
     pub logits_indices: Vec<i64>,
 
-    pub temperature: Vec<f32>,
-    pub top_p: Vec<f32>,
-    pub top_k: Vec<i32>,
-    pub min_p: Vec<f32>,
-    pub presence_penalty: Vec<f32>,
-    pub frequency_penalty: Vec<f32>,
-    pub repetition_penalty: Vec<f32>,
-    pub seeds: Vec<i64>,
+    /// Per sample row: the sequence slot whose sampler state applies, and its output count
+    /// (the noise counter; also what min_tokens compares against).
+    pub sample_seq_slots: Vec<i32>,
     pub sample_steps: Vec<i64>,
-    pub num_logprobs: Vec<i32>,
-
-    pub prompt_token_ids: Vec<i64>,
-    pub prompt_offsets: Vec<i32>,
-    pub output_token_ids: Vec<i64>,
-    pub output_offsets: Vec<i32>,
-
+    /// Sample rows of children 1..n of a prompt finishing this step: they sample from the
+    /// parent's logits row and state but with their own seed, and are not the parent's
+    /// output (their own slots get their first token in `new_output_token_ids`).
+    pub fork_sample_rows: Vec<i64>,
+    pub fork_seeds: Vec<i64>,
+    /// (sample row, token) pairs banned this step alone: multi-token bad words whose prefix
+    /// the sequence's outputs end with (the only ban that depends on the step).
     pub banned_rows: Vec<i64>,
     pub banned_token_ids: Vec<i64>,
+
+    /// Sequences the worker has not seen (first scheduled, or forked children).
+    pub new_seq_slots: Vec<i32>,
+    pub new_temperature: Vec<f32>,
+    pub new_top_p: Vec<f32>,
+    pub new_top_k: Vec<i32>,
+    pub new_min_p: Vec<f32>,
+    pub new_presence_penalty: Vec<f32>,
+    pub new_frequency_penalty: Vec<f32>,
+    pub new_repetition_penalty: Vec<f32>,
+    pub new_seeds: Vec<i64>,
+    pub new_num_logprobs: Vec<i32>,
+    pub new_min_tokens: Vec<i32>,
+    /// CSR by new sequence: prompt tokens (repetition penalty only), outputs so far (any
+    /// penalty), single-token bad words, and the ids banned below min_tokens.
+    pub new_prompt_offsets: Vec<i32>,
+    pub new_prompt_token_ids: Vec<i64>,
+    pub new_output_offsets: Vec<i32>,
+    pub new_output_token_ids: Vec<i64>,
+    pub new_ban_offsets: Vec<i32>,
+    pub new_ban_token_ids: Vec<i64>,
+    pub new_min_ban_offsets: Vec<i32>,
+    pub new_min_ban_token_ids: Vec<i64>,
+    /// Sequence slots released since the last batch that ran (their state may go).
+    pub freed_seq_slots: Vec<i32>,
 
     pub prompt_logprob_indices: Vec<i64>,
     pub prompt_logprob_targets: Vec<i64>,
@@ -219,6 +242,10 @@ pub struct Scheduler {
     /// pending batch can still name them.
     abort_outputs: Vec<FinishedSeq>,
     deferred_requests: Vec<u32>,
+    /// Sequence slots released but not yet reported to the worker; the first
+    /// `pending_freed` of them ride in the pending batch.
+    freed_seqs: Vec<u32>,
+    pending_freed: usize,
     // Reused across steps so scheduling allocates nothing per sequence.
     decode_rows: Vec<Scheduled>,
     prefill_rows: Vec<Scheduled>,
@@ -310,6 +337,8 @@ impl Scheduler {
             step_samples: 0,
             abort_outputs: vec![],
             deferred_requests: vec![],
+            freed_seqs: vec![],
+            pending_freed: 0,
             decode_rows: vec![],
             prefill_rows: vec![],
             hit_buf: vec![],
@@ -445,6 +474,7 @@ impl Scheduler {
             detok,
             finish_reason: None,
             first_token_time: 0.0,
+            sent: false,
         };
         let s = self.insert_seq(seq);
         self.requests[req_slot as usize] = Some(Request {
@@ -534,6 +564,7 @@ impl Scheduler {
         for s in req.seqs {
             self.seqs[s as usize] = None;
             self.free_seqs.push(s);
+            self.freed_seqs.push(s);
         }
         self.free_requests.push(r);
     }
@@ -747,6 +778,7 @@ impl Scheduler {
         rows.extend_from_slice(&self.prefill_rows);
         let batch = self.build_batch(&rows, num_decodes);
         self.pending_samples = batch.num_samples;
+        self.pending_freed = batch.freed_seq_slots.len();
         self.pending = Some(rows);
         Ok(Some(batch))
     }
@@ -754,10 +786,10 @@ impl Scheduler {
     fn build_batch(&self, rows: &[Scheduled], num_decodes: usize) -> BatchData {
         let bs = self.cfg.block_size;
         let b = rows.len();
-        // Sizes and batch-wide flags first, so every array is allocated once at its size.
+        // Sizes first, so every per-token and per-sample array is allocated once at its size.
         let (mut t, mut s_total, mut max_blocks, mut max_q, mut max_seq) = (0usize, 0usize, 0usize, 0usize, 0usize);
-        let (mut all_greedy, mut any_pen, mut max_lp) = (true, false, 0usize);
         let mut any_prompt_lp = false;
+        let mut any_new = false;
         for r in rows {
             let seq = seq_ref(&self.seqs, r.seq);
             let end = seq.num_computed + r.num_new as usize;
@@ -766,13 +798,8 @@ impl Scheduler {
             max_blocks = max_blocks.max(self.bm.blocks_for(end));
             max_q = max_q.max(r.num_new as usize);
             max_seq = max_seq.max(end);
-            let p = &seq.sp;
-            any_prompt_lp |= p.prompt_logprobs;
-            if r.num_samples > 0 {
-                all_greedy &= p.temperature == 0.0;
-                any_pen |= p.has_penalties;
-                max_lp = max_lp.max(p.num_logprobs.max(0) as usize);
-            }
+            any_prompt_lp |= seq.sp.prompt_logprobs;
+            any_new |= !seq.sent;
         }
         let mut d = BatchData {
             num_seqs: b,
@@ -781,9 +808,6 @@ impl Scheduler {
             num_decodes,
             max_query_len: max_q,
             max_seq_len: max_seq,
-            all_greedy,
-            any_penalties: any_pen,
-            max_num_logprobs: max_lp,
             max_blocks,
             input_ids: Vec::with_capacity(t),
             positions: Vec::with_capacity(t),
@@ -792,25 +816,18 @@ impl Scheduler {
             seq_lens: Vec::with_capacity(b),
             block_tables: vec![0; b * max_blocks],
             logits_indices: Vec::with_capacity(s_total),
-            temperature: Vec::with_capacity(s_total),
-            top_p: Vec::with_capacity(s_total),
-            top_k: Vec::with_capacity(s_total),
-            min_p: Vec::with_capacity(s_total),
-            presence_penalty: Vec::with_capacity(s_total),
-            frequency_penalty: Vec::with_capacity(s_total),
-            repetition_penalty: Vec::with_capacity(s_total),
-            seeds: Vec::with_capacity(s_total),
+            sample_seq_slots: Vec::with_capacity(s_total),
             sample_steps: Vec::with_capacity(s_total),
-            num_logprobs: Vec::with_capacity(s_total),
             row_req_slots: Vec::with_capacity(b),
             sample_rows: Vec::with_capacity(s_total),
+            freed_seq_slots: self.freed_seqs.iter().map(|&x| x as i32).collect(),
             ..Default::default()
         };
-        if any_pen {
-            d.prompt_offsets.reserve(s_total + 1);
-            d.output_offsets.reserve(s_total + 1);
-            d.prompt_offsets.push(0);
-            d.output_offsets.push(0);
+        if any_new {
+            for v in [&mut d.new_prompt_offsets, &mut d.new_output_offsets, &mut d.new_ban_offsets,
+                      &mut d.new_min_ban_offsets] {
+                v.push(0);
+            }
         }
         d.query_start_loc.push(0);
         for (row, r) in rows.iter().enumerate() {
@@ -842,6 +859,9 @@ impl Scheduler {
             d.query_start_loc.push((tok0 + r.num_new as usize) as i32);
             d.seq_lens.push(end as i32);
             d.row_req_slots.push(seq.req);
+            if !seq.sent {
+                self.push_new_seq(&mut d, r.seq, seq);
+            }
 
             if any_prompt_lp && p.prompt_logprobs {
                 let first = start.max(seq.prompt_logprobs_done);
@@ -853,51 +873,64 @@ impl Scheduler {
                 }
             }
 
+            let steps = seq.num_outputs() as i64;
             for child in 0..r.num_samples {
                 let srow = d.logits_indices.len() as i64;
                 d.logits_indices.push((tok0 + r.num_new as usize - 1) as i64);
                 d.sample_rows.push(row as u32);
-                d.temperature.push(p.temperature);
-                d.top_p.push(p.top_p);
-                d.top_k.push(p.top_k);
-                d.min_p.push(p.min_p);
-                d.presence_penalty.push(p.presence_penalty);
-                d.frequency_penalty.push(p.frequency_penalty);
-                d.repetition_penalty.push(p.repetition_penalty);
-                d.seeds.push(if r.num_samples > 1 { child_seed(req_ref(&self.requests, seq.req).seed, child) } else { seq.seed });
-                let outs = seq.outputs();
-                d.sample_steps.push(outs.len() as i64);
-                d.num_logprobs.push(p.num_logprobs);
-                if any_pen {
-                    d.prompt_token_ids.extend(seq.tokens[..seq.num_prompt].iter().map(|&x| x as i64));
-                    d.output_token_ids.extend(outs.iter().map(|&x| x as i64));
-                    d.prompt_offsets.push(d.prompt_token_ids.len() as i32);
-                    d.output_offsets.push(d.output_token_ids.len() as i32);
+                d.sample_seq_slots.push(r.seq as i32);
+                d.sample_steps.push(steps);
+                if child > 0 {
+                    d.fork_sample_rows.push(srow);
+                    d.fork_seeds.push(child_seed(req_ref(&self.requests, seq.req).seed, child));
                 }
-                if !p.has_bans {
-                    continue;
-                }
-                let req = req_ref(&self.requests, seq.req);
-                if outs.len() < p.min_tokens as usize {
-                    for &id in &req.min_tokens_banned {
-                        d.banned_rows.push(srow);
-                        d.banned_token_ids.push(id as i64);
-                    }
-                }
-                for &id in &req.bad_single {
-                    d.banned_rows.push(srow);
-                    d.banned_token_ids.push(id as i64);
-                }
-                for w in &req.bad_multi {
-                    let (prefix, last) = w.split_at(w.len() - 1);
-                    if outs.ends_with(prefix) {
-                        d.banned_rows.push(srow);
-                        d.banned_token_ids.push(last[0] as i64);
+                if p.has_bans {
+                    let req = req_ref(&self.requests, seq.req);
+                    let outs = seq.outputs();
+                    for w in &req.bad_multi {
+                        let (prefix, last) = w.split_at(w.len() - 1);
+                        if outs.ends_with(prefix) {
+                            d.banned_rows.push(srow);
+                            d.banned_token_ids.push(last[0] as i64);
+                        }
                     }
                 }
             }
         }
         d
+    }
+
+    /// Appends sequence `s`'s sampler state to the batch's `new_*` columns.
+    fn push_new_seq(&self, d: &mut BatchData, s: u32, seq: &Sequence) {
+        let p = &seq.sp;
+        let req = req_ref(&self.requests, seq.req);
+        d.new_seq_slots.push(s as i32);
+        d.new_temperature.push(p.temperature);
+        d.new_top_p.push(p.top_p);
+        d.new_top_k.push(p.top_k);
+        d.new_min_p.push(p.min_p);
+        d.new_presence_penalty.push(p.presence_penalty);
+        d.new_frequency_penalty.push(p.frequency_penalty);
+        d.new_repetition_penalty.push(p.repetition_penalty);
+        d.new_seeds.push(seq.seed);
+        d.new_num_logprobs.push(p.num_logprobs);
+        d.new_min_tokens.push(p.min_tokens as i32);
+        if p.repetition_penalty != 1.0 {
+            d.new_prompt_token_ids.extend(seq.tokens[..seq.num_prompt].iter().map(|&x| x as i64));
+        }
+        if p.has_penalties {
+            d.new_output_token_ids.extend(seq.outputs().iter().map(|&x| x as i64));
+        }
+        if p.has_bans {
+            d.new_ban_token_ids.extend(req.bad_single.iter().map(|&x| x as i64));
+            if p.min_tokens > 0 {
+                d.new_min_ban_token_ids.extend(req.min_tokens_banned.iter().map(|&x| x as i64));
+            }
+        }
+        d.new_prompt_offsets.push(d.new_prompt_token_ids.len() as i32);
+        d.new_output_offsets.push(d.new_output_token_ids.len() as i32);
+        d.new_ban_offsets.push(d.new_ban_token_ids.len() as i32);
+        d.new_min_ban_offsets.push(d.new_min_ban_token_ids.len() as i32);
     }
 
     /// Appends the sampled ids of the pending batch, finishes sequences, frees their blocks.
@@ -922,6 +955,9 @@ impl Scheduler {
             return Err(format!("sampled_token_ids holds {bad}, not a token id"));
         }
         let bs = self.cfg.block_size;
+        // The worker has now seen this batch: its freed slots and new sequences.
+        self.freed_seqs.drain(..self.pending_freed);
+        self.pending_freed = 0;
         let mut res = StepResult { finished: std::mem::take(&mut self.abort_outputs), ..Default::default() };
         let mut finished_reqs: Vec<u32> = vec![];
         let mut any_finished = false;
@@ -951,6 +987,7 @@ impl Scheduler {
             let srow0 = sample;
             sample += r.num_samples as usize;
             let seq = seq_mut(&mut self.seqs, r.seq);
+            seq.sent = true;
             if seq.status != SeqStatus::Running {
                 continue; // aborted after schedule()
             }
@@ -1011,6 +1048,7 @@ impl Scheduler {
             }
         }
         self.pending_samples = 0;
+        self.pending_freed = 0;
         true
     }
 
@@ -1058,6 +1096,7 @@ impl Scheduler {
                 detok,
                 finish_reason: None,
                 first_token_time: 0.0,
+                sent: false,
             };
             let s = self.insert_seq(child);
             seq_mut(&mut self.seqs, parent).pending_fork = false;
@@ -1227,7 +1266,34 @@ mod tests {
             }
         }
         assert_eq!(b.logits_indices.len(), b.num_samples);
-        assert_eq!(b.seeds.len(), b.num_samples);
+        assert_eq!(b.sample_seq_slots.len(), b.num_samples);
+        assert_eq!(b.sample_steps.len(), b.num_samples);
+        assert_eq!(b.new_seed_count(), b.new_seq_slots.len());
+    }
+
+    impl BatchData {
+        fn new_seed_count(&self) -> usize {
+            self.new_seeds.len()
+        }
+    }
+
+    /// The worker's view of the sampler-state protocol: slot -> request id, updated from
+    /// each batch that runs. Every sample row must name a slot the worker knows, holding its
+    /// own request's state.
+    fn apply_to_worker(s: &Scheduler, b: &BatchData, known: &mut std::collections::HashMap<i32, String>) {
+        for f in &b.freed_seq_slots {
+            known.remove(f);
+        }
+        for &slot in &b.new_seq_slots {
+            let id = seq_ref(&s.seqs, slot as u32).request_id.to_string();
+            known.insert(slot, id);
+        }
+        for j in 0..b.num_samples {
+            let row = b.sample_rows[j] as usize;
+            let want = req_ref(&s.requests, b.row_req_slots[row]).request_id.to_string();
+            let slot = b.sample_seq_slots[j];
+            assert_eq!(known.get(&slot), Some(&want), "sample row {j} names slot {slot} the worker does not hold for {want}");
+        }
     }
 
     #[derive(Clone, Debug)]
@@ -1268,6 +1334,7 @@ mod tests {
             let mut rows: std::collections::HashMap<(String, u32), u32> = Default::default();
             let mut next = 0;
             let mut rng = 1u64;
+            let mut known: std::collections::HashMap<i32, String> = Default::default();
             let mut step = |s: &mut Scheduler, got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, rng: &mut u64| {
                 let record = |got: &mut std::collections::HashMap<(String, u32), (u32, Option<FinishReason>)>, r: &StepResult| {
                     for f in &r.finished {
@@ -1283,6 +1350,7 @@ mod tests {
                     return false;
                 };
                 check_batch(s, &b);
+                apply_to_worker(s, &b, &mut known);
                 // Slots name requests only until update() releases them: read the ids now.
                 let slot_ids: std::collections::HashMap<u32, String> = b.row_req_slots.iter()
                     .map(|&sl| (sl, req_ref(&s.requests, sl).request_id.to_string())).collect();

@@ -138,6 +138,8 @@ pub struct Sequence {
     pub finish_reason: Option<FinishReason>,
     /// The `now` of the update() that appended the first output token (0 before).
     pub first_token_time: f64,
+    /// The worker holds this sequence's sampler state (a batch naming it has run).
+    pub sent: bool,
 }
 
 impl Sequence {

@@ -9,7 +9,7 @@ pass and the LM head's all-gathers } until the driver says stop or goes away.
 Who samples: only rank 0. After the LM head's all-gather every rank holds identical full
 logits, so every rank *could* sample identically (the sampler is deterministic given the
 seeds), but the result is only consumed by the driver's scheduler, and sampling on the
-workers would need the sampling arrays (penalty CSRs, banned tokens, seeds) broadcast too
+workers would need the per-sequence sampler state (worker/sampler_state.py) kept too
 and would spend a top-k/top-p sort over the vocabulary per rank per step for nothing.
 
 Devices: NCCL on GPUs, rank r on cuda:(r mod ranks-per-node); gloo on CPU. Several nodes:

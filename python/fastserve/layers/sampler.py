@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 _SAMPLING_EPS = 1e-5
+# Bits of the sampler state's flags pool (worker/sampler_state.py).
+_PROMPT, _BANNED, _MIN_BANNED = 1, 2, 4
 
 # splitmix64 constants as two's-complement int64 (torch has no uint64 arithmetic; int64
 # add/mul wrap modulo 2**64, so the bits equal the unsigned algorithm's).
@@ -34,8 +36,10 @@ _MIX2 = 0x94D049BB133111EB - 2**64
 
 @dataclass
 class SamplingTensors:
-    """A Batch's sampling arrays on the device, plus host-side flags computed with numpy so that
-    choosing a path never synchronizes with the device."""
+    """A step's sampling arrays on the device, plus host-side flags computed with numpy so that
+    choosing a path never synchronizes with the device. Built by `from_rows` from the
+    worker's per-sequence state (worker/sampler_state.py), whose device pools `counts` and
+    `flags` the penalty and ban rows index."""
 
     temperature: torch.Tensor  # f32 [S]; 0 = greedy
     top_p: torch.Tensor  # f32 [S]
@@ -47,17 +51,26 @@ class SamplingTensors:
     seeds: torch.Tensor  # i64 [S]
     sample_steps: torch.Tensor  # i64 [S]
     num_logprobs: torch.Tensor  # i32 [S]; -1 none
-    # penalties, flattened (row, token) pairs; empty unless any_penalties
-    prompt_rows: torch.Tensor  # i64 [Np]
-    prompt_token_ids: torch.Tensor  # i64 [Np]
-    output_rows: torch.Tensor  # i64 [No]
-    output_token_ids: torch.Tensor  # i64 [No]
+    # penalized sample rows and their rows in the state's pools
+    penalty_rows: torch.Tensor  # i64 [P]
+    penalty_vocab_rows: torch.Tensor  # i64 [P]
+    # sample rows with static bans (bad words, min_tokens' ids), their pool rows, and
+    # whether min_tokens still holds for each
+    ban_rows: torch.Tensor  # i64 [B]
+    ban_vocab_rows: torch.Tensor  # i64 [B]
+    min_tokens_active: torch.Tensor  # bool [B]
+    # (row, token) pairs banned this step (multi-token bad words)
     banned_rows: torch.Tensor  # i64 [K]
     banned_token_ids: torch.Tensor  # i64 [K]
     # i64 [R]: random rows with top_p < 1 and no top_k (only these sort the vocabulary)
     top_p_rows: torch.Tensor
     # i64 [Rk]: random rows with top_p < 1 and top_k (top-p runs inside their top-k values)
     top_p_top_k_rows: torch.Tensor
+    # sample rows whose sampled token goes into their output counts, and their pool rows
+    count_rows: torch.Tensor  # i64 [C]
+    count_vocab_rows: torch.Tensor  # i64 [C]
+    counts: torch.Tensor | None  # i32 [R, V] the state's output-token counts
+    flags: torch.Tensor | None  # u8 [R, V] the state's prompt / ban bits
 
     num_samples: int
     all_greedy: bool
@@ -66,22 +79,21 @@ class SamplingTensors:
     any_top_k: bool
     max_top_k: int  # max top_k over rows that use it (0 when none)
     any_min_p: bool
-    any_banned: bool
+    any_banned: bool  # static or per-step bans
     max_num_logprobs: int  # K of the top-K outputs
     any_logprobs: bool  # some row asked for logprobs (ranks are computed only then)
 
     @classmethod
-    def from_batch(
-        cls, batch, device: torch.device | str, vocab_size: int, staging=None
-    ) -> SamplingTensors:
-        """`batch` is a fastserve._core.Batch (or anything with its sampling attributes).
-        `staging` (a worker.staging.PinnedStaging) moves every array in one copy; without
-        it each array is copied on its own."""
-        temperature = np.asarray(batch.temperature, dtype=np.float32)
-        top_p = np.asarray(batch.top_p, dtype=np.float32)
-        top_k = np.asarray(batch.top_k).astype(np.int64)
-        min_p = np.asarray(batch.min_p, dtype=np.float32)
-        num_logprobs = np.asarray(batch.num_logprobs, dtype=np.int32)
+    def from_rows(cls, rows: dict, device: torch.device | str, vocab_size: int, staging=None,
+                  state=None) -> SamplingTensors:
+        """`rows`: the step's per-sample-row host arrays (SamplerState.rows). `staging` (a
+        worker.staging.PinnedStaging) moves every array in one copy; without it each array
+        is copied on its own."""
+        temperature = np.asarray(rows["temperature"], dtype=np.float32)
+        top_p = np.asarray(rows["top_p"], dtype=np.float32)
+        top_k = np.asarray(rows["top_k"]).astype(np.int64)
+        min_p = np.asarray(rows["min_p"], dtype=np.float32)
+        num_logprobs = np.asarray(rows["num_logprobs"], dtype=np.int32)
         s = int(temperature.shape[0])
 
         greedy = temperature < _SAMPLING_EPS
@@ -94,46 +106,36 @@ class SamplingTensors:
         top_p_rows = np.flatnonzero(uses_top_p & ~uses_top_k).astype(np.int64)
         top_p_top_k_rows = np.flatnonzero(uses_top_p & uses_top_k).astype(np.int64)
 
-        any_penalties = bool(batch.any_penalties)
-        if any_penalties:
-            prompt_rows = np.repeat(
-                np.arange(s, dtype=np.int64), np.diff(batch.prompt_offsets)
-            )
-            output_rows = np.repeat(
-                np.arange(s, dtype=np.int64), np.diff(batch.output_offsets)
-            )
-            prompt_ids, output_ids = batch.prompt_token_ids, batch.output_token_ids
-        else:
-            prompt_rows = output_rows = prompt_ids = output_ids = np.zeros(
-                0, dtype=np.int64
-            )
-
-        banned_rows = np.asarray(batch.banned_rows, dtype=np.int64)
-        banned_ids = np.asarray(batch.banned_token_ids, dtype=np.int64)
+        banned_rows = np.asarray(rows["banned_rows"], dtype=np.int64)
+        banned_ids = np.asarray(rows["banned_token_ids"], dtype=np.int64)
         if banned_ids.size and banned_ids.max() >= vocab_size:
             # Tokenizer ids past the model's vocabulary can never be sampled anyway.
             keep = banned_ids < vocab_size
             banned_rows, banned_ids = banned_rows[keep], banned_ids[keep]
+        i64 = lambda a: np.asarray(a, dtype=np.int64)  # noqa: E731
 
         host = dict(
             temperature=temperature,
             top_p=top_p,
             top_k=top_k,
             min_p=min_p,
-            presence_penalty=np.asarray(batch.presence_penalty, dtype=np.float32),
-            frequency_penalty=np.asarray(batch.frequency_penalty, dtype=np.float32),
-            repetition_penalty=np.asarray(batch.repetition_penalty, dtype=np.float32),
-            seeds=np.asarray(batch.seeds, dtype=np.int64),
-            sample_steps=np.asarray(batch.sample_steps, dtype=np.int64),
+            presence_penalty=np.asarray(rows["presence_penalty"], dtype=np.float32),
+            frequency_penalty=np.asarray(rows["frequency_penalty"], dtype=np.float32),
+            repetition_penalty=np.asarray(rows["repetition_penalty"], dtype=np.float32),
+            seeds=i64(rows["seeds"]),
+            sample_steps=i64(rows["sample_steps"]),
             num_logprobs=num_logprobs,
-            prompt_rows=prompt_rows,
-            prompt_token_ids=np.asarray(prompt_ids, dtype=np.int64),
-            output_rows=output_rows,
-            output_token_ids=np.asarray(output_ids, dtype=np.int64),
+            penalty_rows=i64(rows["penalty_rows"]),
+            penalty_vocab_rows=i64(rows["penalty_vocab_rows"]),
+            ban_rows=i64(rows["ban_rows"]),
+            ban_vocab_rows=i64(rows["ban_vocab_rows"]),
+            min_tokens_active=np.asarray(rows["min_tokens_active"], dtype=np.bool_),
             banned_rows=banned_rows,
             banned_token_ids=banned_ids,
             top_p_rows=top_p_rows,
             top_p_top_k_rows=top_p_top_k_rows,
+            count_rows=i64(rows["count_rows"]),
+            count_vocab_rows=i64(rows["count_vocab_rows"]),
         )
         if staging is not None:
             tensors = dict(zip(host, staging.to_device(list(host.values()))))
@@ -145,17 +147,29 @@ class SamplingTensors:
 
         return cls(
             **tensors,
+            counts=None if state is None else state.counts,
+            flags=None if state is None else state.flags,
             num_samples=s,
             all_greedy=bool(greedy.all()),
             all_random=s > 0 and bool(random.all()),
-            any_penalties=any_penalties,
+            any_penalties=host["penalty_rows"].size > 0,
             any_top_k=bool(uses_top_k.any()),
             max_top_k=int(top_k.max()) if s else 0,
             any_min_p=bool(uses_min_p.any()),
-            any_banned=banned_rows.size > 0,
+            any_banned=banned_rows.size > 0 or host["ban_rows"].size > 0,
             max_num_logprobs=max(int(num_logprobs.max()) if s else 0, 0),
             any_logprobs=bool((num_logprobs >= 0).any()),
         )
+
+    @classmethod
+    def from_batch(cls, rows, device: torch.device | str, vocab_size: int, staging=None) -> SamplingTensors:
+        """The tensors of one step described row by row (per-row arrays, prompt/output CSR
+        when `any_penalties`, (row, token) bans), through a fresh state holding one sequence
+        per row: for tests and the memory profile; the engine keeps its state across steps."""
+        from fastserve.worker.sampler_state import SamplerState
+
+        state, gathered = SamplerState.for_rows(rows, device, vocab_size)
+        return cls.from_rows(gathered, device, vocab_size, staging, state)
 
 
 @dataclass
@@ -219,27 +233,33 @@ def uniform_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return u.add_(0.5).mul_(2.0**-23)
 
 
+def _apply_bans(x: torch.Tensor, st: SamplingTensors) -> None:
+    """In place: -inf at each banned (row, token): the pools' static bans (bad words; the
+    min_tokens ids while a row is below min_tokens), then this step's pairs."""
+    if st.ban_rows.numel():
+        f = st.flags.index_select(0, st.ban_vocab_rows)
+        mask = (f & _BANNED) != 0
+        mask |= ((f & _MIN_BANNED) != 0) & st.min_tokens_active[:, None]
+        x.index_copy_(0, st.ban_rows, x.index_select(0, st.ban_rows).masked_fill_(mask, float("-inf")))
+    if st.banned_rows.numel():
+        x.index_put_((st.banned_rows, st.banned_token_ids), torch.tensor(float("-inf"), device=x.device))
+
+
 def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
-    s, v = logits.shape
-
-    # One spare column absorbs ids the model does not have (tokenizer added tokens past the
-    # embedding rows) instead of failing the whole batch.
-    def counts(rows, ids):
-        flat = rows * (v + 1) + ids.clamp(max=v)
-        c = torch.zeros(s * (v + 1), dtype=torch.float32, device=logits.device)
-        c.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.float32))
-        return c.view(s, v + 1)[:, :v]
-
-    output_counts = counts(st.output_rows, st.output_token_ids)
-    seen = counts(st.prompt_rows, st.prompt_token_ids) > 0
-    output_mask = output_counts > 0
+    """Repetition (prompt and output tokens), frequency and presence (output tokens)
+    penalties on the penalized rows, from the state's device-resident counts: in place."""
+    rows = st.penalty_rows
+    counts = st.counts.index_select(0, st.penalty_vocab_rows).to(torch.float32)
+    output_mask = counts > 0
+    seen = (st.flags.index_select(0, st.penalty_vocab_rows) & _PROMPT) != 0
     seen |= output_mask
-    rep = st.repetition_penalty[:, None].expand(s, v)
+    sub = logits.index_select(0, rows)
+    rep = st.repetition_penalty.index_select(0, rows)[:, None].expand_as(sub)
     rep = torch.where(seen, rep, 1.0)
-    logits = torch.where(logits > 0, logits / rep, logits * rep)
-    logits -= st.frequency_penalty[:, None] * output_counts
-    logits -= st.presence_penalty[:, None] * output_mask
-    return logits
+    sub = torch.where(sub > 0, sub / rep, sub * rep)
+    sub -= st.frequency_penalty.index_select(0, rows)[:, None] * counts
+    sub -= st.presence_penalty.index_select(0, rows)[:, None] * output_mask
+    return logits.index_copy_(0, rows, sub)
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -331,16 +351,14 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         """logits: [S, V] raw model logits (any float dtype); left unchanged."""
         raw = logits.to(torch.float32)
-        # Each filter's first step writes a new tensor, so `raw` survives for the logprobs
-        # without a [S, V] copy kept on the side.
+        # Bans and penalties write in place into one copy, so `raw` survives for the logprobs.
         x = raw
+        if st.any_banned or st.any_penalties:
+            x = raw.clone()
         if st.any_banned:
-            x = x.index_put(
-                (st.banned_rows, st.banned_token_ids),
-                torch.tensor(float("-inf"), device=x.device),
-            )
+            _apply_bans(x, st)
         if st.any_penalties:
-            x = _apply_penalties(x, st)
+            _apply_penalties(x, st)
 
         greedy = None if st.all_random else x.argmax(dim=-1)
         if st.all_greedy:

@@ -26,6 +26,7 @@ from fastserve.layers.linear import tp_rank_and_size
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import load_model
+from fastserve.worker.sampler_state import SamplerState
 from fastserve.worker.staging import PinnedStaging
 from fastserve.worker.step_buffers import StepBuffers, StepLimits
 
@@ -76,6 +77,9 @@ class ModelRunner:
                     self.device, time.perf_counter() - t0)
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
+        # Per-sequence sampling state, sent once per sequence by the scheduler (driver only:
+        # only rank 0 samples).
+        self.sampler_state = SamplerState(self.device, self.vocab_size)
         self.is_cuda = self.device.type == "cuda"
         self.buffers = StepBuffers(self.limits, self.device)
         self.sampling_staging = PinnedStaging(self.device)
@@ -219,8 +223,11 @@ class ModelRunner:
             self.batch_sender.send(batch)
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
-        st = SamplingTensors.from_batch(batch, self.device, self.vocab_size, self.sampling_staging)
+        state = self.sampler_state
+        state.apply(batch)
+        st = SamplingTensors.from_rows(state.rows(batch), self.device, self.vocab_size, self.sampling_staging, state)
         out = self.sampler(logits, st)
+        state.record(st.count_rows, st.count_vocab_rows, out.sampled_token_ids)
 
         prompt_lp = None
         if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
