@@ -81,6 +81,81 @@ def output_buffer(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, 
     return out
 
 
+# Split-K in one launch: each split stores its partial tile, then bumps the tile's counter; the
+# split that brings it to num_splits sums the partials (in split order: deterministic), writes
+# the output and resets the counter for the next launch. This saves the reduction kernel's
+# launch, which at batch-1 decode costs as much as a small layer's GEMM. The counters persist
+# per device (zeroed once, outside any CUDA-graph capture); GEMMs on one device must not run
+# concurrently on two streams (the engine uses one). FASTSERVE_QUANT_SPLITK_FIXUP=0 or a
+# config's fixup=False uses the separate reduction kernel instead.
+SPLITK_FIXUP = os.environ.get("FASTSERVE_QUANT_SPLITK_FIXUP", "1") != "0"
+COUNTER_SLOTS = 8192
+_COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def splitk_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's zeroed tile counters, or None (then use splitk_reduce) when there are more
+    tiles than slots or the first use would happen inside a CUDA-graph capture."""
+    if tiles > COUNTER_SLOTS:
+        return None
+    key = str(device)
+    c = _COUNTERS.get(key)
+    if c is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        c = _COUNTERS[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return c
+
+
+@triton.jit
+def store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS: tl.constexpr):
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tile_id, part_ptr, counter_ptr,
+                    bias_ptr, out_ptr, stride_om,
+                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr):
+    """Write acc [BLOCK_M, BLOCK_N] (float32): directly, as split pid_k's partial, or as the
+    partial of the split that finishes the tile and then the reduced output (FIXUP)."""
+    if SPLIT:
+        mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        plane = M.to(tl.int64) * N
+        part = part_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]
+        tl.store(part + pid_k * plane, acc, mask=mask)
+        if FIXUP:
+            # Every thread's partial store happens before the release of the counter bump.
+            tl.debug_barrier()
+            done = tl.atomic_add(counter_ptr + tile_id, 1, sem="acq_rel")
+            if done == num_splits - 1:
+                total = tl.zeros_like(acc)
+                for s in range(num_splits):
+                    total += tl.load(part + s * plane, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(counter_ptr + tile_id, 0)
+                store_output(total, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS)
+    else:
+        store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, HAS_BIAS)
+
+
+def finish_split(part: torch.Tensor, bias, out: torch.Tensor, fixup: bool) -> torch.Tensor:
+    if part.dim() == 3 and part.shape[0] > 1 and not fixup:
+        splitk_reduce(part, bias, out)
+    return out
+
+
+def split_setup(split: int, tiles: int, m: int, n: int, out: torch.Tensor, want_fixup: bool | None):
+    """(partial buffer or out, counters or out, fixup?) for a launch with `split` splits over
+    `tiles` output tiles."""
+    if split <= 1:
+        return out, out, False
+    counters = splitk_counters(out.device, tiles) if (SPLITK_FIXUP if want_fixup is None else want_fixup) else None
+    return partial_buffer(split, m, n, out.device), (counters if counters is not None else out), counters is not None
+
+
 @triton.jit(do_not_specialize=["M", "SPLIT"])
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):

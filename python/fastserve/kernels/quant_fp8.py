@@ -35,12 +35,13 @@ import triton
 import triton.language as tl
 
 from ._validate import require
-from .quant_common import (apply_overrides, interpret_dispatch, output_buffer, partial_buffer, plan_split_k,
-                           run_with_fallback, splitk_reduce, use_triton)
+from .quant_common import (apply_overrides, finish_split, interpret_dispatch, output_buffer, plan_split_k,
+                           run_with_fallback, split_setup, splitk_epilogue, use_triton)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE_AMAX = 1e-12  # an all-zero row gets a tiny scale, not a division by zero
+NEVER = 10 ** 9  # an M threshold no batch reaches
 
 
 @dataclasses.dataclass
@@ -48,7 +49,7 @@ class Fp8Dispatch:
     backend: str = "scaled_mm"      # "scaled_mm" | "triton": the GEMM above triton_max_m
     triton_max_m: int = 0           # M <= this runs the Triton kernel whatever the backend
     use_fast_accum: bool = False    # _scaled_mm's fast accumulation (less exact over long K)
-    block_dequant_min_m: int = 1 << 62  # block-wise: M >= this dequantizes + cuBLAS
+    block_dequant_min_m: int = NEVER  # block-wise: M >= this dequantizes + cuBLAS
 
 
 FP8_DISPATCH = Fp8Dispatch()
@@ -167,11 +168,11 @@ def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_m + (pid % width) % group_rows, (pid % width) // group_rows
 
 
-@triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _fp8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr,
-                     M, N, K, stride_am, stride_bn, stride_om, tiles_per_split, num_tiles,
+@triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
+def _fp8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
+                     M, N, K, stride_am, stride_bn, stride_om, tiles_per_split, num_tiles, num_splits,
                      A_ROW: tl.constexpr, B_COL: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     FIXUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """y = (xq @ wq^T) * a_scale (per row or scalar) * b_scale (per column or scalar) + bias."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -200,21 +201,15 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr,
         acc *= tl.load(bs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
     else:
         acc *= tl.load(bs_ptr)
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + offs_m).to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tl.program_id(0), part_ptr, counter_ptr,
+                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
 
 
-@triton.jit(do_not_specialize=["M", "tiles_per_split"])
-def _fp8_block_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr,
+@triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
+def _fp8_block_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
                            M, N, K, SBN, SBK, stride_am, stride_bn, stride_asm, stride_bsn, stride_om,
-                           tiles_per_split, num_tiles,
-                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+                           tiles_per_split, num_tiles, num_splits,
+                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr):
     """Block-wise: every K tile lies in one scale block (SBK % BLOCK_K == 0); its dot is scaled
@@ -242,14 +237,8 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part
         a_s = tl.load(as_row + kb, mask=mmask, other=0.0)
         b_s = tl.load(bs_row + kb, mask=nmask, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + offs_m).to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tl.program_id(0), part_ptr, counter_ptr,
+                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
 
 
 @triton.jit
@@ -411,17 +400,15 @@ def fp8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     block_k = min(int(cfg["BLOCK_K"]), max(32, triton.next_power_of_2(k)))
     split, per, num_tiles = _split_for(m, n, k, block_m, block_n, block_k, xq.device, cfg)
     out = output_buffer(out, m, n, out_dtype, xq.device)
-    part = partial_buffer(split, m, n, xq.device) if split > 1 else out
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _fp8_gemm_kernel[(programs, split)](
-        xq, weight, x_scale, ws, bias if bias is not None else out, out, part,
-        m, n, k, xq.stride(0), weight.stride(0), out.stride(0), per, num_tiles,
+        xq, weight, x_scale, ws, bias if bias is not None else out, out, part, counters,
+        m, n, k, xq.stride(0), weight.stride(0), out.stride(0), per, num_tiles, split,
         A_ROW=x_scale.numel() != 1, B_COL=ws.numel() != 1, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
+        FIXUP=fixup, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-    if split > 1:
-        splitk_reduce(part, bias, out)
-    return out
+    return finish_split(part, bias, out, fixup)
 
 
 def fp8_block_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
@@ -440,17 +427,15 @@ def fp8_block_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch
     block_n = min(int(cfg["BLOCK_N"]), max(16, triton.next_power_of_2(n)))
     split, per, num_tiles = _split_for(m, n, k, block_m, block_n, block_k, xq.device, cfg)
     out = output_buffer(out, m, n, out_dtype, xq.device)
-    part = partial_buffer(split, m, n, xq.device) if split > 1 else out
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _fp8_block_gemm_kernel[(programs, split)](
-        xq, weight, x_scale, weight_scale_inv, bias if bias is not None else out, out, part,
+        xq, weight, x_scale, weight_scale_inv, bias if bias is not None else out, out, part, counters,
         m, n, k, bn, bk, xq.stride(0), weight.stride(0), x_scale.stride(0), weight_scale_inv.stride(0),
-        out.stride(0), per, num_tiles, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        out.stride(0), per, num_tiles, split, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-    if split > 1:
-        splitk_reduce(part, bias, out)
-    return out
+    return finish_split(part, bias, out, fixup)
 
 
 def fp8_block_dequant_triton(weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int],

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from ._validate import dot_precision, require
-from .quant_common import (apply_overrides, output_buffer, partial_buffer, plan_split_k, run_with_fallback,
-                           splitk_reduce, use_triton)
+from .quant_common import (apply_overrides, finish_split, output_buffer, plan_split_k, run_with_fallback,
+                           split_setup, splitk_epilogue, use_triton)
 
 # A group size that no K reaches: every row is in group 0 (group_size -1 / == K).
 _ONE_GROUP = 1 << 30
@@ -82,8 +82,8 @@ GEMV_CONFIG: dict = dict(BLOCK_N=256, BLOCK_R=16, num_warps=4, num_stages=2)
 # that tuning at engine start stays within seconds per shape).
 TUNE_CANDIDATES: dict[str, list[dict]] = {
     "gemv": [dict(BLOCK_N=128, BLOCK_R=16, num_warps=4, num_stages=2),
-             dict(BLOCK_N=256, BLOCK_R=32, num_warps=8, num_stages=2),
-             dict(BLOCK_N=512, BLOCK_R=8, num_warps=4, num_stages=2)],
+             dict(BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2),  # tiles span groups: per-row scales
+             dict(BLOCK_N=32, BLOCK_R=128, num_warps=8, num_stages=2, split=1)],  # many narrow programs, no split
     "dot16": [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=4),
               dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3),
               dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3)],
@@ -151,16 +151,18 @@ def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr):
     return v * INV - OFFSET
 
 
-@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+@triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles,
-    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
+    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_SCALES: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
 ):
-    """One row of x per program (axis 2) against BLOCK_N columns over one split of K.
+    """One row of x per program (axis 2) against BLOCK_N columns over one split of K, in tiles
+    of BLOCK_R packed rows (BLOCK_R * PACK values of K).
 
-    Tiles are BLOCK_R packed rows (BLOCK_R * PACK values of K) and lie inside one group."""
+    A tile inside one group folds its scale/zero into the tile's column sums; ROW_SCALES (tiles
+    spanning groups) folds them per packed row and reduces the rows once at the end."""
     PACK: tl.constexpr = 32 // BITS
     BLOCK_K: tl.constexpr = BLOCK_R * PACK
     pid_n = tl.program_id(0)
@@ -172,17 +174,15 @@ def _w_int_gemv_kernel(
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     kp = K // PACK
     acc = tl.zeros([BLOCK_N], tl.float32)
+    acc_rows = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
     for tile in range(t_start, t_end):
         rows = tile * BLOCK_R + offs_r
         rmask = rows < kp
-        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                    mask=rmask[:, None] & nmask[None, :], other=0)
+        wmask = rmask[:, None] & nmask[None, :]
+        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=wmask, other=0)
         q_hi = q >> 16
-        g = (tile * BLOCK_K) // GS
-        s = tl.load(s_ptr + g * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
         t = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         xs = tl.zeros([BLOCK_R], tl.float32)
         for j in tl.static_range(PACK):
@@ -192,22 +192,31 @@ def _w_int_gemv_kernel(
             xj = tl.load(x_row + k, mask=rmask, other=0.0).to(tl.float32)
             t += xj[:, None] * _unpack(q, q_hi, j, BITS)
             xs += xj
-        acc += s * (tl.sum(t, axis=0) - z * tl.sum(xs, axis=0))
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + m).to(tl.int64) * N + offs_n, acc, mask=nmask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=nmask)
+        if ROW_SCALES:
+            sg = ((rows * PACK) // GS).to(tl.int64)[:, None] * stride_sg + offs_n[None, :]
+            s_r = tl.load(s_ptr + sg, mask=wmask, other=0.0).to(tl.float32)
+            z_r = tl.load(z_ptr + sg, mask=wmask, other=0.0).to(tl.float32)
+            acc_rows += s_r * (t - z_r * xs[:, None])
+        else:
+            g = (tile * BLOCK_K) // GS
+            s = tl.load(s_ptr + g * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
+            acc += s * (tl.sum(t, axis=0) - z * tl.sum(xs, axis=0))
+    if ROW_SCALES:
+        acc = tl.sum(acc_rows, axis=0)
+    splitk_epilogue(acc[None, :], m + tl.arange(0, 1), offs_n, M, N, pid_k, num_splits,
+                    m * tl.num_programs(0) + pid_n, part_ptr, counter_ptr, bias_ptr, out_ptr, stride_om,
+                    HAS_BIAS, SPLIT, FIXUP)
 
 
-@triton.jit(do_not_specialize=["M", "tiles_per_split"])
+@triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_dot_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles,
+    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
+    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, JMAJOR: tl.constexpr, TILE_SCALE: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] of y over one split of K with tl.dot on weights unpacked in registers.
 
@@ -293,14 +302,8 @@ def _w_int_dot_kernel(
             s = tl.load(s_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
             acc += s[None, :] * (t - xs[:, None] * z[None, :])
-    omask = mmask[:, None] & nmask[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (pid_k * M + offs_m).to(tl.int64)[:, None] * N + offs_n[None, :], acc, mask=omask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, pid, part_ptr, counter_ptr,
+                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
 
 
 @triton.jit
@@ -426,25 +429,22 @@ def w_int_gemv(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=N
     m, k = x2.shape
     kp, n = qweight.shape
     block_r = int(cfg["BLOCK_R"])
-    if gs < k:  # a tile must not straddle two groups
-        block_r = min(block_r, _largest_pow2_divisor(gs // pack))
     block_n = min(int(cfg["BLOCK_N"]), max(16, triton.next_power_of_2(n)))
+    row_scales = gs < k and gs % (block_r * pack) != 0
     num_tiles = triton.cdiv(kp, block_r)
     n_blocks = triton.cdiv(n, block_n)
     split, per = plan_split_k(n_blocks * m, num_tiles, x2.device, waves=cfg.get("waves", 4.0),
                               min_tiles=cfg.get("min_tiles", 2), split=cfg.get("split"))
     out = output_buffer(out, m, n, x2.dtype, x2.device)
-    part = partial_buffer(split, m, n, x2.device) if split > 1 else out
+    part, counters, fixup = split_setup(split, n_blocks * m, m, n, out, cfg.get("fixup"))
     _w_int_gemv_kernel[(n_blocks, split, m)](
         x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
-        out, part, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles,
-        BITS=bits, BLOCK_N=block_n, BLOCK_R=block_r,
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1,
+        out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
+        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split,
+        BITS=bits, BLOCK_N=block_n, BLOCK_R=block_r, ROW_SCALES=row_scales,
+        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-    if split > 1:
-        splitk_reduce(part, bias, out)
-    return out
+    return finish_split(part, bias, out, fixup)
 
 
 def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None,
@@ -469,18 +469,16 @@ def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=No
     split, per = plan_split_k(programs, num_tiles, x2.device, waves=cfg.get("waves", 2.0),
                               min_tiles=cfg.get("min_tiles", 2), max_split=max_split, split=cfg.get("split"))
     out = output_buffer(out, m, n, x2.dtype, x2.device)
-    part = partial_buffer(split, m, n, x2.device) if split > 1 else out
+    part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _w_int_dot_kernel[(programs, split)](
         x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
-        out, part, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles,
+        out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
+        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split,
         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
         JMAJOR=jmajor, TILE_SCALE=tile_scale, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-        SPLIT=split > 1, DOT_PREC=dot_precision(x2.dtype),
+        SPLIT=split > 1, FIXUP=fixup, DOT_PREC=dot_precision(x2.dtype),
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
-    if split > 1:
-        splitk_reduce(part, bias, out)
-    return out
+    return finish_split(part, bias, out, fixup)
 
 
 def w_int_dequant_matmul(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None,
