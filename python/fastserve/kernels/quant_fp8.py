@@ -382,7 +382,7 @@ def per_token_group_quant_fp8_triton(x2: torch.Tensor, group: int):
 def _split_for(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, device, cfg) -> tuple[int, int, int]:
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     num_tiles = triton.cdiv(k, block_k)
-    max_split = max(1, min(16, (n * k) // max(1, 8 * m * n * 4)))
+    max_split = max(1, min(16, (n * k) // max(1, 2 * m * n * 4)))  # partials under half the weight bytes
     split, per = plan_split_k(programs, num_tiles, device, waves=cfg.get("waves", 2.0),
                               min_tiles=cfg.get("min_tiles", 2), max_split=max_split, split=cfg.get("split"))
     return split, per, num_tiles

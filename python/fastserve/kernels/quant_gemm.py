@@ -21,9 +21,11 @@ nibble is `(bits & mask) | 0x4B000000` reinterpreted, minus 2**23. Nibbles in th
 of a word are first shifted down by 16 (once per word); within a half, the nibble is masked in
 place (value * 2**(bits*i)) and the power of two is folded into the subtraction (exact).
 
-Scales and zeros are applied once per tile, not per element, whenever a K tile lies inside one
-group: sum_k x_k (q_k - z) s = s * (sum_k x_k q_k - z * sum_k x_k), so the inner loop is
-unpack + multiply-add only; smaller groups take per-row scales.
+Scales are applied once per tile, not per element, whenever a K tile lies inside one group:
+sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z). The tensor-core kernel puts (q - z) into the
+dot (exact in the activation dtype for the integer zero points every format has); the GEMV
+kernel accumulates x * q and subtracts z * sum(x) per tile (no rounding of q - z at all).
+Tiles spanning groups (small groups) take per-row scales.
 
 CPU tensors (the CPU engine, CI) take a torch path: dequantize (vectorized, in chunks of K) to
 the activation dtype and matmul. Nothing is cached between calls: a dequantized copy would
@@ -47,6 +49,7 @@ from .quant_common import (apply_overrides, finish_split, output_buffer, plan_sp
 
 # A group size that no K reaches: every row is in group 0 (group_size -1 / == K).
 _ONE_GROUP = 1 << 30
+_MAGIC = 0x4B000000  # float32 2**23
 
 
 # ---------------------------------------------------------------- dispatch settings
@@ -74,23 +77,26 @@ DOT_CONFIGS: list[tuple[int, dict]] = [
     (32, dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=3)),
     (64, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=4, num_stages=3)),
     (128, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=3)),
-    (1 << 62, dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=3)),
+    (1 << 62, dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=8, num_warps=8, num_stages=3)),
 ]
 GEMV_CONFIG: dict = dict(BLOCK_N=256, BLOCK_R=16, num_warps=4, num_stages=2)
 
 # Alternatives the benchmark sweep and warmup(tune=True) time against the defaults (few, so
-# that tuning at engine start stays within seconds per shape).
+# that tuning at engine start stays within seconds per shape). Compiled for sm_90 ahead of time
+# (ptxas): none spills; BLOCK_M >= 64 issues wgmma, smaller tiles mma.sync. 128 x 256 tiles and
+# 64 x 256 tiles spilled (255 registers), so none is offered.
 TUNE_CANDIDATES: dict[str, list[dict]] = {
     "gemv": [dict(BLOCK_N=128, BLOCK_R=16, num_warps=4, num_stages=2),
+             dict(BLOCK_N=512, BLOCK_R=8, num_warps=4, num_stages=2),
              dict(BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2),  # tiles span groups: per-row scales
              dict(BLOCK_N=32, BLOCK_R=128, num_warps=8, num_stages=2, split=1)],  # many narrow programs, no split
     "dot16": [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=4),
-              dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3),
-              dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3)],
+              dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3),
+              dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3)],
     "dot64": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=4, num_warps=4, num_stages=4),
-              dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=8, num_stages=3)],
-    "dot256": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=8, num_warps=8, num_stages=3),
-               dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=4, num_stages=4)],
+              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=4, num_stages=3)],
+    "dot256": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4),
+               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=4, num_stages=4)],
 }
 
 # Configs picked by warmup(tune=True) / set_tuned_config: (bits, K, N, bucket max M, dtype) -> config.
@@ -136,8 +142,11 @@ def _dot_bucket(m: int) -> tuple[int, dict]:
 # ---------------------------------------------------------------- Triton kernels
 
 @triton.jit
-def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr):
-    """Value J of every packed word of q (bits BITS*J ...), as exact float32; q_hi = q >> 16."""
+def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr, magic):
+    """Value J of every packed word of q (bits BITS*J ...), as exact float32; q_hi = q >> 16.
+
+    magic is 0x4B000000 passed at run time: as a register operand ptxas fuses the mask and the
+    OR into one LOP3 (with both as immediates it emitted two)."""
     HALF: tl.constexpr = 16 // BITS
     I: tl.constexpr = J % HALF
     MASK: tl.constexpr = ((1 << BITS) - 1) << (BITS * I)
@@ -147,14 +156,14 @@ def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr):
         word = q
     else:
         word = q_hi
-    v = ((word & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    v = ((word & MASK) | magic).to(tl.float32, bitcast=True)
     return v * INV - OFFSET
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_gemv_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits,
+    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits, magic,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_SCALES: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
 ):
@@ -190,7 +199,7 @@ def _w_int_gemv_kernel(
             if HAS_PERM:
                 k = tl.load(perm_ptr + k, mask=rmask, other=0)
             xj = tl.load(x_row + k, mask=rmask, other=0.0).to(tl.float32)
-            t += xj[:, None] * _unpack(q, q_hi, j, BITS)
+            t += xj[:, None] * _unpack(q, q_hi, j, BITS, magic)
             xs += xj
         if ROW_SCALES:
             sg = ((rows * PACK) // GS).to(tl.int64)[:, None] * stride_sg + offs_n[None, :]
@@ -212,7 +221,7 @@ def _w_int_gemv_kernel(
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_dot_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits,
+    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits, magic,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, JMAJOR: tl.constexpr, TILE_SCALE: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
@@ -248,16 +257,20 @@ def _w_int_dot_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
     for tile in range(t_start, t_end):
+        if TILE_SCALE:
+            # The zero point goes into the weight ((q - z) is exact in the activation dtype for
+            # integer zeros) and the scale onto the tile's dot: no per-tile sum of x is needed,
+            # whose cross-warp reductions cost a barrier pair per dot (sm_90 SASS).
+            g0 = (tile * BLOCK_K) // GS
+            z_t = tl.load(z_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if JMAJOR:
             rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < kp
             wmask = rmask[:, None] & nmask[None, :]
             q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=wmask, other=0)
             q_hi = q >> 16
-            if TILE_SCALE:
-                t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-                xs = tl.zeros([BLOCK_M], tl.float32)
-            else:
+            if not TILE_SCALE:
                 g = (rows * PACK) // GS
                 sg = g.to(tl.int64)[:, None] * stride_sg + offs_n[None, :]
                 s_r = tl.load(s_ptr + sg, mask=wmask, other=0.0).to(tl.float32)
@@ -267,10 +280,9 @@ def _w_int_dot_kernel(
                 if HAS_PERM:
                     k = tl.load(perm_ptr + k, mask=rmask, other=0)
                 xj = tl.load(x_rows + k[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
-                v = _unpack(q, q_hi, j, BITS)
+                v = _unpack(q, q_hi, j, BITS, magic)
                 if TILE_SCALE:
-                    t = tl.dot(xj, v.to(dtype), t, input_precision=DOT_PREC)
-                    xs += tl.sum(xj.to(tl.float32), axis=1)
+                    t = tl.dot(xj, (v - z_t).to(dtype), t, input_precision=DOT_PREC)
                 else:
                     acc = tl.dot(xj, ((v - z_r) * s_r).to(dtype), acc, input_precision=DOT_PREC)
         else:
@@ -282,15 +294,14 @@ def _w_int_dot_kernel(
             offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
             kmask = offs_k < K
             shift = (offs_k % PACK) * BITS
-            v = (((qk >> shift[:, None]) & VMASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            v = (((qk >> shift[:, None]) & VMASK) | magic).to(tl.float32, bitcast=True) - 8388608.0
             if HAS_PERM:
                 kk = tl.load(perm_ptr + offs_k, mask=kmask, other=0)
             else:
                 kk = offs_k
             xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
             if TILE_SCALE:
-                t = tl.dot(xt, v.to(dtype), input_precision=DOT_PREC)
-                xs = tl.sum(xt.to(tl.float32), axis=1)
+                t = tl.dot(xt, (v - z_t).to(dtype), input_precision=DOT_PREC)
             else:
                 sg = (offs_k // GS).to(tl.int64)[:, None] * stride_sg + offs_n[None, :]
                 smask = kmask[:, None] & nmask[None, :]
@@ -298,16 +309,14 @@ def _w_int_dot_kernel(
                 z_k = tl.load(z_ptr + sg, mask=smask, other=0.0).to(tl.float32)
                 acc = tl.dot(xt, ((v - z_k) * s_k).to(dtype), acc, input_precision=DOT_PREC)
         if TILE_SCALE:
-            g0 = (tile * BLOCK_K) // GS
             s = tl.load(s_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
-            acc += s[None, :] * (t - xs[:, None] * z[None, :])
+            acc += s[None, :] * t
     splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, pid, part_ptr, counter_ptr,
                     bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
 
 
 @triton.jit
-def _dequant_int_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, GS, stride_qk, stride_sg, stride_ok,
+def _dequant_int_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, GS, stride_qk, stride_sg, stride_ok, magic,
                         BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
     PACK: tl.constexpr = 32 // BITS
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -319,7 +328,7 @@ def _dequant_int_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, GS, stride_qk, strid
     s = tl.load(s_ptr + sg, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + sg, mask=mask, other=0.0).to(tl.float32)
     for j in tl.static_range(PACK):
-        w = (_unpack(q, q_hi, j, BITS) - z) * s
+        w = (_unpack(q, q_hi, j, BITS, magic) - z) * s
         k = rows.to(tl.int64) * PACK + j
         tl.store(out_ptr + k[:, None] * stride_ok + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -412,7 +421,7 @@ def dequantize_int_triton(qweight, scales, zeros, gs: int, bits: int, dtype: tor
     block_r, block_n = 16, min(256, max(16, triton.next_power_of_2(n)))
     _dequant_int_kernel[(triton.cdiv(kp, block_r), triton.cdiv(n, block_n))](
         qweight, scales, zeros, out, n, k, gs if gs < k else _ONE_GROUP,
-        qweight.stride(0), scales.stride(0), out.stride(0),
+        qweight.stride(0), scales.stride(0), out.stride(0), _MAGIC,
         BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
     return out
 
@@ -440,7 +449,7 @@ def w_int_gemv(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=N
     _w_int_gemv_kernel[(n_blocks, split, m)](
         x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
         out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split,
+        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split, _MAGIC,
         BITS=bits, BLOCK_N=block_n, BLOCK_R=block_r, ROW_SCALES=row_scales,
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
@@ -460,12 +469,16 @@ def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=No
         block_k = max(block_k, 16 * pack)  # each word-slice dot needs K >= 16
     block_m = min(int(cfg["BLOCK_M"]), max(16, triton.next_power_of_2(m)))
     block_n = min(int(cfg["BLOCK_N"]), max(16, triton.next_power_of_2(n)))
+    num_stages = int(cfg["num_stages"])
+    if x2.dtype == torch.float32:  # exact fp32 dots run on the FMA units: larger tiles spill (sm_90 ptxas)
+        block_m, block_n, num_stages = min(block_m, 16), min(block_n, 64), min(num_stages, 2)
     tile_scale = gs >= k or gs % block_k == 0
     num_tiles = triton.cdiv(k, block_k)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    # Partial sums cost 4 bytes x M x N per split: keep them well under the weight bytes.
+    # Partial sums cost 4 bytes x M x N per split (written, then read back, mostly from L2):
+    # keep them under half the weight bytes.
     weight_bytes = kp * n * 4
-    max_split = max(1, min(16, weight_bytes // max(1, 8 * m * n * 4)))
+    max_split = max(1, min(16, weight_bytes // max(1, 2 * m * n * 4)))
     split, per = plan_split_k(programs, num_tiles, x2.device, waves=cfg.get("waves", 2.0),
                               min_tiles=cfg.get("min_tiles", 2), max_split=max_split, split=cfg.get("split"))
     out = output_buffer(out, m, n, x2.dtype, x2.device)
@@ -473,11 +486,11 @@ def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=No
     _w_int_dot_kernel[(programs, split)](
         x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
         out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split,
+        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split, _MAGIC,
         BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
         JMAJOR=jmajor, TILE_SCALE=tile_scale, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
         SPLIT=split > 1, FIXUP=fixup, DOT_PREC=dot_precision(x2.dtype),
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+        num_warps=int(cfg["num_warps"]), num_stages=num_stages)
     return finish_split(part, bias, out, fixup)
 
 
@@ -502,7 +515,9 @@ def choose_path(m: int, k: int, n: int, bits: int, dtype: torch.dtype) -> tuple[
     d = W_INT_DISPATCH
     if m <= d.gemv_max_m:
         return "gemv", dict(GEMV_CONFIG, **_TUNED.get((bits, k, n, 0, dtype), {}))
-    if m <= d.fused_limit(k, n):
+    # float32 (exact dots, for parity with a float32 reference) fuses only small M: cuBLAS's
+    # float32 GEMM on the dequantized weight is faster above.
+    if m <= (min(16, d.fused_limit(k, n)) if dtype == torch.float32 else d.fused_limit(k, n)):
         max_m, cfg = _dot_bucket(m)
         return "fused", dict(cfg, **_TUNED.get((bits, k, n, max_m, dtype), {}))
     return "deq", {}
