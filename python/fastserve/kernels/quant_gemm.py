@@ -166,6 +166,7 @@ def _w_int_gemv_kernel(
     M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits, magic,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_SCALES: tl.constexpr,
     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
+    EVEN_K: tl.constexpr,
 ):
     """One row of x per program (axis 2) against BLOCK_N columns over one split of K, in tiles
     of BLOCK_R packed rows (BLOCK_R * PACK values of K).
@@ -190,7 +191,10 @@ def _w_int_gemv_kernel(
         rows = tile * BLOCK_R + offs_r
         rmask = rows < kp
         wmask = rmask[:, None] & nmask[None, :]
-        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=wmask, other=0)
+        if EVEN_K:
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=nmask[None, :], other=0)
+        else:
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :], mask=wmask, other=0)
         q_hi = q >> 16
         t = tl.zeros([BLOCK_R, BLOCK_N], tl.float32)
         xs = tl.zeros([BLOCK_R], tl.float32)
@@ -198,7 +202,10 @@ def _w_int_gemv_kernel(
             k = rows * PACK + j
             if HAS_PERM:
                 k = tl.load(perm_ptr + k, mask=rmask, other=0)
-            xj = tl.load(x_row + k, mask=rmask, other=0.0).to(tl.float32)
+            if EVEN_K:  # unmasked: the PACK loads of a row are adjacent and can merge into one
+                xj = tl.load(x_row + k).to(tl.float32)
+            else:
+                xj = tl.load(x_row + k, mask=rmask, other=0.0).to(tl.float32)
             t += xj[:, None] * _unpack(q, q_hi, j, BITS, magic)
             xs += xj
         if ROW_SCALES:
@@ -452,6 +459,7 @@ def w_int_gemv(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=N
         x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split, _MAGIC,
         BITS=bits, BLOCK_N=block_n, BLOCK_R=block_r, ROW_SCALES=row_scales,
         HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
+        EVEN_K=kp % block_r == 0,
         num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
     return finish_split(part, bias, out, fixup)
 
