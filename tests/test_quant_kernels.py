@@ -525,6 +525,9 @@ def test_dispatch_settings_from_env():
     bad = subprocess.run([sys.executable, "-c", code], env=dict(env, FASTSERVE_FP8_DISPATCH="bakend=x"),
                          cwd=str(ROOT), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "FASTSERVE_FP8_DISPATCH" in bad.stderr and "bakend" in bad.stderr
+    bad = subprocess.run([sys.executable, "-c", code], env=dict(env, FASTSERVE_W_INT_DISPATCH="fused_max_m.4096=5"),
+                         cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "fused_max_m.<K>x<N>" in bad.stderr
 
 
 def test_choose_path_thresholds():

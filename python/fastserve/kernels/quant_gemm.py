@@ -110,7 +110,10 @@ def _load_env_dispatch() -> None:
         name, _, value = item.partition("=")
         if name.startswith("fused_max_m."):  # fused_max_m.4096x28672=512
             k, _, n = name.split(".", 1)[1].partition("x")
-            W_INT_DISPATCH.fused_max_m_by_shape[(int(k), int(n))] = int(value)
+            try:
+                W_INT_DISPATCH.fused_max_m_by_shape[(int(k), int(n))] = int(value)
+            except ValueError:
+                raise ValueError(f"FASTSERVE_W_INT_DISPATCH: {item!r} must read fused_max_m.<K>x<N>=<M>") from None
         else:
             plain.append(item)
     apply_overrides(W_INT_DISPATCH, ",".join(plain), "FASTSERVE_W_INT_DISPATCH")
