@@ -366,6 +366,6 @@ def check_remote_code(model_dir: str) -> None:
             f"implementations of {supported}")
     if archs not in _remote_code_noted:
         _remote_code_noted.add(archs)
-        logger.info("trust_remote_code=True: fastserve runs its own %s implementation and never executes code "
+        logger.warning("trust_remote_code=True: fastserve runs its own %s implementation and never executes code "
                     "from the checkpoint%s", ours[0],
                     " (config.json's auto_map is ignored)" if hf.get("auto_map") else "")
