@@ -9,12 +9,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 from hub_cache import add_to_hf_cache, add_to_modelscope_cache
+from hub_server import HubServer
 from server_harness import free_port, subprocess_env
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
@@ -213,6 +216,82 @@ def test_neither_directory_nor_id(tmp_path):
     with pytest.raises(ValueError, match="neither a local directory") as e:
         resolve_model(str(tmp_path / "no" / "such" / "dir"))
     assert "\n" not in str(e.value)
+
+
+# -- downloads (a local server speaking the hub's protocol; the real hub is unreachable) ------
+
+def _repo_with_extras(tmp_path, src, extras: dict[str, bytes]):
+    repo = tmp_path / "repo"
+    shutil.copytree(src, repo)
+    for name, data in extras.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes(data)
+    return repo
+
+
+def test_download_fetches_only_what_the_engine_reads(tmp_path, monkeypatch, llama, reference):
+    """LLM(model=ID) against the hub protocol: config, tokenizer files and the safetensors are
+    fetched (not the .bin beside them, nor original/, nor the README), huggingface_hub writes its
+    cache, and the same ID then resolves offline to the same snapshot."""
+    import huggingface_hub
+
+    repo = _repo_with_extras(tmp_path, llama, {"pytorch_model.bin": b"must not be fetched",
+                                               "original/consolidated.00.pth": b"nor this", "README.md": b"# x",
+                                               ".gitattributes": b"*.safetensors filter=lfs"})
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    with HubServer({"NousResearch/Meta-Llama-3-8B-Instruct": repo}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        llm = LLM(model="NousResearch/Meta-Llama-3-8B-Instruct", device="cpu", dtype="float32")
+        try:
+            assert generate(llm) == reference
+            snapshot = llm.engine.args.model
+        finally:
+            llm.shutdown()
+        fetched = sorted(f.split("/", 2)[2] for f in hub.fetched)
+    assert fetched == sorted(p.name for p in llama.iterdir())
+    assert not huggingface_hub.scan_cache_dir(cache).warnings
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_model("NousResearch/Meta-Llama-3-8B-Instruct") == snapshot
+
+
+@pytest.mark.parametrize("layout", ["sharded+consolidated", "bin-only"])
+def test_download_picks_the_weight_files(tmp_path, monkeypatch, layout):
+    """Sharded safetensors fetch the index's shards only (a consolidated copy beside them stays
+    on the hub, as in Mistral's repositories); a repository without safetensors fetches its .bin."""
+    if layout == "bin-only":
+        ckpt = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, save_format="bin")
+        repo, weights = ckpt, ["pytorch_model.bin"]
+    else:
+        ckpt = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, max_shard_size="100KB")
+        weights = sorted(p.name for p in ckpt.glob("model-*.safetensors")) + ["model.safetensors.index.json"]
+        repo = _repo_with_extras(tmp_path, ckpt, {"consolidated.safetensors": (ckpt / weights[0]).read_bytes()})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with HubServer({"org/tiny": repo}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        snapshot = resolve_model("org/tiny")
+        fetched = {f.split("/", 2)[2] for f in hub.fetched}
+    assert fetched == {"config.json", "generation_config.json", *weights}
+    assert sorted(os.listdir(snapshot)) == sorted(fetched)
+
+
+def test_download_tokenizer_id_fetches_no_weights(tmp_path, monkeypatch, llama):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with HubServer({"org/tok": llama}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        resolve_tokenizer("org/tok")
+        fetched = {f.split("/", 2)[2] for f in hub.fetched}
+    assert fetched == {"tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"}
+
+
+def test_download_unknown_id_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with HubServer({}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        with pytest.raises(ValueError) as e:
+            resolve_model("org/typo")
+    msg = str(e.value)
+    assert "\n" not in msg and f"the hub at {hub.endpoint} refused 'org/typo'" in msg and "hf auth login" in msg
 
 
 # -- ModelScope --------------------------------------------------------------------------------

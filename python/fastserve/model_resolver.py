@@ -153,7 +153,7 @@ class _NotResolved(Exception):
     """Why one source could not produce the snapshot (becomes part of the one-line error)."""
 
 
-def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, wanted, kind: str) -> str:
+def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, wanted, kind: str, probe: str) -> str:
     """A local snapshot of `repo_id` holding the files `wanted(listing, snapshot)` picks.
 
     Online: list the repository, fetch the small files, then what `wanted` adds (weights,
@@ -204,18 +204,19 @@ def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
                 snapshot = fetch(small + extra)
             logger.info("%s %s is at %s (%.1f s)", kind, repo_id, snapshot, time.perf_counter() - t0)
             return snapshot
-    try:
-        return huggingface_hub.snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
-                                                 local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - LocalEntryNotFoundError, IncompleteSnapshotError, ...
-        raise _NotResolved(f"no complete snapshot of it (revision {revision or 'main'}) is in the Hugging Face "
-                           f"cache {os.path.join(cache_dir, 'models--' + repo_id.replace('/', '--'))} and "
-                           f"{reason}") from e
+    # The snapshot folder of `revision` (refs/<branch> -> commit), found through one file it must
+    # hold. Not snapshot_download(local_files_only=True): huggingface_hub >= 1.x checks the
+    # folder against the repository's whole listing, and fastserve downloads only part of it.
+    cached = huggingface_hub.try_to_load_from_cache(repo_id, probe, cache_dir=cache_dir, revision=revision)
+    if isinstance(cached, str):
+        return os.path.dirname(cached)
+    raise _NotResolved(f"no snapshot of it with {probe} (revision {revision or 'main'}) is in the Hugging Face "
+                       f"cache {os.path.join(cache_dir, 'models--' + repo_id.replace('/', '--'))} and {reason}")
 
 
 # -- ModelScope --------------------------------------------------------------------------------
 
-def _ms_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, wanted, kind: str) -> str:
+def _ms_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, wanted, kind: str, probe: str) -> str:
     try:
         from modelscope import snapshot_download
         from modelscope.hub.api import HubApi
@@ -272,7 +273,8 @@ def _resolve(name: str, what: str, *, revision, download_dir, token, wanted, req
                          "config.json and weights, or an ID like meta-llama/Llama-3.1-8B-Instruct")
     cache = modelscope_cache_dir(download_dir) if modelscope else hf_cache_dir(download_dir)
     try:
-        snapshot = (_ms_snapshot if modelscope else _hf_snapshot)(name, revision, cache, token, wanted, what)
+        snapshot = (_ms_snapshot if modelscope else _hf_snapshot)(name, revision, cache, token, wanted, what,
+                                                                  required[0])
     except _NotResolved as e:
         if modelscope:
             todo = ("download it where ModelScope is reachable (`modelscope download --model ID`) and point "
