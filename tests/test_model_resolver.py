@@ -480,10 +480,15 @@ def test_opt_checkpoint_under_its_id(tmp_path, monkeypatch):
     import transformers
 
     config = transformers.OPTConfig(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64)
+                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
+                                    init_std=0.3)  # larger than HF's 0.02 so greedy tokens vary
     config.architectures = ["OPTForCausalLM"]
     torch.manual_seed(0)
     hf = transformers.OPTForCausalLM(config).eval()
+    with torch.no_grad():  # HF's init (norms 1, biases 0) would hide a mis-loaded norm or bias
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "layer_norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
     src = tmp_path / "opt"
     hf.save_pretrained(src)
     add_to_hf_cache(tmp_path / "hub", "facebook/opt-125m", src)
