@@ -102,8 +102,9 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 # -- which files -------------------------------------------------------------------------------
 
 def _weight_files(listing: list[str], load_format: str) -> list[str] | None:
-    """Top-level weight files of a repository listing the loader would read; None when the
-    index must be read first (then [index] is what to fetch, see _weights_from_index)."""
+    """Top-level weight files of a repository listing that the loader would read (as
+    worker/loader.py chooses them); None when an index json names them, to be read once the
+    small files are fetched (_weights_from_index)."""
     top = [f for f in listing if "/" not in f]
     if load_format == "dummy":
         return []

@@ -48,7 +48,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "token `hf auth login` stored.")
     m.add_argument("--served-model-name", nargs="+", default=None,
                    help="Model name(s) clients use in the `model` field; the first is the one "
-                        "/v1/models reports. Default: the --model path.")
+                        "/v1/models reports. Default: the --model value.")
     m.add_argument("--chat-template", default=None,
                    help="Chat template for /v1/chat/completions: a path to a Jinja file or the "
                         "template text itself; read once at start. Default: the tokenizer's.")
