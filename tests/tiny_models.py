@@ -16,18 +16,58 @@ bias). Deterministic for a given `seed`.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import lzma
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-# The real tokenizers live in shared/ beside the checkout (CI clones main next to it);
-# FASTSERVE_SHARED_MODELS overrides, e.g. on the GPU machine where they travel inside the tree.
-SHARED_MODELS = Path(
-    os.environ.get("FASTSERVE_SHARED_MODELS") or Path(__file__).resolve().parents[2] / "shared" / "models"
-)
+# The real tokenizers are committed under tests/assets/tokenizers (tokenizer.json xz-packed to
+# stay under 2 MiB a file; provenance in tests/assets/README.md) and unpacked once into
+# tests/.cache (git-ignored; FASTSERVE_TEST_CACHE moves it), so no test reads outside the repo.
+_ASSETS = Path(__file__).resolve().parent / "assets" / "tokenizers"
+_TOKENIZER_SHA256 = {
+    "llama3-tokenizer": "c05a3c2174e9edd5be19dc5a0748c42a9037bec2811ce062728bfd71f8702d78",
+    "qwen3-tokenizer": "8b10e68575755dde1297c090bf26be0cd892ca00a20e2bcd621ed1e73d33015d",
+}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)  # concurrent test processes never see a half-written file
+
+
+def unpack_test_tokenizers(cache: str | os.PathLike | None = None) -> Path:
+    """The directory holding llama3-tokenizer/ and qwen3-tokenizer/ (tokenizer.json,
+    tokenizer_config.json, generation_config.json), unpacked from tests/assets on first use
+    and checked against the recorded sha256; later calls only compare a stamp."""
+    root = Path(cache or os.environ.get("FASTSERVE_TEST_CACHE") or Path(__file__).resolve().parent / ".cache")
+    root = root / "tokenizers"
+    for name, digest in _TOKENIZER_SHA256.items():
+        src, dst = _ASSETS / name, root / name
+        extras = sorted(src.glob("*.json"))
+        key = digest + " " + hashlib.sha256(b"".join(f.name.encode() + f.read_bytes() for f in extras)).hexdigest()
+        stamp = dst / ".unpacked"
+        if stamp.is_file() and stamp.read_text() == key and (dst / "tokenizer.json").is_file():
+            continue
+        dst.mkdir(parents=True, exist_ok=True)
+        data = lzma.decompress((src / "tokenizer.json.xz").read_bytes())
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise RuntimeError(f"{src / 'tokenizer.json.xz'} does not unpack to the recorded tokenizer "
+                               f"(sha256 {digest}): restore it from git")
+        _write_atomic(dst / "tokenizer.json", data)
+        for extra in extras:
+            _write_atomic(dst / extra.name, extra.read_bytes())
+        _write_atomic(stamp, key.encode())
+    return root
+
+
+# Kept under its old name (it pointed at ../shared/models before the assets were committed).
+SHARED_MODELS = unpack_test_tokenizers()
 
 # name -> (architecture, overrides); every entry is exercised by tests/test_models.py.
 TINY_VARIANTS: dict[str, tuple[str, dict]] = {

@@ -1,5 +1,6 @@
-"""`python -m fastserve --model PATH` (or the `fastserve` command): the OpenAI-compatible
-server. Without --model it serves a tiny random-weight demo checkpoint (output is noise)."""
+"""`python -m fastserve --model PATH_OR_ID` (or `python -m fastserve ID`, or the `fastserve`
+command): the OpenAI-compatible server; a hub ID resolves through model_resolver.py. Without
+--model it serves a tiny random-weight demo checkpoint (output is noise)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         args.model = str(demo_checkpoint())
         args.served_model_name = args.served_model_name or [DEMO_MODEL_NAME]
         logger.warning("no --model given: serving the built-in demo checkpoint %s (random "
-                       "weights: its output is noise; pass --model PATH for a real model)",
+                       "weights: its output is noise; pass --model with a directory or hub ID for a real model)",
                        args.model)
     from fastserve.server.app import serve
 

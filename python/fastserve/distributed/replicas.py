@@ -129,8 +129,10 @@ class ReplicaFrontEnd:
         from fastserve._core import Tokenizer
         from fastserve.config import ModelConfig
         from fastserve.engine.engine import _tokenizer_dir
+        from fastserve.model_resolver import resolve_engine_args
         from fastserve.worker.model_runner import resolve_device
 
+        args = resolve_engine_args(args)  # once here: the replicas get local directories
         device = resolve_device(args.device)
         # Parsed as for the CPU: resolving dtype "auto" for a GPU queries the device, which
         # would give this process, which runs no model, a CUDA context and its memory. The

@@ -41,7 +41,14 @@ class EngineArgs:
     quantization: str | None = None
     trust_remote_code: bool = False
     served_model_name: list[str] | str | None = None
+    # Hub IDs (model_resolver.py): the model's branch/tag/commit, the tokenizer's (default:
+    # revision), the cache to download into (default: the hub's own), a hub token.
     revision: str | None = None
+    tokenizer_revision: str | None = None
+    # vLLM's revision of a checkpoint's own code: accepted, never used (no checkpoint code runs).
+    code_revision: str | None = None
+    download_dir: str | None = None
+    hf_token: str | bool | None = None
     tokenizer_mode: str = "auto"
     skip_tokenizer_init: bool = False
     disable_log_stats: bool = True
@@ -55,7 +62,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a path to a Hugging Face model directory")
+            raise ValueError("model must be a Hugging Face model directory or a model ID (org/name)")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"):
             raise ValueError(
                 f"dtype must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})"
@@ -86,11 +93,12 @@ class EngineArgs:
                 f"quantization={self.quantization!r} is not supported yet; load an unquantized "
                 "checkpoint (bf16/fp16/fp32)"
             )
-        if self.trust_remote_code:
-            raise ValueError(
-                "trust_remote_code=True is refused: fastserve runs only its own model code for the "
-                "architectures it supports, never code shipped inside a checkpoint"
-            )
+        # trust_remote_code=True is accepted: model_resolver.check_remote_code says that fastserve
+        # runs its own implementation and never the checkpoint's code.
+        for name in ("revision", "tokenizer_revision", "code_revision", "download_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or None, got {value!r}")
         if isinstance(self.served_model_name, str):
             self.served_model_name = [self.served_model_name]
 

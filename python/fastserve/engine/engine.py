@@ -18,6 +18,7 @@ from fastserve.config import ModelConfig
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.engine.request_state import RequestState
 from fastserve.errors import RequestError, StepLimitError
+from fastserve.model_resolver import resolve_engine_args
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 from fastserve.worker.model_runner import ModelRunner, resolve_device
@@ -33,6 +34,9 @@ _DEFAULT_BATCHED_TOKENS = {"cuda": 8192, "cpu": 2048}
 class Engine:
     def __init__(self, args: EngineArgs):
         t0 = time.perf_counter()
+        # Model IDs become local snapshot directories here (downloading what is missing);
+        # served_model_name keeps the name the user gave.
+        args = resolve_engine_args(args)
         self.args = args
         device = resolve_device(args.device)
         self.model_config = ModelConfig.from_pretrained(

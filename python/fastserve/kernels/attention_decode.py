@@ -84,11 +84,13 @@ def _decode_partial_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=omask)
     else:
         # Splits past the end of this sequence write nothing; the merge never reads them.
-        valid = start < seq_len
+        # Compared as a block, not as a scalar: Triton 3.7+'s interpreter (TRITON_INTERPRET=1)
+        # broadcasts a scalar comparison as int32, which its masked store refuses.
+        gvalid = gmask & (start + offs_g * 0 < seq_len)
         base = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
         tl.store(part_out_ptr + base[:, None] * D_PAD + offs_d[None, :], out,
-                 mask=omask & valid)
-        tl.store(part_lse_ptr + base, m_i + tl.log2(l_safe), mask=gmask & valid)
+                 mask=omask & gvalid[:, None])
+        tl.store(part_lse_ptr + base, m_i + tl.log2(l_safe), mask=gvalid)
 
 
 @triton.jit

@@ -235,7 +235,11 @@ def engine_args_from(args):
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format, block_size=args.block_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override, device=args.device,
-        served_model_name=args.served_model_name)
+        served_model_name=args.served_model_name,
+        trust_remote_code=getattr(args, "trust_remote_code", False), revision=getattr(args, "revision", None),
+        tokenizer_revision=getattr(args, "tokenizer_revision", None),
+        code_revision=getattr(args, "code_revision", None), download_dir=getattr(args, "download_dir", None),
+        hf_token=getattr(args, "hf_token", None))
 
 
 def _build_engine(engine_args):

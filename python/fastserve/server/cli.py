@@ -23,16 +23,32 @@ def make_parser() -> argparse.ArgumentParser:
                     "built-in tiny demo checkpoint with random weights (its output is noise).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_tag", nargs="?", default=None,
-                   help="The model directory, as vLLM's `vllm serve MODEL` (same as --model).")
+                   help="The model directory or hub ID, as vLLM's `vllm serve MODEL` (same as --model).")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
-                   help="Path to a Hugging Face model directory (config.json, safetensors, "
-                        "tokenizer.json). Leave out to run the tiny random demo model.")
+                   help="A Hugging Face model directory (config.json, safetensors, tokenizer.json) "
+                        "or a model ID (org/name) resolved through the Hugging Face hub and its cache "
+                        "(HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cache only), or through "
+                        "ModelScope with VLLM_USE_MODELSCOPE=True (MODELSCOPE_CACHE). Leave out to run "
+                        "the tiny random demo model.")
     m.add_argument("--tokenizer", default=None,
-                   help="Tokenizer directory when it differs from --model.")
+                   help="Tokenizer directory or ID when it differs from --model (an ID fetches the "
+                        "tokenizer files only).")
+    m.add_argument("--revision", default=None,
+                   help="Branch, tag or commit of a hub model ID. Default: the default branch.")
+    m.add_argument("--tokenizer-revision", default=None,
+                   help="Branch, tag or commit of the tokenizer's hub ID. Default: --revision.")
+    m.add_argument("--code-revision", default=None,
+                   help="Accepted for vLLM compatibility; unused (no code from a checkpoint runs).")
+    m.add_argument("--download-dir", default=None,
+                   help="Cache directory to download hub models into and look them up in. Default: "
+                        "the hub's (HF_HUB_CACHE, or MODELSCOPE_CACHE with ModelScope).")
+    m.add_argument("--hf-token", default=None,
+                   help="Hugging Face token for gated or private models. Default: HF_TOKEN or the "
+                        "token `hf auth login` stored.")
     m.add_argument("--served-model-name", nargs="+", default=None,
                    help="Model name(s) clients use in the `model` field; the first is the one "
-                        "/v1/models reports. Default: the --model path.")
+                        "/v1/models reports. Default: the --model value.")
     m.add_argument("--chat-template", default=None,
                    help="Chat template for /v1/chat/completions: a path to a Jinja file or the "
                         "template text itself; read once at start. Default: the tokenizer's.")
@@ -49,10 +65,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0,
                    help="Seed of the engine's random generator (requests without a seed draw "
                         "from it).")
-    # Accepted so that a vLLM command line fails with a reason instead of "unrecognized".
     m.add_argument("--trust-remote-code", action="store_true",
-                   help="Refused: fastserve runs only its own model code, never Python shipped "
-                        "inside a checkpoint.")
+                   help="Accepted for vLLM compatibility: fastserve runs its own implementation of "
+                        "the checkpoint's architecture and never executes code from the checkpoint; "
+                        "an architecture it does not implement fails naming the supported ones.")
     m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="Put text inside <think>...</think> into message.reasoning_content "
                         "(delta.reasoning_content when streaming).")
@@ -116,10 +132,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.model is not None and args.model != args.model_tag:
             parser.error("give the model once: either positionally or with --model")
         args.model = args.model_tag
-    if args.trust_remote_code:
-        parser.error("--trust-remote-code is refused: fastserve never runs code shipped inside a "
-                     "checkpoint; it runs its own implementations of the supported "
-                     "architectures (Llama, Mistral, Qwen2, Qwen3). Drop the flag.")
     if not 0 < args.gpu_memory_utilization <= 1:
         parser.error("--gpu-memory-utilization must be in (0, 1]")
     for name in ("port", "tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
