@@ -22,9 +22,9 @@ import torch
 # make inf/nan: they are overwritten with small values.
 _K_QUANT_SCALES = {"Q2_K": (80, 2), "Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1)}
 
-TINY_SHAPE = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=64, max_position_embeddings=512, rms_norm_eps=1e-5,
-                  rope_theta=10000.0)
+TINY_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+              "rope_theta": 10000.0}
 
 _HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",

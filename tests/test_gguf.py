@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("gguf")
-
-from gguf_files import (  # noqa: E402
+from gguf_files import (
     CORPUS,
     byte_level_tokenizer_fields,
     sentencepiece_fields,
@@ -24,13 +22,13 @@ from gguf_files import (  # noqa: E402
     write_tiny_gguf,
     write_tokenizer_gguf,
 )
-from tiny_models import SHARED_MODELS  # noqa: E402
+from tiny_models import SHARED_MODELS
 
-from fastserve import LLM, SamplingParams  # noqa: E402
-from fastserve._core import Tokenizer  # noqa: E402
-from fastserve.config import ModelConfig  # noqa: E402
-from fastserve.gguf_loader import SUPPORTED_TYPES, hf_config, iterate_gguf_weights  # noqa: E402
-from fastserve.gguf_tokenizer import gguf_tokenizer_dir  # noqa: E402
+from fastserve import LLM, SamplingParams
+from fastserve._core import Tokenizer
+from fastserve.config import ModelConfig
+from fastserve.gguf_loader import SUPPORTED_TYPES, hf_config, iterate_gguf_weights
+from fastserve.gguf_tokenizer import gguf_tokenizer_dir
 
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 TEXTS = CORPUS + [

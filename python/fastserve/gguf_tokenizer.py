@@ -187,7 +187,7 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
 
 
 def _spm_tokenizer(f: dict) -> tuple[dict, bool]:
-    tokens, types = f["tokens"], f["token_type"]
+    tokens = f["tokens"]
     scores = f["scores"] or [0.0] * len(tokens)
     vocab = {t: i for i, t in enumerate(tokens)}
     unk_id = f["unknown_token_id"]
