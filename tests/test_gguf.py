@@ -17,6 +17,7 @@ import torch
 from gguf_files import (
     CORPUS,
     byte_level_tokenizer_fields,
+    llama3_rope_factors,
     sentencepiece_fields,
     tokenizer_json_fields,
     write_tiny_gguf,
@@ -106,6 +107,28 @@ def test_greedy_matches_transformers(tmp_path, arch, weight_type, tie):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 8)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch,weight_type", [("llama", "Q4_K"), ("qwen2", "Q8_0")])
+def test_gpu_greedy_matches_transformers(tmp_path, arch, weight_type):
+    """The same files on CUDA: float32 (exact dots) equals transformers on the CPU token for
+    token; "auto" picks bfloat16 there (the file's weights are dequantized to float32) and runs."""
+    _, path = write_tiny_gguf(tmp_path / "m.gguf", arch, weight_type)
+    hf = hf_from_gguf(path)
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(3, hf.config.vocab_size, size=n).tolist() for n in (1, 9, 33, 70)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for dtype in ("float32", "auto"):
+        llm = LLM(model=str(path), dtype=dtype, device="cuda", max_model_len=256, num_gpu_blocks_override=256)
+        assert llm.engine.model_config.dtype == (torch.float32 if dtype == "float32" else torch.bfloat16)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        if dtype == "float32":
+            assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in prompts]
+        else:
+            assert all(len(o.outputs[0].token_ids) == 8 and max(o.outputs[0].token_ids) < hf.config.vocab_size
+                       for o in outs)
+        llm.shutdown()
+
+
 def test_config_from_metadata(tmp_path):
     from transformers import AutoConfig
 
@@ -126,27 +149,11 @@ def test_config_from_metadata(tmp_path):
     assert f16["torch_dtype"] == "float16"
 
 
-def _llama3_factors(head_dim, theta, factor, low, high, original):
-    """llama.cpp convert_hf_to_gguf.py's rope_freqs for llama3 rope scaling."""
-    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    out = []
-    for f in freqs:
-        wavelen = 2 * math.pi / f
-        if wavelen < original / high:
-            out.append(1.0)
-        elif wavelen > original / low:
-            out.append(factor)
-        else:
-            s = (original / wavelen - low) / (high - low)
-            out.append(1 / ((1 - s) / factor + s))
-    return np.array(out, dtype=np.float32)
-
-
 @pytest.mark.parametrize("factor,original,high", [(8.0, 8192, 4.0), (32.0, 8192, 4.0), (8.0, 2048, 2.0)])
 def test_llama3_rope_from_rope_freqs_tensor(tmp_path, factor, original, high):
     """Llama 3.1+ files carry their rope scaling as a rope_freqs tensor: recovered as the
     llama3 rope_scaling that reproduces it, and the model loads (the tensor is not a weight)."""
-    factors = _llama3_factors(64, 500000.0, factor, 1.0, high, original)
+    factors = llama3_rope_factors(64, 500000.0, factor, 1.0, high, original)
     _, path = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q8_0", rope_theta=500000.0,
                               extra_tensors={"rope_freqs.weight": factors})
     scaling = hf_config(path)["rope_scaling"]

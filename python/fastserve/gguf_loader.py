@@ -318,7 +318,7 @@ def iterate_gguf_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.T
     kv_heads = field_value(reader, f"{arch}.attention.head_count_kv", heads)
     kv_heads = int(kv_heads[0] if isinstance(kv_heads, list) else kv_heads)
     todo = [(t, name) for t in reader.tensors if (name := _hf_layer_name(t.name)) is not None]
-    workers = max(1, min(4, (os.cpu_count() or 1)))
+    workers = max(1, min(8, os.cpu_count() or 1))
     t0 = time.perf_counter()
     nbytes = 0
     from tqdm.auto import tqdm
