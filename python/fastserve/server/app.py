@@ -235,7 +235,9 @@ def engine_args_from(args):
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format, block_size=args.block_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override, device=args.device,
-        served_model_name=args.served_model_name)
+        served_model_name=args.served_model_name,
+        generation_config=getattr(args, "generation_config", "auto"),
+        override_generation_config=getattr(args, "override_generation_config", None))
 
 
 def _build_engine(engine_args):
@@ -256,6 +258,9 @@ async def load_engine(state: ServerState, engine_args) -> None:
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     try:
+        from fastserve.generation_config import generation_defaults_for
+
+        state.generation_defaults = generation_defaults_for(engine_args)
         engine = await loop.run_in_executor(None, _build_engine, engine_args)
         await engine.start()
     except BaseException as e:
@@ -263,6 +268,7 @@ async def load_engine(state: ServerState, engine_args) -> None:
         raise
     state.set_engine(engine)
     state.metrics.labels["model_name"] = state.served_model_names[0]
+    state.metrics.set_max_model_len(state.max_model_len)
     logger.info("engine ready in %.1f s: %s (max_model_len %d)", time.monotonic() - t0,
                 state.served_model_names[0], state.max_model_len)
 
