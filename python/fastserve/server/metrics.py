@@ -54,6 +54,20 @@ def _fmt(v: float) -> str:
     return str(int(f)) if f.is_integer() and abs(f) < 1e15 else repr(f)
 
 
+def go_float(v: float) -> str:
+    """A float as Prometheus' Go client (and prometheus_client, so vLLM) writes it: `le` is
+    "5.0", "0.001", "+Inf", "1e+06"."""
+    f = float(v)
+    if f == math.inf:
+        return "+Inf"
+    s = repr(f)
+    dot = s.find(".")
+    if f > 0 and dot > 6:  # Go switches to exponents sooner than Python
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+0{dot - 1}"
+    return s
+
+
 def _escape(value: str) -> str:
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -76,11 +90,11 @@ class Histogram:
         self.sum += value
         self.count += 1
 
-    def render(self, name: str, labels: dict[str, str]) -> list[str]:
+    def render(self, name: str, labels: dict[str, str], le=_fmt) -> list[str]:
         lines, cumulative = [], 0
         for bound, c in zip(self.buckets + (math.inf,), self.counts):
             cumulative += c
-            lines.append(f"{name}_bucket{_labels({**labels, 'le': _fmt(bound)})} {cumulative}")
+            lines.append(f"{name}_bucket{_labels({**labels, 'le': le(bound)})} {cumulative}")
         lines.append(f"{name}_sum{_labels(labels)} {_fmt(self.sum)}")
         lines.append(f"{name}_count{_labels(labels)} {self.count}")
         return lines
@@ -170,7 +184,7 @@ class ServerMetrics:
             full = VLLM_PREFIX + name
             out.append(f"# HELP {full} {help_}")
             out.append(f"# TYPE {full} histogram")
-            out.extend(h.render(full, lab))
+            out.extend(h.render(full, lab, le=go_float))
 
         s = stats or {}
         metric("num_requests_running", "gauge", "Number of requests in model execution batches.",
