@@ -114,6 +114,7 @@ def main(args: argparse.Namespace) -> int:
                 "latencies": latencies,
                 "percentiles": _pcts(latencies),
                 "prefill_latency_s": float(np.mean([it["prefill_s"] for it in iters])),
+                "decode_steps": len(decode) / len(iters),
                 "decode_step_ms": {"mean": float(np.mean(decode) * 1000), **step_ms} if decode else {},
                 "decode_tokens_per_s": (b * args.n / float(np.median(decode))) if decode else None,
             }
