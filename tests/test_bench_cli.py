@@ -75,6 +75,28 @@ def test_throughput_fastserve_prints_vllms_line_and_json(small, tmp_path, capsys
     assert "Device: CPU" in text
 
 
+def test_throughput_reports_device_ceilings_and_roofline(small, tmp_path, capsys):
+    """The GPU report, from an H200's device_info measured in an earlier run (committed)."""
+    from pathlib import Path
+
+    from fastserve.benchmarks.roofline import model_shape, roofline_seconds
+
+    committed = Path(__file__).resolve().parents[1] / "bench/results/throughput-llama3-8b-1000x512x256-h200.json"
+    info = json.loads(committed.read_text())["device"]
+    (tmp_path / "info.json").write_text(json.dumps(info))
+    out = tmp_path / "t.json"
+    code, text = run_cli(capsys, "bench", "throughput", "--model", small, "--input-len", 8, "--output-len", 6,
+                         "--num-prompts", 3, *ENGINE, "--info", tmp_path / "info.json", "--output-json", out)
+    assert code == 0
+    assert f"Device: {info['gpu']}" in text and "measured copy bandwidth" in text
+    res = json.loads(out.read_text())
+    shape = model_shape(json.loads((small / "config.json").read_text()))
+    bound = roofline_seconds(shape, [8] * 3, [6] * 3, 256, info["copy_bandwidth_gbps"], info["matmul_bf16_tflops"], 4)
+    assert res["roofline_s"] == pytest.approx(bound) and bound > 0
+    assert res["fraction_of_roofline"] == pytest.approx(bound / res["elapsed_time"])
+    assert f"Roofline (lower bound) for this workload: {bound:.2f} s" in text
+
+
 def test_throughput_hf_backend(small, tmp_path, capsys):
     out = tmp_path / "hf.json"
     code, text = run_cli(capsys, "bench", "throughput", "--backend", "hf", "--hf-max-batch-size", 3, "--model", small,

@@ -181,8 +181,8 @@ def test_bad_flags_exit_2(full, tmp_path, caplog):
 
 def _ids_input(path, n=7):
     lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"prompt": [3 + i, 40 + 7 * i, 900 - i, 11 * i + 1][: 2 + i % 3], "max_tokens": 4 + i % 3,
-                                  "temperature": 0}}) for i in range(n)]
+                         "body": {"prompt": [3 + i, 40 + 7 * i, 900 - i, 11 * i + 1][: 2 + i % 3],
+                                  "max_tokens": 4 + i % 3, "temperature": 0}}) for i in range(n)]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -184,6 +184,8 @@ def sample_random(tokenizer, num_requests: int, input_len: int, output_len: int,
     output_lens = rng.integers(out_lo, out_hi + 1, size=num_requests)
     offsets = rng.integers(0, len(allowed), size=num_requests)
     prefix = allowed[rng.integers(0, len(allowed), size=prefix_len)].tolist() if prefix_len else []
-    return [SampleRequest(prefix + allowed[(int(offsets[i]) + i + np.arange(int(input_lens[i]))) % len(allowed)].tolist(),
-                          int(output_lens[i]))
-            for i in range(num_requests)]
+    out = []
+    for i in range(num_requests):
+        window = (int(offsets[i]) + i + np.arange(int(input_lens[i]))) % len(allowed)
+        out.append(SampleRequest(prefix + allowed[window].tolist(), int(output_lens[i])))
+    return out

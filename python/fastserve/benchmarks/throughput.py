@@ -9,8 +9,9 @@
 Every request generates exactly its output length (ignore_eos, temperature 1.0, top_p 1.0,
 as vLLM's benchmark does). It prints vLLM's line, `Throughput: X requests/s, Y total
 tokens/s, Z output tokens/s`, and the token totals; on a GPU also the device's measured
-ceilings (copy bandwidth, bf16 matmul rate) and, for the fastserve backend, the roofline
-lower bound of this workload (fastserve.benchmarks.roofline) and the fraction of it reached.
+ceilings (copy bandwidth, bf16 matmul rate; measured after the run, or read from --info) and
+the roofline lower bound of this workload (fastserve.benchmarks.roofline) with the fraction
+of it reached.
 `--output-json` writes vLLM's keys (elapsed_time, num_requests, total_num_tokens,
 requests_per_second, tokens_per_second) plus the prompt/output token counts and device.
 
@@ -49,6 +50,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-json", default=None, help="Write the results here as JSON.")
     p.add_argument("--no-device-ceilings", action="store_true",
                    help="On a GPU, skip measuring the copy bandwidth and matmul rate after the run.")
+    p.add_argument("--info", default=None,
+                   help="A device_info JSON measured earlier on this device (python -m "
+                        "fastserve.benchmarks.device > info.json): its ceilings are used instead of measuring.")
     add_engine_args(p, exclude=("served_model_name", "chat_template", "reasoning_parser"))
 
 
@@ -165,11 +169,15 @@ def _device_report(args, requests, backend: str, elapsed: float, max_num_seqs: i
 
     from fastserve.benchmarks.device import describe, device_info
 
-    on_gpu = torch.cuda.is_available() and args.device != "cpu" and not args.no_device_ceilings
-    info = device_info(measure=on_gpu)
+    if args.info:
+        with open(args.info, encoding="utf-8") as f:
+            info = json.load(f)
+    else:
+        on_gpu = torch.cuda.is_available() and args.device != "cpu" and not args.no_device_ceilings
+        info = device_info(measure=on_gpu)
     report = {"device": info}
     print(describe(info))
-    if on_gpu and "copy_bandwidth_gbps" in info:
+    if "copy_bandwidth_gbps" in info and "matmul_bf16_tflops" in info:
         from fastserve.benchmarks.roofline import model_shape, roofline_seconds
 
         with open(os.path.join(args.model, "config.json"), encoding="utf-8") as f:
