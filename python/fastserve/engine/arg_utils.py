@@ -53,6 +53,9 @@ class EngineArgs:
     skip_tokenizer_init: bool = False
     disable_log_stats: bool = True
     max_seq_len_to_capture: int | None = None
+    # Sampling defaults from generation_config.json ("auto"), none ("vllm"), or a directory's.
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     # Test hook: called with the Batch before each model step (lets a test inject a fault
     # into the step loop without mocking the engine).
     step_hook: object = field(default=None, repr=False)

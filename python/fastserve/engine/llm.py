@@ -36,6 +36,10 @@ class LLM:
         for name in _ACCEPTED_NOOPS & set(kwargs):
             kwargs.pop(name)
         self.engine_args = EngineArgs(model=model, tokenizer=tokenizer, **kwargs)
+        from fastserve.generation_config import generation_defaults_for
+
+        # Read before the engine starts so that a bad generation_config.json fails fast.
+        self.default_sampling_params = generation_defaults_for(self.engine_args)
         if self.engine_args.data_parallel_size > 1:
             # Replicas in processes of their own; prompts are split among them per call.
             from fastserve.distributed.offline_replicas import OfflineReplicas
@@ -65,6 +69,12 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate()/chat() use when given no sampling_params: the model's
+        generation_config.json sampling fields over SamplingParams' defaults (vLLM's rule;
+        LLM(..., generation_config="vllm") gives plain SamplingParams())."""
+        return SamplingParams.from_optional(**self.default_sampling_params)
+
     # -- generate ---------------------------------------------------------------------------
 
     def generate(
@@ -78,6 +88,8 @@ class LLM:
         """Prompts: a string, a list of strings, a list of token-id lists, or vLLM prompt dicts
         ({"prompt": ...} / {"prompt_token_ids": ...}). Outputs come back in input order."""
         texts, token_lists = self._normalize_prompts(prompts, prompt_token_ids)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = self._normalize_params(sampling_params, len(token_lists))
         return self._run(texts, token_lists, params, use_tqdm)
 
@@ -110,6 +122,8 @@ class LLM:
         ]
         # The template already wrote BOS where the model wants it.
         token_lists = self.engine.tokenizer.encode_batch(texts, add_special_tokens=False)
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = self._normalize_params(sampling_params, len(token_lists))
         return self._run(texts, token_lists, params, use_tqdm)
 

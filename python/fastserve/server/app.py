@@ -239,7 +239,9 @@ def engine_args_from(args):
         trust_remote_code=getattr(args, "trust_remote_code", False), revision=getattr(args, "revision", None),
         tokenizer_revision=getattr(args, "tokenizer_revision", None),
         code_revision=getattr(args, "code_revision", None), download_dir=getattr(args, "download_dir", None),
-        hf_token=getattr(args, "hf_token", None))
+        hf_token=getattr(args, "hf_token", None),
+        generation_config=getattr(args, "generation_config", "auto"),
+        override_generation_config=getattr(args, "override_generation_config", None))
 
 
 def _build_engine(engine_args):
@@ -260,6 +262,9 @@ async def load_engine(state: ServerState, engine_args) -> None:
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     try:
+        from fastserve.generation_config import generation_defaults_for
+
+        state.generation_defaults = generation_defaults_for(engine_args)
         engine = await loop.run_in_executor(None, _build_engine, engine_args)
         await engine.start()
     except BaseException as e:
@@ -267,6 +272,7 @@ async def load_engine(state: ServerState, engine_args) -> None:
         raise
     state.set_engine(engine)
     state.metrics.labels["model_name"] = state.served_model_names[0]
+    state.metrics.set_max_model_len(state.max_model_len)
     logger.info("engine ready in %.1f s: %s (max_model_len %d)", time.monotonic() - t0,
                 state.served_model_names[0], state.max_model_len)
 

@@ -15,6 +15,18 @@ def _bool_flag(parser, name: str, default: bool, help_: str) -> None:
                         help=help_)
 
 
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fastserve",
@@ -76,6 +88,15 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="Put text inside <think>...</think> into message.reasoning_content "
                         "(delta.reasoning_content when streaming).")
+    m.add_argument("--generation-config", default="auto",
+                   help="Where default sampling parameters come from: auto = the model's "
+                        "generation_config.json (temperature, top_p, top_k, min_p, "
+                        "repetition_penalty, max_new_tokens; a request's own fields win), vllm "
+                        "= none (SamplingParams' defaults), or a directory holding a "
+                        "generation_config.json.")
+    m.add_argument("--override-generation-config", type=_json_object, default=None,
+                   help='JSON object laid over the generation config, e.g. '
+                        '\'{"temperature": 0.5}\'.')
     e = p.add_argument_group("engine")
     e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="Where the model runs; auto = cuda when available, else cpu.")

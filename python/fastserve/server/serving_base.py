@@ -51,6 +51,8 @@ class ServerState:
         self.metrics = ServerMetrics(served_model_names[0])
         self.created = int(time.time())
         self.max_model_len = max_model_len
+        # Sampling defaults from the model's generation_config.json (set at engine load).
+        self.generation_defaults: dict[str, Any] = {}
 
     def set_engine(self, engine) -> None:
         self.engine = engine
@@ -106,9 +108,11 @@ async def read_json(request: web.Request, type_):
 
 
 def sampling_params(req, *, max_tokens: int, logprobs: int | None,
-                    wire_names: dict[str, str] | None = None):
-    """SamplingParams from the request's fields (only those the client set, so SamplingParams
-    keeps vLLM's defaults); its ValueError becomes a 400 whose param names the field."""
+                    wire_names: dict[str, str] | None = None, defaults: dict[str, Any] | None = None):
+    """SamplingParams from the request's fields (only those the client set), the fields it
+    left unset taken from `defaults` (the model's generation_config.json, see
+    fastserve.generation_config), then SamplingParams' own; its ValueError becomes a 400
+    whose param names the field."""
     from fastserve.sampling_params import SamplingParams
 
     kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens}
@@ -123,6 +127,10 @@ def sampling_params(req, *, max_tokens: int, logprobs: int | None,
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
     if logprobs is not None:
         kw["logprobs"] = logprobs
+    if defaults:
+        from fastserve.generation_config import apply_to_request
+
+        kw = apply_to_request(kw, defaults)
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
@@ -200,7 +208,7 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
         m.finished("abort", time.monotonic() - start)
         raise
     m.prompt_tokens += len(prompt_ids)
-    last = None
+    last = first_at = None
     seen_tokens = 0
     finished = False
     reason: str | None = "abort"
@@ -212,6 +220,7 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
                 if total > seen_tokens:
                     if last is None:
                         m.ttft.observe(now - start)
+                        first_at = now
                     else:
                         m.itl.observe(now - last)
                     m.generation_tokens += total - seen_tokens
@@ -221,6 +230,7 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
                     reason = out.outputs[0].finish_reason if out.outputs else None
                 yield out
         except RequestError as e:
+            reason = "error"
             raise _request_failed(e) from None
     finally:
         if not finished:
@@ -228,7 +238,9 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
                 await engine.abort(request_id)
         with contextlib.suppress(Exception):
             await stream.aclose()
-        m.finished(reason, time.monotonic() - start)
+        m.finished(reason, time.monotonic() - start, prompt_tokens=len(prompt_ids),
+                   generation_tokens=seen_tokens, params=params,
+                   decode_seconds=None if first_at is None else last - first_at)
 
 
 def _request_failed(err) -> APIError:

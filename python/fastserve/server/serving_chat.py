@@ -91,7 +91,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                                     "messages", max_field)
     top_k = (req.top_logprobs or 0) if req.logprobs else None
     sp = sampling_params(req, max_tokens=max_tokens, logprobs=top_k,
-                         wire_names={"logprobs": "top_logprobs", "max_tokens": max_field})
+                         wire_names={"logprobs": "top_logprobs", "max_tokens": max_field},
+                         defaults=state.generation_defaults)
 
     request_id = random_id("chatcmpl")
     created = int(time.time())

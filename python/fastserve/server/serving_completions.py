@@ -81,7 +81,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
                                         "max_tokens")
         prompt_ids.append(ids)
         prompt_texts.append(p if isinstance(p, str) else None)
-        params.append(sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs))
+        params.append(sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
+                                      defaults=state.generation_defaults))
 
     request_id = random_id("cmpl")
     created = int(time.time())
