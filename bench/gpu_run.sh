@@ -1,33 +1,48 @@
 #!/usr/bin/env bash
-# One device call: GPU correctness tests, then the throughput benchmarks; results under $OUT.
-# Expects python/fastserve/_core.abi3.so (built here as an abi3 wheel) and .devcarry/ with the
-# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|llama|all]
-# (llama: the tests and the two Llama-3-8B benchmarks)
+# One device call: GPU correctness tests and/or benchmarks; results under $OUT.
+# Expects python/fastserve/_core.abi3.so (an abi3 build made on the dev machine), .whl/ with
+# the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
+# .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
+#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench crash throughput
+#                                    penalties quant-e2e structured commands
 set -uo pipefail
-what=${1:-all}
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown}
+export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown} NCCL_NVLS_ENABLE=0
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-[ -d .whl ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
-export FASTSERVE_SHARED_MODELS=$PWD/.devcarry
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+# The bench configs need the real tokenizers: the test assets, unpacked once.
+tok=$(python3 -c "import tiny_models; print(tiny_models.SHARED_MODELS)")
 for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer; do
-  cp .devcarry/${m#*:}/* bench/configs/${m%%:*}/
+  for d in bench/configs/${m%%:*}*/; do cp "$tok/${m#*:}"/* "$d"; done
 done
-python3 bench/device_info.py > "$OUT/device.json"
-# Result files are named for the GPU (h100, h200, ...) so one card's results never replace another's.
+[ -f "$OUT/device.json" ] || python3 bench/device_info.py > "$OUT/device.json"
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((g for g in ('h100', 'h200', 'a100', 'l40s') if g in n), 'gpu'))")
-if [ "$what" != bench ]; then
-  timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_staging.py \
-      tests/test_sampler.py tests/test_step_outputs.py -s 2>&1 | tail -n 30
-fi
-if [ "$what" != tests ]; then
-  tp="python3 bench/throughput.py --info $OUT/device.json --quiet"
-  $tp --model bench/configs/llama3-8b --num-prompts 1 --input-len 128 --output-len 256 --backends fastserve \
-      --max-num-seqs 256 --out "$OUT/throughput-llama3-8b-batch1-$gpu.json" 2>&1 | tail -n 3
-  $tp --model bench/configs/llama3-8b --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve,hf \
-      --hf-max-prompts 256 --out "$OUT/throughput-llama3-8b-1000x512x256-$gpu.json" 2>&1 | tail -n 3
-  if [ "$what" != llama ]; then
-    $tp --model bench/configs/qwen3-0.6b --num-prompts 256 --random-range 100 1024 --backends fastserve \
-        --out "$OUT/throughput-qwen3-0.6b-random-$gpu.json" 2>&1 | tail -n 3
-  fi
-fi
+tp="python3 bench/throughput.py --info $OUT/device.json --quiet"
+L8=bench/configs/llama3-8b
+run() { echo "== $*"; "$@" 2>&1 | tail -n ${TAIL:-12}; }
+for stage in "$@"; do
+  case $stage in
+  tests)
+    TAIL=25 run timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py tests/test_kernels.py \
+      tests/test_staging.py tests/test_sampler.py tests/test_step_limits.py tests/test_models.py \
+      tests/test_models_opt_neox.py --tb=line ;;
+  quant-tests)
+    TAIL=20 run timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line tests/test_quant_kernels.py ;;
+  quant-bench)
+    TAIL=90 run timeout 330 python3 bench/quant_kernels.py --out "$OUT/quant-kernels-$gpu.json" ${QUANT_BENCH_ARGS:-} ;;
+  crash)
+    TAIL=12 run timeout 500 python3 bench/crash_matrix.py --model $L8 --info "$OUT/device.json" \
+      --out "$OUT/crash-matrix-$gpu.json" --log "$OUT/crash-server.log" ;;
+  throughput)
+    # Today's build and the build before the change, same workload, same lease.
+    run $tp --model $L8 --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve \
+      --out "$OUT/throughput-llama3-8b-1000x512x256-$gpu.json"
+    echo "== baseline build"
+    PYTHONPATH=$PWD/.base/python:$PWD/tests:/tmp/site python3 .base/bench/throughput.py --info "$OUT/device.json" --quiet \
+      --model $L8 --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve \
+      --out "$OUT/throughput-llama3-8b-1000x512x256-base-$gpu.json" 2>&1 | tail -n 4 ;;
+  *) echo "unknown stage $stage" ;;
+  esac
+done
