@@ -4,7 +4,7 @@
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
 #   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench crash throughput
-#                                    penalties quant-e2e structured commands
+#                                    penalties
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown} NCCL_NVLS_ENABLE=0
@@ -43,6 +43,13 @@ for stage in "$@"; do
     PYTHONPATH=$PWD/.base/python:$PWD/tests:/tmp/site python3 .base/bench/throughput.py --info "$OUT/device.json" --quiet \
       --model $L8 --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve \
       --out "$OUT/throughput-llama3-8b-1000x512x256-base-$gpu.json" 2>&1 | tail -n 4 ;;
+  penalties)
+    # Plain and penalized 1000 x 512/256 in one engine, this build and the one before the change:
+    # the plain figures compare the builds, the penalized ones give the cost of penalties.
+    run timeout 280 python3 bench/penalties.py --model $L8 --label new --info "$OUT/device.json" \
+      --out "$OUT/penalties-llama3-8b-$gpu.json"
+    PYTHONPATH=$PWD/.base/python:$PWD/tests:/tmp/site TAIL=3 run timeout 280 python3 bench/penalties.py --model $L8 \
+      --label base --info "$OUT/device.json" --out "$OUT/penalties-llama3-8b-base-$gpu.json" ;;
   *) echo "unknown stage $stage" ;;
   esac
 done
