@@ -2,7 +2,7 @@
 unset take the checkpoint's values (temperature, top_p, top_k, min_p, repetition_penalty,
 max_new_tokens as a max_tokens cap), a request's own fields win, and `--generation-config
 vllm` / `generation_config="vllm"` turns it off. The effective parameters are read from the
-batch the engine actually runs (the step hook sees the scheduler's per-sample arrays)."""
+batch the engine actually runs (the step hook sees each new sequence's sampling state)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ class Recorder:
         self.rows: list[tuple[float, int, float, float]] = []
 
     def __call__(self, batch) -> None:
-        for t, k, p, r in zip(batch.temperature.tolist(), batch.top_k.tolist(), batch.top_p.tolist(),
-                              batch.repetition_penalty.tolist()):
+        # Each sequence's sampling state travels once, with the first batch that names it.
+        for t, k, p, r in zip(batch.new_temperature.tolist(), batch.new_top_k.tolist(), batch.new_top_p.tolist(),
+                              batch.new_repetition_penalty.tolist()):
             self.rows.append((round(t, 4), k, round(p, 4), round(r, 4)))
 
     def take(self) -> set:
