@@ -41,6 +41,7 @@ _FIELDS = (
     "spaces_between_special_tokens",
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
+    "logit_bias",
 )
 
 
@@ -117,6 +118,26 @@ def _int_list(name: str, value: Any) -> list[int]:
     return out
 
 
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """{token id: bias}; keys may be ints or digit strings (OpenAI's JSON keys are strings)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}.")
+    out = {}
+    for k, v in value.items():
+        try:
+            tok = int(k) if not isinstance(k, bool) else None
+        except (TypeError, ValueError):
+            tok = None
+        if tok is None or tok < 0 or (isinstance(k, float) and k != tok):
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.")
+        out[tok] = _float(f"logit_bias[{k!r}]", v)
+        if not math.isfinite(out[tok]):
+            raise ValueError(f"logit_bias values must be finite, got {v!r} for token {tok}.")
+    return out
+
+
 class SamplingParams:
     """Sampling parameters for text generation, as in vLLM.
 
@@ -134,6 +155,8 @@ class SamplingParams:
     min_tokens / logprobs / prompt_logprobs / detokenize / skip_special_tokens /
     spaces_between_special_tokens / include_stop_str_in_output / truncate_prompt_tokens: as in
     vLLM.
+    logit_bias: {token id: bias} added to the logits before sampling (OpenAI's; the reported
+        logprobs stay the model's raw ones, as in vLLM).
     """
 
     __slots__ = _FIELDS
@@ -163,6 +186,7 @@ class SamplingParams:
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
+        logit_bias: dict[int, float] | None = None,
     ) -> None:
         self.n = _int("n", n)
         self.best_of = _int("best_of", best_of, optional=True)
@@ -201,6 +225,7 @@ class SamplingParams:
         self.truncate_prompt_tokens = _int(
             "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
         )
+        self.logit_bias = _logit_bias(logit_bias)
 
         self._verify_args()
         if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
@@ -385,6 +410,7 @@ class SamplingParams:
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             final_only=final_only,
+            vocab_bias=sorted(self.logit_bias.items()) if self.logit_bias else [],
         )
 
     def clone(self) -> SamplingParams:
@@ -394,7 +420,7 @@ class SamplingParams:
         new = object.__new__(SamplingParams)
         for f in _FIELDS:
             v = getattr(self, f)
-            object.__setattr__(new, f, list(v) if isinstance(v, list) else v)
+            object.__setattr__(new, f, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
         return new
 
     def __deepcopy__(self, memo: dict) -> SamplingParams:

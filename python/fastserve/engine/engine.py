@@ -127,6 +127,11 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        for name in ("logit_bias",):
+            ids = getattr(params, name) or ()
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return prompt_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

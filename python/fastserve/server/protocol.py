@@ -79,9 +79,6 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
             if value is not None and len(value) > MAX_TOKEN_ID_LIST:
                 raise bad_request(f"{name} holds {len(value)} entries; at most "
                                   f"{MAX_TOKEN_ID_LIST} are allowed", name)
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by fastserve yet; remove it "
-                              "(use bad_words to ban tokens)", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true",
                               "stream_options")
