@@ -42,6 +42,7 @@ _FIELDS = (
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
     "logit_bias",
+    "allowed_token_ids",
 )
 
 
@@ -157,6 +158,7 @@ class SamplingParams:
     vLLM.
     logit_bias: {token id: bias} added to the logits before sampling (OpenAI's; the reported
         logprobs stay the model's raw ones, as in vLLM).
+    allowed_token_ids: when set, the only tokens that may be sampled (vLLM's).
     """
 
     __slots__ = _FIELDS
@@ -187,6 +189,7 @@ class SamplingParams:
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
         logit_bias: dict[int, float] | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.n = _int("n", n)
         self.best_of = _int("best_of", best_of, optional=True)
@@ -226,6 +229,11 @@ class SamplingParams:
             "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
         )
         self.logit_bias = _logit_bias(logit_bias)
+        self.allowed_token_ids = (
+            None if allowed_token_ids is None else _int_list("allowed_token_ids", allowed_token_ids)
+        )
+        if self.allowed_token_ids == []:
+            raise ValueError("allowed_token_ids must not be empty: leave it out to allow every token.")
 
         self._verify_args()
         if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
@@ -411,6 +419,7 @@ class SamplingParams:
             prompt_logprobs=self.prompt_logprobs,
             final_only=final_only,
             vocab_bias=sorted(self.logit_bias.items()) if self.logit_bias else [],
+            vocab_allow=list(self.allowed_token_ids or []),
         )
 
     def clone(self) -> SamplingParams:

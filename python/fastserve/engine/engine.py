@@ -127,7 +127,7 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        for name in ("logit_bias",):
+        for name in ("logit_bias", "allowed_token_ids"):
             ids = getattr(params, name) or ()
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:

@@ -116,7 +116,7 @@ def sampling_params(req, *, max_tokens: int, logprobs: int | None,
     for name in ("best_of", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
                  "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
-                 "include_stop_str_in_output", "bad_words", "prompt_logprobs"):
+                 "include_stop_str_in_output", "bad_words", "prompt_logprobs", "allowed_token_ids"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
