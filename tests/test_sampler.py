@@ -667,3 +667,45 @@ def test_top_k_top_p_rows_with_tied_logits_do_not_depend_on_the_batch():
     assert (
         len([i for i in range(v) if cand[i]]) > 5
     )  # the row really has ties at the k-th value
+
+
+def test_vocab_bias_and_allow_list_from_the_worker_state():
+    """RequestParams.vocab_bias / vocab_allow travel once with the sequence, live in the
+    worker's state and shape every later step: an allow-list confines the samples, a bias
+    moves the greedy choice, and the raw logprobs stay the model's."""
+    from fastserve._core import RequestParams, Scheduler
+    from fastserve.worker.sampler_state import SamplerState
+
+    v = 50
+    gen = torch.Generator().manual_seed(21)
+    s = Scheduler(num_blocks=64, max_model_len=64, block_size=4)
+    allow = [3, 7, 11, 40]
+    s.add_request("allow", [1, 2, 3], RequestParams(max_tokens=6, temperature=1.0, seed=1, vocab_allow=allow,
+                                                    ignore_eos=True))
+    s.add_request("bias", [4, 5], RequestParams(max_tokens=6, temperature=0.0, vocab_bias=[(9, 100.0), (10, -5.0)],
+                                                ignore_eos=True))
+    s.add_request("plain", [6], RequestParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    state = SamplerState("cpu", v)
+    sampler = Sampler()
+    steps = 0
+    while s.has_unfinished():
+        b = s.schedule()
+        state.apply(b)
+        st = SamplingTensors.from_rows(state.rows(b), "cpu", v, None, state)
+        logits = torch.randn(b.num_samples, v, generator=gen)
+        out = sampler(logits, st)
+        ids = out.sampled_token_ids.tolist()
+        rids = [b.sample_request_id(i) for i in range(b.num_samples)]
+        for i, rid in enumerate(rids):
+            if rid == "allow":
+                assert ids[i] in allow
+            elif rid == "bias":
+                assert ids[i] == 9
+            else:
+                assert ids[i] == int(logits[i].argmax())
+        raw = torch.log_softmax(logits, -1)
+        torch.testing.assert_close(out.sampled_logprobs, raw.gather(1, out.sampled_token_ids[:, None])[:, 0])
+        s.update(out.sampled_token_ids.numpy())
+        steps += 1
+    assert steps == 6
+    assert state.bias is not None

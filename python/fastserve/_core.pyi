@@ -107,6 +107,8 @@ class RequestParams:
         logprobs: int | None = None,
         prompt_logprobs: int | None = None,
         final_only: bool = False,
+        vocab_bias: Sequence[tuple[int, float]] = (),
+        vocab_allow: Sequence[int] = (),
     ) -> None:
         """`n` here is the number of sequences to run (best_of when set); top_k <= 0 is off.
         final_only: report the request's sequences only when they finish (vLLM's FINAL_ONLY
@@ -170,6 +172,12 @@ class Batch:
     new_ban_token_ids: npt.NDArray[np.int64]
     new_min_ban_offsets: npt.NDArray[np.int32]
     new_min_ban_token_ids: npt.NDArray[np.int64]
+    # CSR by new sequence: (token, value) logit biases; the allow-list (empty: every token)
+    new_bias_offsets: npt.NDArray[np.int32]
+    new_bias_token_ids: npt.NDArray[np.int64]
+    new_bias_values: npt.NDArray[np.float32]
+    new_allow_offsets: npt.NDArray[np.int32]
+    new_allow_token_ids: npt.NDArray[np.int64]
     # sequence slots released since the last batch that ran
     freed_seq_slots: npt.NDArray[np.int32]
 

@@ -1,5 +1,5 @@
 """The built-in demo checkpoint: a tiny Llama-architecture model with random weights and the
-real Qwen tokenizer (shipped gzipped in fastserve/demo_tokenizer), so `python -m fastserve`
+real Qwen tokenizer (shipped xz-compressed in fastserve/demo_tokenizer), so `python -m fastserve`
 runs with no model at hand. Its output is noise; it exists to try the API and the client.
 
 Built on first use into ~/.cache/fastserve/demo (or $FASTSERVE_CACHE/demo), written to a
@@ -7,7 +7,7 @@ temporary directory and renamed so a half-written checkpoint is never used."""
 
 from __future__ import annotations
 
-import gzip
+import lzma
 import json
 import os
 import shutil
@@ -91,7 +91,7 @@ def demo_checkpoint() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        with gzip.open(src / "tokenizer.json.gz", "rb") as fin, open(tmp / "tokenizer.json", "wb") as fout:
+        with lzma.open(src / "tokenizer.json.xz", "rb") as fin, open(tmp / "tokenizer.json", "wb") as fout:
             shutil.copyfileobj(fin, fout)
         for name in ("tokenizer_config.json", "generation_config.json"):
             shutil.copy(src / name, tmp / name)

@@ -41,6 +41,8 @@ _FIELDS = (
     "spaces_between_special_tokens",
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
+    "logit_bias",
+    "allowed_token_ids",
 )
 
 
@@ -117,6 +119,26 @@ def _int_list(name: str, value: Any) -> list[int]:
     return out
 
 
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """{token id: bias}; keys may be ints or digit strings (OpenAI's JSON keys are strings)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}.")
+    out = {}
+    for k, v in value.items():
+        try:
+            tok = int(k) if not isinstance(k, bool) else None
+        except (TypeError, ValueError):
+            tok = None
+        if tok is None or tok < 0 or (isinstance(k, float) and k != tok):
+            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.")
+        out[tok] = _float(f"logit_bias[{k!r}]", v)
+        if not math.isfinite(out[tok]):
+            raise ValueError(f"logit_bias values must be finite, got {v!r} for token {tok}.")
+    return out
+
+
 class SamplingParams:
     """Sampling parameters for text generation, as in vLLM.
 
@@ -134,6 +156,9 @@ class SamplingParams:
     min_tokens / logprobs / prompt_logprobs / detokenize / skip_special_tokens /
     spaces_between_special_tokens / include_stop_str_in_output / truncate_prompt_tokens: as in
     vLLM.
+    logit_bias: {token id: bias} added to the logits before sampling (OpenAI's; the reported
+        logprobs stay the model's raw ones, as in vLLM).
+    allowed_token_ids: when set, the only tokens that may be sampled (vLLM's).
     """
 
     __slots__ = _FIELDS
@@ -163,6 +188,8 @@ class SamplingParams:
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
+        logit_bias: dict[int, float] | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
     ) -> None:
         self.n = _int("n", n)
         self.best_of = _int("best_of", best_of, optional=True)
@@ -201,6 +228,12 @@ class SamplingParams:
         self.truncate_prompt_tokens = _int(
             "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
         )
+        self.logit_bias = _logit_bias(logit_bias)
+        self.allowed_token_ids = (
+            None if allowed_token_ids is None else _int_list("allowed_token_ids", allowed_token_ids)
+        )
+        if self.allowed_token_ids == []:
+            raise ValueError("allowed_token_ids must not be empty: leave it out to allow every token.")
 
         self._verify_args()
         if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
@@ -385,6 +418,8 @@ class SamplingParams:
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             final_only=final_only,
+            vocab_bias=sorted(self.logit_bias.items()) if self.logit_bias else [],
+            vocab_allow=list(self.allowed_token_ids or []),
         )
 
     def clone(self) -> SamplingParams:
@@ -394,7 +429,7 @@ class SamplingParams:
         new = object.__new__(SamplingParams)
         for f in _FIELDS:
             v = getattr(self, f)
-            object.__setattr__(new, f, list(v) if isinstance(v, list) else v)
+            object.__setattr__(new, f, list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v)
         return new
 
     def __deepcopy__(self, memo: dict) -> SamplingParams:

@@ -93,6 +93,16 @@ pub struct Batch {
     #[pyo3(get)]
     new_min_ban_token_ids: A1<i64>,
     #[pyo3(get)]
+    new_bias_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_bias_token_ids: A1<i64>,
+    #[pyo3(get)]
+    new_bias_values: A1<f32>,
+    #[pyo3(get)]
+    new_allow_offsets: A1<i32>,
+    #[pyo3(get)]
+    new_allow_token_ids: A1<i64>,
+    #[pyo3(get)]
     freed_seq_slots: A1<i32>,
 
     #[pyo3(get)]
@@ -182,6 +192,11 @@ impl Batch {
             new_ban_token_ids: e64(d.new_ban_token_ids),
             new_min_ban_offsets: e32(d.new_min_ban_offsets),
             new_min_ban_token_ids: e64(d.new_min_ban_token_ids),
+            new_bias_offsets: e32(d.new_bias_offsets),
+            new_bias_token_ids: e64(d.new_bias_token_ids),
+            new_bias_values: ef(d.new_bias_values),
+            new_allow_offsets: e32(d.new_allow_offsets),
+            new_allow_token_ids: e64(d.new_allow_token_ids),
             freed_seq_slots: e32(d.freed_seq_slots),
             prompt_logprob_indices: e64(d.prompt_logprob_indices),
             prompt_logprob_targets: e64(d.prompt_logprob_targets),

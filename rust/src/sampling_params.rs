@@ -54,6 +54,13 @@ pub struct RequestParams {
     /// kind): update() then hands Python nothing for them on the other steps.
     #[pyo3(get)]
     pub final_only: bool,
+    /// (token, value) added to the logits of every step (OpenAI's logit_bias); kept in the
+    /// worker's sampler state, sent once per sequence.
+    #[pyo3(get)]
+    pub vocab_bias: Vec<(u32, f32)>,
+    /// When non-empty, the only tokens that may be sampled (vLLM's allowed_token_ids).
+    #[pyo3(get)]
+    pub vocab_allow: Vec<u32>,
 }
 
 impl Default for RequestParams {
@@ -81,6 +88,8 @@ impl Default for RequestParams {
             logprobs: None,
             prompt_logprobs: None,
             final_only: false,
+            vocab_bias: vec![],
+            vocab_allow: vec![],
         }
     }
 }
@@ -126,6 +135,9 @@ impl RequestParams {
         if self.stop.iter().any(|s| s.is_empty()) {
             return Err("stop must not contain an empty string".into());
         }
+        if self.vocab_bias.iter().any(|&(_, v)| v.is_nan()) {
+            return Err("vocab_bias values must be numbers, not NaN".into());
+        }
         Ok(())
     }
 }
@@ -139,7 +151,7 @@ impl RequestParams {
         seed = None, stop = vec![], stop_token_ids = vec![], bad_words_token_ids = vec![],
         ignore_eos = false, include_stop_str_in_output = false, skip_special_tokens = true,
         spaces_between_special_tokens = true, detokenize = true, logprobs = None,
-        prompt_logprobs = None, final_only = false
+        prompt_logprobs = None, final_only = false, vocab_bias = vec![], vocab_allow = vec![]
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -165,6 +177,8 @@ impl RequestParams {
         logprobs: Option<u32>,
         prompt_logprobs: Option<u32>,
         final_only: bool,
+        vocab_bias: Vec<(u32, f32)>,
+        vocab_allow: Vec<u32>,
     ) -> PyResult<Self> {
         let p = RequestParams {
             n,
@@ -189,6 +203,8 @@ impl RequestParams {
             logprobs,
             prompt_logprobs,
             final_only,
+            vocab_bias,
+            vocab_allow,
         };
         p.validate().map_err(PyValueError::new_err)?;
         Ok(p)

@@ -139,6 +139,12 @@ pub struct BatchData {
     pub new_ban_token_ids: Vec<i64>,
     pub new_min_ban_offsets: Vec<i32>,
     pub new_min_ban_token_ids: Vec<i64>,
+    /// CSR by new sequence: (token, value) logit biases, and the allow-list (empty: all).
+    pub new_bias_offsets: Vec<i32>,
+    pub new_bias_token_ids: Vec<i64>,
+    pub new_bias_values: Vec<f32>,
+    pub new_allow_offsets: Vec<i32>,
+    pub new_allow_token_ids: Vec<i64>,
     /// Sequence slots released since the last batch that ran (their state may go).
     pub freed_seq_slots: Vec<i32>,
 
@@ -825,7 +831,7 @@ impl Scheduler {
         };
         if any_new {
             for v in [&mut d.new_prompt_offsets, &mut d.new_output_offsets, &mut d.new_ban_offsets,
-                      &mut d.new_min_ban_offsets] {
+                      &mut d.new_min_ban_offsets, &mut d.new_bias_offsets, &mut d.new_allow_offsets] {
                 v.push(0);
             }
         }
@@ -927,6 +933,13 @@ impl Scheduler {
                 d.new_min_ban_token_ids.extend(req.min_tokens_banned.iter().map(|&x| x as i64));
             }
         }
+        for &(t, v) in &req.params.vocab_bias {
+            d.new_bias_token_ids.push(t as i64);
+            d.new_bias_values.push(v);
+        }
+        d.new_allow_token_ids.extend(req.params.vocab_allow.iter().map(|&x| x as i64));
+        d.new_bias_offsets.push(d.new_bias_token_ids.len() as i32);
+        d.new_allow_offsets.push(d.new_allow_token_ids.len() as i32);
         d.new_prompt_offsets.push(d.new_prompt_token_ids.len() as i32);
         d.new_output_offsets.push(d.new_output_token_ids.len() as i32);
         d.new_ban_offsets.push(d.new_ban_token_ids.len() as i32);

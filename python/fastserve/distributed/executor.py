@@ -126,7 +126,7 @@ def spawn_workers(ranks, world_size: int, init_method: str, device_type: str, ra
 
 class TensorParallelExecutor:
     """Starts this node's ranks 1..L-1, joins the group as rank 0 and builds the driver's
-    ModelRunner (`self.runner`), whose execute() broadcasts each Batch before its own
+    ModelRunner (`self.runner`); its execute() broadcasts each Batch before the runner's own
     forward pass. With FASTSERVE_NNODES > 1 the other nodes' ranks come from
     `python -m fastserve.distributed.node` there."""
 
@@ -158,7 +158,8 @@ class TensorParallelExecutor:
             dist.broadcast_object_list([dataclasses.replace(args, step_hook=None), self.model_config], src=0,
                                        group=ps.cpu_group())
             self.runner = ModelRunner(args, self.model_config)
-            self.runner.batch_sender = BatchSender(ps.cpu_group())
+            self.num_blocks = self.runner.num_blocks
+            self.sender = BatchSender(ps.cpu_group())
         except BaseException as e:
             errors = self._worker_errors()
             self.shutdown()
@@ -167,6 +168,15 @@ class TensorParallelExecutor:
             raise
         logger.info("tensor parallel: %d ranks on %d node(s) (%s), local worker pids %s", tp, nnodes, device_type,
                     self.worker_pids)
+
+    def execute(self, batch, prompt_logprobs_k: int = 0):
+        """The driver's step: checked, sent to every rank, then run here (the only rank
+        that samples)."""
+        self.runner.check(batch)
+        self.sender.send(batch)
+        result = self.runner.execute(batch, prompt_logprobs_k)
+        self.sender.step_open = False  # the result's host copies waited for every collective
+        return result
 
     @property
     def worker_pids(self) -> list[int]:
@@ -200,9 +210,9 @@ class TensorParallelExecutor:
         if self._closed:
             return
         self._closed = True
-        runner = getattr(self, "runner", None)
-        if runner is not None and runner.batch_sender is not None:
-            runner.batch_sender.stop()  # reaches ranks on other nodes too; local ones also have pipes
+        sender = getattr(self, "sender", None)
+        if sender is not None:
+            sender.stop()  # reaches ranks on other nodes too; local ones also have pipes
         for proc, conn in zip(self._procs, self._conns):
             stop_process(proc, conn)
         if self._joined:

@@ -61,6 +61,14 @@ def cpu_group():
     return _cpu_group
 
 
+def tp_rank_and_size() -> tuple[int, int]:
+    """This process's rank and the tensor-parallel size: the whole default group is the
+    tensor-parallel group (see the module docstring); (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_min(value: int) -> int:
     """The smallest `value` over the ranks (KV blocks must fit on the fullest GPU)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -21,7 +21,8 @@ from fastserve.errors import RequestError, StepLimitError
 from fastserve.model_resolver import resolve_engine_args
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
-from fastserve.worker.model_runner import ModelRunner, resolve_device
+from fastserve.engine.executor import make_executor
+from fastserve.worker.model_runner import resolve_device
 from fastserve.worker.step_buffers import StepLimits
 
 logger = logging.getLogger("fastserve")
@@ -53,21 +54,16 @@ class Engine:
         self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
         self.served_model_names = list(args.served_model_name or [args.model])
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
-        # Tensor parallel: the executor starts ranks 1..N-1 and gives the driver's runner
+        # The executor runs each step's Batch (engine/executor.py): the runner here, or rank 0
+        # of a tensor-parallel group whose other ranks it starts.
         # (rank 0), which broadcasts each step's Batch to them; step() is the same either way.
-        self.executor = None
-        if args.tensor_parallel_size > 1:
-            from fastserve.distributed.executor import TensorParallelExecutor
-
-            self.executor = TensorParallelExecutor(args, self.model_config)
-            self.model_config = self.executor.model_config
-            self.runner = self.executor.runner
-        else:
-            self.runner = ModelRunner(args, self.model_config)
+        self.executor = make_executor(args, self.model_config)
+        self.model_config = self.executor.model_config
+        self.runner = self.executor.runner  # the driver's runner (tests and benches read it)
         # The same limits the runner sized its step buffers from (worker/step_buffers.py).
         limits = StepLimits.from_args(args, self.model_config.max_model_len)
         self.scheduler = Scheduler(
-            num_blocks=self.runner.num_blocks,
+            num_blocks=self.executor.num_blocks,
             **limits.scheduler_kwargs(),
             enable_prefix_caching=args.enable_prefix_caching,
             enable_chunked_prefill=args.enable_chunked_prefill,
@@ -127,6 +123,11 @@ class Engine:
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name) or ()
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
         return prompt_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -173,7 +174,7 @@ class Engine:
                 # slots of blocks just freed (nothing allocates before the next schedule()).
                 self._fail(e, touched, e)
         try:
-            result = self.runner.execute(batch, self._prompt_logprobs_k(batch))
+            result = self.executor.execute(batch, self._prompt_logprobs_k(batch))
         except StepLimitError as e:
             self._refuse_step(batch, e, touched)
             return list(touched.values())
@@ -270,8 +271,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (idempotent; a TP=1 engine holds no processes)."""
-        if self.executor is not None:
-            self.executor.shutdown()
+        self.executor.shutdown()
 
     def stats(self) -> dict:
         s = self.scheduler

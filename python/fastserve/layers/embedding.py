@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastserve.layers.linear import tp_rank_and_size
+from fastserve.distributed.parallel_state import tp_rank_and_size
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -20,13 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def tp_rank_and_size() -> tuple[int, int]:
-    # The whole default group is the tensor-parallel group until a distributed module
-    # defines dedicated groups (data parallel would replicate whole engines instead).
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from fastserve.distributed.parallel_state import tp_rank_and_size
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:

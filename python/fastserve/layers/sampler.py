@@ -2,7 +2,9 @@
 
     raw logits ──▶ logprobs (top-K, the sampled token's logprob and rank)   [vLLM "raw_logprobs"]
         │
-        ├─ banned (row, token) pairs → -inf   (min_tokens' EOS/stop ids, bad_words)
+        ├─ banned (row, token) pairs → -inf   (min_tokens' EOS/stop ids, bad_words, outside
+        │                                       allowed_token_ids)
+        ├─ + logit_bias
         ├─ repetition (prompt + output), frequency and presence (output) penalties
         ├─ greedy rows: argmax here
         └─ temperature → min_p → top_k → top_p → exponential race with counter-based noise
@@ -25,7 +27,7 @@ import torch
 
 _SAMPLING_EPS = 1e-5
 # Bits of the sampler state's flags pool (worker/sampler_state.py).
-_PROMPT, _BANNED, _MIN_BANNED = 1, 2, 4
+_PROMPT, _BANNED, _MIN_BANNED, _ALLOWED = 1, 2, 4, 8
 
 # splitmix64 constants as two's-complement int64 (torch has no uint64 arithmetic; int64
 # add/mul wrap modulo 2**64, so the bits equal the unsigned algorithm's).
@@ -54,11 +56,15 @@ class SamplingTensors:
     # penalized sample rows and their rows in the state's pools
     penalty_rows: torch.Tensor  # i64 [P]
     penalty_vocab_rows: torch.Tensor  # i64 [P]
-    # sample rows with static bans (bad words, min_tokens' ids), their pool rows, and
-    # whether min_tokens still holds for each
+    # sample rows with static bans (bad words, min_tokens' ids) or an allow-list, their pool
+    # rows, whether min_tokens still holds and whether an allow-list applies, for each
     ban_rows: torch.Tensor  # i64 [B]
     ban_vocab_rows: torch.Tensor  # i64 [B]
     min_tokens_active: torch.Tensor  # bool [B]
+    allow_active: torch.Tensor  # bool [B]
+    # sample rows with logit biases and their pool rows
+    bias_rows: torch.Tensor  # i64 [Bb]
+    bias_vocab_rows: torch.Tensor  # i64 [Bb]
     # (row, token) pairs banned this step (multi-token bad words)
     banned_rows: torch.Tensor  # i64 [K]
     banned_token_ids: torch.Tensor  # i64 [K]
@@ -70,7 +76,8 @@ class SamplingTensors:
     count_rows: torch.Tensor  # i64 [C]
     count_vocab_rows: torch.Tensor  # i64 [C]
     counts: torch.Tensor | None  # i32 [R, V] the state's output-token counts
-    flags: torch.Tensor | None  # u8 [R, V] the state's prompt / ban bits
+    flags: torch.Tensor | None  # u8 [R, V] the state's prompt / ban / allow bits
+    bias: torch.Tensor | None  # f32 [R, V] the state's logit biases (None until one is set)
 
     num_samples: int
     all_greedy: bool
@@ -79,7 +86,8 @@ class SamplingTensors:
     any_top_k: bool
     max_top_k: int  # max top_k over rows that use it (0 when none)
     any_min_p: bool
-    any_banned: bool  # static or per-step bans
+    any_banned: bool  # static or per-step bans, or allow-lists
+    any_bias: bool
     max_num_logprobs: int  # K of the top-K outputs
     any_logprobs: bool  # some row asked for logprobs (ranks are computed only then)
 
@@ -130,6 +138,9 @@ class SamplingTensors:
             ban_rows=i64(rows["ban_rows"]),
             ban_vocab_rows=i64(rows["ban_vocab_rows"]),
             min_tokens_active=np.asarray(rows["min_tokens_active"], dtype=np.bool_),
+            allow_active=np.asarray(rows["allow_active"], dtype=np.bool_),
+            bias_rows=i64(rows["bias_rows"]),
+            bias_vocab_rows=i64(rows["bias_vocab_rows"]),
             banned_rows=banned_rows,
             banned_token_ids=banned_ids,
             top_p_rows=top_p_rows,
@@ -149,6 +160,7 @@ class SamplingTensors:
             **tensors,
             counts=None if state is None else state.counts,
             flags=None if state is None else state.flags,
+            bias=None if state is None else state.bias,
             num_samples=s,
             all_greedy=bool(greedy.all()),
             all_random=s > 0 and bool(random.all()),
@@ -157,6 +169,7 @@ class SamplingTensors:
             max_top_k=int(top_k.max()) if s else 0,
             any_min_p=bool(uses_min_p.any()),
             any_banned=banned_rows.size > 0 or host["ban_rows"].size > 0,
+            any_bias=host["bias_rows"].size > 0,
             max_num_logprobs=max(int(num_logprobs.max()) if s else 0, 0),
             any_logprobs=bool((num_logprobs >= 0).any()),
         )
@@ -235,11 +248,13 @@ def uniform_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 
 def _apply_bans(x: torch.Tensor, st: SamplingTensors) -> None:
     """In place: -inf at each banned (row, token): the pools' static bans (bad words; the
-    min_tokens ids while a row is below min_tokens), then this step's pairs."""
+    min_tokens ids while a row is below min_tokens; outside a row's allow-list), then this
+    step's pairs."""
     if st.ban_rows.numel():
         f = st.flags.index_select(0, st.ban_vocab_rows)
         mask = (f & _BANNED) != 0
         mask |= ((f & _MIN_BANNED) != 0) & st.min_tokens_active[:, None]
+        mask |= ((f & _ALLOWED) == 0) & st.allow_active[:, None]
         x.index_copy_(0, st.ban_rows, x.index_select(0, st.ban_rows).masked_fill_(mask, float("-inf")))
     if st.banned_rows.numel():
         x.index_put_((st.banned_rows, st.banned_token_ids), torch.tensor(float("-inf"), device=x.device))
@@ -351,12 +366,15 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         """logits: [S, V] raw model logits (any float dtype); left unchanged."""
         raw = logits.to(torch.float32)
-        # Bans and penalties write in place into one copy, so `raw` survives for the logprobs.
+        # Bans, biases and penalties write in place into one copy, so `raw` survives for the
+        # logprobs (vLLM's raw_logprobs: they describe the model, not the filters).
         x = raw
-        if st.any_banned or st.any_penalties:
+        if st.any_banned or st.any_penalties or st.any_bias:
             x = raw.clone()
         if st.any_banned:
             _apply_bans(x, st)
+        if st.any_bias:
+            x.index_add_(0, st.bias_rows, st.bias.index_select(0, st.bias_vocab_rows))
         if st.any_penalties:
             _apply_penalties(x, st)
 

@@ -55,6 +55,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     spaces_between_special_tokens: bool | None = None
     include_stop_str_in_output: bool | None = None
     bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
     add_special_tokens: bool | None = None
@@ -79,9 +80,6 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
             if value is not None and len(value) > MAX_TOKEN_ID_LIST:
                 raise bad_request(f"{name} holds {len(value)} entries; at most "
                                   f"{MAX_TOKEN_ID_LIST} are allowed", name)
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by fastserve yet; remove it "
-                              "(use bad_words to ban tokens)", "logit_bias")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true",
                               "stream_options")

@@ -15,6 +15,7 @@ import msgspec
 from aiohttp import web
 
 from ..errors import RequestError
+from ..sampling_params import _FIELDS as SP_FIELDS
 from .errors import APIError, bad_request, from_validation_error, param_from_value_error
 from .metrics import ServerMetrics
 
@@ -25,12 +26,8 @@ logger = logging.getLogger("fastserve.server")
 _INLINE_ENCODE_CHARS = 8192
 
 # SamplingParams attributes a ValueError may name; each is also the request field's name
-# (chat's exceptions are passed as wire_names).
-_SP_FIELDS = ("n", "best_of", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-              "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
-              "min_tokens", "max_tokens", "ignore_eos", "skip_special_tokens",
-              "spaces_between_special_tokens", "include_stop_str_in_output", "bad_words",
-              "logprobs", "prompt_logprobs", "truncate_prompt_tokens")
+# (chat's exceptions are passed as wire_names). One list: SamplingParams' own.
+_SP_FIELDS = SP_FIELDS
 
 
 class ServerState:
@@ -119,12 +116,15 @@ def sampling_params(req, *, max_tokens: int, logprobs: int | None,
     for name in ("best_of", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "min_tokens", "ignore_eos",
                  "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
-                 "include_stop_str_in_output", "bad_words", "prompt_logprobs"):
+                 "include_stop_str_in_output", "bad_words", "prompt_logprobs", "allowed_token_ids"):
         value = getattr(req, name)
         if value is not None:
             kw[name] = value
     if req.stop is not None:
         kw["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    if req.logit_bias:
+        # OpenAI documents [-100, 100]; vLLM's server clamps to it.
+        kw["logit_bias"] = {k: min(100.0, max(-100.0, v)) for k, v in req.logit_bias.items()}
     if logprobs is not None:
         kw["logprobs"] = logprobs
     if defaults:

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 
 from fastserve.config import ModelConfig
-from fastserve.distributed.parallel_state import all_reduce_min, cpu_barrier
+from fastserve.distributed.parallel_state import all_reduce_min, cpu_barrier, tp_rank_and_size
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
-from fastserve.layers.linear import tp_rank_and_size
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import load_model
@@ -67,8 +66,6 @@ class ModelRunner:
         torch.manual_seed(args.seed)
         self.tp_rank, self.tp_size = tp_rank_and_size()
         self.num_kv_heads = model_config.get_num_kv_heads(self.tp_size)
-        # Tensor parallel driver only: broadcasts each step's Batch to the other ranks.
-        self.batch_sender = None
 
         t0 = time.perf_counter()
         self.model = load_model(model_config, args.load_format)
@@ -213,14 +210,15 @@ class ModelRunner:
             # wait costs nothing and makes the reuse safe without that argument.
             torch.cuda.current_stream(self.device).synchronize()
 
+    def check(self, batch) -> None:
+        """StepLimitError when `batch` exceeds a step buffer; the executor asks before running
+        anything (or sending it to other ranks)."""
+        self.buffers.check(batch)
+
     @torch.inference_mode()
     def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
         """prompt_logprobs_k: top-K for the batch's prompt-logprob rows (the engine knows
-        which requests asked for how many). StepLimitError, before anything runs (or is sent
-        to other ranks), when the batch exceeds a step buffer."""
-        self.buffers.check(batch)
-        if self.batch_sender is not None:
-            self.batch_sender.send(batch)
+        which requests asked for how many). The batch has passed check()."""
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
         state = self.sampler_state
@@ -247,8 +245,6 @@ class ModelRunner:
             sampled_ranks=out.sampled_ranks.cpu().numpy() if want_top else None,
             prompt_logprobs=prompt_lp,
         )
-        if self.batch_sender is not None:
-            self.batch_sender.step_open = False  # the host copies above waited for every collective
         return result
 
 

@@ -9,12 +9,14 @@ what they refer to:
 - scalars per slot (temperature, top-p/k, min-p, penalties, seed, logprobs, min_tokens) in
   host numpy arrays: a step gathers its rows with one fancy index each and moves them in the
   one staged copy it already makes (a gather on the device would be a kernel per field);
-- per-vocabulary state on the device, only for sequences that need it (penalties or bans),
-  in a pool of rows: `counts` int32 [R, V] output-token counts (updated from each step's
-  sampled ids, on the device, so a penalized step re-sends nothing and rebuilds no count
-  tensor), and `flags` uint8 [R, V] (bit 0: a prompt token, for the repetition penalty;
-  bit 1: a single-token bad word; bit 2: banned while below min_tokens). The pool doubles
-  when more sequences need rows than it has; rows of released slots are reused.
+- per-vocabulary state on the device, only for sequences that need it (penalties, bans,
+  logit biases or an allow-list), in a pool of rows: `counts` int32 [R, V] output-token
+  counts (updated from each step's sampled ids, on the device, so a penalized step re-sends
+  nothing and rebuilds no count tensor), `flags` uint8 [R, V] (bit 0: a prompt token, for
+  the repetition penalty; bit 1: a single-token bad word; bit 2: banned while below
+  min_tokens; bit 3: in the allow-list), and `bias` float32 [R, V] (created when a sequence
+  first has logit biases). The pool doubles when more sequences need rows than it has; rows
+  of released slots are reused.
 
 Capacity: slots index the scheduler's sequence table, which grows with the live sequences
 (n > 1 forks add them), so the scalar arrays grow too (doubling); nothing here is sized from
@@ -26,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fastserve.layers.sampler import _BANNED, _MIN_BANNED, _PROMPT
+from fastserve.layers.sampler import _ALLOWED, _BANNED, _MIN_BANNED, _PROMPT
 
 # (Batch column, per-slot array, dtype, value of an unused slot)
 _SCALARS = (
@@ -58,10 +60,13 @@ class SamplerState:
             setattr(self, name, np.zeros(0, dtype=dtype))
         self.has_penalties = np.zeros(0, dtype=bool)
         self.has_bans = np.zeros(0, dtype=bool)
+        self.has_bias = np.zeros(0, dtype=bool)
+        self.has_allow = np.zeros(0, dtype=bool)
         self.vocab_row = np.zeros(0, dtype=np.int64)  # pool row per slot, -1: none
         self._grow_slots(capacity)
         self.counts = torch.zeros((rows, vocab_size), dtype=torch.int32, device=self.device)
         self.flags = torch.zeros((rows, vocab_size), dtype=torch.uint8, device=self.device)
+        self.bias: torch.Tensor | None = None
         self._free_rows = list(range(rows - 1, -1, -1))
 
     # -- capacity ---------------------------------------------------------------------------
@@ -77,6 +82,8 @@ class SamplerState:
             setattr(self, name, new)
         self.has_penalties = np.concatenate([self.has_penalties, np.zeros(cap - self.capacity, dtype=bool)])
         self.has_bans = np.concatenate([self.has_bans, np.zeros(cap - self.capacity, dtype=bool)])
+        self.has_bias = np.concatenate([self.has_bias, np.zeros(cap - self.capacity, dtype=bool)])
+        self.has_allow = np.concatenate([self.has_allow, np.zeros(cap - self.capacity, dtype=bool)])
         self.vocab_row = np.concatenate([self.vocab_row, np.full(cap - self.capacity, -1, dtype=np.int64)])
         self.capacity = cap
 
@@ -86,6 +93,8 @@ class SamplerState:
             rows = max(2 * old, old + count)
             self.counts = torch.cat([self.counts, self.counts.new_zeros((rows - old, self.vocab_size))])
             self.flags = torch.cat([self.flags, self.flags.new_zeros((rows - old, self.vocab_size))])
+            if self.bias is not None:
+                self.bias = torch.cat([self.bias, self.bias.new_zeros((rows - old, self.vocab_size))])
             self._free_rows = list(range(rows - 1, old - 1, -1)) + self._free_rows
         taken = [self._free_rows.pop() for _ in range(count)]
         return np.asarray(taken, dtype=np.int64)
@@ -112,8 +121,12 @@ class SamplerState:
                | (self.repetition_penalty[slots] != 1))
         self.has_penalties[slots] = pen
         bans = np.diff(batch.new_ban_offsets) + np.diff(batch.new_min_ban_offsets) > 0
+        bias = np.diff(batch.new_bias_offsets) > 0
+        allow = np.diff(batch.new_allow_offsets) > 0
         self.has_bans[slots] = bans
-        need = pen | bans
+        self.has_bias[slots] = bias
+        self.has_allow[slots] = allow
+        need = pen | bans | bias | allow
         # A slot sent again (after a refused step) keeps its row; one that needs none frees it.
         old = self.vocab_row[slots]
         drop = (old >= 0) & ~need
@@ -126,13 +139,21 @@ class SamplerState:
         rows = torch.from_numpy(self.vocab_row[slots[need]]).to(self.device)
         self.counts.index_fill_(0, rows, 0)
         self.flags.index_fill_(0, rows, 0)
+        if bias.any() and self.bias is None:
+            self.bias = torch.zeros(self.counts.shape, dtype=torch.float32, device=self.device)
+        if self.bias is not None:
+            self.bias.index_fill_(0, rows, 0)
         row_of_new = self.vocab_row[slots]  # -1 where not needed (those have no entries)
         self._scatter(row_of_new, batch.new_output_offsets, batch.new_output_token_ids, None)
         self._scatter(row_of_new, batch.new_prompt_offsets, batch.new_prompt_token_ids, _PROMPT)
         self._scatter(row_of_new, batch.new_ban_offsets, batch.new_ban_token_ids, _BANNED)
         self._scatter(row_of_new, batch.new_min_ban_offsets, batch.new_min_ban_token_ids, _MIN_BANNED)
+        self._scatter(row_of_new, batch.new_allow_offsets, batch.new_allow_token_ids, _ALLOWED)
+        self._scatter(row_of_new, batch.new_bias_offsets, batch.new_bias_token_ids, None, batch.new_bias_values)
 
-    def _scatter(self, row_of_new: np.ndarray, offsets, token_ids, bit: int | None) -> None:
+    def _scatter(self, row_of_new: np.ndarray, offsets, token_ids, bit: int | None, values=None) -> None:
+        """Per-token state of new sequences: a flag bit, bias values (`values`), or, with
+        neither, output-token counts."""
         ids = np.asarray(token_ids, dtype=np.int64)
         if not ids.size:
             return
@@ -141,7 +162,10 @@ class SamplerState:
         keep = (ids < self.vocab_size) & (rows >= 0)
         rows_t = torch.from_numpy(rows[keep]).to(self.device)
         ids_t = torch.from_numpy(ids[keep]).to(self.device)
-        if bit is None:
+        if values is not None:
+            vals = torch.from_numpy(np.asarray(values, dtype=np.float32)[keep]).to(self.device)
+            self.bias.index_put_((rows_t, ids_t), vals, accumulate=True)
+        elif bit is None:
             self.counts.index_put_((rows_t, ids_t), torch.ones_like(ids_t, dtype=torch.int32), accumulate=True)
         else:
             self.flags[rows_t, ids_t] |= bit
@@ -160,10 +184,14 @@ class SamplerState:
         pen = np.flatnonzero(self.has_penalties[slots] & (vrow >= 0))
         out["penalty_rows"] = pen
         out["penalty_vocab_rows"] = vrow[pen]
-        ban = np.flatnonzero(self.has_bans[slots] & (vrow >= 0))
+        ban = np.flatnonzero((self.has_bans[slots] | self.has_allow[slots]) & (vrow >= 0))
         out["ban_rows"] = ban
         out["ban_vocab_rows"] = vrow[ban]
         out["min_tokens_active"] = steps[ban] < out["min_tokens"][ban]
+        out["allow_active"] = self.has_allow[slots][ban]
+        bias = np.flatnonzero(self.has_bias[slots] & (vrow >= 0))
+        out["bias_rows"] = bias
+        out["bias_vocab_rows"] = vrow[bias]
         out["banned_rows"] = np.asarray(batch.banned_rows, dtype=np.int64)
         out["banned_token_ids"] = np.asarray(batch.banned_token_ids, dtype=np.int64)
         # Forked children's first tokens are recorded in their own slots' state (sent with
@@ -202,7 +230,9 @@ class SamplerState:
             new_output_offsets=rows.output_offsets if pen else zeros,
             new_output_token_ids=rows.output_token_ids if pen else empty,
             new_ban_offsets=zeros, new_ban_token_ids=empty, new_min_ban_offsets=zeros,
-            new_min_ban_token_ids=empty, freed_seq_slots=np.zeros(0, dtype=np.int32),
+            new_min_ban_token_ids=empty, new_bias_offsets=zeros, new_bias_token_ids=empty,
+            new_bias_values=np.zeros(0, dtype=np.float32), new_allow_offsets=zeros, new_allow_token_ids=empty,
+            freed_seq_slots=np.zeros(0, dtype=np.int32),
             sample_seq_slots=np.arange(s, dtype=np.int32), sample_steps=rows.sample_steps,
             fork_sample_rows=empty, fork_seeds=empty,
             banned_rows=rows.banned_rows, banned_token_ids=rows.banned_token_ids,
