@@ -291,13 +291,12 @@ def test_finish_reasons_stop_ids_eos_length():
     assert s.num_free_blocks == s.num_total_blocks
 
 
-def test_min_tokens_bans_and_defers_stop():
+def test_min_tokens_bans_stop_ids():
     s = make()
     s.add_request("m", [5, 6, 7], RequestParams(max_tokens=10, min_tokens=3, stop_token_ids=[77, 78]))
     banned = []
-    # As in vLLM: the sampler bans stop ids while fewer than min_tokens outputs exist, and the
-    # scheduler ignores them until the output count reaches min_tokens.
-    for tok in (EOS, 77, 5):
+    # As in vLLM: the sampler bans EOS and stop ids while fewer than min_tokens outputs exist.
+    for tok in (5, 6, 7):
         b = s.schedule()
         banned.append(sorted(zip(b.banned_rows.tolist(), b.banned_token_ids.tolist())))
         (o,) = s.update(np.array([tok], dtype=np.int64))
@@ -307,6 +306,27 @@ def test_min_tokens_bans_and_defers_stop():
     assert b.banned_rows.shape == (0,)
     (o,) = s.update(np.array([78], dtype=np.int64))
     assert (o.finish_reason, o.stop_reason, o.new_token_ids) == ("stop", 78, [78])
+
+
+def test_eos_and_stop_ids_end_even_below_min_tokens():
+    # vLLM's check_stop: a stop id that was sampled anyway (only a grammar allowing nothing
+    # else makes the sampler pick a banned id) ends the sequence; so does EOS.
+    for tok, reason in ((77, 77), (EOS, None)):
+        s = make()
+        s.add_request("m", [5, 6, 7], RequestParams(max_tokens=10, min_tokens=5, stop_token_ids=[77]))
+        s.schedule()
+        (o,) = s.update(np.array([tok], dtype=np.int64))
+        assert (o.finish_reason, o.stop_reason) == ("stop", reason)
+
+
+def test_eos_on_the_last_allowed_token_is_stop_not_length():
+    s = make()
+    s.add_request("m", [5, 6, 7], RequestParams(max_tokens=2))
+    s.schedule()
+    s.update(np.array([9], dtype=np.int64))
+    s.schedule()
+    (o,) = s.update(np.array([EOS], dtype=np.int64))
+    assert (o.finish_reason, o.stop_reason) == ("stop", None)
 
 
 def test_min_tokens_with_ignore_eos_bans_only_stop_ids():

@@ -54,6 +54,10 @@ pub struct RequestParams {
     /// kind): update() then hands Python nothing for them on the other steps.
     #[pyo3(get)]
     pub final_only: bool,
+    /// A grammar constrains this request's tokens (structured outputs): the engine asks for
+    /// its sample rows each step (`Scheduler.pending_structured_samples`) to mask them.
+    #[pyo3(get)]
+    pub structured_output: bool,
 }
 
 impl Default for RequestParams {
@@ -81,6 +85,7 @@ impl Default for RequestParams {
             logprobs: None,
             prompt_logprobs: None,
             final_only: false,
+            structured_output: false,
         }
     }
 }
@@ -139,7 +144,7 @@ impl RequestParams {
         seed = None, stop = vec![], stop_token_ids = vec![], bad_words_token_ids = vec![],
         ignore_eos = false, include_stop_str_in_output = false, skip_special_tokens = true,
         spaces_between_special_tokens = true, detokenize = true, logprobs = None,
-        prompt_logprobs = None, final_only = false
+        prompt_logprobs = None, final_only = false, structured_output = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -165,6 +170,7 @@ impl RequestParams {
         logprobs: Option<u32>,
         prompt_logprobs: Option<u32>,
         final_only: bool,
+        structured_output: bool,
     ) -> PyResult<Self> {
         let p = RequestParams {
             n,
@@ -189,6 +195,7 @@ impl RequestParams {
             logprobs,
             prompt_logprobs,
             final_only,
+            structured_output,
         };
         p.validate().map_err(PyValueError::new_err)?;
         Ok(p)
