@@ -12,6 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from fastserve.structured_outputs.params import StructuredOutputsParams
+
+__all__ = ["SamplingParams", "StructuredOutputsParams"]
+
 # vLLM's bounds: below _SAMPLING_EPS a temperature means greedy; between it and _MAX_TEMP vLLM
 # raises the temperature to _MAX_TEMP because logits / t overflows to inf/nan in half precision.
 _SAMPLING_EPS = 1e-5
@@ -41,6 +45,7 @@ _FIELDS = (
     "spaces_between_special_tokens",
     "include_stop_str_in_output",
     "truncate_prompt_tokens",
+    "structured_outputs",
 )
 
 
@@ -134,6 +139,8 @@ class SamplingParams:
     min_tokens / logprobs / prompt_logprobs / detokenize / skip_special_tokens /
     spaces_between_special_tokens / include_stop_str_in_output / truncate_prompt_tokens: as in
     vLLM.
+    structured_outputs: a StructuredOutputsParams (json schema, regex, choice, grammar,
+        json_object or structural_tag) the output must match, enforced with xgrammar.
     """
 
     __slots__ = _FIELDS
@@ -163,6 +170,7 @@ class SamplingParams:
         spaces_between_special_tokens: bool = True,
         include_stop_str_in_output: bool = False,
         truncate_prompt_tokens: int | None = None,
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> None:
         self.n = _int("n", n)
         self.best_of = _int("best_of", best_of, optional=True)
@@ -201,6 +209,15 @@ class SamplingParams:
         self.truncate_prompt_tokens = _int(
             "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
         )
+        if structured_outputs is not None and not isinstance(
+            structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams (from "
+                "fastserve.sampling_params import StructuredOutputsParams), got "
+                f"{type(structured_outputs).__name__}."
+            )
+        self.structured_outputs = structured_outputs
 
         self._verify_args()
         if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
@@ -385,6 +402,7 @@ class SamplingParams:
             logprobs=self.logprobs,
             prompt_logprobs=self.prompt_logprobs,
             final_only=final_only,
+            structured_output=self.structured_outputs is not None,
         )
 
     def clone(self) -> SamplingParams:
@@ -416,7 +434,8 @@ class SamplingParams:
 
     def __setstate__(self, state: dict) -> None:
         for f in _FIELDS:
-            object.__setattr__(self, f, state[f])
+            # Pickles made before a field existed get its default.
+            object.__setattr__(self, f, state.get(f))
 
 
 def _vocab_size(tokenizer: Any) -> int | None:

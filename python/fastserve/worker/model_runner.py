@@ -232,15 +232,18 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).synchronize()
 
     @torch.inference_mode()
-    def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
+    def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None) -> StepResult:
         """prompt_logprobs_k: top-K for the batch's prompt-logprob rows (the engine knows
-        which requests asked for how many)."""
+        which requests asked for how many). grammar: the step's structured-outputs rows
+        (structured_outputs.manager.StepGrammar) or None; its bitmask is filled here, after
+        the forward pass (or graph replay) was launched, so the host work overlaps the GPU."""
         if self.batch_sender is not None:
             self.batch_sender.send(batch)
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
         st = SamplingTensors.from_batch(batch, self.device, self.vocab_size, self.sampling_staging)
-        out = self.sampler(logits, st)
+        token_mask = grammar.fill(self.device) if grammar is not None else None
+        out = self.sampler(logits, st, token_mask)
 
         prompt_lp = None
         if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
