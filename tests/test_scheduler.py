@@ -458,3 +458,32 @@ def test_detokenize_and_stop_string_with_real_tokenizer():
     s.schedule()
     (o,) = s.update(np.array([eos], dtype=np.int64))
     assert (o.finish_reason, o.stop_reason) == ("stop", None)
+
+
+@pytest.mark.skipif(not hasattr(_core, "Tokenizer"), reason="needs the Rust Tokenizer (tokenizer branch)")
+@pytest.mark.parametrize("final_only", [False, True])
+def test_stop_token_text_is_left_out_unless_asked_for(final_only):
+    # vLLM: the EOS / stop token that ends a sequence is not part of its text, unless
+    # include_stop_str_in_output (then it is, like a stop string would be).
+    tok = _core.Tokenizer(str(SHARED_MODELS / "llama3-tokenizer"))
+    s = Scheduler(num_blocks=64, max_model_len=256, block_size=4, tokenizer=tok, eos_token_ids=[])
+    gen = tok.encode(" forty two.", add_special_tokens=False)
+    dot = gen[-1]
+    prompt = tok.encode("The answer is", add_special_tokens=False)
+    s.add_request("cut", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], final_only=final_only))
+    s.add_request("kept", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], include_stop_str_in_output=True,
+                                                final_only=final_only))
+    text = {"cut": "", "kept": ""}
+    fin = {}
+    for t in gen:
+        b = s.schedule()
+        out = s.update(np.array([t] * b.num_samples, dtype=np.int64))
+        if not final_only:
+            for o in out:
+                text[o.request_id] += o.text_delta
+        for f in out.finished:
+            fin[f.request_id] = f
+            if final_only:
+                text[f.request_id] = f.text
+    assert {k: (f.finish_reason, f.stop_reason) for k, f in fin.items()} == {"cut": ("stop", dot), "kept": ("stop", dot)}
+    assert text == {"cut": " forty two", "kept": " forty two."}

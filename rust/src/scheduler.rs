@@ -1042,9 +1042,14 @@ impl Scheduler {
             seq.first_token_time = now;
         }
         let start = res.text.len();
+        let is_eos = !p.ignore_eos && self.eos.contains(&tok);
+        let is_stop_id = p.has_stop_ids && req_ref(&self.requests, seq.req).stop_ids.contains(&tok);
+        // vLLM leaves the EOS or stop token that ends a sequence out of its text (unless
+        // include_stop_str_in_output), so it can neither show up nor complete a stop string.
+        let skip_text = (is_eos || is_stop_id) && !req_ref(&self.requests, seq.req).params.include_stop_str_in_output;
         let matched = match seq.detok.as_mut() {
-            Some(d) => d.push_into(tok, &mut res.text).is_some(),
-            None => false,
+            Some(d) if !skip_text => d.push_into(tok, &mut res.text).is_some(),
+            _ => false,
         };
         let may_stop = nout >= p.min_tokens as usize;
         // vLLM's precedence (v1 check_stop, then the detokenizer's stop strings): a stop
@@ -1055,10 +1060,10 @@ impl Scheduler {
         let (finish, stop_reason) = if may_stop && matched {
             let text = seq.detok.as_ref().and_then(|d| d.stop_reason()).unwrap_or_default().to_owned();
             (Some(FinishReason::Stop), StopReason::Text(text))
-        } else if !p.ignore_eos && self.eos.contains(&tok) {
+        } else if is_eos {
             let reason = if self.primary_eos == Some(tok) { StopReason::None } else { StopReason::TokenId(tok) };
             (Some(FinishReason::Stop), reason)
-        } else if p.has_stop_ids && req_ref(&self.requests, seq.req).stop_ids.contains(&tok) {
+        } else if is_stop_id {
             (Some(FinishReason::Stop), StopReason::TokenId(tok))
         } else if nout >= p.max_tokens as usize || seq.tokens.len() >= self.cfg.max_model_len {
             (Some(FinishReason::Length), StopReason::None)
@@ -1082,7 +1087,10 @@ impl Scheduler {
                 stop_reason,
                 // A streamed sequence's text went out as deltas: only a final-only one needs it.
                 text: match &seq.detok {
-                    Some(d) if p.final_only => d.replay(&seq.tokens[..seq.num_prompt], seq.outputs(), true),
+                    Some(d) if p.final_only => {
+                        let outs = seq.outputs();
+                        d.replay(&seq.tokens[..seq.num_prompt], &outs[..outs.len() - skip_text as usize], true)
+                    }
                     _ => String::new(),
                 },
                 token_ids: seq.outputs().to_vec(),
