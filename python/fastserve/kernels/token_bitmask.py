@@ -29,7 +29,6 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     """In place. logits [S, V] (any float dtype, last dim contiguous); bitmask int32
     [C, >= ceil(V / 32)]; rows int32/int64 [C], distinct, in [0, S)."""
     require(logits.dim() == 2, "logits", f"must be [S, V], got {tuple(logits.shape)}")
-    require_cuda_or_interpret(logits, "logits")
     require(logits.stride(-1) == 1, "logits", "last dimension must be contiguous")
     require(bitmask.dtype == torch.int32 and bitmask.dim() == 2, "bitmask",
             f"must be int32 [C, W], got {bitmask.dtype} {tuple(bitmask.shape)}")
@@ -39,6 +38,7 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch
     require_int_dtype(rows, "rows")
     require(rows.dim() == 1 and rows.shape[0] == bitmask.shape[0], "rows",
             f"must be [C] with C = {bitmask.shape[0]} bitmask rows, got {tuple(rows.shape)}")
+    require_cuda_or_interpret(logits, "logits")
     c = rows.shape[0]
     if c == 0 or v == 0:
         return
