@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU correctness tests, then the throughput benchmarks; results under $OUT.
 # Expects python/fastserve/_core.abi3.so (built here as an abi3 wheel) and .devcarry/ with the
-# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|llama|all]
+# tokenizers carried along. Usage: bash bench/gpu_run.sh [tests|bench|llama|all|structured]
 # (llama: the tests and the two Llama-3-8B benchmarks)
 set -uo pipefail
 what=${1:-all}
@@ -16,6 +16,15 @@ done
 python3 bench/device_info.py > "$OUT/device.json"
 # Result files are named for the GPU (h100, h200, ...) so one card's results never replace another's.
 gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name().lower(); print(next((g for g in ('h100', 'h200', 'a100', 'l40s') if g in n), 'gpu'))")
+if [ "$what" = structured ]; then
+  # Structured outputs: xgrammar and jsonschema from wheels carried in .whl-structured/ (the box
+  # has no internet; pip takes what is missing, torch/transformers/triton stay as installed).
+  python3 -m pip install -q --no-index --find-links .whl-structured xgrammar==0.2.8 jsonschema 2>&1 | tail -n 3
+  timeout 500 python3 -m pytest -q -p no:cacheprovider tests/test_structured_outputs.py -s 2>&1 | tail -n 30
+  python3 bench/structured_outputs.py --model bench/configs/llama3-8b --num-prompts 256 --input-len 256 \
+      --output-len 256 --info "$OUT/device.json" --out "$OUT/structured-outputs-llama3-8b-$gpu.json" 2>&1 | tail -n 6
+  exit 0
+fi
 if [ "$what" != bench ]; then
   timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_gpu_engine.py tests/test_staging.py \
       tests/test_sampler.py tests/test_step_outputs.py -s 2>&1 | tail -n 30

