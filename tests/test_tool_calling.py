@@ -179,3 +179,19 @@ def test_bad_requests_are_400s_naming_the_field(client, body, param):
     assert e.value.body["param"] == param, e.value.body
     # the engine lives on
     assert client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=2).choices[0].message.content
+
+
+def test_vllm_response_extras(client):
+    """return_token_ids, return_prompt_text, request_id and truncation_side change the answer,
+    so they are honoured (not ignored)."""
+    r = client.chat.completions.create(model="smol", messages=QUESTION, max_tokens=3, temperature=0, extra_body={
+        "return_token_ids": True, "return_prompt_text": True, "request_id": "abc123"})
+    assert r.id == "chatcmpl-abc123"
+    assert r.model_extra["prompt_text"].endswith("<|im_start|>assistant\n")
+    assert len(r.model_extra["prompt_token_ids"]) == r.usage.prompt_tokens
+    assert len(r.choices[0].model_extra["token_ids"]) == r.usage.completion_tokens
+    kw = dict(model="smol", prompt="one two three four five six", max_tokens=1, temperature=0, logprobs=0, echo=True)
+    left = client.completions.create(**kw, extra_body={"truncate_prompt_tokens": 2})
+    right = client.completions.create(**kw, extra_body={"truncate_prompt_tokens": 2, "truncation_side": "right"})
+    assert left.choices[0].logprobs.tokens[:2] == [" five", " six"]
+    assert right.choices[0].logprobs.tokens[:2] == ["one", " two"]

@@ -86,6 +86,8 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     repetition_detection: dict[str, Any] | None = None
     watermarking: Any = None
     prompt_embeds: Any = None
+    audio: Any = None
+    modalities: Any = None
 
     def structured_output_fields(self) -> dict[str, Any]:
         return {"response_format": self.response_format, "structured_outputs": self.structured_outputs,
@@ -149,6 +151,8 @@ _UNSUPPORTED = (
     ("repetition_detection", lambda v: v is not None, "no repetition detection"),
     ("watermarking", lambda v: bool(v), "no watermarking"),
     ("prompt_embeds", lambda v: v is not None, "prompts are text or token ids"),
+    ("audio", lambda v: v is not None, "text output only"),
+    ("modalities", lambda v: v is not None and list(v) != ["text"], "text output only"),
 )
 
 PromptItem = Union[str, int, list[int]]
@@ -275,6 +279,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     documents: list[dict[str, Any]] | None = None
     echo: bool = False
     thinking_token_budget: Any = None
+    return_prompt_text: bool | None = None
     # OpenAI's deprecated function calling: refused with a pointer to tools.
     functions: Any = None
     function_call: Any = None

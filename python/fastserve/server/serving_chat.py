@@ -166,7 +166,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         stream = await primed(gen)
         if req.stream:
             return await _streamed(request, req, tok, parser_cls, tools, request_id, created, model,
-                                   stream, ids, top_k, state.reasoning_parser is not None)
+                                   stream, ids, top_k, state.reasoning_parser is not None, text)
         final = None
         async for out in stream:
             final = out
@@ -198,11 +198,12 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
             "choices": choices, "service_tier": None, "system_fingerprint": None,
             "usage": usage(len(ids), completion_tokens, getattr(final, "num_cached_tokens", None)),
             "prompt_logprobs": prompt_logprobs_json(final),
-            "prompt_token_ids": list(ids) if req.return_token_ids else None})
+            "prompt_token_ids": list(ids) if req.return_token_ids else None,
+            "prompt_text": text if req.return_prompt_text else None})
 
 
 async def _streamed(request, req, tok, parser_cls, tools, request_id, created, model, stream,
-                    prompt_ids, top_k, with_reasoning_content: bool):
+                    prompt_ids, top_k, with_reasoning_content: bool, prompt_text: str):
     num_prompt_tokens = len(prompt_ids)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
@@ -228,6 +229,8 @@ async def _streamed(request, req, tok, parser_cls, tools, request_id, created, m
         c = {**base, "choices": [choice]}
         if req.return_token_ids and first_chunk:
             c["prompt_token_ids"] = list(prompt_ids)
+        if req.return_prompt_text and first_chunk:
+            c["prompt_text"] = prompt_text
         first_chunk = False
         if include_usage:  # OpenAI: null on every chunk but the last, unless continuous
             c["usage"] = usage(num_prompt_tokens, sum(sent_tokens.values())) \
