@@ -4,7 +4,7 @@
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
 #   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench crash throughput
-#                                    penalties
+#                                    penalties structured
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown} NCCL_NVLS_ENABLE=0
@@ -50,6 +50,13 @@ for stage in "$@"; do
       --out "$OUT/penalties-llama3-8b-$gpu.json"
     PYTHONPATH=$PWD/.base/python:$PWD/tests:/tmp/site TAIL=3 run timeout 280 python3 bench/penalties.py --model $L8 \
       --label base --info "$OUT/device.json" --out "$OUT/penalties-llama3-8b-base-$gpu.json" ;;
+  structured)
+    # xgrammar and jsonschema from wheels carried in .whl-structured/ (the box has no
+    # internet; pip takes what is missing, torch/transformers/triton stay as installed).
+    python3 -m pip install -q --no-index --find-links .whl-structured xgrammar==0.2.8 jsonschema 2>&1 | tail -n 3
+    TAIL=30 run timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_structured_outputs.py --tb=line
+    TAIL=6 run timeout 300 python3 bench/structured_outputs.py --model $L8 --num-prompts 256 --input-len 256 \
+      --output-len 256 --info "$OUT/device.json" --out "$OUT/structured-outputs-llama3-8b-$gpu.json" ;;
   *) echo "unknown stage $stage" ;;
   esac
 done

@@ -321,16 +321,15 @@ def test_finish_reasons_stop_ids_eos_length():
     assert s.num_free_blocks == s.num_total_blocks
 
 
-def test_min_tokens_bans_and_defers_stop():
+def test_min_tokens_bans_stop_ids():
     from fastserve.worker.sampler_state import SamplerState
 
     state = SamplerState("cpu", 1000)
     s = make()
     s.add_request("m", [5, 6, 7], RequestParams(max_tokens=10, min_tokens=3, stop_token_ids=[77, 78]))
     banned = []
-    # As in vLLM: the sampler bans stop ids while fewer than min_tokens outputs exist, and the
-    # scheduler ignores them until the output count reaches min_tokens.
-    for tok in (EOS, 77, 5):
+    # As in vLLM: the sampler bans EOS and stop ids while fewer than min_tokens outputs exist.
+    for tok in (5, 6, 7):
         b = s.schedule()
         banned.append(worker_bans(state, b))
         (o,) = s.update(np.array([tok], dtype=np.int64))
@@ -340,6 +339,27 @@ def test_min_tokens_bans_and_defers_stop():
     assert worker_bans(state, b) == []
     (o,) = s.update(np.array([78], dtype=np.int64))
     assert (o.finish_reason, o.stop_reason, o.new_token_ids) == ("stop", 78, [78])
+
+
+def test_eos_and_stop_ids_end_even_below_min_tokens():
+    # vLLM's check_stop: a stop id that was sampled anyway (only a grammar allowing nothing
+    # else makes the sampler pick a banned id) ends the sequence; so does EOS.
+    for tok, reason in ((77, 77), (EOS, None)):
+        s = make()
+        s.add_request("m", [5, 6, 7], RequestParams(max_tokens=10, min_tokens=5, stop_token_ids=[77]))
+        s.schedule()
+        (o,) = s.update(np.array([tok], dtype=np.int64))
+        assert (o.finish_reason, o.stop_reason) == ("stop", reason)
+
+
+def test_eos_on_the_last_allowed_token_is_stop_not_length():
+    s = make()
+    s.add_request("m", [5, 6, 7], RequestParams(max_tokens=2))
+    s.schedule()
+    s.update(np.array([9], dtype=np.int64))
+    s.schedule()
+    (o,) = s.update(np.array([EOS], dtype=np.int64))
+    assert (o.finish_reason, o.stop_reason) == ("stop", None)
 
 
 def test_min_tokens_with_ignore_eos_bans_only_stop_ids():
@@ -492,3 +512,32 @@ def test_detokenize_and_stop_string_with_real_tokenizer():
     s.schedule()
     (o,) = s.update(np.array([eos], dtype=np.int64))
     assert (o.finish_reason, o.stop_reason) == ("stop", None)
+
+
+@pytest.mark.skipif(not hasattr(_core, "Tokenizer"), reason="needs the Rust Tokenizer (tokenizer branch)")
+@pytest.mark.parametrize("final_only", [False, True])
+def test_stop_token_text_is_left_out_unless_asked_for(final_only):
+    # vLLM: the EOS / stop token that ends a sequence is not part of its text, unless
+    # include_stop_str_in_output (then it is, like a stop string would be).
+    tok = _core.Tokenizer(str(SHARED_MODELS / "llama3-tokenizer"))
+    s = Scheduler(num_blocks=64, max_model_len=256, block_size=4, tokenizer=tok, eos_token_ids=[])
+    gen = tok.encode(" forty two.", add_special_tokens=False)
+    dot = gen[-1]
+    prompt = tok.encode("The answer is", add_special_tokens=False)
+    s.add_request("cut", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], final_only=final_only))
+    s.add_request("kept", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], include_stop_str_in_output=True,
+                                                final_only=final_only))
+    text = {"cut": "", "kept": ""}
+    fin = {}
+    for t in gen:
+        b = s.schedule()
+        out = s.update(np.array([t] * b.num_samples, dtype=np.int64))
+        if not final_only:
+            for o in out:
+                text[o.request_id] += o.text_delta
+        for f in out.finished:
+            fin[f.request_id] = f
+            if final_only:
+                text[f.request_id] = f.text
+    assert {k: (f.finish_reason, f.stop_reason) for k, f in fin.items()} == {"cut": ("stop", dot), "kept": ("stop", dot)}
+    assert text == {"cut": " forty two", "kept": " forty two."}

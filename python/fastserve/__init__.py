@@ -10,9 +10,10 @@ _LAZY = {
     "SamplingParams": ("fastserve.sampling_params", "SamplingParams"),
     "RequestOutput": ("fastserve.outputs", "RequestOutput"),
     "CompletionOutput": ("fastserve.outputs", "CompletionOutput"),
+    "StructuredOutputsParams": ("fastserve.sampling_params", "StructuredOutputsParams"),
 }
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "__version__"]
 
 
 def __getattr__(name):

@@ -109,10 +109,13 @@ class RequestParams:
         final_only: bool = False,
         vocab_bias: Sequence[tuple[int, float]] = (),
         vocab_allow: Sequence[int] = (),
+        structured_output: bool = False,
     ) -> None:
         """`n` here is the number of sequences to run (best_of when set); top_k <= 0 is off.
         final_only: report the request's sequences only when they finish (vLLM's FINAL_ONLY
-        output kind), with their whole text, instead of a row per step."""
+        output kind), with their whole text, instead of a row per step.
+        structured_output: a grammar constrains the request (see
+        Scheduler.pending_structured_samples)."""
 
 class Batch:
     """One step's work. Sequences are rows 0..num_seqs; decodes (query length 1) come first,
@@ -272,6 +275,10 @@ class Scheduler:
         """One sampled id per sample row of the last Batch. Appends, detokenizes, checks
         stop strings / stop ids / EOS / max_tokens / max_model_len, frees finished blocks.
         `now` stamps each sequence's first token (FinishedOutput.first_token_time)."""
+    def pending_structured_samples(self) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32]]:
+        """(sample rows [C], sample indices [C]) of the pending batch's grammar-constrained
+        requests, in sample-row order (a prompt finishing for n > 1 gives indices 0..n);
+        Batch.sample_request_id(row) names each row's request. Empty without a pending batch."""
     def has_unfinished(self) -> bool: ...
     @property
     def num_running(self) -> int: ...

@@ -12,6 +12,10 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from fastserve.structured_outputs.params import StructuredOutputsParams
+
+__all__ = ["SamplingParams", "StructuredOutputsParams"]
+
 # vLLM's bounds: below _SAMPLING_EPS a temperature means greedy; between it and _MAX_TEMP vLLM
 # raises the temperature to _MAX_TEMP because logits / t overflows to inf/nan in half precision.
 _SAMPLING_EPS = 1e-5
@@ -43,6 +47,7 @@ _FIELDS = (
     "truncate_prompt_tokens",
     "logit_bias",
     "allowed_token_ids",
+    "structured_outputs",
 )
 
 
@@ -159,6 +164,8 @@ class SamplingParams:
     logit_bias: {token id: bias} added to the logits before sampling (OpenAI's; the reported
         logprobs stay the model's raw ones, as in vLLM).
     allowed_token_ids: when set, the only tokens that may be sampled (vLLM's).
+    structured_outputs: a StructuredOutputsParams (json schema, regex, choice, grammar,
+        json_object or structural_tag) the output must match, enforced with xgrammar.
     """
 
     __slots__ = _FIELDS
@@ -190,6 +197,7 @@ class SamplingParams:
         truncate_prompt_tokens: int | None = None,
         logit_bias: dict[int, float] | None = None,
         allowed_token_ids: Sequence[int] | None = None,
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> None:
         self.n = _int("n", n)
         self.best_of = _int("best_of", best_of, optional=True)
@@ -234,6 +242,15 @@ class SamplingParams:
         )
         if self.allowed_token_ids == []:
             raise ValueError("allowed_token_ids must not be empty: leave it out to allow every token.")
+        if structured_outputs is not None and not isinstance(
+            structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams (from "
+                "fastserve.sampling_params import StructuredOutputsParams), got "
+                f"{type(structured_outputs).__name__}."
+            )
+        self.structured_outputs = structured_outputs
 
         self._verify_args()
         if 0 < self.temperature < _MAX_TEMP and self.temperature >= _SAMPLING_EPS:
@@ -420,6 +437,7 @@ class SamplingParams:
             final_only=final_only,
             vocab_bias=sorted(self.logit_bias.items()) if self.logit_bias else [],
             vocab_allow=list(self.allowed_token_ids or []),
+            structured_output=self.structured_outputs is not None,
         )
 
     def clone(self) -> SamplingParams:
@@ -451,7 +469,8 @@ class SamplingParams:
 
     def __setstate__(self, state: dict) -> None:
         for f in _FIELDS:
-            object.__setattr__(self, f, state[f])
+            # Pickles made before a field existed get its default.
+            object.__setattr__(self, f, state.get(f))
 
 
 def _vocab_size(tokenizer: Any) -> int | None:

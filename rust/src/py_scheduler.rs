@@ -1,7 +1,7 @@
 //! The Python-facing `Scheduler`: argument conversion and error mapping around
 //! `scheduler::Scheduler`, nothing else.
 
-use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyString;
@@ -154,6 +154,14 @@ impl Scheduler {
         .map_err(PyValueError::new_err)?;
         self.step += 1;
         StepOutputs::from_result(py, res, &self.ids, &self.empty)
+    }
+
+    /// (sample rows int64 [C], sample indices int32 [C]) of the pending batch's
+    /// grammar-constrained requests (RequestParams.structured_output), in sample-row order;
+    /// `Batch.sample_request_id(row)` names each row's request.
+    fn pending_structured_samples<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>) {
+        let (rows, indices) = self.core.pending_structured_samples();
+        (rows.into_pyarray(py), indices.into_pyarray(py))
     }
 
     fn has_unfinished(&self) -> bool {

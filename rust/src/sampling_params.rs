@@ -61,6 +61,10 @@ pub struct RequestParams {
     /// When non-empty, the only tokens that may be sampled (vLLM's allowed_token_ids).
     #[pyo3(get)]
     pub vocab_allow: Vec<u32>,
+    /// A grammar constrains this request's tokens (structured outputs): the engine asks for
+    /// its sample rows each step (`Scheduler.pending_structured_samples`) to mask them.
+    #[pyo3(get)]
+    pub structured_output: bool,
 }
 
 impl Default for RequestParams {
@@ -90,6 +94,7 @@ impl Default for RequestParams {
             final_only: false,
             vocab_bias: vec![],
             vocab_allow: vec![],
+            structured_output: false,
         }
     }
 }
@@ -151,7 +156,8 @@ impl RequestParams {
         seed = None, stop = vec![], stop_token_ids = vec![], bad_words_token_ids = vec![],
         ignore_eos = false, include_stop_str_in_output = false, skip_special_tokens = true,
         spaces_between_special_tokens = true, detokenize = true, logprobs = None,
-        prompt_logprobs = None, final_only = false, vocab_bias = vec![], vocab_allow = vec![]
+        prompt_logprobs = None, final_only = false, vocab_bias = vec![], vocab_allow = vec![],
+        structured_output = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn py_new(
@@ -179,6 +185,7 @@ impl RequestParams {
         final_only: bool,
         vocab_bias: Vec<(u32, f32)>,
         vocab_allow: Vec<u32>,
+        structured_output: bool,
     ) -> PyResult<Self> {
         let p = RequestParams {
             n,
@@ -205,6 +212,7 @@ impl RequestParams {
             final_only,
             vocab_bias,
             vocab_allow,
+            structured_output,
         };
         p.validate().map_err(PyValueError::new_err)?;
         Ok(p)

@@ -232,6 +232,9 @@ pub struct Scheduler {
     pub bm: BlockManager,
     tokenizer: Option<Arc<CoreTokenizer>>,
     eos: Vec<u32>,
+    /// The tokenizer's own EOS (vLLM's `eos_token_id`): ending on it reports no stop_reason;
+    /// the other EOS ids (the generation config's) are stop tokens and report their id.
+    primary_eos: Option<u32>,
     requests: Vec<Option<Request>>,
     free_requests: Vec<u32>,
     seqs: Vec<Option<Sequence>>,
@@ -326,10 +329,15 @@ impl Scheduler {
                 eos.push(e);
             }
         }
+        let primary_eos = match &tokenizer {
+            Some(t) => t.eos_token.as_ref().and_then(|_| t.eos_token_ids.first().copied()),
+            None => cfg.eos_token_ids.first().copied(),
+        };
         Ok(Scheduler {
             bm: BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching),
             tokenizer,
             eos,
+            primary_eos,
             requests: vec![],
             free_requests: vec![],
             seqs: vec![],
@@ -946,6 +954,31 @@ impl Scheduler {
         d.new_min_ban_offsets.push(d.new_min_ban_token_ids.len() as i32);
     }
 
+    /// The pending batch's sample rows of grammar-constrained requests (`structured_output`),
+    /// with each row's sample index (a prompt finishing for n > 1 yields rows 0..n), in
+    /// sample-row order; empty when no batch is pending. One pass over the batch's rows.
+    pub fn pending_structured_samples(&self) -> (Vec<i64>, Vec<i32>) {
+        let (mut rows, mut indices) = (vec![], vec![]);
+        let Some(pending) = &self.pending else { return (rows, indices) };
+        let mut sample = 0i64;
+        for r in pending {
+            let seq = seq_ref(&self.seqs, r.seq);
+            if seq.sp.structured_output && r.num_samples > 0 {
+                if r.num_samples == 1 {
+                    rows.push(sample);
+                    indices.push(seq.sample_index as i32);
+                } else {
+                    for child in 0..r.num_samples {
+                        rows.push(sample + child as i64);
+                        indices.push(child as i32);
+                    }
+                }
+            }
+            sample += r.num_samples as i64;
+        }
+        (rows, indices)
+    }
+
     /// Appends the sampled ids of the pending batch, finishes sequences, frees their blocks.
     /// `now` (any clock; the engine passes Unix time) stamps each sequence's first token.
     pub fn update(&mut self, sampled: &[i64], now: f64) -> Result<StepResult, String> {
@@ -1131,21 +1164,31 @@ impl Scheduler {
             seq.first_token_time = now;
         }
         let start = res.text.len();
+        let is_eos = !p.ignore_eos && self.eos.contains(&tok);
+        let is_stop_id = p.has_stop_ids && req_ref(&self.requests, seq.req).stop_ids.contains(&tok);
+        // vLLM leaves the EOS or stop token that ends a sequence out of its text (unless
+        // include_stop_str_in_output), so it can neither show up nor complete a stop string.
+        let skip_text = (is_eos || is_stop_id) && !req_ref(&self.requests, seq.req).params.include_stop_str_in_output;
         let matched = match seq.detok.as_mut() {
-            Some(d) => d.push_into(tok, &mut res.text).is_some(),
-            None => false,
+            Some(d) if !skip_text => d.push_into(tok, &mut res.text).is_some(),
+            _ => false,
         };
         let may_stop = nout >= p.min_tokens as usize;
-        // vLLM's precedence: a stop string wins, then length, then EOS, then stop_token_ids.
+        // vLLM's precedence (v1 check_stop, then the detokenizer's stop strings): a stop
+        // string wins, then EOS, then stop_token_ids, then length, so a last allowed token that
+        // is EOS reports "stop". EOS and stop ids end the sequence even below min_tokens, as in
+        // vLLM: the sampler bans them there, so one shows up only when a grammar allowed
+        // nothing else, and the grammar wins.
         let (finish, stop_reason) = if may_stop && matched {
             let text = seq.detok.as_ref().and_then(|d| d.stop_reason()).unwrap_or_default().to_owned();
             (Some(FinishReason::Stop), StopReason::Text(text))
+        } else if is_eos {
+            let reason = if self.primary_eos == Some(tok) { StopReason::None } else { StopReason::TokenId(tok) };
+            (Some(FinishReason::Stop), reason)
+        } else if is_stop_id {
+            (Some(FinishReason::Stop), StopReason::TokenId(tok))
         } else if nout >= p.max_tokens as usize || seq.tokens.len() >= self.cfg.max_model_len {
             (Some(FinishReason::Length), StopReason::None)
-        } else if may_stop && !p.ignore_eos && self.eos.contains(&tok) {
-            (Some(FinishReason::Stop), StopReason::None)
-        } else if may_stop && p.has_stop_ids && req_ref(&self.requests, seq.req).stop_ids.contains(&tok) {
-            (Some(FinishReason::Stop), StopReason::TokenId(tok))
         } else {
             (None, StopReason::None)
         };
@@ -1166,7 +1209,10 @@ impl Scheduler {
                 stop_reason,
                 // A streamed sequence's text went out as deltas: only a final-only one needs it.
                 text: match &seq.detok {
-                    Some(d) if p.final_only => d.replay(&seq.tokens[..seq.num_prompt], seq.outputs(), true),
+                    Some(d) if p.final_only => {
+                        let outs = seq.outputs();
+                        d.replay(&seq.tokens[..seq.num_prompt], &outs[..outs.len() - skip_text as usize], true)
+                    }
                     _ => String::new(),
                 },
                 token_ids: seq.outputs().to_vec(),
@@ -1434,6 +1480,57 @@ mod tests {
             prop_assert_eq!(s.bm.num_free_blocks(), s.bm.num_total_blocks());
             prop_assert_eq!(s.num_running() + s.num_waiting(), 0);
         }
+    }
+
+    /// vLLM's order: EOS and stop ids beat max_tokens on the last allowed token (finish
+    /// "stop"), the primary EOS reports no stop_reason and a further EOS its id, and both end
+    /// a sequence even below min_tokens (only a grammar can make the sampler pick them there).
+    #[test]
+    fn eos_and_stop_ids_win_over_length_and_report_ids() {
+        let mut c = cfg(64, 8, 64);
+        c.eos_token_ids = vec![2, 3];
+        let mut s = Scheduler::new(c, None).unwrap();
+        let p = |max_tokens, min_tokens| RequestParams { max_tokens, min_tokens, stop_token_ids: vec![9], ..Default::default() };
+        s.add_request("primary", vec![5, 6], p(1, 0)).unwrap();
+        s.add_request("second_eos", vec![5, 7], p(1, 0)).unwrap();
+        s.add_request("stop_id", vec![5, 8], p(1, 0)).unwrap();
+        s.add_request("length", vec![5, 9], p(1, 0)).unwrap();
+        s.add_request("below_min", vec![5, 10], p(8, 4)).unwrap();
+        let b = s.schedule().unwrap().unwrap();
+        assert_eq!(b.num_samples, 5);
+        let r = s.update(&[2, 3, 9, 4, 3], 0.0).unwrap();
+        let got: std::collections::HashMap<&str, (FinishReason, StopReason)> =
+            r.finished.iter().map(|f| (&*f.request_id, (f.finish_reason, f.stop_reason.clone()))).collect();
+        assert_eq!(got["primary"], (FinishReason::Stop, StopReason::None));
+        assert_eq!(got["second_eos"], (FinishReason::Stop, StopReason::TokenId(3)));
+        assert_eq!(got["stop_id"], (FinishReason::Stop, StopReason::TokenId(9)));
+        assert_eq!(got["length"], (FinishReason::Length, StopReason::None));
+        assert_eq!(got["below_min"], (FinishReason::Stop, StopReason::TokenId(3)));
+        assert_eq!(s.bm.num_free_blocks(), s.bm.num_total_blocks());
+    }
+
+    /// Constrained requests' sample rows come back with their sample indices, a fork's
+    /// children as 0..n, and nothing for unconstrained requests or mid-prefill rows.
+    #[test]
+    fn pending_structured_samples_name_constrained_rows() {
+        let mut s = Scheduler::new(cfg(64, 8, 64), None).unwrap();
+        let so = |n, max_tokens| RequestParams { structured_output: true, temperature: 1.0, ..params(n, max_tokens) };
+        s.add_request("free", vec![5, 6], params(1, 4)).unwrap();
+        s.add_request("json", vec![5, 7], so(1, 4)).unwrap();
+        s.add_request("json_n3", vec![5, 8, 9], so(3, 4)).unwrap();
+        assert_eq!(s.pending_structured_samples(), (vec![], vec![]));
+        let b = s.schedule().unwrap().unwrap();
+        assert_eq!(b.num_samples, 5);
+        assert_eq!(s.pending_structured_samples(), (vec![1, 2, 3, 4], vec![0, 0, 1, 2]));
+        s.update(&[10, 11, 12, 13, 14], 0.0).unwrap();
+        assert_eq!(s.pending_structured_samples(), (vec![], vec![]));
+        let b = s.schedule().unwrap().unwrap();
+        let (rows, idx) = s.pending_structured_samples();
+        assert_eq!(rows.len(), 4);
+        let mut idx_sorted = idx.clone();
+        idx_sorted.sort();
+        assert_eq!(idx_sorted, vec![0, 0, 1, 2]);
+        assert!(rows.iter().all(|&r| (r as usize) < b.num_samples));
     }
 
     #[test]

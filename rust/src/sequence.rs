@@ -80,6 +80,7 @@ pub struct SampleParams {
     pub has_stop_ids: bool,
     pub prompt_logprobs: bool,
     pub final_only: bool,
+    pub structured_output: bool,
 }
 
 impl SampleParams {
@@ -102,6 +103,7 @@ impl SampleParams {
             has_stop_ids: !p.stop_token_ids.is_empty(),
             prompt_logprobs: p.prompt_logprobs.is_some(),
             final_only: p.final_only,
+            structured_output: p.structured_output,
         }
     }
 }

@@ -169,12 +169,12 @@ class TensorParallelExecutor:
         logger.info("tensor parallel: %d ranks on %d node(s) (%s), local worker pids %s", tp, nnodes, device_type,
                     self.worker_pids)
 
-    def execute(self, batch, prompt_logprobs_k: int = 0):
+    def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None):
         """The driver's step: checked, sent to every rank, then run here (the only rank
-        that samples)."""
+        that samples, so the only one a grammar mask concerns)."""
         self.runner.check(batch)
         self.sender.send(batch)
-        result = self.runner.execute(batch, prompt_logprobs_k)
+        result = self.runner.execute(batch, prompt_logprobs_k, grammar)
         self.sender.step_open = False  # the result's host copies waited for every collective
         return result
 

@@ -142,6 +142,12 @@ class ReplicaFrontEnd:
         self.model_config = dataclasses.replace(cfg, device=device)
         self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
         self.served_model_names = list(args.served_model_name or [args.model])
+        # Grammars compiled here too, to refuse a bad constraint (a 400, a ValueError) before a
+        # replica gets it; each replica compiles its own copy off its step loop.
+        from fastserve.structured_outputs.manager import StructuredOutputManager
+
+        eos = list(dict.fromkeys(self.tokenizer.eos_token_ids + cfg.eos_token_ids))
+        self.structured = StructuredOutputManager(_tokenizer_dir(args.tokenizer or args.model), cfg.vocab_size, eos)
         self.replicas = start_replicas(target, args, self.model_config)
         self.model_config = dataclasses.replace(self.model_config, dtype=self.replicas[0].ready_info["dtype"])
 

@@ -28,6 +28,9 @@ class AsyncEngine:
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.served_model_names = self.engine.served_model_names
+        # The server compiles grammars here first (in its pool, off the step thread), so a bad
+        # constraint is a 400 before the request is queued and the engine finds it cached.
+        self.structured = self.engine.structured
         self._inbox: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}

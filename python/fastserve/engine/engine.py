@@ -7,11 +7,13 @@ and per finished sequence; a final-only request (the offline LLM's) costs nothin
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
 
 import numpy as np
+import torch
 
 from fastserve._core import Scheduler, Tokenizer
 from fastserve.config import ModelConfig
@@ -22,6 +24,7 @@ from fastserve.model_resolver import resolve_engine_args
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 from fastserve.engine.executor import make_executor
+from fastserve.structured_outputs.manager import StructuredOutputManager
 from fastserve.worker.model_runner import resolve_device
 from fastserve.worker.step_buffers import StepLimits
 
@@ -51,7 +54,8 @@ class Engine:
                 f"({self.model_config.max_model_len}) with chunked prefill off: raise --max-num-batched-tokens, "
                 "lower --max-model-len or enable chunked prefill"
             )
-        self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
+        tokenizer_dir = _tokenizer_dir(args.tokenizer or args.model)
+        self.tokenizer = Tokenizer(tokenizer_dir)
         self.served_model_names = list(args.served_model_name or [args.model])
         self.eos_token_ids = list(dict.fromkeys(self.tokenizer.eos_token_ids + self.model_config.eos_token_ids))
         # The executor runs each step's Batch (engine/executor.py): the runner here, or rank 0
@@ -72,6 +76,10 @@ class Engine:
             seed=args.seed,
         )
         self.requests: dict[str, RequestState] = {}
+        # Structured outputs: grammars compile in the manager's thread pool; a request whose
+        # grammar is not compiled yet waits here (not in the scheduler) until it is.
+        self.structured = StructuredOutputManager(tokenizer_dir, self.model_config.vocab_size, self.eos_token_ids)
+        self._awaiting_grammar: dict[str, tuple] = {}
         # Output tokens appended so far, streamed or not (the offline progress bar's rate).
         self.num_new_tokens = 0
         # Requests failed alone by the last step() (their states come back finished): the
@@ -102,6 +110,14 @@ class Engine:
         while self.has_unfinished():
             self.step()
         self.requests.clear()
+        from fastserve.structured_outputs.bitmask import TokenBitmask, apply_token_bitmask
+
+        # The grammar-mask kernel, so the first structured request does not wait on the JIT.
+        dev = self.model_config.device
+        words = (self.model_config.vocab_size + 31) // 32
+        apply_token_bitmask(torch.zeros(2, self.model_config.vocab_size, device=dev),
+                            TokenBitmask(torch.full((1, words), -1, dtype=torch.int32, device=dev),
+                                         torch.zeros(1, dtype=torch.int64, device=dev)))
         logger.info("warm-up (kernel compilation) took %.1f s", time.perf_counter() - t0)
 
     # -- requests ---------------------------------------------------------------------------
@@ -141,19 +157,47 @@ class Engine:
         final_only = final_only and params.logprobs is None and (params.best_of or params.n) == params.n
         core = params.to_core(self.tokenizer, final_only=final_only)
         state = RequestState(request_id, prompt, prompt_token_ids, params, self.tokenizer, final_only)
-        self.scheduler.add_request(request_id, prompt_token_ids, core)
+        if params.structured_outputs is not None:
+            grammar = self.structured.submit(params.structured_outputs)
+            if not grammar.done():
+                self._awaiting_grammar[request_id] = (grammar, prompt_token_ids, core)
+                self.requests[request_id] = state
+                return state
+            compiled = grammar.result()  # StructuredOutputsError (a ValueError naming the field)
+            self.scheduler.add_request(request_id, prompt_token_ids, core)
+            self.structured.add(request_id, compiled, state.num_seqs, params.stop_token_ids)
+        else:
+            self.scheduler.add_request(request_id, prompt_token_ids, core)
         self.requests[request_id] = state
         return state
+
+    def _admit_compiled(self, touched: dict[str, RequestState]) -> None:
+        """Requests whose grammar finished compiling go to the scheduler (or fail alone)."""
+        for rid, (grammar, prompt_token_ids, core) in list(self._awaiting_grammar.items()):
+            if not grammar.done():
+                continue
+            del self._awaiting_grammar[rid]
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            try:
+                compiled = grammar.result()
+                self.scheduler.add_request(rid, prompt_token_ids, core)
+                self.structured.add(rid, compiled, state.num_seqs, state.params.stop_token_ids)
+            except Exception as e:  # noqa: BLE001 - this request's constraint: it alone fails
+                self._fail(RequestError(rid, f"its structured-output constraint failed: {e}"), touched, e)
 
     def abort_request(self, request_id: str) -> RequestState | None:
         state = self.requests.pop(request_id, None)
         self.scheduler.abort_request(request_id)
+        self._awaiting_grammar.pop(request_id, None)
+        self.structured.remove(request_id)
         if state is not None:
             state.abort()
         return state
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
 
     # -- the step ---------------------------------------------------------------------------
 
@@ -161,10 +205,15 @@ class Engine:
         """Run one step; returns the requests that got new output (finished ones included,
         and removed from the engine). A request failed alone this step is among them,
         finished, with its error in `request_errors`."""
+        touched: dict[str, RequestState] = {}
+        if self._awaiting_grammar:
+            self._admit_compiled(touched)
         batch = self.scheduler.schedule()
         if batch is None:
-            return []
-        touched: dict[str, RequestState] = {}
+            if self._awaiting_grammar:  # nothing to run until a grammar is ready
+                concurrent.futures.wait([g for g, _, _ in self._awaiting_grammar.values()], timeout=0.05,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            return list(touched.values())
         if self.step_hook is not None:
             try:
                 self.step_hook(batch)
@@ -173,11 +222,14 @@ class Engine:
                 # request aborted after schedule(), and the aborted rows only write KV into
                 # slots of blocks just freed (nothing allocates before the next schedule()).
                 self._fail(e, touched, e)
+        grammar = self.structured.prepare(self.scheduler, batch) if self.structured.requests else None
         try:
-            result = self.executor.execute(batch, self._prompt_logprobs_k(batch))
+            result = self.executor.execute(batch, self._prompt_logprobs_k(batch), grammar)
         except StepLimitError as e:
             self._refuse_step(batch, e, touched)
             return list(touched.values())
+        if grammar is not None:
+            grammar.advance(result.sampled_token_ids)
         if result.prompt_logprobs is not None:
             self._route_prompt_logprobs(batch, result.prompt_logprobs, touched)
         now = time.time()
@@ -196,9 +248,12 @@ class Engine:
                 self._fail(RequestError(rid, f"routing its output failed: {e!r}"), touched, e)
                 continue
             touched[rid] = state
+        constrained = self.structured.requests
         for rid, state in touched.items():
             if state.finished:
                 self.requests.pop(rid, None)
+                if constrained:
+                    constrained.pop(rid, None)
         return list(touched.values())
 
     def _route_rows(self, out, result, now: float, touched: dict[str, RequestState]) -> None:
@@ -249,6 +304,8 @@ class Engine:
             return
         logger.error("request %s failed alone: %s", err.request_id, err, exc_info=cause)
         self.scheduler.abort_request(err.request_id)
+        self._awaiting_grammar.pop(err.request_id, None)
+        self.structured.remove(err.request_id)
         state.abort()
         self.request_errors[err.request_id] = err
         touched[err.request_id] = state
@@ -272,6 +329,9 @@ class Engine:
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (idempotent; a TP=1 engine holds no processes)."""
         self.executor.shutdown()
+        structured = getattr(self, "structured", None)
+        if structured is not None:
+            structured.shutdown()
 
     def stats(self) -> dict:
         s = self.scheduler

@@ -21,7 +21,9 @@ class Executor(Protocol):
     model_config: object
     num_blocks: int  # KV-cache blocks every rank holds (the scheduler's pool)
 
-    def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult: ...
+    def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None) -> StepResult:
+        """grammar: the step's structured-outputs rows (structured_outputs.manager.StepGrammar)."""
+        ...
 
     def shutdown(self) -> None: ...
 
@@ -32,9 +34,9 @@ class UniprocExecutor:
         self.runner = ModelRunner(args, model_config)
         self.num_blocks = self.runner.num_blocks
 
-    def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
+    def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None) -> StepResult:
         self.runner.check(batch)
-        return self.runner.execute(batch, prompt_logprobs_k)
+        return self.runner.execute(batch, prompt_logprobs_k, grammar)
 
     def shutdown(self) -> None:
         pass

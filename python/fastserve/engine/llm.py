@@ -189,6 +189,7 @@ class LLM:
             for out in outputs:  # replicas number their requests independently
                 out.request_id = f"offline-{next(self._ids)}"
             return outputs
+        self._compile_grammars(params)
         ids = [f"offline-{next(self._ids)}" for _ in token_lists]
         results: dict[str, RequestOutput] = {}
         try:
@@ -201,6 +202,20 @@ class LLM:
                     engine.abort_request(rid)
             raise
         return [results[rid] for rid in ids]
+
+    def _compile_grammars(self, params: list[SamplingParams]) -> None:
+        """Every distinct structured-outputs constraint, compiled in parallel before any request
+        runs: a bad one fails the call (a ValueError naming the field) and the step loop finds
+        them all cached."""
+        specs = {id(p.structured_outputs): p.structured_outputs for p in params if p.structured_outputs is not None}
+        if not specs:
+            return
+        t0 = time.perf_counter()
+        futures = [self.engine.structured.submit(s) for s in specs.values()]
+        for f in futures:
+            f.result()
+        if time.perf_counter() - t0 > 1.0:
+            logger.info("compiled %d structured-output grammars in %.1f s", len(futures), time.perf_counter() - t0)
 
     def _loop(self, ids, results, num_prompt_tokens: int, use_tqdm: bool) -> None:
         engine = self.engine

@@ -10,8 +10,10 @@ from .attention_prefill import paged_prefill_attention
 from .cache import write_kv_cache
 from .rmsnorm import fused_add_rms_norm, rms_norm
 from .rotary import rotary_embedding
+from .token_bitmask import apply_token_bitmask
 
 __all__ = [
+    "apply_token_bitmask",
     "fused_add_rms_norm",
     "paged_decode_attention",
     "paged_prefill_attention",

@@ -1,7 +1,7 @@
 """The sampler: one token per sample row from the model's logits, vLLM v1's order of operations.
 
-    raw logits ──▶ logprobs (top-K, the sampled token's logprob and rank)   [vLLM "raw_logprobs"]
-        │
+    raw logits ──▶ grammar bitmask (structured outputs' constrained rows: disallowed → -inf)
+        ├─ logprobs (top-K, the sampled token's logprob and rank)   [vLLM "raw_logprobs"]
         ├─ banned (row, token) pairs → -inf   (min_tokens' EOS/stop ids, bad_words, outside
         │                                       allowed_token_ids)
         ├─ + logit_bias
@@ -362,10 +362,27 @@ def _gather_logprobs(
     return token_lp, rank, topk_ids, topk_lp
 
 
+def _grammar_over_bans(x: torch.Tensor, masked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """A constrained row whose grammar allows only banned tokens (min_tokens' EOS after a
+    complete JSON document, say) keeps its grammar-masked logits: the grammar wins, as in
+    vLLM, so the output still matches it (the scheduler then ends the sequence on EOS)."""
+    sub = x.index_select(0, rows)
+    dead = torch.isneginf(sub).all(dim=-1, keepdim=True)
+    return x.index_copy(0, rows, torch.where(dead, masked.index_select(0, rows), sub))
+
+
 class Sampler(torch.nn.Module):
-    def forward(self, logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
-        """logits: [S, V] raw model logits (any float dtype); left unchanged."""
+    def forward(self, logits: torch.Tensor, st: SamplingTensors, token_mask=None) -> SamplerOutput:
+        """logits: [S, V] raw model logits (any float dtype); left unchanged unless
+        `token_mask` (a structured_outputs.bitmask.TokenBitmask: the step's grammar masks
+        for its constrained rows) is given, which sets their disallowed tokens to -inf
+        first, in place. As in vLLM, masking comes before everything else, so a constrained
+        row's logprobs are those of the masked distribution."""
         raw = logits.to(torch.float32)
+        if token_mask is not None:
+            from fastserve.structured_outputs.bitmask import apply_token_bitmask
+
+            apply_token_bitmask(raw, token_mask)
         # Bans, biases and penalties write in place into one copy, so `raw` survives for the
         # logprobs (vLLM's raw_logprobs: they describe the model, not the filters).
         x = raw
@@ -373,6 +390,8 @@ class Sampler(torch.nn.Module):
             x = raw.clone()
         if st.any_banned:
             _apply_bans(x, st)
+            if token_mask is not None:
+                x = _grammar_over_bans(x, raw, token_mask.rows)
         if st.any_bias:
             x.index_add_(0, st.bias_rows, st.bias.index_select(0, st.bias_vocab_rows))
         if st.any_penalties:

@@ -313,7 +313,9 @@ async def start_server(args, engine_args=None) -> RunningServer:
                         model_path=args.model, api_key=args.api_key,
                         chat_template=load_chat_template(args.chat_template),
                         reasoning_parser=get_reasoning_parser(args.reasoning_parser),
-                        log_requests=not args.disable_log_requests)
+                        log_requests=not args.disable_log_requests,
+                        tool_call_parser=getattr(args, "tool_call_parser", None),
+                        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False))
     engine_args = engine_args or engine_args_from(args)
     app = build_app(state, int(args.max_request_body_mb * 1024 * 1024))
     # handler_cancellation: a client that disconnects cancels its handler, whose finally

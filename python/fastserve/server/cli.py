@@ -97,6 +97,12 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--override-generation-config", type=_json_object, default=None,
                    help='JSON object laid over the generation config, e.g. '
                         '\'{"temperature": 0.5}\'.')
+    m.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="Let the model decide to call tools (tool_choice \"auto\", the default when a "
+                        "request has tools); needs --tool-call-parser.")
+    m.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral", "pythonic"],
+                   help="How the model writes tool calls: parses them into message.tool_calls and builds the "
+                        "grammar that enforces tool_choice \"required\" or a named function.")
     e = p.add_argument_group("engine")
     e.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
                    help="Where the model runs; auto = cuda when available, else cpu.")
@@ -162,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("port", "tensor_parallel_size", "data_parallel_size", "max_num_seqs"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        parser.error("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json, mistral or pythonic)")
     if args.max_request_body_mb <= 0:
         parser.error("--max-request-body-mb must be positive")
     return args

@@ -61,8 +61,45 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     add_special_tokens: bool | None = None
     # vLLM extra: logprob tokens as "token_id:<id>" (ids survive where text is ambiguous)
     return_tokens_as_token_ids: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (structured_outputs/request.py turns them into one constraint).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+    # vLLM extras: the output's token ids, the response id, which end truncation keeps.
+    return_token_ids: bool | None = None
+    request_id: str | None = None
+    truncation_side: str | None = None
+    # vLLM fields that would change the output but that fastserve does not implement: a
+    # request setting them is refused (a 400 naming the field), never silently ignored.
+    use_beam_search: bool = False
+    length_penalty: float = 1.0
+    allowed_token_ids: list[int] | None = None
+    logprob_token_ids: list[int] | None = None
+    priority: int = 0
+    vllm_xargs: dict[str, Any] | None = None
+    repetition_detection: dict[str, Any] | None = None
+    watermarking: Any = None
+    prompt_embeds: Any = None
+    audio: Any = None
+    modalities: Any = None
+
+    def structured_output_fields(self) -> dict[str, Any]:
+        return {"response_format": self.response_format, "structured_outputs": self.structured_outputs,
+                "guided": {f: getattr(self, f) for f in _GUIDED}}
 
     def check_common(self) -> None:
+        for name, is_set, why in _UNSUPPORTED:
+            value = getattr(self, name)
+            if is_set(value):
+                raise bad_request(f"{name} is not supported by fastserve ({why}); leave it out", name)
+        if self.truncation_side not in (None, "left", "right"):
+            raise bad_request("truncation_side must be 'left' or 'right'", "truncation_side")
         for name in ("n", "best_of"):
             value = getattr(self, name)
             if value is not None and value > MAX_N:
@@ -97,6 +134,23 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
             raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got "
                               f"{self.prompt_logprobs}", "prompt_logprobs")
 
+
+_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
+           "guided_whitespace_pattern")
+# (field, is it set, why it cannot be honoured)
+_UNSUPPORTED = (
+    ("use_beam_search", lambda v: v is True, "no beam search"),
+    ("length_penalty", lambda v: v != 1.0, "it applies to beam search only"),
+    ("allowed_token_ids", lambda v: v is not None, "use structured_outputs.choice or a grammar instead"),
+    ("logprob_token_ids", lambda v: v is not None, "use logprobs / top_logprobs"),
+    ("priority", lambda v: v != 0, "no priority scheduling"),
+    ("vllm_xargs", lambda v: bool(v), "no custom extensions"),
+    ("repetition_detection", lambda v: v is not None, "no repetition detection"),
+    ("watermarking", lambda v: bool(v), "no watermarking"),
+    ("prompt_embeds", lambda v: v is not None, "prompts are text or token ids"),
+    ("audio", lambda v: v is not None, "text output only"),
+    ("modalities", lambda v: v is not None and list(v) != ["text"], "text output only"),
+)
 
 PromptItem = Union[str, int, list[int]]
 
@@ -152,6 +206,7 @@ class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content
 
 
 def check_messages(messages: list[ChatMessage]) -> None:
@@ -171,7 +226,11 @@ def check_messages(messages: list[ChatMessage]) -> None:
 
 def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages for the chat template: list content is joined to one string, as vLLM does
-    for text-only models."""
+    for text-only models; an assistant's tool-call arguments (JSON text on the wire) become
+    objects, as vLLM passes them (templates write `arguments | tojson`); the reasoning is
+    there under both names."""
+    import json
+
     out = []
     for m in messages:
         d = {k: v for k, v in msgspec.structs.asdict(m).items() if v is not None}
@@ -179,6 +238,20 @@ def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             d["content"] = "\n".join(p.text or "" for p in m.content)
         elif m.content is None:
             d["content"] = ""
+        reasoning = m.reasoning if m.reasoning is not None else m.reasoning_content
+        if reasoning is not None:
+            d["reasoning"] = d["reasoning_content"] = reasoning
+        if m.tool_calls:
+            calls = []
+            for call in m.tool_calls:
+                fn = call.get("function") if isinstance(call, dict) else None
+                if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                    try:
+                        call = {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
+                    except ValueError:
+                        pass
+                calls.append(call)
+            d["tool_calls"] = calls
         out.append(d)
     return out
 
@@ -191,15 +264,33 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Union[str, dict[str, Any], None] = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # vLLM extras: the template's reasoning switch, reasoning in the answer or not, RAG
+    # documents for the template, echoing the last message.
+    reasoning_effort: str | None = None
+    include_reasoning: bool = True
+    documents: list[dict[str, Any]] | None = None
+    echo: bool = False
+    thinking_token_budget: Any = None
+    return_prompt_text: bool | None = None
+    # OpenAI's deprecated function calling: refused with a pointer to tools.
+    functions: Any = None
+    function_call: Any = None
 
     def check(self) -> None:
         self.check_common()
         check_messages(self.messages)
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise bad_request(f"{name} (OpenAI's deprecated function calling) is not supported; use tools "
+                                  "and tool_choice", name)
+        if self.thinking_token_budget is not None:
+            raise bad_request("thinking_token_budget is not supported by fastserve; leave it out",
+                              "thinking_token_budget")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
@@ -212,12 +303,6 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         if self.continue_final_message and self.messages[-1].role != "assistant":
             raise bad_request("continue_final_message needs the last message to be the "
                               "assistant's", "continue_final_message")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise bad_request("tool_choice other than 'none' or 'auto' is not supported "
-                              "(fastserve does not parse tool calls yet)", "tool_choice")
-        if self.response_format is not None and self.response_format.get("type") != "text":
-            raise bad_request("response_format other than {'type': 'text'} is not supported "
-                              "(no guided decoding yet)", "response_format")
         if self.max_tokens is not None and self.max_completion_tokens is not None \
                 and self.max_tokens != self.max_completion_tokens:
             raise bad_request("give max_completion_tokens or max_tokens, not both",

@@ -35,7 +35,8 @@ class ServerState:
 
     def __init__(self, *, served_model_names: list[str], model_path: str, api_key: str | None,
                  chat_template: str | None, reasoning_parser, max_model_len: int | None = None,
-                 log_requests: bool = True) -> None:
+                 log_requests: bool = True, tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False) -> None:
         self.engine = None
         self.load_error: BaseException | None = None
         self.draining = False
@@ -44,6 +45,9 @@ class ServerState:
         self.api_key = api_key
         self.chat_template = chat_template
         self.reasoning_parser = reasoning_parser
+        # --tool-call-parser (a tool_parsers name) and --enable-auto-tool-choice
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
         self.log_requests = log_requests
         self.metrics = ServerMetrics(served_model_names[0])
         self.created = int(time.time())
@@ -82,8 +86,9 @@ class ServerState:
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
 
 
-def random_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+def random_id(prefix: str, request_id: str | None = None) -> str:
+    """`prefix-<random>`, or `prefix-<request_id>` when the client named it (vLLM's rule)."""
+    return f"{prefix}-{request_id if request_id else uuid.uuid4().hex}"
 
 
 async def read_json(request: web.Request, type_):
@@ -104,8 +109,49 @@ async def read_json(request: web.Request, type_):
     return req
 
 
+def structured_outputs_spec(req):
+    """The request's structured-outputs constraint (response_format, structured_outputs or
+    guided_*), or None; a malformed one is a 400 naming its field."""
+    from fastserve.structured_outputs.params import StructuredOutputsError
+    from fastserve.structured_outputs.request import structured_outputs_from_request
+
+    try:
+        return structured_outputs_from_request(**req.structured_output_fields())
+    except StructuredOutputsError as e:
+        raise bad_request(str(e), e.param) from None
+
+
+# A grammar that takes longer than this to compile is refused (a 400), not waited for.
+COMPILE_TIMEOUT_S = 30.0
+
+
+async def compile_constraint(state: ServerState, spec) -> None:
+    """Compiles `spec` in the engine's grammar pool, off the event loop and the step thread,
+    so that an invalid schema, regex or grammar is a 400 before anything is queued and the
+    engine finds the grammar cached. Engines without a local compiler (data-parallel
+    replicas) compile it themselves."""
+    if spec is None:
+        return
+    manager = getattr(state.engine, "structured", None)
+    if manager is None:
+        return
+    from fastserve.structured_outputs.params import StructuredOutputsError
+
+    try:
+        fut = manager.submit(spec)
+        # shield: a timed-out wait must not cancel the shared (cached) compile.
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), COMPILE_TIMEOUT_S)
+    except StructuredOutputsError as e:
+        raise bad_request(str(e), e.param) from None
+    except asyncio.TimeoutError:
+        raise bad_request(f"compiling the {spec.kind} constraint took longer than {COMPILE_TIMEOUT_S:.0f} s; "
+                          "simplify it", spec.param) from None
+
+
 def sampling_params(req, *, max_tokens: int, logprobs: int | None,
-                    wire_names: dict[str, str] | None = None, defaults: dict[str, Any] | None = None):
+                    wire_names: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
+                    structured_outputs=None, prompt_logprobs: int | None = None,
+                    skip_special_tokens: bool | None = None):
     """SamplingParams from the request's fields (only those the client set), the fields it
     left unset taken from `defaults` (the model's generation_config.json, see
     fastserve.generation_config), then SamplingParams' own; its ValueError becomes a 400
@@ -131,6 +177,12 @@ def sampling_params(req, *, max_tokens: int, logprobs: int | None,
         from fastserve.generation_config import apply_to_request
 
         kw = apply_to_request(kw, defaults)
+    if prompt_logprobs is not None and "prompt_logprobs" not in kw:
+        kw["prompt_logprobs"] = prompt_logprobs
+    if skip_special_tokens is not None:
+        kw["skip_special_tokens"] = skip_special_tokens
+    if structured_outputs is not None:
+        kw["structured_outputs"] = structured_outputs
     try:
         return SamplingParams(**kw)
     except (ValueError, TypeError) as e:
@@ -177,11 +229,14 @@ def check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
                           f"[0, {vocab_size})", field)
 
 
-def truncate(ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+def truncate(ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int,
+             side: str | None = None) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last tokens ("left" truncation, the default) or
+    the first ("right")."""
     if truncate_prompt_tokens is None:
         return ids
     keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-    return ids[-keep:]
+    return ids[:keep] if side == "right" else ids[-keep:]
 
 
 async def generate(state: ServerState, request_id: str, prompt_ids: list[int], params,
@@ -189,6 +244,10 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     """engine.generate with the request's metrics; aborts the request (freeing its KV blocks
     at once) when the consumer goes away before it finished: a client disconnect cancels the
     handler, and the cancellation unwinds through here."""
+    # Imported here: the engine (and torch) is loaded by now, while this module must import
+    # quickly so the listener is up before the model starts loading.
+    from fastserve.structured_outputs.params import StructuredOutputsError
+
     engine = state.engine
     m = state.metrics
     start = time.monotonic()
@@ -197,6 +256,8 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
         first = await anext(stream)
     except StopAsyncIteration:
         return
+    except StructuredOutputsError as e:
+        raise bad_request(str(e), e.param) from None
     except ValueError as e:  # the engine's own validation, before anything ran
         fields = {f: f for f in (*_SP_FIELDS, "prompt")}
         raise bad_request(str(e), param_from_value_error(str(e), fields)) from None

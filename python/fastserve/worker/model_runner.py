@@ -216,15 +216,19 @@ class ModelRunner:
         self.buffers.check(batch)
 
     @torch.inference_mode()
-    def execute(self, batch, prompt_logprobs_k: int = 0) -> StepResult:
+    def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None) -> StepResult:
         """prompt_logprobs_k: top-K for the batch's prompt-logprob rows (the engine knows
-        which requests asked for how many). The batch has passed check()."""
+        which requests asked for how many). The batch has passed check(). grammar: the step's
+        structured-outputs rows (structured_outputs.manager.StepGrammar) or None; its bitmask
+        is filled here, after the forward pass (or graph replay) was launched, so the host work
+        overlaps the GPU."""
         hidden, prompt_hidden, logits_indices = self._forward(batch)
         logits = self.model.compute_logits(hidden[logits_indices])
         state = self.sampler_state
         state.apply(batch)
         st = SamplingTensors.from_rows(state.rows(batch), self.device, self.vocab_size, self.sampling_staging, state)
-        out = self.sampler(logits, st)
+        token_mask = grammar.fill(self.device) if grammar is not None else None
+        out = self.sampler(logits, st, token_mask)
         state.record(st.count_rows, st.count_vocab_rows, out.sampled_token_ids)
 
         prompt_lp = None
