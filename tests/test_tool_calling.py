@@ -170,7 +170,6 @@ def test_json_schema_stream_and_whole_agree(client):
     ({"tools": []}, "tools"),
     ({"functions": [{"name": "f"}]}, "functions"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"allowed_token_ids": [1, 2]}, "allowed_token_ids"),
     ({"priority": 3}, "priority"),
 ])
 def test_bad_requests_are_400s_naming_the_field(client, body, param):

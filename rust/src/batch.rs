@@ -134,13 +134,25 @@ impl EmptyArrays {
         EmptyArrays { i64: arr(py, Vec::new()), i32: arr(py, Vec::new()), f32: arr(py, Vec::new()) }
     }
     pub fn i64(&self, py: Python<'_>, v: Vec<i64>) -> A1<i64> {
-        if v.is_empty() { self.i64.clone_ref(py) } else { arr(py, v) }
+        if v.is_empty() {
+            self.i64.clone_ref(py)
+        } else {
+            arr(py, v)
+        }
     }
     pub fn i32(&self, py: Python<'_>, v: Vec<i32>) -> A1<i32> {
-        if v.is_empty() { self.i32.clone_ref(py) } else { arr(py, v) }
+        if v.is_empty() {
+            self.i32.clone_ref(py)
+        } else {
+            arr(py, v)
+        }
     }
     pub fn f32(&self, py: Python<'_>, v: Vec<f32>) -> A1<f32> {
-        if v.is_empty() { self.f32.clone_ref(py) } else { arr(py, v) }
+        if v.is_empty() {
+            self.f32.clone_ref(py)
+        } else {
+            arr(py, v)
+        }
     }
 }
 
@@ -149,7 +161,13 @@ fn arr<T: numpy::Element>(py: Python<'_>, v: Vec<T>) -> A1<T> {
 }
 
 impl Batch {
-    pub fn from_data(py: Python<'_>, d: BatchData, empty: &EmptyArrays, sched: Py<Scheduler>, step: u64) -> PyResult<Batch> {
+    pub fn from_data(
+        py: Python<'_>,
+        d: BatchData,
+        empty: &EmptyArrays,
+        sched: Py<Scheduler>,
+        step: u64,
+    ) -> PyResult<Batch> {
         let (b, m) = (d.num_seqs, d.max_blocks);
         let block_tables = d.block_tables.into_pyarray(py).reshape([b, m])?.unbind();
         let (e64, e32, ef) = (|v| empty.i64(py, v), |v| empty.i32(py, v), |v| empty.f32(py, v));

@@ -102,8 +102,16 @@ impl BlockManager {
 
     fn unlink(&mut self, b: u32) {
         let (p, n) = (self.prev[b as usize], self.next[b as usize]);
-        if p == NIL { self.head = n } else { self.next[p as usize] = n }
-        if n == NIL { self.tail = p } else { self.prev[n as usize] = p }
+        if p == NIL {
+            self.head = n
+        } else {
+            self.next[p as usize] = n
+        }
+        if n == NIL {
+            self.tail = p
+        } else {
+            self.prev[n as usize] = p
+        }
         self.prev[b as usize] = NIL;
         self.next[b as usize] = NIL;
         self.num_free -= 1;
@@ -112,7 +120,11 @@ impl BlockManager {
     fn push_tail(&mut self, b: u32) {
         self.prev[b as usize] = self.tail;
         self.next[b as usize] = NIL;
-        if self.tail == NIL { self.head = b } else { self.next[self.tail as usize] = b }
+        if self.tail == NIL {
+            self.head = b
+        } else {
+            self.next[self.tail as usize] = b
+        }
         self.tail = b;
         self.num_free += 1;
     }
@@ -120,7 +132,11 @@ impl BlockManager {
     fn push_head(&mut self, b: u32) {
         self.next[b as usize] = self.head;
         self.prev[b as usize] = NIL;
-        if self.head == NIL { self.tail = b } else { self.prev[self.head as usize] = b }
+        if self.head == NIL {
+            self.tail = b
+        } else {
+            self.prev[self.head as usize] = b
+        }
         self.head = b;
         self.num_free += 1;
     }
@@ -186,7 +202,11 @@ impl BlockManager {
             if *rc == 0 {
                 // Blocks that hold no cached prefix go to the head: reuse them before
                 // evicting anything a future prompt could hit.
-                if self.hash[b as usize] == 0 { self.push_head(b) } else { self.push_tail(b) }
+                if self.hash[b as usize] == 0 {
+                    self.push_head(b)
+                } else {
+                    self.push_tail(b)
+                }
             }
         }
         table.clear();

@@ -32,20 +32,10 @@ enum Strategy {
     /// run of byte pieces (`group_from_prompt` of them continue the prompt's last run: the
     /// decoder judges a run as a whole); `at_start`: nothing decoded yet in this run of text,
     /// so its first space is the one the decoder strips.
-    Pieces {
-        group: Vec<u8>,
-        group_len: usize,
-        group_from_prompt: usize,
-        at_start: bool,
-    },
+    Pieces { group: Vec<u8>, group_len: usize, group_from_prompt: usize, at_start: bool },
     /// `ids[..read]` were already emitted and decode to `prefix_text`; `ids[read..]` not yet.
     /// `in_byte_group`: the last token pushed is a byte-fallback piece.
-    Window {
-        ids: Vec<u32>,
-        read: usize,
-        prefix_text: String,
-        in_byte_group: bool,
-    },
+    Window { ids: Vec<u32>, read: usize, prefix_text: String, in_byte_group: bool },
 }
 
 /// Incremental detokenizer + stop-string matcher for one output sequence.
@@ -76,7 +66,14 @@ impl IncrementalDetokenizer {
         include_stop_str_in_output: bool,
     ) -> Self {
         let stop = Arc::new(StopSet::new(stop));
-        Self::with_stop_set(tok, prompt_token_ids, skip_special_tokens, spaces_between_special_tokens, stop, include_stop_str_in_output)
+        Self::with_stop_set(
+            tok,
+            prompt_token_ids,
+            skip_special_tokens,
+            spaces_between_special_tokens,
+            stop,
+            include_stop_str_in_output,
+        )
     }
 
     /// As `new`, with stop strings shared between the sequences of one request.
@@ -100,9 +97,7 @@ impl IncrementalDetokenizer {
         stop: StopMatcher,
     ) -> Self {
         let strategy = if tok.byte_table().is_some() {
-            Strategy::Bytes {
-                pending: Vec::with_capacity(8),
-            }
+            Strategy::Bytes { pending: Vec::with_capacity(8) }
         } else if let Some((table, _)) = tok.sentencepiece_table() {
             let visible: Vec<u32> = prompt_token_ids
                 .iter()
@@ -122,12 +117,7 @@ impl IncrementalDetokenizer {
                 Some(&last) => !spaces_between_special_tokens && tok.is_added(last),
                 None => true,
             };
-            Strategy::Pieces {
-                group_len: group.len(),
-                group_from_prompt: group.len(),
-                group,
-                at_start,
-            }
+            Strategy::Pieces { group_len: group.len(), group_from_prompt: group.len(), group, at_start }
         } else {
             let mut start = prompt_token_ids.len().saturating_sub(PROMPT_CONTEXT_TOKENS);
             // Byte-fallback pieces decode as a group: start the context at a group boundary.
@@ -136,12 +126,7 @@ impl IncrementalDetokenizer {
             }
             let ids = prompt_token_ids[start..].to_vec();
             let prefix_text = tok.decode(&ids, skip_special_tokens, spaces_between_special_tokens);
-            Strategy::Window {
-                read: ids.len(),
-                ids,
-                prefix_text,
-                in_byte_group: false,
-            }
+            Strategy::Window { read: ids.len(), ids, prefix_text, in_byte_group: false }
         };
         IncrementalDetokenizer {
             tok,
@@ -249,24 +234,15 @@ impl IncrementalDetokenizer {
                 pending.clear();
                 s
             }
-            Strategy::Pieces {
-                group,
-                group_len,
-                group_from_prompt,
-                at_start,
-            } => {
+            Strategy::Pieces { group, group_len, group_from_prompt, at_start } => {
                 let mut out = String::new();
                 let strip = self.tok.sentencepiece_table().is_some_and(|(_, s)| s);
                 close_group(group, group_len, group_from_prompt, at_start, strip, &mut out);
                 out
             }
-            Strategy::Window {
-                ids, read, prefix_text, ..
-            } => {
+            Strategy::Window { ids, read, prefix_text, .. } => {
                 if *read < ids.len() {
-                    let full = self
-                        .tok
-                        .decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
+                    let full = self.tok.decode(ids, self.skip_special_tokens, self.spaces_between_special_tokens);
                     let delta = suffix_after(&full, prefix_text).to_owned();
                     ids.drain(..*read);
                     *read = ids.len();
@@ -331,15 +307,8 @@ impl IncrementalDetokenizer {
         let tok = &*self.tok;
         match &mut self.strategy {
             Strategy::Bytes { .. } => unreachable!("decode_into handles the byte strategy"),
-            Strategy::Pieces {
-                group,
-                group_len,
-                group_from_prompt,
-                at_start,
-            } => {
-                let (table, strip) = tok
-                    .sentencepiece_table()
-                    .expect("pieces strategy only with a piece table");
+            Strategy::Pieces { group, group_len, group_from_prompt, at_start } => {
+                let (table, strip) = tok.sentencepiece_table().expect("pieces strategy only with a piece table");
                 let text = table.get(id);
                 // Unknown ids and skipped special tokens never reach the decoder.
                 if text.is_empty() || (self.skip_special_tokens && tok.is_special(id)) {
@@ -362,12 +331,7 @@ impl IncrementalDetokenizer {
                 }
                 out
             }
-            Strategy::Window {
-                ids,
-                read,
-                prefix_text,
-                in_byte_group,
-            } => {
+            Strategy::Window { ids, read, prefix_text, in_byte_group } => {
                 // The decoder never sees a skipped token; leaving it out of the window also
                 // keeps a run of them from growing the window.
                 if self.skip_special_tokens && tok.is_special(id) {
@@ -421,11 +385,8 @@ fn close_group(
             }
         };
         let all = text(group, *group_len);
-        let prompt_part = if *group_from_prompt > 0 {
-            text(&group[..*group_from_prompt], *group_from_prompt)
-        } else {
-            String::new()
-        };
+        let prompt_part =
+            if *group_from_prompt > 0 { text(&group[..*group_from_prompt], *group_from_prompt) } else { String::new() };
         out.push_str(suffix_after(&all, &prompt_part));
     }
     *at_start = false;

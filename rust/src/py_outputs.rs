@@ -151,9 +151,9 @@ impl StepOutputs {
         let n = r.num_rows();
         let request_ids = PyList::new(
             py,
-            r.row_req.iter().map(|&slot| {
-                ids[slot as usize].as_ref().expect("a reported row's request has an id").clone_ref(py)
-            }),
+            r.row_req
+                .iter()
+                .map(|&slot| ids[slot as usize].as_ref().expect("a reported row's request has an id").clone_ref(py)),
         )?
         .unbind();
         let mut offsets = Vec::with_capacity(n + 1);
@@ -169,7 +169,8 @@ impl StepOutputs {
             }
         }
         let finished = PyList::new(py, r.finished.into_iter().map(FinishedOutput::from))?.unbind();
-        let rows = RowsForViews { num_prompt: r.row_num_prompt, num_cached: r.row_num_cached, finished: r.row_finished };
+        let rows =
+            RowsForViews { num_prompt: r.row_num_prompt, num_cached: r.row_num_cached, finished: r.row_finished };
         let text = PyString::new(py, &r.text).unbind();
         let (sample_indices, sample_rows, token_ids, text_offsets) = if n == 0 {
             (empty.i32(py, vec![]), empty.i32(py, vec![]), empty.i64(py, vec![]), offsets.into_pyarray(py).unbind())
@@ -206,7 +207,8 @@ impl StepOutputs {
             }
             // A final-only sequence reports everything now; an aborted streamed one has
             // already reported its tokens.
-            let (tokens, text) = if f.final_only { (f.token_ids.clone(), f.text.clone()) } else { (vec![], String::new()) };
+            let (tokens, text) =
+                if f.final_only { (f.token_ids.clone(), f.text.clone()) } else { (vec![], String::new()) };
             out.push(StepOutput {
                 request_id: PyString::new(py, &f.request_id).unbind(),
                 sample_index: f.sample_index,

@@ -40,7 +40,8 @@ impl Scheduler {
 
 fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
     v.map(|x| {
-        u32::try_from(x).map_err(|_| PyValueError::new_err(format!("{name} holds {x}, which is not a token id (0 <= id < 2**32)")))
+        u32::try_from(x)
+            .map_err(|_| PyValueError::new_err(format!("{name} holds {x}, which is not a token id (0 <= id < 2**32)")))
     })
     .collect()
 }
@@ -101,7 +102,12 @@ impl Scheduler {
         Ok(Scheduler { core, empty: EmptyArrays::new(py), ids: vec![], step: 0 })
     }
 
-    fn add_request(&mut self, request_id: &Bound<'_, PyString>, prompt_token_ids: &Bound<'_, PyAny>, params: RequestParams) -> PyResult<()> {
+    fn add_request(
+        &mut self,
+        request_id: &Bound<'_, PyString>,
+        prompt_token_ids: &Bound<'_, PyAny>,
+        params: RequestParams,
+    ) -> PyResult<()> {
         let prompt = extract_ids("prompt_token_ids", prompt_token_ids)?;
         let slot = self.core.add_request(request_id.to_str()?, prompt, params).map_err(PyValueError::new_err)? as usize;
         if self.ids.len() <= slot {
@@ -159,7 +165,10 @@ impl Scheduler {
     /// (sample rows int64 [C], sample indices int32 [C]) of the pending batch's
     /// grammar-constrained requests (RequestParams.structured_output), in sample-row order;
     /// `Batch.sample_request_id(row)` names each row's request.
-    fn pending_structured_samples<'py>(&self, py: Python<'py>) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>) {
+    fn pending_structured_samples<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<i32>>) {
         let (rows, indices) = self.core.pending_structured_samples();
         (rows.into_pyarray(py), indices.into_pyarray(py))
     }

@@ -18,9 +18,7 @@ fn to_u32_ids(ids: Vec<i64>, field: &str) -> PyResult<Vec<u32>> {
     ids.into_iter()
         .map(|i| {
             u32::try_from(i).map_err(|_| {
-                PyValueError::new_err(format!(
-                    "{field}: token id {i} is out of range; ids must be in [0, 2**32)"
-                ))
+                PyValueError::new_err(format!("{field}: token id {i} is out of range; ids must be in [0, 2**32)"))
             })
         })
         .collect()
@@ -73,15 +71,13 @@ impl PyTokenizer {
     #[pyo3(signature = (text, add_special_tokens = true))]
     fn encode(&self, py: Python<'_>, text: &str, add_special_tokens: bool) -> PyResult<Vec<u32>> {
         let core = &self.core;
-        py.allow_threads(|| core.encode(text, add_special_tokens))
-            .map_err(PyValueError::new_err)
+        py.allow_threads(|| core.encode(text, add_special_tokens)).map_err(PyValueError::new_err)
     }
 
     #[pyo3(signature = (texts, add_special_tokens = true))]
     fn encode_batch(&self, py: Python<'_>, texts: Vec<String>, add_special_tokens: bool) -> PyResult<Vec<Vec<u32>>> {
         let core = &self.core;
-        py.allow_threads(|| core.encode_batch(texts, add_special_tokens))
-            .map_err(PyValueError::new_err)
+        py.allow_threads(|| core.encode_batch(texts, add_special_tokens)).map_err(PyValueError::new_err)
     }
 
     #[pyo3(signature = (ids, skip_special_tokens = true, spaces_between_special_tokens = true))]
@@ -92,15 +88,11 @@ impl PyTokenizer {
         spaces_between_special_tokens: bool,
     ) -> PyResult<String> {
         let ids = to_u32_ids(ids, "ids")?;
-        Ok(self
-            .core
-            .decode(&ids, skip_special_tokens, spaces_between_special_tokens))
+        Ok(self.core.decode(&ids, skip_special_tokens, spaces_between_special_tokens))
     }
 
     fn id_to_token(&self, token_id: i64) -> Option<String> {
-        u32::try_from(token_id)
-            .ok()
-            .and_then(|id| self.core.inner.id_to_token(id))
+        u32::try_from(token_id).ok().and_then(|id| self.core.inner.id_to_token(id))
     }
 
     fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -151,9 +143,7 @@ impl PyDetokenizer {
 
     fn push(&mut self, token_id: i64) -> PyResult<(String, Option<String>)> {
         let id = u32::try_from(token_id).map_err(|_| {
-            PyValueError::new_err(format!(
-                "token_id: {token_id} is out of range; ids must be in [0, 2**32)"
-            ))
+            PyValueError::new_err(format!("token_id: {token_id} is out of range; ids must be in [0, 2**32)"))
         })?;
         Ok(self.inner.push(id))
     }

@@ -389,22 +389,29 @@ impl Scheduler {
         }
     }
 
-    fn make_detok(&self, params: &RequestParams, prompt: &[u32], stop: &Arc<StopSet>) -> Option<Box<IncrementalDetokenizer>> {
+    fn make_detok(
+        &self,
+        params: &RequestParams,
+        prompt: &[u32],
+        stop: &Arc<StopSet>,
+    ) -> Option<Box<IncrementalDetokenizer>> {
         let tok = self.tokenizer.as_ref()?;
         if !params.detokenize {
             return None;
         }
-        Some(Box::new(IncrementalDetokenizer::with_stop_set(
-            tok.clone(),
-            prompt,
-            params.skip_special_tokens,
-            params.spaces_between_special_tokens,
-            stop.clone(),
-            params.include_stop_str_in_output,
-        )
-        // vLLM checks no stop string before min_tokens: the detokenizer must not cut there.
-        .with_min_tokens(params.min_tokens as usize)
-        .without_text()))
+        Some(Box::new(
+            IncrementalDetokenizer::with_stop_set(
+                tok.clone(),
+                prompt,
+                params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+                stop.clone(),
+                params.include_stop_str_in_output,
+            )
+            // vLLM checks no stop string before min_tokens: the detokenizer must not cut there.
+            .with_min_tokens(params.min_tokens as usize)
+            .without_text(),
+        ))
     }
 
     /// Queues a request; returns its slot, which names it in `StepResult::row_req` until it
@@ -623,7 +630,11 @@ impl Scheduler {
                 let end = seq.num_computed + num_new;
                 let num_samples = self.samples_for(seq_ref(&self.seqs, s), end);
                 let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
-                if rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
+                if rem == 1 {
+                    self.decode_rows.push(row)
+                } else {
+                    self.prefill_rows.push(row)
+                }
                 *budget -= num_new;
                 self.step_samples += num_samples as usize;
                 return;
@@ -745,7 +756,13 @@ impl Scheduler {
             } else {
                 break;
             };
-            let k = if computed + num_new < seq.tokens.len() { 0 } else if seq.pending_fork { seq.sp.n as usize } else { 1 };
+            let k = if computed + num_new < seq.tokens.len() {
+                0
+            } else if seq.pending_fork {
+                seq.sp.n as usize
+            } else {
+                1
+            };
             if self.step_samples + k > self.cfg.max_num_sample_rows {
                 if num_new > 1 && num_new == rem && self.cfg.enable_chunked_prefill {
                     num_new -= 1;
@@ -779,7 +796,11 @@ impl Scheduler {
             self.running.push(s);
             let num_samples = self.samples_for(seq_ref(&self.seqs, s), computed + num_new);
             let row = Scheduled { seq: s, num_new: num_new as u32, num_samples };
-            if num_new == 1 && rem == 1 { self.decode_rows.push(row) } else { self.prefill_rows.push(row) }
+            if num_new == 1 && rem == 1 {
+                self.decode_rows.push(row)
+            } else {
+                self.prefill_rows.push(row)
+            }
             budget -= num_new;
             self.step_samples += num_samples as usize;
         }
@@ -838,8 +859,14 @@ impl Scheduler {
             ..Default::default()
         };
         if any_new {
-            for v in [&mut d.new_prompt_offsets, &mut d.new_output_offsets, &mut d.new_ban_offsets,
-                      &mut d.new_min_ban_offsets, &mut d.new_bias_offsets, &mut d.new_allow_offsets] {
+            for v in [
+                &mut d.new_prompt_offsets,
+                &mut d.new_output_offsets,
+                &mut d.new_ban_offsets,
+                &mut d.new_min_ban_offsets,
+                &mut d.new_bias_offsets,
+                &mut d.new_allow_offsets,
+            ] {
                 v.push(0);
             }
         }
@@ -1255,7 +1282,9 @@ impl Scheduler {
             if seq.status == SeqStatus::Waiting && !seq.block_table.is_empty() {
                 return Err("a waiting sequence holds blocks".into());
             }
-            if seq.status == SeqStatus::Running && seq.block_table.len() < seq.num_computed.div_ceil(self.cfg.block_size) {
+            if seq.status == SeqStatus::Running
+                && seq.block_table.len() < seq.num_computed.div_ceil(self.cfg.block_size)
+            {
                 return Err("a sequence has computed tokens without blocks".into());
             }
             for &b in &seq.block_table {
@@ -1351,7 +1380,11 @@ mod tests {
             let row = b.sample_rows[j] as usize;
             let want = req_ref(&s.requests, b.row_req_slots[row]).request_id.to_string();
             let slot = b.sample_seq_slots[j];
-            assert_eq!(known.get(&slot), Some(&want), "sample row {j} names slot {slot} the worker does not hold for {want}");
+            assert_eq!(
+                known.get(&slot),
+                Some(&want),
+                "sample row {j} names slot {slot} the worker does not hold for {want}"
+            );
         }
     }
 
@@ -1490,7 +1523,12 @@ mod tests {
         let mut c = cfg(64, 8, 64);
         c.eos_token_ids = vec![2, 3];
         let mut s = Scheduler::new(c, None).unwrap();
-        let p = |max_tokens, min_tokens| RequestParams { max_tokens, min_tokens, stop_token_ids: vec![9], ..Default::default() };
+        let p = |max_tokens, min_tokens| RequestParams {
+            max_tokens,
+            min_tokens,
+            stop_token_ids: vec![9],
+            ..Default::default()
+        };
         s.add_request("primary", vec![5, 6], p(1, 0)).unwrap();
         s.add_request("second_eos", vec![5, 7], p(1, 0)).unwrap();
         s.add_request("stop_id", vec![5, 8], p(1, 0)).unwrap();
@@ -1623,16 +1661,34 @@ mod timing {
             std::env::var("FASTSERVE_TIMING_TOKENIZER").ok().map(|d| Arc::new(CoreTokenizer::from_dir(&d).unwrap())),
         )
         .unwrap();
-        let stop: Vec<String> = if s.tokenizer.is_some() { vec!["\u{2603}STOP\u{2603}".into(), "<|bench-end|>".into()] } else { vec![] };
+        let stop: Vec<String> =
+            if s.tokenizer.is_some() { vec!["\u{2603}STOP\u{2603}".into(), "<|bench-end|>".into()] } else { vec![] };
         let mut x = 1u64;
         for i in 0..1024 {
-            let p: Vec<u32> = (0..128).map(|_| { x = splitmix64(x); 100 + (x % 30000) as u32 }).collect();
-            s.add_request(&format!("r{i}"), p, RequestParams { max_tokens: 4000, ignore_eos: true, stop: stop.clone(), ..Default::default() }).unwrap();
+            let p: Vec<u32> = (0..128)
+                .map(|_| {
+                    x = splitmix64(x);
+                    100 + (x % 30000) as u32
+                })
+                .collect();
+            s.add_request(
+                &format!("r{i}"),
+                p,
+                RequestParams { max_tokens: 4000, ignore_eos: true, stop: stop.clone(), ..Default::default() },
+            )
+            .unwrap();
         }
         // Fresh random ids each step over most of the vocabulary, as a model samples them: the
         // same ids every step would keep their detokenizer table entries in cache.
         let vocab = s.tokenizer.as_ref().map_or(30_000, |t| t.vocab_size.min(120_000)) as u64;
-        let mut draw = |n: usize| -> Vec<i64> { (0..n).map(|_| { x = splitmix64(x); 100 + (x % (vocab - 100)) as i64 }).collect() };
+        let mut draw = |n: usize| -> Vec<i64> {
+            (0..n)
+                .map(|_| {
+                    x = splitmix64(x);
+                    100 + (x % (vocab - 100)) as i64
+                })
+                .collect()
+        };
         for _ in 0..40 {
             let b = s.schedule().unwrap().unwrap();
             s.update(&draw(b.num_samples), 0.0).unwrap();

@@ -65,13 +65,7 @@ impl StopMatcher {
     }
 
     pub fn shared(set: Arc<StopSet>, include_stop_str_in_output: bool) -> Self {
-        StopMatcher {
-            set,
-            include_stop_str_in_output,
-            held: String::new(),
-            tail: String::new(),
-            finished: false,
-        }
+        StopMatcher { set, include_stop_str_in_output, held: String::new(), tail: String::new(), finished: false }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -118,16 +112,10 @@ impl StopMatcher {
     /// possible start of a stop string is still held, so that it can complete later.
     pub fn feed_checked(&mut self, delta: String, check: bool) -> StopFeed {
         if self.finished || delta.is_empty() {
-            return StopFeed {
-                emit: String::new(),
-                matched: None,
-            };
+            return StopFeed { emit: String::new(), matched: None };
         }
         if self.set.is_empty() {
-            return StopFeed {
-                emit: delta,
-                matched: None,
-            };
+            return StopFeed { emit: delta, matched: None };
         }
         // `tail` is empty unless include_stop_str_in_output, `held` empty when it is set; in the
         // common case both are empty and `delta` is searched in place.
@@ -135,11 +123,7 @@ impl StopMatcher {
         let mut text = if self.tail.is_empty() && self.held.is_empty() {
             delta
         } else {
-            let mut t = std::mem::take(if self.include_stop_str_in_output {
-                &mut self.tail
-            } else {
-                &mut self.held
-            });
+            let mut t = std::mem::take(if self.include_stop_str_in_output { &mut self.tail } else { &mut self.held });
             t.push_str(&delta);
             t
         };
@@ -165,11 +149,7 @@ impl StopMatcher {
             // A match is never found wholly inside `tail` (it would have matched earlier),
             // so `cut >= skip`.
             text.truncate(cut);
-            let emit = if skip == 0 {
-                text
-            } else {
-                text[skip.min(cut)..].to_owned()
-            };
+            let emit = if skip == 0 { text } else { text[skip.min(cut)..].to_owned() };
             self.held.clear();
             self.tail.clear();
             return StopFeed { emit, matched: Some(i) };
@@ -190,10 +170,7 @@ impl StopMatcher {
         if hold > 0 {
             self.held = text.split_off(text.len() - hold);
         }
-        StopFeed {
-            emit: text,
-            matched: None,
-        }
+        StopFeed { emit: text, matched: None }
     }
 
     /// At finish without a match: whatever was held back can go out now.
@@ -210,12 +187,7 @@ impl StopMatcher {
         // byte-wise prefix match can only begin at a char boundary.
         for start in from..bytes.len() {
             let suffix = &bytes[start..];
-            if self
-                .set
-                .stops
-                .iter()
-                .any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix))
-            {
+            if self.set.stops.iter().any(|s| s.len() > suffix.len() && s.as_bytes().starts_with(suffix)) {
                 return suffix.len();
             }
         }
@@ -291,27 +263,9 @@ mod tests {
     #[test]
     fn unchecked_feed_holds_but_never_matches() {
         let mut m = StopMatcher::new(vec!["STOP".into()], false);
-        assert_eq!(
-            m.feed_checked("a STOP b ST".into(), false),
-            StopFeed {
-                emit: "a STOP b ".into(),
-                matched: None
-            }
-        );
-        assert_eq!(
-            m.feed_checked("O".into(), true),
-            StopFeed {
-                emit: "".into(),
-                matched: None
-            }
-        );
-        assert_eq!(
-            m.feed_checked("P!".into(), true),
-            StopFeed {
-                emit: "".into(),
-                matched: Some(0)
-            }
-        );
+        assert_eq!(m.feed_checked("a STOP b ST".into(), false), StopFeed { emit: "a STOP b ".into(), matched: None });
+        assert_eq!(m.feed_checked("O".into(), true), StopFeed { emit: "".into(), matched: None });
+        assert_eq!(m.feed_checked("P!".into(), true), StopFeed { emit: "".into(), matched: Some(0) });
     }
 
     #[test]

@@ -134,11 +134,7 @@ impl CoreTokenizer {
                 "tokenizer path {path:?} does not exist: pass a directory holding tokenizer.json"
             )));
         };
-        let tok_file = if given.is_file() {
-            given.to_path_buf()
-        } else {
-            dir.join("tokenizer.json")
-        };
+        let tok_file = if given.is_file() { given.to_path_buf() } else { dir.join("tokenizer.json") };
         if !tok_file.is_file() {
             return Err(LoadError::NotFound(format!(
                 "no tokenizer.json in {:?}: a fast (tokenizer.json) Hugging Face tokenizer is required",
@@ -180,9 +176,7 @@ impl CoreTokenizer {
             }
         }
         let pad_token_id = pad.as_ref().map(|p| p.1).or_else(|| {
-            [&gen_config, &model_config]
-                .iter()
-                .find_map(|c| ids_of(c.get("pad_token_id")).first().copied())
+            [&gen_config, &model_config].iter().find_map(|c| ids_of(c.get("pad_token_id")).first().copied())
         });
 
         let chat_template = chat_template(&tok_config, &dir)?;
@@ -204,11 +198,7 @@ impl CoreTokenizer {
             }
         }
         let decoder = tok_json.get("decoder").cloned().unwrap_or(Value::Null);
-        let byte_level = if is_pure_byte_level(&decoder) {
-            Some(build_byte_table(&inner, table_len))
-        } else {
-            None
-        };
+        let byte_level = if is_pure_byte_level(&decoder) { Some(build_byte_table(&inner, table_len)) } else { None };
         let sentencepiece =
             sentencepiece_strip_first(&decoder).map(|strip| (build_piece_table(&inner, table_len), strip));
         let mut byte_piece = vec![false; table_len];
@@ -273,9 +263,7 @@ impl CoreTokenizer {
 
     /// Ids of added tokens marked special, ascending.
     pub fn special_token_ids(&self) -> Vec<u32> {
-        (0..self.special.len() as u32)
-            .filter(|&i| self.special[i as usize])
-            .collect()
+        (0..self.special.len() as u32).filter(|&i| self.special[i as usize]).collect()
     }
 
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, String> {
@@ -317,12 +305,7 @@ impl CoreTokenizer {
         for (i, &id) in ids.iter().enumerate() {
             if self.is_added(id) && !(skip_special_tokens && self.is_special(id)) {
                 if run_start < i {
-                    out.push_str(
-                        &self
-                            .inner
-                            .decode(&ids[run_start..i], skip_special_tokens)
-                            .unwrap_or_default(),
-                    );
+                    out.push_str(&self.inner.decode(&ids[run_start..i], skip_special_tokens).unwrap_or_default());
                 }
                 if let Some(t) = self.inner.id_to_token(id) {
                     out.push_str(&t);
@@ -331,12 +314,7 @@ impl CoreTokenizer {
             }
         }
         if run_start < ids.len() {
-            out.push_str(
-                &self
-                    .inner
-                    .decode(&ids[run_start..], skip_special_tokens)
-                    .unwrap_or_default(),
-            );
+            out.push_str(&self.inner.decode(&ids[run_start..], skip_special_tokens).unwrap_or_default());
         }
         out
     }
@@ -374,10 +352,8 @@ fn register_config_tokens(inner: &mut tokenizers::Tokenizer, cfg: &Value) {
     let is_added = |content: &str| known.values().any(|t| t.content == content);
     let mut to_add: Vec<AddedToken> = Vec::new();
     if let Some(Value::Object(dec)) = cfg.get("added_tokens_decoder") {
-        let mut entries: Vec<(u32, &Value)> = dec
-            .iter()
-            .filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v)))
-            .collect();
+        let mut entries: Vec<(u32, &Value)> =
+            dec.iter().filter_map(|(k, v)| k.parse::<u32>().ok().map(|id| (id, v))).collect();
         entries.sort_by_key(|e| e.0);
         for (id, v) in entries {
             let Some(content) = token_content(v) else { continue };
@@ -401,21 +377,12 @@ fn register_config_tokens(inner: &mut tokenizers::Tokenizer, cfg: &Value) {
             }
         }
     }
-    let mut named: Vec<String> = [
-        "bos_token",
-        "eos_token",
-        "unk_token",
-        "pad_token",
-        "sep_token",
-        "cls_token",
-        "mask_token",
-    ]
-    .iter()
-    .filter_map(|k| cfg.get(*k).and_then(token_content))
-    .collect();
-    if let Some(Value::Array(extra)) = cfg
-        .get("additional_special_tokens")
-        .or_else(|| cfg.get("extra_special_tokens"))
+    let mut named: Vec<String> =
+        ["bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token"]
+            .iter()
+            .filter_map(|k| cfg.get(*k).and_then(token_content))
+            .collect();
+    if let Some(Value::Array(extra)) = cfg.get("additional_special_tokens").or_else(|| cfg.get("extra_special_tokens"))
     {
         named.extend(extra.iter().filter_map(token_content));
     }
@@ -435,14 +402,9 @@ fn chat_template(cfg: &Value, dir: &Path) -> Result<Option<String>, LoadError> {
         Some(Value::String(s)) => return Ok(Some(s.clone())),
         // Several named templates: "default" is the one transformers applies.
         Some(Value::Array(list)) => {
-            let pick = list
-                .iter()
-                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                .or_else(|| list.first());
-            return Ok(pick
-                .and_then(|t| t.get("template"))
-                .and_then(Value::as_str)
-                .map(str::to_owned));
+            let pick =
+                list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some("default")).or_else(|| list.first());
+            return Ok(pick.and_then(|t| t.get("template")).and_then(Value::as_str).map(str::to_owned));
         }
         _ => {}
     }
@@ -479,11 +441,7 @@ fn sentencepiece_strip_first(decoder: &Value) -> Option<bool> {
         return None;
     }
     let replace_ok = ty(&ds[0]) == "Replace"
-        && ds[0]
-            .get("pattern")
-            .and_then(|p| p.get("String"))
-            .and_then(Value::as_str)
-            == Some("▁")
+        && ds[0].get("pattern").and_then(|p| p.get("String")).and_then(Value::as_str) == Some("▁")
         && ds[0].get("content").and_then(Value::as_str) == Some(" ");
     if !replace_ok || ty(&ds[1]) != "ByteFallback" || ty(&ds[2]) != "Fuse" {
         return None;
@@ -553,10 +511,7 @@ fn char_to_byte() -> ahash::AHashMap<char, u8> {
             n += 1;
         }
     }
-    bs.into_iter()
-        .zip(cs)
-        .map(|(b, c)| (char::from_u32(c).expect("valid code point"), b as u8))
-        .collect()
+    bs.into_iter().zip(cs).map(|(b, c)| (char::from_u32(c).expect("valid code point"), b as u8)).collect()
 }
 
 fn build_byte_table(inner: &tokenizers::Tokenizer, table_len: usize) -> ByteTable {
@@ -630,11 +585,8 @@ pub(crate) mod test_support {
                       "ignore_merges": false, "vocab": vocab,
                       "merges": [["Ġ", "t"], ["h", "e"], ["Ġt", "he"], ["ä", "¸"], ["Ġ", "Ã"]]}
         });
-        let dir = write_dir(
-            "bytelevel",
-            tokenizer,
-            json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}),
-        );
+        let dir =
+            write_dir("bytelevel", tokenizer, json!({"eos_token": "<|end|>", "bos_token": {"content": "<|start|>"}}));
         write_atomic(&dir.join("generation_config.json"), &json!({"eos_token_id": [262, 261]}).to_string());
         dir
     }
@@ -658,10 +610,7 @@ pub(crate) mod test_support {
         let metaspace = json!({"type": "Sequence", "decoders": [
             {"type": "ByteFallback"},
             {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first", "split": false}]});
-        vec![
-            sentencepiece_dir_with("reordered", reordered),
-            sentencepiece_dir_with("metaspace", metaspace),
-        ]
+        vec![sentencepiece_dir_with("reordered", reordered), sentencepiece_dir_with("metaspace", metaspace)]
     }
 
     fn sentencepiece_dir_with(name: &str, decoder: serde_json::Value) -> PathBuf {
@@ -794,11 +743,7 @@ mod tests {
                 let prompt: Vec<u32> = (0..lcg(&mut seed) % 4).map(|_| draw(&mut seed)).collect();
                 for (skip, spaces) in [(true, true), (true, false), (false, true), (false, false)] {
                     let streamed = stream(&tok, &[], &ids, skip, spaces);
-                    assert_eq!(
-                        streamed,
-                        tok.decode(&ids, skip, spaces),
-                        "{dir:?} {skip} {spaces} {ids:?}"
-                    );
+                    assert_eq!(streamed, tok.decode(&ids, skip, spaces), "{dir:?} {skip} {spaces} {ids:?}");
                     let full = tok.decode(&[prompt.clone(), ids.clone()].concat(), skip, spaces);
                     let head = tok.decode(&prompt, skip, spaces);
                     if tok.byte_table().is_some() {
@@ -854,9 +799,7 @@ mod tests {
 
         // Below min_tokens the first "the w" streams as text; the second one stops.
         let ids = tok.encode("the word, the way", false).unwrap();
-        let first_done = (1..=ids.len())
-            .find(|&n| tok.decode(&ids[..n], true, true).contains("the w"))
-            .unwrap();
+        let first_done = (1..=ids.len()).find(|&n| tok.decode(&ids[..n], true, true).contains("the w")).unwrap();
         let mut d = IncrementalDetokenizer::new(tok.clone(), &[], true, true, vec!["the w".into()], false)
             .with_min_tokens(first_done + 1);
         let mut out = String::new();

@@ -79,7 +79,6 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     # request setting them is refused (a 400 naming the field), never silently ignored.
     use_beam_search: bool = False
     length_penalty: float = 1.0
-    allowed_token_ids: list[int] | None = None
     logprob_token_ids: list[int] | None = None
     priority: int = 0
     vllm_xargs: dict[str, Any] | None = None
@@ -141,7 +140,6 @@ _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "gu
 _UNSUPPORTED = (
     ("use_beam_search", lambda v: v is True, "no beam search"),
     ("length_penalty", lambda v: v != 1.0, "it applies to beam search only"),
-    ("allowed_token_ids", lambda v: v is not None, "use structured_outputs.choice or a grammar instead"),
     ("logprob_token_ids", lambda v: v is not None, "use logprobs / top_logprobs"),
     ("priority", lambda v: v != 0, "no priority scheduling"),
     ("vllm_xargs", lambda v: bool(v), "no custom extensions"),
