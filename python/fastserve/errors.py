@@ -1,6 +1,10 @@
 """The engine's error types, importable without torch (the server imports them before the
 model loads).
 
+- `InvalidRequest`: the client's input breaks a documented rule; carries the request field it
+  is about (`field`, the offline/SamplingParams name; the server maps it to the wire name) so
+  no layer recovers it from the message. A `ValueError`, so offline callers keep catching
+  what vLLM raises.
 - `RequestError`: a failure that belongs to one request; the engine fails that request alone
   and keeps serving the rest (HTTP 500 for that request only).
 - `InternalError`: an engine invariant broke (a bug, not the client's input): never reported
@@ -12,6 +16,18 @@ model loads).
 """
 
 from __future__ import annotations
+
+
+class InvalidRequest(ValueError):
+    """Bad input: `field` names the parameter (None: the request as a whole)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.field))
 
 
 class RequestError(RuntimeError):
@@ -62,4 +78,4 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop stopped after an error; nothing more will run."""
 
 
-__all__ = ["EngineDeadError", "InternalError", "RequestError", "StepLimitError"]
+__all__ = ["EngineDeadError", "InternalError", "InvalidRequest", "RequestError", "StepLimitError"]
