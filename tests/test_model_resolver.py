@@ -42,6 +42,12 @@ def closed_endpoint() -> str:
 def clean_env(monkeypatch):
     for name in HF_ENV:
         monkeypatch.delenv(name, raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: under a runner started with it set
+    # (.ci/run exports it) downloads from the local test hub would be refused whatever the test
+    # sets. Each test sets the variable it means; fastserve itself reads it at each call.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
 
 
 @pytest.fixture(scope="module")
