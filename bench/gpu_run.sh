@@ -53,7 +53,7 @@ for stage in "$@"; do
   structured)
     # xgrammar and jsonschema from wheels carried in .whl-structured/ (the box has no
     # internet; pip takes what is missing, torch/transformers/triton stay as installed).
-    python3 -m pip install -q --no-index --find-links .whl-structured xgrammar==0.2.8 jsonschema 2>&1 | tail -n 3
+    python3 -m pip install -q --no-index --find-links .whl-structured xgrammar jsonschema 2>&1 | tail -n 3
     TAIL=30 run timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_structured_outputs.py --tb=line
     TAIL=6 run timeout 300 python3 bench/structured_outputs.py --model $L8 --num-prompts 256 --input-len 256 \
       --output-len 256 --info "$OUT/device.json" --out "$OUT/structured-outputs-llama3-8b-$gpu.json" ;;

@@ -51,7 +51,8 @@ def run_fastserve(args, prompts, out_lens):
     t0 = time.perf_counter()
     llm = LLM(model=args.model, load_format="dummy", dtype=args.dtype, max_model_len=args.max_model_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed)
+              gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager, seed=args.seed,
+              **({"quantization": args.quantization} if args.quantization else {}))
     # Startup = construction + the first token of a one-token request (graphs captured).
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - t0
@@ -127,6 +128,8 @@ def main():
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--hf-max-prompts", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantization", help="e.g. awq, gptq, fp8: random weights in that format's layout "
+                    "(the roofline stays the bf16 one, so the fraction compares against unquantized weights)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--out")
     ap.add_argument("--info", help="reuse a device_info JSON measured earlier in the same run")
@@ -138,7 +141,7 @@ def main():
     prompts, in_lens, out_lens = make_workload(args, cfg["vocab_size"])
     bound = roofline_seconds(shape, in_lens, out_lens, args.max_num_seqs, info["copy_bandwidth_gbps"],
                              info["matmul_bf16_tflops"])
-    result = dict(bench="throughput", command=" ".join(sys.argv), device=info, model_config=cfg, shape=shape,
+    result = dict(bench="throughput", command=" ".join(sys.argv), quantization=args.quantization, device=info, model_config=cfg, shape=shape,
                   workload=dict(num_prompts=len(prompts), input_tokens=int(sum(in_lens)),
                                 output_tokens=int(sum(out_lens)), random_range=args.random_range,
                                 input_len=args.input_len, output_len=args.output_len),
