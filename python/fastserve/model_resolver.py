@@ -16,6 +16,7 @@ cache directory, hub endpoint) and what to do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import glob
@@ -150,6 +151,19 @@ def _missing_weights(model_dir: str, load_format: str) -> str | None:
 
 # -- Hugging Face hub --------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _online(hub_constants):
+    """huggingface_hub reads HF_HUB_OFFLINE once, when it is imported; fastserve reads it at each
+    call (a script may change it before LLM(...)), so a resolution that decided to go online
+    lifts the import-time value for its own hub calls."""
+    saved = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = False
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved
+
+
 class _NotResolved(Exception):
     """Why one source could not produce the snapshot (becomes part of the one-line error)."""
 
@@ -160,6 +174,7 @@ def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
     Online: list the repository, fetch the small files, then what `wanted` adds (weights,
     chosen with the index json in hand). Offline or unreachable: the cached snapshot."""
     import huggingface_hub
+    import huggingface_hub.constants
     from huggingface_hub import errors
 
     endpoint = hf_endpoint()
@@ -167,44 +182,45 @@ def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
     if hf_offline():
         reason = "downloads are off (HF_HUB_OFFLINE=1)"
     else:
-        api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
-        try:
-            info = api.model_info(repo_id, revision=revision, token=token)
-            listing = [s.rfilename for s in (info.siblings or [])]
-        except errors.RevisionNotFoundError as e:
-            raise _NotResolved(f"the hub at {endpoint} has {repo_id!r} but no revision {revision!r} "
-                               f"({_one_line(e, 120)}); pass an existing branch, tag or commit") from e
-        except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-            raise _NotResolved(f"the hub at {endpoint} refused {repo_id!r} ({_one_line(e, 160)}): check the ID; "
-                               "for a gated or private model accept its license on the hub and log in "
-                               "(`hf auth login`, HF_TOKEN or --hf-token)") from e
-        except Exception as e:  # noqa: BLE001 - connection, DNS, proxy, 5xx: fall back to the cache
-            reason = f"the hub at {endpoint} could not be reached ({_one_line(e, 160)})"
-        else:
-            small = [f for f in listing if "/" not in f and f in set(CONFIG_FILES + TOKENIZER_FILES
-                                                                        + (SAFETENSORS_INDEX, PT_INDEX))]
-            t0 = time.perf_counter()
-            logger.info("downloading %s %s (revision %s) from %s into %s", kind, repo_id, revision or "main",
-                        endpoint, cache_dir)
+        with _online(huggingface_hub.constants):
+            api = huggingface_hub.HfApi(endpoint=endpoint, token=token)
+            try:
+                info = api.model_info(repo_id, revision=revision, token=token)
+                listing = [s.rfilename for s in (info.siblings or [])]
+            except errors.RevisionNotFoundError as e:
+                raise _NotResolved(f"the hub at {endpoint} has {repo_id!r} but no revision {revision!r} "
+                                   f"({_one_line(e, 120)}); pass an existing branch, tag or commit") from e
+            except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
+                raise _NotResolved(f"the hub at {endpoint} refused {repo_id!r} ({_one_line(e, 160)}): check the ID; "
+                                   "for a gated or private model accept its license on the hub and log in "
+                                   "(`hf auth login`, HF_TOKEN or --hf-token)") from e
+            except Exception as e:  # noqa: BLE001 - connection, DNS, proxy, 5xx: fall back to the cache
+                reason = f"the hub at {endpoint} could not be reached ({_one_line(e, 160)})"
+            else:
+                small = [f for f in listing if "/" not in f and f in set(CONFIG_FILES + TOKENIZER_FILES
+                                                                            + (SAFETENSORS_INDEX, PT_INDEX))]
+                t0 = time.perf_counter()
+                logger.info("downloading %s %s (revision %s) from %s into %s", kind, repo_id, revision or "main",
+                            endpoint, cache_dir)
 
-            def fetch(files: list[str]) -> str:
-                try:
-                    return huggingface_hub.snapshot_download(
-                        repo_id, revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint,
-                        allow_patterns=[glob.escape(f) for f in files])
-                except Exception as e:  # noqa: BLE001 - a dropped connection mid-download, a full disk
-                    raise _NotResolved(f"downloading from {endpoint} into {cache_dir} failed "
-                                       f"({_one_line(e, 200)}); running again resumes it") from e
+                def fetch(files: list[str]) -> str:
+                    try:
+                        return huggingface_hub.snapshot_download(
+                            repo_id, revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint,
+                            allow_patterns=[glob.escape(f) for f in files])
+                    except Exception as e:  # noqa: BLE001 - a dropped connection mid-download, a full disk
+                        raise _NotResolved(f"downloading from {endpoint} into {cache_dir} failed "
+                                           f"({_one_line(e, 200)}); running again resumes it") from e
 
-            snapshot = fetch(small)
-            extra = wanted(listing, snapshot)
-            if extra:
-                sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
-                total = sum(sizes.get(f, 0) for f in extra)
-                logger.info("fetching %d weight file(s) of %s (%.2f GB)", len(extra), repo_id, total / 1e9)
-                snapshot = fetch(small + extra)
-            logger.info("%s %s is at %s (%.1f s)", kind, repo_id, snapshot, time.perf_counter() - t0)
-            return snapshot
+                snapshot = fetch(small)
+                extra = wanted(listing, snapshot)
+                if extra:
+                    sizes = {s.rfilename: s.size for s in (info.siblings or []) if s.size is not None}
+                    total = sum(sizes.get(f, 0) for f in extra)
+                    logger.info("fetching %d weight file(s) of %s (%.2f GB)", len(extra), repo_id, total / 1e9)
+                    snapshot = fetch(small + extra)
+                logger.info("%s %s is at %s (%.1f s)", kind, repo_id, snapshot, time.perf_counter() - t0)
+                return snapshot
     # The snapshot folder of `revision` (refs/<branch> -> commit), found through one file it must
     # hold. Not snapshot_download(local_files_only=True): huggingface_hub >= 1.x checks the
     # folder against the repository's whole listing, and fastserve downloads only part of it.
