@@ -98,7 +98,13 @@ async def run(args) -> dict:
             async with s.get(f"{base}/health") as r:
                 out["health_after"] = r.status
         by = results[0]
-        out["bystander_unharmed"] = (by[1] == 200 and by[2]["choices"][0]["text"] == alone[2]["choices"][0]["text"])
+        # Unharmed = answered in full while the matrix ran. Its text is recorded against the same
+        # request run alone, but not required to match: in bf16 a batch of other sizes takes other
+        # GEMM tilings, and random weights leave near-tied logits (CPU float32 tests check equality).
+        by_choice = by[2]["choices"][0] if by[1] == 200 else {}
+        out["bystander_unharmed"] = (by[1] == 200 and by[2]["usage"]["completion_tokens"] == 64
+                                     and by_choice.get("finish_reason") == "length")
+        out["bystander_same_text_as_alone"] = by_choice.get("text") == alone[2]["choices"][0]["text"]
         for name, status, data, secs in results[1:]:
             _, want_choices, want_tokens = matrix[name]
             choices = data.get("choices", []) if isinstance(data, dict) else []
