@@ -165,3 +165,13 @@ def test_n_past_the_sample_rows_is_refused_naming_n():
     assert s.max_num_sample_rows == 10
     # The default makes room for one request of the server's largest n on top of full decodes.
     assert Scheduler(num_blocks=8, max_model_len=32, max_num_seqs=8).max_num_sample_rows == 8 + 128
+
+
+def test_cli_flag_reaches_the_engine_args():
+    """`--max-num-sample-rows` (the server's and run-batch's flag) sets the scheduler limit."""
+    from fastserve.server.app import engine_args_from
+    from fastserve.server.cli import parse_args
+
+    args = parse_args(["--model", "m", "--max-num-seqs", "8", "--max-num-sample-rows", "40"])
+    assert engine_args_from(args).max_num_sample_rows == 40
+    assert engine_args_from(parse_args(["--model", "m"])).max_num_sample_rows is None

@@ -232,6 +232,7 @@ def engine_args_from(args):
         tensor_parallel_size=args.tensor_parallel_size,
         data_parallel_size=getattr(args, "data_parallel_size", 1), max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        max_num_sample_rows=getattr(args, "max_num_sample_rows", None),
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format, block_size=args.block_size,
         num_gpu_blocks_override=args.num_gpu_blocks_override, device=args.device,

@@ -118,6 +118,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="Most sequences in one engine step.")
     e.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="Most tokens (prefill + decode) in one engine step.")
+    e.add_argument("--max-num-sample-rows", type=int, default=None,
+                   help="Most sampled rows in one engine step (each prompt finishing prefill "
+                        "adds n or best_of); default max_num_seqs + 128.")
     e.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
                    help="Tokens per KV-cache block.")
     e.add_argument("--num-gpu-blocks-override", type=int, default=None,
