@@ -3,7 +3,7 @@
 # Expects python/fastserve/_core.abi3.so (an abi3 build made on the dev machine), .whl/ with
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
-#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench crash throughput
+#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench quant-e2e crash throughput
 #                                    penalties structured
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -27,11 +27,24 @@ for stage in "$@"; do
   tests)
     TAIL=25 run timeout 420 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu_engine.py tests/test_kernels.py \
       tests/test_staging.py tests/test_sampler.py tests/test_step_limits.py tests/test_models.py \
-      tests/test_models_opt_neox.py --tb=line ;;
+      tests/test_models_opt_neox.py tests/test_tensor_parallel_world_size_one.py --tb=line ;;
   quant-tests)
     TAIL=20 run timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line tests/test_quant_kernels.py ;;
   quant-bench)
     TAIL=90 run timeout 330 python3 bench/quant_kernels.py --out "$OUT/quant-kernels-$gpu.json" ${QUANT_BENCH_ARGS:-} ;;
+  quant-e2e)
+    # Llama-3-8B shape, random weights in each format's real layout, against bf16 in the same
+    # lease: batch-1 decode (128 in / 256 out) and offline 1000 x 512/256.
+    for q in ${QUANT_E2E_FORMATS:-none awq fp8}; do
+      qa=(); [ "$q" = none ] || qa=(--quantization "$q")
+      run timeout 150 $tp --model $L8 --num-prompts 1 --input-len 128 --output-len 256 --max-num-seqs 1 \
+        --backends fastserve "${qa[@]}" --out "$OUT/quant-e2e-batch1-$q-$gpu.json"
+    done
+    for q in ${QUANT_E2E_OFFLINE:-none fp8}; do
+      qa=(); [ "$q" = none ] || qa=(--quantization "$q")
+      run timeout 200 $tp --model $L8 --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve \
+        "${qa[@]}" --out "$OUT/quant-e2e-1000x512x256-$q-$gpu.json"
+    done ;;
   crash)
     TAIL=12 run timeout 500 python3 bench/crash_matrix.py --model $L8 --info "$OUT/device.json" \
       --out "$OUT/crash-matrix-$gpu.json" --log "$OUT/crash-server.log" ;;
