@@ -498,4 +498,28 @@ mod tests {
         assert!(!bm.grow(&mut c, 5));
         bm.check_free_list().unwrap();
     }
+
+    /// A prompt sharing two full blocks with a computed, since freed sequence: the match
+    /// stops at the first differing block, counts the hits on free blocks, honours
+    /// `max_blocks`, and taking the hit revives those blocks off the free list.
+    #[test]
+    fn match_prefix_returns_the_cached_run() {
+        let mut bm = BlockManager::new(8, BS, true);
+        let mut a = Seq { tokens: (0..12).collect(), ..Default::default() };
+        assert!(bm.grow(&mut a.table, 3));
+        a.register(&mut bm);
+        let a_blocks = a.table.clone();
+        bm.free(&mut a.table);
+        let prompt: Vec<u32> = (0..8).chain([99, 98, 97, 96, 95]).collect();
+        let mut hashes = vec![];
+        let hit = bm.match_prefix(&prompt, &mut hashes, 3);
+        assert_eq!(hit, PrefixHit { blocks: a_blocks[..2].to_vec(), num_cached_tokens: 2 * BS, num_free: 2 });
+        assert_eq!(hashes.len(), 3, "the probe hashed through the first miss");
+        assert_eq!(bm.match_prefix(&prompt, &mut hashes, 1).blocks, a_blocks[..1].to_vec());
+        let free = bm.num_free_blocks();
+        let mut table = vec![];
+        bm.acquire_prefix(&hit, &mut table);
+        assert_eq!((table, bm.num_free_blocks()), (a_blocks[..2].to_vec(), free - 2));
+        assert_eq!(bm.match_prefix(&prompt, &mut hashes, 3).num_free, 0, "held blocks are not free");
+    }
 }
