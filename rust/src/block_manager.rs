@@ -30,6 +30,24 @@ pub fn chain_hash(parent: u64, tokens: &[u32]) -> u64 {
     h.finish().max(1)
 }
 
+/// Extends `hashes` (the chained hashes of `tokens`' leading full blocks) to `num_blocks`.
+pub fn extend_hashes(hashes: &mut Vec<u64>, tokens: &[u32], num_blocks: usize, block_size: usize) {
+    while hashes.len() < num_blocks {
+        let i = hashes.len();
+        let parent = if i == 0 { 0 } else { hashes[i - 1] };
+        hashes.push(chain_hash(parent, &tokens[i * block_size..(i + 1) * block_size]));
+    }
+}
+
+/// A prompt's cached prefix (`BlockManager::match_prefix`): its blocks in order, the tokens
+/// they hold, and how many of them sit on the free list (taking them shrinks it).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PrefixHit {
+    pub blocks: Vec<u32>,
+    pub num_cached_tokens: usize,
+    pub num_free: usize,
+}
+
 pub struct BlockManager {
     pub block_size: usize,
     /// log2(block_size): positions map to blocks by shifts (a division costs ~40 cycles, and
@@ -145,6 +163,34 @@ impl BlockManager {
     pub fn lookup(&self, hash: u64, tokens: &[u32]) -> Option<u32> {
         let &b = self.cached.get(&hash)?;
         (self.block_content(b) == tokens).then_some(b)
+    }
+
+    /// The longest run of `tokens`' leading full blocks (at most `max_blocks`) the cache
+    /// holds. `hashes` are the sequence's chained block hashes, extended as far as the probe
+    /// reads (they are kept: the same blocks are registered under them once computed).
+    pub fn match_prefix(&self, tokens: &[u32], hashes: &mut Vec<u64>, max_blocks: usize) -> PrefixHit {
+        let bs = self.block_size;
+        let mut hit = PrefixHit::default();
+        for j in 0..max_blocks {
+            extend_hashes(hashes, tokens, j + 1, bs);
+            match self.lookup(hashes[j], &tokens[j * bs..(j + 1) * bs]) {
+                Some(b) => hit.blocks.push(b),
+                None => break,
+            }
+        }
+        hit.num_cached_tokens = hit.blocks.len() * bs;
+        hit.num_free = self.free_among(&hit.blocks);
+        hit
+    }
+
+    /// Takes a reference on each block of `hit` and appends them to `table` (which holds
+    /// nothing yet: a prefix starts the table).
+    pub fn acquire_prefix(&mut self, hit: &PrefixHit, table: &mut Vec<u32>) {
+        debug_assert!(table.is_empty() || hit.blocks.is_empty());
+        for &b in &hit.blocks {
+            self.acquire(b);
+            table.push(b);
+        }
     }
 
     /// Blocks a set of hits would take off the free list (hits on free cached blocks).
@@ -451,5 +497,29 @@ mod tests {
         assert_eq!(bm.lookup(h, &toks), None);
         assert!(!bm.grow(&mut c, 5));
         bm.check_free_list().unwrap();
+    }
+
+    /// A prompt sharing two full blocks with a computed, since freed sequence: the match
+    /// stops at the first differing block, counts the hits on free blocks, honours
+    /// `max_blocks`, and taking the hit revives those blocks off the free list.
+    #[test]
+    fn match_prefix_returns_the_cached_run() {
+        let mut bm = BlockManager::new(8, BS, true);
+        let mut a = Seq { tokens: (0..12).collect(), ..Default::default() };
+        assert!(bm.grow(&mut a.table, 3));
+        a.register(&mut bm);
+        let a_blocks = a.table.clone();
+        bm.free(&mut a.table);
+        let prompt: Vec<u32> = (0..8).chain([99, 98, 97, 96, 95]).collect();
+        let mut hashes = vec![];
+        let hit = bm.match_prefix(&prompt, &mut hashes, 3);
+        assert_eq!(hit, PrefixHit { blocks: a_blocks[..2].to_vec(), num_cached_tokens: 2 * BS, num_free: 2 });
+        assert_eq!(hashes.len(), 3, "the probe hashed through the first miss");
+        assert_eq!(bm.match_prefix(&prompt, &mut hashes, 1).blocks, a_blocks[..1].to_vec());
+        let free = bm.num_free_blocks();
+        let mut table = vec![];
+        bm.acquire_prefix(&hit, &mut table);
+        assert_eq!((table, bm.num_free_blocks()), (a_blocks[..2].to_vec(), free - 2));
+        assert_eq!(bm.match_prefix(&prompt, &mut hashes, 3).num_free, 0, "held blocks are not free");
     }
 }

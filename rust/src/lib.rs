@@ -8,6 +8,7 @@ pub mod tokenizer;
 
 pub mod batch;
 pub mod block_manager;
+pub mod errors;
 pub mod py_outputs;
 pub mod py_scheduler;
 pub mod sampling_params;

@@ -7,6 +7,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyString;
 
 use crate::batch::{Batch, EmptyArrays};
+use crate::errors::AdmissionError;
 use crate::py_outputs::{FinishedOutput, StepOutput, StepOutputs};
 use crate::py_tokenizer::PyTokenizer;
 use crate::sampling_params::RequestParams;
@@ -38,29 +39,32 @@ impl Scheduler {
     }
 }
 
-fn to_token_ids(name: &str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
+/// `field`: the request field the ids come from (see `AdmissionError::field`).
+fn to_token_ids(name: &str, field: &'static str, v: impl Iterator<Item = i64>) -> PyResult<Vec<u32>> {
     v.map(|x| {
-        u32::try_from(x)
-            .map_err(|_| PyValueError::new_err(format!("{name} holds {x}, which is not a token id (0 <= id < 2**32)")))
+        u32::try_from(x).map_err(|_| {
+            AdmissionError::invalid(field, format!("{name} holds {x}, which is not a token id (0 <= id < 2**32)"))
+                .into()
+        })
     })
     .collect()
 }
 
 /// Token ids from a numpy integer array (without a Python object per element) or any sequence.
-fn extract_ids(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
+fn extract_ids(name: &str, field: &'static str, obj: &Bound<'_, PyAny>) -> PyResult<Vec<u32>> {
     if let Ok(a) = obj.extract::<PyReadonlyArray1<i64>>() {
-        return to_token_ids(name, a.as_array().iter().copied());
+        return to_token_ids(name, field, a.as_array().iter().copied());
     }
     if let Ok(a) = obj.extract::<PyReadonlyArray1<i32>>() {
-        return to_token_ids(name, a.as_array().iter().map(|&x| x as i64));
+        return to_token_ids(name, field, a.as_array().iter().map(|&x| x as i64));
     }
     if let Ok(a) = obj.extract::<PyReadonlyArray1<u32>>() {
         return Ok(a.as_array().to_vec());
     }
-    let v: Vec<i64> = obj
-        .extract()
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a sequence of ints or a 1-D integer array")))?;
-    to_token_ids(name, v.into_iter())
+    let v: Vec<i64> = obj.extract().map_err(|_| {
+        PyErr::from(AdmissionError::invalid(field, format!("{name} must be a sequence of ints or a 1-D integer array")))
+    })?;
+    to_token_ids(name, field, v.into_iter())
 }
 
 #[pymethods]
@@ -108,8 +112,8 @@ impl Scheduler {
         prompt_token_ids: &Bound<'_, PyAny>,
         params: RequestParams,
     ) -> PyResult<()> {
-        let prompt = extract_ids("prompt_token_ids", prompt_token_ids)?;
-        let slot = self.core.add_request(request_id.to_str()?, prompt, params).map_err(PyValueError::new_err)? as usize;
+        let prompt = extract_ids("prompt_token_ids", "prompt", prompt_token_ids)?;
+        let slot = self.core.add_request(request_id.to_str()?, prompt, params)? as usize;
         if self.ids.len() <= slot {
             self.ids.resize_with(slot + 1, || None);
         }

@@ -2,8 +2,9 @@
 //! User-facing validation lives in Python; the checks here guard the core's own invariants
 //! (a value the scheduler could not honour) and name the field like the Python side does.
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+
+use crate::errors::AdmissionError;
 
 #[pyclass(frozen, module = "fastserve._core")]
 #[derive(Clone, Debug)]
@@ -106,42 +107,62 @@ impl RequestParams {
 
     // `!(x >= 0.0)` on purpose: it also rejects NaN, which `x < 0.0` would let through.
     #[allow(clippy::neg_cmp_op_on_partial_ord)]
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), AdmissionError> {
         if self.n < 1 {
-            return Err(format!("n must be at least 1, got {}", self.n));
+            return Err(AdmissionError::invalid("n", format!("n must be at least 1, got {}", self.n)));
         }
         if self.max_tokens < 1 {
-            return Err(format!("max_tokens must be at least 1, got {}", self.max_tokens));
+            return Err(AdmissionError::invalid(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {}", self.max_tokens),
+            ));
         }
         if self.min_tokens > self.max_tokens {
-            return Err(format!(
-                "min_tokens ({}) must not exceed max_tokens ({}); lower min_tokens or raise max_tokens",
-                self.min_tokens, self.max_tokens
+            return Err(AdmissionError::invalid(
+                "min_tokens",
+                format!(
+                    "min_tokens ({}) must not exceed max_tokens ({}); lower min_tokens or raise max_tokens",
+                    self.min_tokens, self.max_tokens
+                ),
             ));
         }
         if !(self.temperature >= 0.0) || !self.temperature.is_finite() {
-            return Err(format!("temperature must be a finite number >= 0, got {}", self.temperature));
+            return Err(AdmissionError::invalid(
+                "temperature",
+                format!("temperature must be a finite number >= 0, got {}", self.temperature),
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+            return Err(AdmissionError::invalid("top_p", format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+            return Err(AdmissionError::invalid("min_p", format!("min_p must be in [0, 1], got {}", self.min_p)));
         }
         if !(self.repetition_penalty > 0.0) || !self.repetition_penalty.is_finite() {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return Err(AdmissionError::invalid(
+                "repetition_penalty",
+                format!("repetition_penalty must be > 0, got {}", self.repetition_penalty),
+            ));
         }
-        if !self.presence_penalty.is_finite() || !self.frequency_penalty.is_finite() {
-            return Err("presence_penalty and frequency_penalty must be finite numbers".into());
+        for (field, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !v.is_finite() {
+                return Err(AdmissionError::invalid(
+                    field,
+                    "presence_penalty and frequency_penalty must be finite numbers",
+                ));
+            }
         }
         if self.bad_words_token_ids.iter().any(|w| w.is_empty()) {
-            return Err("bad_words_token_ids must not contain an empty token list".into());
+            return Err(AdmissionError::invalid(
+                "bad_words",
+                "bad_words_token_ids must not contain an empty token list",
+            ));
         }
         if self.stop.iter().any(|s| s.is_empty()) {
-            return Err("stop must not contain an empty string".into());
+            return Err(AdmissionError::invalid("stop", "stop must not contain an empty string"));
         }
         if self.vocab_bias.iter().any(|&(_, v)| v.is_nan()) {
-            return Err("vocab_bias values must be numbers, not NaN".into());
+            return Err(AdmissionError::invalid("logit_bias", "vocab_bias values must be numbers, not NaN"));
         }
         Ok(())
     }
@@ -214,7 +235,7 @@ impl RequestParams {
             vocab_allow,
             structured_output,
         };
-        p.validate().map_err(PyValueError::new_err)?;
+        p.validate()?;
         Ok(p)
     }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::block_manager::chain_hash;
+use crate::block_manager::extend_hashes;
 use crate::sampling_params::RequestParams;
 use crate::stop::StopSet;
 use crate::tokenizer::IncrementalDetokenizer;
@@ -160,12 +160,7 @@ impl Sequence {
 
     /// Extends `block_hashes` to cover the first `num_blocks` full blocks.
     pub fn ensure_hashes(&mut self, num_blocks: usize, block_size: usize) {
-        while self.block_hashes.len() < num_blocks {
-            let i = self.block_hashes.len();
-            let parent = if i == 0 { 0 } else { self.block_hashes[i - 1] };
-            let h = chain_hash(parent, &self.tokens[i * block_size..(i + 1) * block_size]);
-            self.block_hashes.push(h);
-        }
+        extend_hashes(&mut self.block_hashes, &self.tokens, num_blocks, block_size);
     }
 }
 

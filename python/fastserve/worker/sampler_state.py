@@ -3,7 +3,7 @@
 The scheduler sends a sequence's sampling parameters, seed, ban lists and (when penalized)
 prompt and output tokens once, in the `new_*` columns of the first Batch that names it;
 afterwards a Batch carries one sequence slot and one step counter per sample row, plus the
-slots released since the last step (rust/src/scheduler.rs, `BatchData`). This class holds
+slots released since the last step (rust/src/scheduler/batch_builder.rs, `BatchData`). This class holds
 what they refer to:
 
 - scalars per slot (temperature, top-p/k, min-p, penalties, seed, logprobs, min_tokens) in

@@ -2,7 +2,7 @@
 
 Every buffer a step's arrays are copied into has a fixed size, and each size comes from a
 limit the scheduler enforces (it defers work to the next step rather than exceed one; see
-`SchedulerConfig` in rust/src/scheduler.rs). This table is the one list of them:
+`SchedulerConfig` in rust/src/scheduler/mod.rs). This table is the one list of them:
 
 | buffer (owner)                                  | shape                               | safe because                                  |
 |-------------------------------------------------|-------------------------------------|-----------------------------------------------|
