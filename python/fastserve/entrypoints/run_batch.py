@@ -106,6 +106,11 @@ class Job:
     prompt_ids: list[list[int]]
     prompt_texts: list[str | None]
     params: list[Any]
+    # what formatting the answer needs (server/responses.py): chat's reasoning parser for this
+    # request and its ToolCalling; completions' echoed-prompt logprobs count
+    reasoning_parser: Any = None
+    tools: Any = None
+    echo_k: int | None = None
     finals: dict[int, Any] = field(default_factory=dict)
     error: Exception | None = None
     created: int = field(default_factory=lambda: int(time.time()))
@@ -149,15 +154,16 @@ class Preparer:
             if req.stream:
                 raise LineError("stream must be false in a batch: the result is written whole", param="stream")
             model = self.check_model(req.model)
+            extra = {}
             if envelope.url == ROUTES[0]:
-                ids, texts, params = self._chat(req)
+                ids, texts, params, extra = self._chat(req)
             else:
-                ids, texts, params = self._completion(req)
+                ids, texts, params, extra = self._completion(req)
         except msgspec.ValidationError as e:
             raise LineError.of(from_validation_error(e)) from None
         except APIError as e:
             raise LineError.of(e) from None
-        return Job(line_no, envelope.custom_id, envelope.url, req, model, ids, texts, params)
+        return Job(line_no, envelope.custom_id, envelope.url, req, model, ids, texts, params, **extra)
 
     def _validate(self, ids: list[int], params, field_name: str) -> list[int]:
         try:
@@ -173,6 +179,8 @@ class Preparer:
         prompts = req.prompts()
         many = len(prompts) > 1
         all_ids, texts, params = [], [], []
+        # vLLM: echo with logprobs reports the prompt's tokens too, from prompt logprobs.
+        echo_k = req.logprobs if req.echo and req.logprobs is not None and req.prompt_logprobs is None else None
         for i, p in enumerate(prompts):
             name = f"prompt[{i}]" if many else "prompt"
             if isinstance(p, str):
@@ -184,23 +192,28 @@ class Preparer:
                 check_token_ids(ids, self.vocab_size, name)
             ids = truncate(ids, req.truncate_prompt_tokens, self.max_model_len)
             max_tokens = resolve_max_tokens(req.max_tokens, len(ids), self.max_model_len, name, "max_tokens")
-            sp = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, defaults=self.defaults)
+            sp = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, defaults=self.defaults,
+                                 prompt_logprobs=echo_k)
             all_ids.append(self._validate(ids, sp, name))
             texts.append(p if isinstance(p, str) else None)
             params.append(sp)
-        return all_ids, texts, params
+        return all_ids, texts, params, {"echo_k": echo_k}
 
     def _chat(self, req):
         from fastserve.chat_template import render_chat
         from fastserve.server.errors import bad_request
         from fastserve.server.protocol import messages_to_dicts
         from fastserve.server.serving_base import resolve_max_tokens, sampling_params, truncate
+        from fastserve.server.serving_chat import _template_kwargs
+        from fastserve.server.tool_parsers.request import ToolCalling
 
+        tools = ToolCalling.for_request(req, None, False)
+        template_kwargs = _template_kwargs(req)
         try:
             text = render_chat(self.tokenizer, messages_to_dicts(req.messages),
                                chat_template=req.chat_template or self.chat_template,
                                add_generation_prompt=req.add_generation_prompt,
-                               chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
+                               chat_template_kwargs=template_kwargs, tools=req.tools,
                                continue_final_message=req.continue_final_message)
         except Exception as e:  # noqa: BLE001 - a template failing on this request is this line's error
             param = "chat_template" if req.chat_template or "template" in str(e) else "messages"
@@ -217,59 +230,27 @@ class Preparer:
         sp = sampling_params(req, max_tokens=max_tokens, logprobs=top_k,
                              wire_names={"logprobs": "top_logprobs", "max_tokens": max_field},
                              defaults=self.defaults)
-        return [self._validate(ids, sp, "messages")], [text], [sp]
+        thinking_off = (template_kwargs or {}).get("enable_thinking") is False
+        extra = {"tools": tools, "reasoning_parser": None if thinking_off else self.reasoning_parser}
+        return [self._validate(ids, sp, "messages")], [text], [sp], extra
 
     # -- response bodies (what the server answers without streaming) ---------------------------
 
     def body(self, job: Job, response_role: str) -> tuple[dict, int, int]:
-        """(response body, prompt tokens, completion tokens)."""
-        from fastserve.server.serving_base import prompt_logprobs_json, random_id, usage
+        """(response body, prompt tokens, completion tokens): the server's own formatting."""
+        from fastserve.server.responses import Chat, Completions
+        from fastserve.server.serving_base import random_id
 
-        prompt_tokens = sum(len(ids) for ids in job.prompt_ids)
         if job.url == ROUTES[0]:
-            from fastserve.server.serving_chat import _logprobs as chat_logprobs
-
-            req, final = job.req, job.finals[0]
-            top_k = (req.top_logprobs or 0) if req.logprobs else None
-            choices, completion_tokens = [], 0
-            for o in sorted(final.outputs, key=lambda o: o.index):
-                completion_tokens += len(o.token_ids)
-                message = {"role": response_role, "content": o.text}
-                if self.reasoning_parser is not None:
-                    reasoning, content = self.reasoning_parser().parse(o.text)
-                    message = {"role": response_role, "content": content, "reasoning_content": reasoning}
-                message["tool_calls"] = []
-                choices.append({
-                    "index": o.index, "message": message,
-                    "logprobs": (chat_logprobs(self.tokenizer, o.logprobs or [], o.token_ids, top_k,
-                                               req.return_tokens_as_token_ids) if top_k is not None else None),
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-            return ({"id": random_id("chatcmpl"), "object": "chat.completion", "created": job.created,
-                     "model": job.model, "choices": choices, "prompt_logprobs": prompt_logprobs_json(final),
-                     "usage": usage(prompt_tokens, completion_tokens, final.num_cached_tokens)},
-                    prompt_tokens, completion_tokens)
-        from fastserve.server.serving_completions import _logprobs as completion_logprobs
-
-        req = job.req
-        choices, completion_tokens = [], 0
-        for i in range(len(job.prompt_ids)):
-            final = job.finals[i]
-            prefix = ""
-            if req.echo:
-                prefix = job.prompt_texts[i] if job.prompt_texts[i] is not None else \
-                    self.tokenizer.decode(job.prompt_ids[i])
-            for o in sorted(final.outputs, key=lambda o: o.index):
-                completion_tokens += len(o.token_ids)
-                choices.append({
-                    "index": i * req.n + o.index, "text": prefix + o.text,
-                    "logprobs": (completion_logprobs(self.tokenizer, o.logprobs or [], o.token_ids, req.logprobs,
-                                                     len(prefix), req.return_tokens_as_token_ids)
-                                 if req.logprobs is not None else None),
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                    "prompt_logprobs": prompt_logprobs_json(final)})
-        return ({"id": random_id("cmpl"), "object": "text_completion", "created": job.created, "model": job.model,
-                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)},
-                prompt_tokens, completion_tokens)
+            fmt = Chat(job.req, self.tokenizer, random_id("chatcmpl"), job.created, job.model, job.prompt_ids[0],
+                       job.prompt_texts[0], reasoning_parser=job.reasoning_parser,
+                       reasoning_content=self.reasoning_parser is not None, tools=job.tools, role=response_role)
+            body, completion_tokens = fmt.body(job.finals[0])
+        else:
+            fmt = Completions(job.req, self.tokenizer, random_id("cmpl"), job.created, job.model, job.prompt_ids,
+                              job.prompt_texts, echo_k=job.echo_k)
+            body, completion_tokens = fmt.body(job.finals)
+        return body, sum(len(ids) for ids in job.prompt_ids), completion_tokens
 
 
 def _record(custom_id: str | None, status: int, body: dict | None, error: dict | None,

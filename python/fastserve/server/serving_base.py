@@ -368,40 +368,6 @@ def json_response(obj: Any, status: int = 200) -> web.Response:
                         content_type="application/json")
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
-    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-         "total_tokens": prompt_tokens + completion_tokens}
-    if cached_tokens:
-        u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
-    return u
-
-
-def token_str(tokenizer, token_id: int, logprob, as_id: bool = False) -> str:
-    if as_id:
-        return f"token_id:{token_id}"
-    s = getattr(logprob, "decoded_token", None)
-    if s is None:
-        s = tokenizer.decode([token_id], skip_special_tokens=False)
-    return s
-
-
-def prompt_logprobs_json(out) -> list | None:
-    """vLLM's `prompt_logprobs`: per prompt token, {token id: {logprob, rank,
-    decoded_token}} of the token and the top alternatives (None for the first token)."""
-    if out.prompt_logprobs is None:
-        return None
-    return [None if step is None else {
-        str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-        for tid, lp in step.items()} for step in out.prompt_logprobs]
-
-
-def top_entries(step: dict, k: int) -> list[tuple[int, Any]]:
-    """The k most likely (token id, Logprob) of one step, best first."""
-    ranked = sorted(step.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 1 << 30,
-                                                  -kv[1].logprob))
-    return ranked[:k]
-
-
 class SSE:
     """A text/event-stream response sending OpenAI's framing: `data: {json}\\n\\n` per chunk
     and `data: [DONE]\\n\\n` at the end."""

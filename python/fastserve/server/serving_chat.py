@@ -14,6 +14,7 @@ from fastserve.chat_template import render_chat
 
 from .errors import bad_request
 from .protocol import ChatCompletionRequest, messages_to_dicts
+from .responses import Chat
 from .serving_base import (
     SSE,
     STATE,
@@ -23,37 +24,16 @@ from .serving_base import (
     generate,
     json_response,
     primed,
-    prompt_logprobs_json,
     random_id,
     read_json,
     resolve_max_tokens,
     sampling_params,
     structured_outputs_spec,
-    token_str,
-    top_entries,
     truncate,
-    usage,
 )
 from .tool_parsers.request import ToolCalling
 
-# vLLM's floor for a logprob in chat answers (a grammar-masked token's is -inf, not JSON).
-_MIN_LOGPROB = -9999.0
 _REASONING_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh", "max")
-
-
-def _entry(tokenizer, token_id: int, lp, as_id: bool) -> dict:
-    s = token_str(tokenizer, token_id, lp, as_id)
-    return {"token": s, "logprob": max(lp.logprob, _MIN_LOGPROB) if lp is not None else None,
-            "bytes": list(s.encode("utf-8"))}
-
-
-def _logprobs(tokenizer, steps: list[dict], token_ids: list[int], k: int, as_ids: bool) -> dict:
-    content = []
-    for tid, step in zip(token_ids, steps):
-        e = _entry(tokenizer, tid, step.get(tid), as_ids)
-        e["top_logprobs"] = [_entry(tokenizer, t, lp, as_ids) for t, lp in top_entries(step, k)]
-        content.append(e)
-    return {"content": content}
 
 
 async def render_prompt(state: ServerState, tokenizer, messages, *, chat_template: str | None,
@@ -101,28 +81,6 @@ def _reasoning_parser(state: ServerState, req: ChatCompletionRequest, template_k
     return state.reasoning_parser
 
 
-def _echo_prefix(req: ChatCompletionRequest) -> str:
-    """vLLM's chat echo: the new message starts with the last message's content when that
-    message is the assistant's (the role being answered)."""
-    if not req.echo or req.messages[-1].role != "assistant":
-        return ""
-    content = req.messages[-1].content
-    if isinstance(content, list):
-        return "\n".join(p.text or "" for p in content)
-    return content or ""
-
-
-def _message(content, reasoning, tool_calls: list[dict], with_reasoning_content: bool) -> dict:
-    m = {"role": "assistant", "content": content, "refusal": None, "annotations": None, "audio": None,
-         "function_call": None}
-    if tool_calls:
-        m["tool_calls"] = tool_calls
-    m["reasoning"] = reasoning
-    if with_reasoning_content:
-        m["reasoning_content"] = reasoning
-    return m
-
-
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     state: ServerState = request.app[STATE]
     req: ChatCompletionRequest = await read_json(request, ChatCompletionRequest)
@@ -161,143 +119,22 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     await compile_constraint(state, constraint)
 
     request_id = random_id("chatcmpl", req.request_id)
-    created = int(time.time())
-    parser_cls = _reasoning_parser(state, req, template_kwargs)
+    fmt = Chat(req, tok, request_id, int(time.time()), model, ids, text,
+               reasoning_parser=_reasoning_parser(state, req, template_kwargs),
+               reasoning_content=state.reasoning_parser is not None, tools=tools)
     async with contextlib.aclosing(generate(state, request_id, ids, sp, text)) as gen:
         stream = await primed(gen)
         if req.stream:
-            return await _streamed(request, req, tok, parser_cls, tools, request_id, created, model,
-                                   stream, ids, top_k, state.reasoning_parser is not None, text)
+            async with SSE(request) as sse:
+                for c in fmt.opening():
+                    await sse.send(c)
+                async for out in stream:
+                    for c in fmt.chunks(out):
+                        await sse.send(c)
+                for c in fmt.closing():
+                    await sse.send(c)
+            return sse.response
         final = None
         async for out in stream:
             final = out
-        choices, completion_tokens = [], 0
-        echo = _echo_prefix(req)
-        for o in sorted(final.outputs, key=lambda o: o.index):
-            completion_tokens += len(o.token_ids)
-            reasoning, content = None, o.text
-            if parser_cls is not None:
-                reasoning, content = parser_cls().parse(o.text)
-            if not req.include_reasoning:
-                reasoning = None
-            tool_calls, finish_reason = [], o.finish_reason
-            if tools is not None:
-                content, tool_calls, called = tools.message(content)
-                finish_reason = tools.finish_reason(o.finish_reason, called)
-            if echo:
-                content = echo + (content or "")
-            choices.append({
-                "index": o.index,
-                "message": _message(content, reasoning, tool_calls, state.reasoning_parser is not None),
-                "logprobs": (_logprobs(tok, o.logprobs or [], o.token_ids, top_k,
-                                       req.return_tokens_as_token_ids)
-                             if top_k is not None else None),
-                "finish_reason": finish_reason, "stop_reason": o.stop_reason,
-                "token_ids": list(o.token_ids) if req.return_token_ids else None})
-        return json_response({
-            "id": request_id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "service_tier": None, "system_fingerprint": None,
-            "usage": usage(len(ids), completion_tokens, getattr(final, "num_cached_tokens", None)),
-            "prompt_logprobs": prompt_logprobs_json(final),
-            "prompt_token_ids": list(ids) if req.return_token_ids else None,
-            "prompt_text": text if req.return_prompt_text else None})
-
-
-async def _streamed(request, req, tok, parser_cls, tools, request_id, created, model, stream,
-                    prompt_ids, top_k, with_reasoning_content: bool, prompt_text: str):
-    num_prompt_tokens = len(prompt_ids)
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-            "model": model}
-    continuous = include_usage and req.stream_options.continuous_usage_stats
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-    done: set[int] = set()
-    parsers: dict[int, object] = {}
-    streamers: dict[int, object] = {}
-    called: dict[int, bool] = {}
-    completion_tokens = 0
-    first_chunk = True
-
-    def chunk(index: int, delta: dict, finish_reason=None, stop_reason=None, logprobs=None, token_ids=None):
-        nonlocal first_chunk
-        choice = {"index": index, "delta": delta, "logprobs": logprobs,
-                  "finish_reason": finish_reason}
-        if finish_reason:
-            choice["stop_reason"] = stop_reason
-        if req.return_token_ids:
-            choice["token_ids"] = token_ids
-        c = {**base, "choices": [choice]}
-        if req.return_token_ids and first_chunk:
-            c["prompt_token_ids"] = list(prompt_ids)
-        if req.return_prompt_text and first_chunk:
-            c["prompt_text"] = prompt_text
-        first_chunk = False
-        if include_usage:  # OpenAI: null on every chunk but the last, unless continuous
-            c["usage"] = usage(num_prompt_tokens, sum(sent_tokens.values())) \
-                if continuous else None
-        return c
-
-    def split(index: int, delta_text: str, final: bool) -> dict:
-        reasoning, content = "", delta_text
-        if parser_cls is not None:
-            p = parsers.setdefault(index, parser_cls())
-            reasoning, content = p.feed(delta_text)
-            if final:
-                r2, c2 = p.flush()
-                reasoning, content = reasoning + r2, content + c2
-            if not req.include_reasoning:
-                reasoning = ""
-        d = {}
-        if reasoning:
-            d["reasoning"] = reasoning
-            if with_reasoning_content:
-                d["reasoning_content"] = reasoning
-        if tools is not None:
-            s = streamers.setdefault(index, tools.streamer())
-            content, calls = s.feed(content)
-            if final:
-                c2, calls2 = s.finish()
-                content, calls = content + c2, calls + calls2
-            if calls and tools.parallel_tool_calls is False:
-                calls = [c for c in calls if c["index"] == 0]
-            if calls:
-                called[index] = True
-                d["tool_calls"] = calls
-        if content:
-            d["content"] = content
-        return d
-
-    async with SSE(request) as sse:
-        echo = _echo_prefix(req)
-        for i in range(req.n):
-            # OpenAI opens every choice with the role and empty content.
-            sent_text[i] = sent_tokens[i] = 0
-            await sse.send(chunk(i, {"role": "assistant", "content": echo}))
-        async for out in stream:
-            for o in out.outputs:
-                i = o.index
-                if i in done:
-                    continue
-                t0, k0 = sent_text[i], sent_tokens[i]
-                finished = o.finish_reason is not None
-                delta = split(i, o.text[t0:], finished)
-                new_ids = o.token_ids[k0:]
-                sent_text[i], sent_tokens[i] = len(o.text), len(o.token_ids)
-                if delta or (top_k is not None and new_ids):
-                    lp = (_logprobs(tok, (o.logprobs or [])[k0:], new_ids, top_k,
-                                    req.return_tokens_as_token_ids)
-                          if top_k is not None else None)
-                    await sse.send(chunk(i, delta, logprobs=lp, token_ids=list(new_ids)))
-                    new_ids = []
-                if finished:
-                    done.add(i)
-                    completion_tokens += len(o.token_ids)
-                    reason = o.finish_reason
-                    if tools is not None:
-                        reason = tools.finish_reason(o.finish_reason, called.get(i, False))
-                    await sse.send(chunk(i, {}, reason, o.stop_reason, token_ids=list(new_ids)))
-        if include_usage:
-            await sse.send({**base, "choices": [],
-                            "usage": usage(num_prompt_tokens, completion_tokens)})
-    return sse.response
+        return json_response(fmt.body(final)[0])
