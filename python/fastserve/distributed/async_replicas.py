@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from fastserve.distributed.process_utils import STOP, ignore_sigint, start_parent_watchdog
 from fastserve.distributed.replicas import ReplicaFrontEnd, error_message, ready_message, rebuild_error
 from fastserve.engine.async_engine import AsyncEngine, EngineDeadError
+from fastserve.errors import InvalidRequest
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
@@ -132,7 +133,7 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         if self._loop is None:
             raise RuntimeError("DataParallelAsyncEngine.start() was not awaited")
         if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running", "request_id")
         prompt_token_ids = self.validate_prompt(list(prompt_token_ids), params)
         params.to_core(self.tokenizer)
         i = self._pick()

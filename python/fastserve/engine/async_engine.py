@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.engine.engine import Engine
-from fastserve.errors import EngineDeadError, RequestError  # noqa: F401 - re-exported for the server
+from fastserve.errors import EngineDeadError, InvalidRequest, RequestError  # noqa: F401 - re-exported for the server
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
@@ -70,7 +70,7 @@ class AsyncEngine:
         if self._thread is None:
             raise RuntimeError("AsyncEngine.start() was not awaited")
         if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running", "request_id")
         # Fail fast, in the caller, on anything the engine would refuse.
         prompt_token_ids = self.engine.validate_prompt(list(prompt_token_ids), params)
         params.to_core(self.tokenizer)

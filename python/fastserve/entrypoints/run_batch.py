@@ -43,6 +43,7 @@ from typing import Any
 import msgspec
 
 from fastserve.entrypoints.engine_flags import add_engine_args
+from fastserve.errors import InvalidRequest
 
 logger = logging.getLogger("fastserve")
 
@@ -141,13 +142,14 @@ class Preparer:
 
     def prepare(self, line_no: int, envelope: BatchRequestInput) -> Job:
         from fastserve.server import protocol
-        from fastserve.server.errors import APIError, from_validation_error
+        from fastserve.server.errors import api_error
 
         if envelope.method.upper() != "POST":
             raise LineError(f"method must be POST, got {envelope.method!r}", param="method")
         if envelope.url not in ROUTES:
             raise LineError(f"url {envelope.url!r} is not supported; supported: {', '.join(ROUTES)}", param="url")
         struct = protocol.ChatCompletionRequest if envelope.url == ROUTES[0] else protocol.CompletionRequest
+        req = None
         try:
             req = msgspec.convert(envelope.body, type=struct)
             req.check()
@@ -159,17 +161,21 @@ class Preparer:
                 ids, texts, params, extra = self._chat(req)
             else:
                 ids, texts, params, extra = self._completion(req)
-        except msgspec.ValidationError as e:
-            raise LineError.of(from_validation_error(e)) from None
-        except APIError as e:
-            raise LineError.of(e) from None
+        except LineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the server's one mapping decides: a 400 naming the field, or a bug
+            err = api_error(e, req)
+            if err is None:
+                raise
+            raise LineError.of(err) from None
         return Job(line_no, envelope.custom_id, envelope.url, req, model, ids, texts, params, **extra)
 
     def _validate(self, ids: list[int], params, field_name: str) -> list[int]:
         try:
             return self.engine.validate_prompt(ids, params)
-        except ValueError as e:
-            raise LineError(str(e), param=field_name) from None
+        except InvalidRequest as e:
+            # The prompt's field is this line's (prompt[i] / messages); other fields keep their name.
+            raise InvalidRequest(e.message, field_name if e.field == "prompt" else e.field) from None
 
     def _completion(self, req):
         from fastserve.server.errors import bad_request
@@ -228,7 +234,6 @@ class Preparer:
                                         max_field)
         top_k = (req.top_logprobs or 0) if req.logprobs else None
         sp = sampling_params(req, max_tokens=max_tokens, logprobs=top_k,
-                             wire_names={"logprobs": "top_logprobs", "max_tokens": max_field},
                              defaults=self.defaults)
         thinking_off = (template_kwargs or {}).get("enable_thinking") is False
         extra = {"tools": tools, "reasoning_parser": None if thinking_off else self.reasoning_parser}
@@ -518,10 +523,12 @@ class BatchRun:
                 self.jobs[rid] = (job, i)
                 added.append(rid)
         except ValueError as e:
+            from fastserve.server.errors import api_error
+
             for rid in added:
                 self.runner.abort(rid)
                 self.jobs.pop(rid, None)
-            job.error = LineError(str(e))
+            job.error = LineError.of(api_error(e, job.req))
             self._finish_job(job)
             bar.update(1)
 

@@ -17,10 +17,11 @@ import msgspec
 from aiohttp import web
 
 import fastserve
+from fastserve.errors import EngineDeadError, RequestError
 
 from . import protocol
-from .errors import APIError
-from .serving_base import STATE, ServerState, check_token_ids, encode, json_response, read_json
+from .errors import APIError, api_error
+from .serving_base import REQUEST, STATE, ServerState, check_token_ids, encode, json_response, read_json
 from .serving_chat import create_chat_completion, render_prompt
 from .serving_completions import create_completion
 
@@ -47,7 +48,8 @@ async def error_middleware(request: web.Request, handler):
         resp = await handler(request)
         status = resp.status
         return resp
-    except APIError as e:
+    except (APIError, ValueError, RequestError, EngineDeadError) as exc:
+        e = api_error(exc, request.get(REQUEST))
         status = e.status
         headers = {"Retry-After": "5"} if e.status == 503 else None
         return e.response(headers)

@@ -306,6 +306,18 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             raise bad_request("give max_completion_tokens or max_tokens, not both",
                               "max_completion_tokens")
 
+    def wire_name(self, field: str) -> str:
+        """The request field an offline (SamplingParams / engine) name stands for in this
+        request: the logprobs count is top_logprobs, max_tokens is whichever of
+        max_tokens / max_completion_tokens the client sent, the prompt is the messages."""
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if field == "prompt":
+            return "messages"
+        return field
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \

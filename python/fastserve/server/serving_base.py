@@ -14,9 +14,8 @@ from typing import Any, AsyncIterator
 import msgspec
 from aiohttp import web
 
-from ..errors import RequestError
-from ..sampling_params import _FIELDS as SP_FIELDS
-from .errors import APIError, bad_request, from_validation_error, param_from_value_error
+from ..errors import InvalidRequest, RequestError
+from .errors import APIError, api_error, bad_request, from_validation_error
 from .metrics import ServerMetrics
 
 logger = logging.getLogger("fastserve.server")
@@ -24,10 +23,6 @@ logger = logging.getLogger("fastserve.server")
 # Prompts longer than this (characters) are encoded in a worker thread: the Rust encoder
 # releases the GIL, so the event loop keeps serving other requests meanwhile.
 _INLINE_ENCODE_CHARS = 8192
-
-# SamplingParams attributes a ValueError may name; each is also the request field's name
-# (chat's exceptions are passed as wire_names). One list: SamplingParams' own.
-_SP_FIELDS = SP_FIELDS
 
 
 class ServerState:
@@ -84,6 +79,9 @@ class ServerState:
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)
+# The decoded request struct, kept on the aiohttp request so that an error raised anywhere
+# later is answered with the param named as this request's wire format names it.
+REQUEST = "fastserve.request"
 
 
 def random_id(prefix: str, request_id: str | None = None) -> str:
@@ -104,6 +102,7 @@ async def read_json(request: web.Request, type_):
                           "send UTF-8 JSON.") from None
     except RecursionError:
         raise bad_request("The request body nests JSON too deeply; flatten it.") from None
+    request[REQUEST] = req
     if hasattr(req, "check"):
         req.check()
     return req
@@ -111,14 +110,10 @@ async def read_json(request: web.Request, type_):
 
 def structured_outputs_spec(req):
     """The request's structured-outputs constraint (response_format, structured_outputs or
-    guided_*), or None; a malformed one is a 400 naming its field."""
-    from fastserve.structured_outputs.params import StructuredOutputsError
+    guided_*), or None; a malformed one raises StructuredOutputsError naming its field."""
     from fastserve.structured_outputs.request import structured_outputs_from_request
 
-    try:
-        return structured_outputs_from_request(**req.structured_output_fields())
-    except StructuredOutputsError as e:
-        raise bad_request(str(e), e.param) from None
+    return structured_outputs_from_request(**req.structured_output_fields())
 
 
 # A grammar that takes longer than this to compile is refused (a 400), not waited for.
@@ -135,27 +130,22 @@ async def compile_constraint(state: ServerState, spec) -> None:
     manager = getattr(state.engine, "structured", None)
     if manager is None:
         return
-    from fastserve.structured_outputs.params import StructuredOutputsError
-
     try:
         fut = manager.submit(spec)
         # shield: a timed-out wait must not cancel the shared (cached) compile.
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), COMPILE_TIMEOUT_S)
-    except StructuredOutputsError as e:
-        raise bad_request(str(e), e.param) from None
     except asyncio.TimeoutError:
-        raise bad_request(f"compiling the {spec.kind} constraint took longer than {COMPILE_TIMEOUT_S:.0f} s; "
+        raise InvalidRequest(f"compiling the {spec.kind} constraint took longer than {COMPILE_TIMEOUT_S:.0f} s; "
                           "simplify it", spec.param) from None
 
 
-def sampling_params(req, *, max_tokens: int, logprobs: int | None,
-                    wire_names: dict[str, str] | None = None, defaults: dict[str, Any] | None = None,
+def sampling_params(req, *, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None,
                     structured_outputs=None, prompt_logprobs: int | None = None,
                     skip_special_tokens: bool | None = None):
     """SamplingParams from the request's fields (only those the client set), the fields it
     left unset taken from `defaults` (the model's generation_config.json, see
-    fastserve.generation_config), then SamplingParams' own; its ValueError becomes a 400
-    whose param names the field."""
+    fastserve.generation_config), then SamplingParams' own. SamplingParams validates them:
+    its InvalidRequest names the field, which the request struct maps to the wire name."""
     from fastserve.sampling_params import SamplingParams
 
     kw: dict[str, Any] = {"n": req.n, "max_tokens": max_tokens}
@@ -183,12 +173,7 @@ def sampling_params(req, *, max_tokens: int, logprobs: int | None,
         kw["skip_special_tokens"] = skip_special_tokens
     if structured_outputs is not None:
         kw["structured_outputs"] = structured_outputs
-    try:
-        return SamplingParams(**kw)
-    except (ValueError, TypeError) as e:
-        fields = {f: f for f in _SP_FIELDS}
-        fields.update(wire_names or {})
-        raise bad_request(str(e), param_from_value_error(str(e), fields)) from None
+    return SamplingParams(**kw)
 
 
 def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
@@ -202,9 +187,6 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             f"truncate_prompt_tokens).", prompt_field)
     if requested is None:
         return max_model_len - prompt_len
-    if requested < 1:
-        raise bad_request(f"{max_tokens_field} must be at least 1, got {requested}",
-                          max_tokens_field)
     if prompt_len + requested > max_model_len:
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, you "
@@ -244,10 +226,6 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
     """engine.generate with the request's metrics; aborts the request (freeing its KV blocks
     at once) when the consumer goes away before it finished: a client disconnect cancels the
     handler, and the cancellation unwinds through here."""
-    # Imported here: the engine (and torch) is loaded by now, while this module must import
-    # quickly so the listener is up before the model starts loading.
-    from fastserve.structured_outputs.params import StructuredOutputsError
-
     engine = state.engine
     m = state.metrics
     start = time.monotonic()
@@ -256,13 +234,8 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
         first = await anext(stream)
     except StopAsyncIteration:
         return
-    except StructuredOutputsError as e:
-        raise bad_request(str(e), e.param) from None
-    except ValueError as e:  # the engine's own validation, before anything ran
-        fields = {f: f for f in (*_SP_FIELDS, "prompt")}
-        raise bad_request(str(e), param_from_value_error(str(e), fields)) from None
-    except RequestError as e:
-        raise _request_failed(e) from None
+    except (ValueError, RequestError):  # refused before anything ran (api_error maps it): nothing to abort
+        raise
     except BaseException:  # cancelled (client gone) before the first token, or engine error
         with contextlib.suppress(Exception):
             await engine.abort(request_id)
@@ -290,9 +263,9 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
                     finished = True
                     reason = out.outputs[0].finish_reason if out.outputs else None
                 yield out
-        except RequestError as e:
+        except RequestError:
             reason = "error"
-            raise _request_failed(e) from None
+            raise
     finally:
         if not finished:
             with contextlib.suppress(Exception):
@@ -302,12 +275,6 @@ async def generate(state: ServerState, request_id: str, prompt_ids: list[int], p
         m.finished(reason, time.monotonic() - start, prompt_tokens=len(prompt_ids),
                    generation_tokens=seen_tokens, params=params,
                    decode_seconds=None if first_at is None else last - first_at)
-
-
-def _request_failed(err) -> APIError:
-    """The engine failed this request alone (the details are in the server log)."""
-    return APIError("processing this request failed inside the engine (see the server log); "
-                    "the server keeps serving other requests", 500, code="request_failed")
 
 
 async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
@@ -395,9 +362,8 @@ class SSE:
         if not isinstance(exc, Exception):
             return False  # cancellation: let it unwind
         # The 200 and its headers are gone already: report in the stream, as vLLM does.
-        if isinstance(exc, APIError):
-            err = exc
-        else:
+        err = api_error(exc, self.request.get(REQUEST))
+        if err is None:
             logger.error("error while streaming %s", self.request.path, exc_info=exc)
             err = APIError("internal error while generating; see the server log", 500,
                            code="internal_error")

@@ -112,7 +112,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     # A parser whose markers may be special tokens needs them in the text (vLLM does the same).
     keep_special = False if tools is not None and tools.parser.keep_special_tokens else None
     sp = sampling_params(req, max_tokens=max_tokens, logprobs=top_k,
-                         wire_names={"logprobs": "top_logprobs", "max_tokens": max_field},
                          defaults=state.generation_defaults,
                          structured_outputs=constraint, skip_special_tokens=keep_special,
                          prompt_logprobs=(req.top_logprobs or 0) if req.echo else None)
