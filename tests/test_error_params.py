@@ -89,6 +89,28 @@ def test_400_names_the_field(server, case):
     assert err["type"] == "invalid_request_error" and err["message"], err
 
 
+def test_the_server_holds_an_engine_client(server):
+    from fastserve.engine.client import EngineClient
+
+    assert isinstance(server.state.engine, EngineClient)
+
+
+def test_remote_error_keeps_the_field():
+    """A data-parallel replica's refusal crosses the pipe with its field (and a RequestError
+    with its request id), so the parent answers as the single engine does."""
+    import pickle
+
+    from fastserve.distributed.messages import RemoteError
+    from fastserve.errors import InvalidRequest, RequestError
+
+    back = pickle.loads(pickle.dumps(RemoteError.of(InvalidRequest("top_p must be in (0, 1]", "top_p")))).rebuild()
+    assert type(back) is InvalidRequest and back.field == "top_p" and back.message == "top_p must be in (0, 1]"
+    back = RemoteError.of(RequestError("r1", "routing failed")).rebuild()
+    assert type(back) is RequestError and back.request_id == "r1" and str(back) == "request 'r1': routing failed"
+    back = RemoteError.of(ValueError("plain")).rebuild()
+    assert type(back) is ValueError and str(back) == "plain"
+
+
 def test_good_request_still_answers(server):
     """The cases above differ from a request the server answers only in their bad field."""
     for route in (COMPLETIONS, CHAT):

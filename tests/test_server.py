@@ -525,7 +525,7 @@ def test_503_until_loaded(checkpoint):
     """The HTTP server answers before the engine exists: /health and the API say 503 with an
     error body until the load finishes (here it is held back by the load never starting)."""
     from fastserve.server.app import build_app
-    from fastserve.server.serving_base import ServerState
+    from fastserve.server.state import ServerState
 
     async def main():
         state = ServerState(served_model_names=[MODEL], model_path=str(checkpoint),

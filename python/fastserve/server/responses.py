@@ -6,11 +6,17 @@ answer from here, so a batch line holds exactly what the server would answer for
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 # vLLM's floor for a reported logprob (a grammar-masked token's is -inf, which JSON lacks).
 MIN_LOGPROB = -9999.0
+
+
+def random_id(prefix: str, request_id: str | None = None) -> str:
+    """`prefix-<random>`, or `prefix-<request_id>` when the client named it (vLLM's rule)."""
+    return f"{prefix}-{request_id if request_id else uuid.uuid4().hex}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
@@ -95,14 +101,14 @@ class Chat:
     tools: Any = None
     role: str = "assistant"
     # stream state
-    _sent_text: dict = field(default_factory=dict)
-    _sent_tokens: dict = field(default_factory=dict)
-    _done: set = field(default_factory=set)
-    _parsers: dict = field(default_factory=dict)
-    _streamers: dict = field(default_factory=dict)
-    _called: dict = field(default_factory=dict)
-    _completion_tokens: int = 0
-    _first_chunk: bool = True
+    _sent_text: dict = field(init=False, default_factory=dict)
+    _sent_tokens: dict = field(init=False, default_factory=dict)
+    _done: set = field(init=False, default_factory=set)
+    _parsers: dict = field(init=False, default_factory=dict)
+    _streamers: dict = field(init=False, default_factory=dict)
+    _called: dict = field(init=False, default_factory=dict)
+    _completion_tokens: int = field(init=False, default=0)
+    _first_chunk: bool = field(init=False, default=True)
 
     @property
     def top_k(self) -> int | None:
@@ -304,9 +310,9 @@ class Completions:
     prompt_ids: list[list[int]]
     prompt_texts: list[str | None]
     echo_k: int | None = None
-    _sent_text: dict = field(default_factory=dict)  # choice index -> characters sent; -1 once finished
-    _sent_tokens: dict = field(default_factory=dict)
-    _completion_tokens: int = 0
+    _sent_text: dict = field(init=False, default_factory=dict)  # choice index -> characters sent; -1 once finished
+    _sent_tokens: dict = field(init=False, default_factory=dict)
+    _completion_tokens: int = field(init=False, default=0)
 
     @property
     def num_prompt_tokens(self) -> int:
