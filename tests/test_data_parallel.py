@@ -87,6 +87,18 @@ def test_server_with_two_replicas_answers_and_spreads_load(checkpoint):
 
         texts = asyncio.run(ask())
         assert all(texts) and texts == [o.outputs[0].text for o in ref]
+        from fastserve.engine.client import EngineClient
+
+        assert isinstance(engine, EngineClient)  # the server holds it as it holds an AsyncEngine
+
+        async def refused():  # checked in the front end: the 400 names the field, as the single engine's does
+            body = {"prompt": "x", "max_tokens": 2, "allowed_token_ids": [10**6]}
+            async with aiohttp.ClientSession() as session:
+                async with session.post(server.base_url + "/v1/completions", json=body) as resp:
+                    return resp.status, (await resp.json())["error"]
+
+        status, err = asyncio.run(refused())
+        assert status == 400 and err["param"] == "allowed_token_ids", err
         per_replica = engine.replica_stats()
         assert all(s["prefix_cache_queried_tokens"] > 0 for s in per_replica), per_replica
         stats = engine.stats()

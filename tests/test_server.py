@@ -525,7 +525,7 @@ def test_503_until_loaded(checkpoint):
     """The HTTP server answers before the engine exists: /health and the API say 503 with an
     error body until the load finishes (here it is held back by the load never starting)."""
     from fastserve.server.app import build_app
-    from fastserve.server.serving_base import ServerState
+    from fastserve.server.state import ServerState
 
     async def main():
         state = ServerState(served_model_names=[MODEL], model_path=str(checkpoint),
@@ -553,9 +553,10 @@ def test_503_until_loaded(checkpoint):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_500_never_a_traceback(checkpoint, stream):
+def test_engine_fault_never_a_traceback(checkpoint, stream):
     """A fault inside the engine's step loop (injected through EngineArgs.step_hook) reaches
-    the client as an error body (a 500, or an error event when the stream's 200 is already
+    the client as an error body (a 503 engine_dead, as every EngineDeadError is: the server is
+    going away, a retry belongs elsewhere; or an error event when the stream's 200 is already
     out), never a traceback; /health turns 503."""
     armed = {"on": False}
 
@@ -569,7 +570,7 @@ def test_500_never_a_traceback(checkpoint, stream):
             armed["on"] = True
             status, err = error_of(run(post(s.base_url + "/v1/completions",
                                             {"prompt": "x", "max_tokens": 3}, headers={})))
-            assert status == 500 and err["type"] == "server_error"
+            assert status == 503 and err["code"] == "engine_dead"
         else:
             async def main():
                 async with aiohttp.ClientSession() as session:
@@ -587,7 +588,7 @@ def test_500_never_a_traceback(checkpoint, stream):
             assert status == 200 and events[-1] == b"[DONE]"
             err = json.loads(events[-2])["error"]
             assert set(err) == {"message", "type", "param", "code"}
-            assert err["type"] == "server_error"
+            assert err["type"] == "service_unavailable_error" and err["code"] == "engine_dead"
             assert all("choices" in json.loads(e) for e in events[:-2])
         assert "injected fault" not in err["message"]  # details stay in the server log
         status, err = error_of(run(get(s.base_url + "/health", headers={})))

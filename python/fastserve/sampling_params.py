@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from fastserve.errors import InvalidRequest
 from fastserve.structured_outputs.params import StructuredOutputsParams
 
 __all__ = ["SamplingParams", "StructuredOutputsParams"]
@@ -64,8 +65,8 @@ def _int(name: str, value: Any, *, optional: bool = False) -> int | None:
         except ImportError:  # pragma: no cover - numpy is a dependency
             pass
         kind = "an int or None" if optional else "an int"
-        raise ValueError(
-            f"{name} must be {kind}, got {value!r} of type {type(value).__name__}."
+        raise InvalidRequest(
+            f"{name} must be {kind}, got {value!r} of type {type(value).__name__}.", name
         )
     return value
 
@@ -80,18 +81,18 @@ def _float(name: str, value: Any) -> float:
             else:
                 raise TypeError
         except (ImportError, TypeError):
-            raise ValueError(
-                f"{name} must be a number, got {value!r} of type {type(value).__name__}."
+            raise InvalidRequest(
+                f"{name} must be a number, got {value!r} of type {type(value).__name__}.", name
             ) from None
     value = float(value)
     if math.isnan(value):
-        raise ValueError(f"{name} must be a number, got NaN.")
+        raise InvalidRequest(f"{name} must be a number, got NaN.", name)
     return value
 
 
 def _bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}.")
+        raise InvalidRequest(f"{name} must be true or false, got {value!r}.", name)
     return value
 
 
@@ -103,8 +104,8 @@ def _str_list(name: str, value: Any) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(
         isinstance(s, str) for s in value
     ):
-        raise ValueError(
-            f"{name} must be a string or a list of strings, got {value!r}."
+        raise InvalidRequest(
+            f"{name} must be a string or a list of strings, got {value!r}.", name
         )
     return list(value)
 
@@ -113,13 +114,13 @@ def _int_list(name: str, value: Any) -> list[int]:
     if value is None:
         return []
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
-        raise ValueError(f"{name} must be a list of ints, got {value!r}.")
+        raise InvalidRequest(f"{name} must be a list of ints, got {value!r}.", name)
     out = []
     for v in value:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name} must be a list of ints, got element {v!r}.")
+            raise InvalidRequest(f"{name} must be a list of ints, got element {v!r}.", name)
         if not 0 <= v < 2**32:
-            raise ValueError(f"{name} must hold token ids in [0, 2**32), got {v}.")
+            raise InvalidRequest(f"{name} must hold token ids in [0, 2**32), got {v}.", name)
         out.append(v)
     return out
 
@@ -129,7 +130,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {value!r}.")
+        raise InvalidRequest(f"logit_bias must be a mapping of token id to bias, got {value!r}.", 'logit_bias')
     out = {}
     for k, v in value.items():
         try:
@@ -137,10 +138,10 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         except (TypeError, ValueError):
             tok = None
         if tok is None or tok < 0 or (isinstance(k, float) and k != tok):
-            raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.")
+            raise InvalidRequest(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.", 'logit_bias')
         out[tok] = _float(f"logit_bias[{k!r}]", v)
         if not math.isfinite(out[tok]):
-            raise ValueError(f"logit_bias values must be finite, got {v!r} for token {tok}.")
+            raise InvalidRequest(f"logit_bias values must be finite, got {v!r} for token {tok}.", 'logit_bias')
     return out
 
 
@@ -241,14 +242,14 @@ class SamplingParams:
             None if allowed_token_ids is None else _int_list("allowed_token_ids", allowed_token_ids)
         )
         if self.allowed_token_ids == []:
-            raise ValueError("allowed_token_ids must not be empty: leave it out to allow every token.")
+            raise InvalidRequest("allowed_token_ids must not be empty: leave it out to allow every token.", 'allowed_token_ids')
         if structured_outputs is not None and not isinstance(
             structured_outputs, StructuredOutputsParams
         ):
-            raise ValueError(
+            raise InvalidRequest(
                 "structured_outputs must be a StructuredOutputsParams (from "
                 "fastserve.sampling_params import StructuredOutputsParams), got "
-                f"{type(structured_outputs).__name__}."
+                f"{type(structured_outputs).__name__}.", 'structured_outputs'
             )
         self.structured_outputs = structured_outputs
 
@@ -272,84 +273,84 @@ class SamplingParams:
 
     def _verify_args(self) -> None:
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}.")
+            raise InvalidRequest(f"n must be at least 1, got {self.n}.", 'n')
         if self.best_of is not None:
             if self.best_of < 1:
-                raise ValueError(f"best_of must be at least 1, got {self.best_of}.")
+                raise InvalidRequest(f"best_of must be at least 1, got {self.best_of}.", 'best_of')
             if self.best_of < self.n:
-                raise ValueError(
+                raise InvalidRequest(
                     f"best_of must be greater than or equal to n, got n={self.n} and "
-                    f"best_of={self.best_of}."
+                    f"best_of={self.best_of}.", 'best_of'
                 )
         if not -2.0 <= self.presence_penalty <= 2.0:
-            raise ValueError(
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}."
+            raise InvalidRequest(
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.", 'presence_penalty'
             )
         if not -2.0 <= self.frequency_penalty <= 2.0:
-            raise ValueError(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}."
+            raise InvalidRequest(
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", 'frequency_penalty'
             )
         if not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(
+            raise InvalidRequest(
                 f"repetition_penalty must be greater than zero (1 disables it), got "
-                f"{self.repetition_penalty}."
+                f"{self.repetition_penalty}.", 'repetition_penalty'
             )
         if not 0.0 <= self.temperature < math.inf:
-            raise ValueError(
-                f"temperature must be non-negative and finite (0 is greedy), got {self.temperature}."
+            raise InvalidRequest(
+                f"temperature must be non-negative and finite (0 is greedy), got {self.temperature}.", 'temperature'
             )
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}.")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}.", 'top_p')
         if self.top_k < -1:
-            raise ValueError(
-                f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}."
+            raise InvalidRequest(
+                f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.", 'top_k'
             )
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}.")
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}.", 'min_p')
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}.")
+            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}.", 'seed')
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}.")
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}.", 'max_tokens')
         if self.min_tokens < 0:
-            raise ValueError(
-                f"min_tokens must be greater than or equal to 0, got {self.min_tokens}."
+            raise InvalidRequest(
+                f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.", 'min_tokens'
             )
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
+            raise InvalidRequest(
                 f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got "
-                f"{self.min_tokens}."
+                f"{self.min_tokens}.", 'min_tokens'
             )
         if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be non-negative, got {self.logprobs}.")
+            raise InvalidRequest(f"logprobs must be non-negative, got {self.logprobs}.", 'logprobs')
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
-            raise ValueError(
-                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}."
+            raise InvalidRequest(
+                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.", 'prompt_logprobs'
             )
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
-            raise ValueError(
-                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}."
+            raise InvalidRequest(
+                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}.", 'truncate_prompt_tokens'
             )
         if any(not s for s in self.stop):
-            raise ValueError("stop cannot contain an empty string.")
+            raise InvalidRequest("stop cannot contain an empty string.", 'stop')
         if self.stop and not self.detokenize:
-            raise ValueError(
+            raise InvalidRequest(
                 "stop strings are only supported when detokenize is True. Set detokenize=True "
-                "to use stop."
+                "to use stop.", 'stop'
             )
         if any(not w.strip() for w in self.bad_words):
-            raise ValueError(
-                "bad_words cannot contain an empty or whitespace-only string."
+            raise InvalidRequest(
+                "bad_words cannot contain an empty or whitespace-only string.", 'bad_words'
             )
 
     def _verify_greedy_sampling(self) -> None:
         # n identical greedy sequences are a wasted batch slot each; vLLM refuses them.
         if self.n > 1:
-            raise ValueError(
-                f"n must be 1 when using greedy sampling (temperature=0), got {self.n}."
+            raise InvalidRequest(
+                f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.", 'n'
             )
         if self.best_of is not None and self.best_of > 1:
-            raise ValueError(
-                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}."
+            raise InvalidRequest(
+                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}.", 'best_of'
             )
 
     @property
@@ -380,8 +381,8 @@ class SamplingParams:
                     tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
                 )
                 if not ids:
-                    raise ValueError(
-                        f"bad_words entry {word!r} encodes to no tokens; remove it."
+                    raise InvalidRequest(
+                        f"bad_words entry {word!r} encodes to no tokens; remove it.", 'bad_words'
                     )
                 if plain is None:
                     plain = ids
@@ -391,9 +392,9 @@ class SamplingParams:
         if vocab_size is not None:
             invalid = [t for ids in out for t in ids if t < 0 or t >= vocab_size]
             if invalid:
-                raise ValueError(
+                raise InvalidRequest(
                     f"bad_words encode to token ids {invalid} outside the tokenizer's vocabulary "
-                    f"(size {vocab_size}); remove those words."
+                    f"(size {vocab_size}); remove those words.", 'bad_words'
                 )
         return out
 
@@ -404,8 +405,8 @@ class SamplingParams:
         from fastserve._core import RequestParams
 
         if self.bad_words and tokenizer is None:
-            raise ValueError(
-                "bad_words needs a tokenizer: pass one to to_core(tokenizer)."
+            raise InvalidRequest(
+                "bad_words needs a tokenizer: pass one to to_core(tokenizer).", 'bad_words'
             )
         bad_words_ids = self.bad_words_token_ids(tokenizer) if self.bad_words else []
         return RequestParams(

@@ -22,9 +22,11 @@ import threading
 import traceback
 from collections.abc import AsyncIterator
 
+from fastserve.distributed.messages import AbortRequest, AddRequest, RemoteError, ReplicaDead, StepOutputs
 from fastserve.distributed.process_utils import STOP, ignore_sigint, start_parent_watchdog
-from fastserve.distributed.replicas import ReplicaFrontEnd, error_message, ready_message, rebuild_error
+from fastserve.distributed.replicas import ReplicaFrontEnd, ready_message
 from fastserve.engine.async_engine import AsyncEngine, EngineDeadError
+from fastserve.errors import InvalidRequest
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
@@ -40,11 +42,11 @@ class _ReplicaLoop(AsyncEngine):
 
     # Only the step thread sends, so the pipe needs no lock.
     def _post(self, items) -> None:
-        wire = [(rid, error_message(x) if isinstance(x, BaseException) else x) for rid, x in items]
-        self.conn.send(("out", wire, self.engine.stats()))
+        wire = [(rid, RemoteError.of(x) if isinstance(x, BaseException) else x) for rid, x in items]
+        self.conn.send(StepOutputs(wire, self.engine.stats()))
 
     def _post_all(self, err: BaseException) -> None:
-        self.conn.send(("dead", repr(self.dead_error or err)))
+        self.conn.send(ReplicaDead(repr(self.dead_error or err)))
 
     def pump(self) -> None:
         """Pipe -> inbox; the loop's own add/abort messages pass through unchanged."""
@@ -65,7 +67,7 @@ def _replica_main(index: int, args, lifeline, conn) -> None:
         loop = _ReplicaLoop(args, conn)
         conn.send(ready_message(loop.engine))
     except BaseException as e:  # noqa: BLE001 - the parent reports it
-        conn.send(error_message(e, traceback.format_exc()))
+        conn.send(RemoteError.of(e, traceback.format_exc()))
         return
     threading.Thread(target=loop.pump, name="fastserve-replica-pipe", daemon=True).start()
     loop._run()
@@ -75,6 +77,8 @@ def _replica_main(index: int, args, lifeline, conn) -> None:
 
 
 class DataParallelAsyncEngine(ReplicaFrontEnd):
+    """M replicas behind the EngineClient protocol (fastserve.engine.client)."""
+
     def __init__(self, args):
         self._owner: dict[str, int] = {}
         self._queues: dict[str, asyncio.Queue] = {}
@@ -83,7 +87,7 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         self.dead_error: BaseException | None = None
         self.died: asyncio.Future | None = None
         self._start_replicas(args, _replica_main)
-        self._stats = [dict(r.ready_info["stats"]) for r in self.replicas]
+        self._stats = [dict(r.ready_info.stats) for r in self.replicas]
         self._load = [0] * len(self.replicas)  # unfinished requests per replica
         logger.info("data parallel: %d replicas, pids %s", len(self.replicas), self.replica_pids)
 
@@ -132,7 +136,7 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         if self._loop is None:
             raise RuntimeError("DataParallelAsyncEngine.start() was not awaited")
         if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running", "request_id")
         prompt_token_ids = self.validate_prompt(list(prompt_token_ids), params)
         params.to_core(self.tokenizer)
         i = self._pick()
@@ -140,7 +144,7 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         self._queues[request_id] = queue
         self._owner[request_id] = i
         self._load[i] += 1
-        self.replicas[i].conn.send(("add", request_id, prompt_token_ids, params, prompt))
+        self.replicas[i].conn.send(AddRequest(request_id, prompt_token_ids, params, prompt))
         finished = False
         try:
             while True:
@@ -158,12 +162,12 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
             if owner is not None:
                 self._load[owner] -= 1
                 if not finished and not self._closed and self.dead_error is None:
-                    self.replicas[owner].conn.send(("abort", request_id))
+                    self.replicas[owner].conn.send(AbortRequest(request_id))
 
     async def abort(self, request_id: str) -> None:
         owner = self._owner.get(request_id)
         if owner is not None and self.dead_error is None:
-            self.replicas[owner].conn.send(("abort", request_id))
+            self.replicas[owner].conn.send(AbortRequest(request_id))
 
     # -- reader threads (one per replica) ----------------------------------------------------
 
@@ -172,11 +176,11 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         try:
             while True:
                 msg = conn.recv()
-                if msg[0] == "dead":
-                    err = RuntimeError(f"data-parallel replica {i}: {msg[1]}")
+                if isinstance(msg, ReplicaDead):
+                    err = RuntimeError(f"data-parallel replica {i}: {msg.reason}")
                     break
-                self._stats[i] = msg[2]
-                self._post(self._dispatch, msg[1])
+                self._stats[i] = msg.stats
+                self._post(self._dispatch, msg.items)
         except (EOFError, OSError):
             self.replicas[i].proc.join(1)
             err = RuntimeError(f"data-parallel replica {i} exited (exit code {self.replicas[i].proc.exitcode})")
@@ -192,7 +196,7 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         for rid, item in items:
             q = self._queues.get(rid)
             if q is not None:
-                q.put_nowait(rebuild_error(item) if isinstance(item, tuple) else item)
+                q.put_nowait(item.rebuild() if isinstance(item, RemoteError) else item)
 
     def _die(self, err: BaseException) -> None:
         if self.dead_error is not None:

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from fastserve.distributed import parallel_state as ps
 from fastserve.distributed.batch_transport import BatchReceiver, BatchSender
+from fastserve.distributed.messages import WorkerFailed, WorkerStarted
 from fastserve.distributed.process_utils import (
     child_start_context,
     ignore_sigint,
@@ -88,7 +89,7 @@ def worker_main(rank: int, world_size: int, init_method: str, device: torch.devi
     ignore_sigint()
     start_parent_watchdog(conn)
     try:
-        conn.send(("started", rank))
+        conn.send(WorkerStarted(rank))
         from fastserve.worker.model_runner import ModelRunner
 
         ps.init_tensor_parallel(rank, world_size, init_method, device)
@@ -102,7 +103,7 @@ def worker_main(rank: int, world_size: int, init_method: str, device: torch.devi
         os._exit(0)
     except BaseException:  # noqa: BLE001 - report to the parent, whatever it was
         try:
-            conn.send(("error", rank, traceback.format_exc()))
+            conn.send(WorkerFailed(rank, traceback.format_exc()))
         except OSError:
             pass
         os._exit(1)
@@ -189,8 +190,8 @@ class TensorParallelExecutor:
             msg = conn.recv()
         except EOFError:
             raise RuntimeError("a tensor-parallel worker exited during start-up") from None
-        if msg[0] == "error":
-            raise RuntimeError(f"tensor-parallel rank {msg[1]} failed during start-up:\n{msg[2]}")
+        if isinstance(msg, WorkerFailed):
+            raise RuntimeError(f"tensor-parallel rank {msg.rank} failed during start-up:\n{msg.traceback}")
 
     def _worker_errors(self) -> list[str]:
         errors = []
@@ -199,8 +200,8 @@ class TensorParallelExecutor:
                 # A failing rank reports within moments of the driver noticing it.
                 while conn.poll(2.0):
                     msg = conn.recv()
-                    if msg[0] == "error":
-                        errors.append(f"rank {msg[1]}:\n{msg[2]}")
+                    if isinstance(msg, WorkerFailed):
+                        errors.append(f"rank {msg.rank}:\n{msg.traceback}")
                         break
             except (EOFError, OSError):
                 continue

@@ -21,6 +21,7 @@ import os
 import sys
 
 from fastserve.distributed.executor import spawn_workers
+from fastserve.distributed.messages import WorkerFailed
 from fastserve.distributed.process_utils import stop_process
 
 logger = logging.getLogger("fastserve")
@@ -89,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                 except (EOFError, OSError):
                     del conns[r]
                     continue
-                if msg[0] == "error":
-                    logger.error("rank %d stopped:\n%s", msg[1], msg[2])
+                if isinstance(msg, WorkerFailed):
+                    logger.error("rank %d stopped:\n%s", msg.rank, msg.traceback)
             # One rank gone ends the group (the driver closed it, died, or a rank failed).
             exited = [sentinels[r] for r in ready if r in sentinels]
             if exited:

@@ -15,8 +15,9 @@ import traceback
 
 from tqdm.auto import tqdm
 
+from fastserve.distributed.messages import CallResult, GenerateCall, RemoteError
 from fastserve.distributed.process_utils import STOP, ignore_sigint, start_parent_watchdog
-from fastserve.distributed.replicas import ReplicaFrontEnd, error_message, raise_remote, ready_message
+from fastserve.distributed.replicas import ReplicaFrontEnd, ready_message
 
 logger = logging.getLogger("fastserve")
 
@@ -31,7 +32,7 @@ def _replica_main(index: int, args, lifeline, conn) -> None:
         llm = LLM(**kwargs)
         conn.send(ready_message(llm.engine))
     except BaseException as e:  # noqa: BLE001 - the parent reports it
-        conn.send(error_message(e, traceback.format_exc()))
+        conn.send(RemoteError.of(e, traceback.format_exc()))
         return
     while True:
         try:
@@ -41,13 +42,12 @@ def _replica_main(index: int, args, lifeline, conn) -> None:
         if msg == STOP:
             llm.shutdown()
             return
-        call_id, prompts, params = msg
         try:
-            outputs = llm.generate(prompts, params, use_tqdm=False)
+            outputs = llm.generate(msg.prompts, msg.params, use_tqdm=False)
         except Exception as e:  # noqa: BLE001 - this call fails; the replica keeps serving
-            conn.send((call_id, error_message(e, traceback.format_exc())))
+            conn.send(CallResult(msg.call_id, error=RemoteError.of(e, traceback.format_exc())))
             continue
-        conn.send((call_id, ("result", outputs)))
+        conn.send(CallResult(msg.call_id, outputs))
 
 
 class OfflineReplicas(ReplicaFrontEnd):
@@ -71,7 +71,7 @@ class OfflineReplicas(ReplicaFrontEnd):
             if not idx:
                 continue
             prompts = [{"prompt_token_ids": token_lists[i], "prompt": texts[i]} for i in idx]
-            rep.conn.send((call_id, prompts, [params[i] for i in idx]))
+            rep.conn.send(GenerateCall(call_id, prompts, [params[i] for i in idx]))
             pending[rep.conn] = (rep, idx)
         results = [None] * len(token_lists)
         failure = None
@@ -81,23 +81,23 @@ class OfflineReplicas(ReplicaFrontEnd):
                 for conn in mpc.wait(list(pending)):
                     rep, idx = pending[conn]
                     try:
-                        got_id, payload = conn.recv()
+                        res: CallResult = conn.recv()
                     except (EOFError, OSError):
                         raise RuntimeError(f"data-parallel replica {rep.index} died "
                                            f"(exit code {rep.proc.exitcode})") from None
-                    if got_id != call_id:
+                    if res.call_id != call_id:
                         continue  # a result of an earlier, interrupted call
                     del pending[conn]
-                    if payload[0] != "result":
-                        failure = failure or payload
+                    if res.error is not None:
+                        failure = failure or res.error
                         continue
-                    for i, out in zip(idx, payload[1]):
+                    for i, out in zip(idx, res.outputs):
                         results[i] = out
                     bar.update(len(idx))
         finally:
             bar.close()
         if failure is not None:
-            raise_remote(failure, "generate failed in a data-parallel replica")
+            failure.raise_in("generate failed in a data-parallel replica")
         return results
 
     def shutdown(self) -> None:

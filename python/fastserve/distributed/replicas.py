@@ -19,6 +19,7 @@ import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
 
+from fastserve.distributed.messages import Ready, RemoteError
 from fastserve.distributed.process_utils import STOP, child_start_context, stop_process
 
 _START_TIMEOUT_S = 1800  # model load + KV profiling + CUDA graph capture + kernel warm-up
@@ -71,7 +72,7 @@ class ReplicaProcess:
         return self.proc.pid
 
     def wait_ready(self):
-        """The replica's "ready" payload; RuntimeError with its traceback if it failed."""
+        """The replica's Ready message; RuntimeError with its traceback if it failed."""
         ready = mpc.wait([self.conn, self.proc.sentinel], timeout=_START_TIMEOUT_S)
         if not ready:
             raise RuntimeError(f"data-parallel replica {self.index} did not start within {_START_TIMEOUT_S} s")
@@ -80,9 +81,9 @@ class ReplicaProcess:
         except (EOFError, OSError):
             raise RuntimeError(f"data-parallel replica {self.index} exited during start-up "
                                f"(exit code {self.proc.exitcode})") from None
-        if msg[0] != "ready":
-            raise_remote(msg, f"data-parallel replica {self.index} failed during start-up")
-        return msg[1]
+        if isinstance(msg, RemoteError):
+            msg.raise_in(f"data-parallel replica {self.index} failed during start-up")
+        return msg
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Ask on the command pipe (the replica exits normally: its own workers stopped, its
@@ -149,7 +150,7 @@ class ReplicaFrontEnd:
         eos = list(dict.fromkeys(self.tokenizer.eos_token_ids + cfg.eos_token_ids))
         self.structured = StructuredOutputManager(_tokenizer_dir(args.tokenizer or args.model), cfg.vocab_size, eos)
         self.replicas = start_replicas(target, args, self.model_config)
-        self.model_config = dataclasses.replace(self.model_config, dtype=self.replicas[0].ready_info["dtype"])
+        self.model_config = dataclasses.replace(self.model_config, dtype=self.replicas[0].ready_info.dtype)
 
     def validate_prompt(self, prompt_token_ids, params):
         from fastserve.engine.engine import Engine
@@ -162,35 +163,5 @@ class ReplicaFrontEnd:
         return [r.pid for r in self.replicas]
 
 
-def ready_message(engine) -> tuple:
-    return ("ready", {"dtype": engine.model_config.dtype, "stats": engine.stats()})
-
-
-# -- errors across the pipe ----------------------------------------------------------------
-# Exceptions with custom constructors (RequestError) do not survive pickle; they cross as
-# (kind, message, request id) and are rebuilt here.
-
-def error_message(e: BaseException, tb: str | None = None) -> tuple:
-    from fastserve.engine.engine import RequestError
-
-    kind = "request" if isinstance(e, RequestError) else "value" if isinstance(e, ValueError) else "runtime"
-    return ("error", kind, str(e) if tb is None else f"{e}\n{tb}", getattr(e, "request_id", None))
-
-
-def rebuild_error(msg: tuple) -> BaseException:
-    from fastserve.engine.engine import RequestError
-
-    _, kind, text, request_id = msg
-    if kind == "request":
-        err = RequestError.__new__(RequestError)
-        RuntimeError.__init__(err, text)
-        err.request_id = request_id
-        return err
-    return ValueError(text) if kind == "value" else RuntimeError(text)
-
-
-def raise_remote(msg: tuple, context: str):
-    err = rebuild_error(msg)
-    if isinstance(err, ValueError):
-        raise err
-    raise RuntimeError(f"{context}: {err}") from None
+def ready_message(engine) -> Ready:
+    return Ready(engine.model_config.dtype, engine.stats())

@@ -13,9 +13,10 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 
+from fastserve.distributed.messages import AbortRequest, AddRequest
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.engine.engine import Engine
-from fastserve.errors import EngineDeadError, RequestError  # noqa: F401 - re-exported for the server
+from fastserve.errors import EngineDeadError, InvalidRequest, RequestError  # noqa: F401 - re-exported for the server
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
 
@@ -23,6 +24,9 @@ logger = logging.getLogger("fastserve")
 
 
 class AsyncEngine:
+    """One engine behind the EngineClient protocol (fastserve.engine.client): its step loop
+    runs on a thread; callers' add/abort messages reach it through the inbox."""
+
     def __init__(self, args: EngineArgs):
         self.engine = Engine(args)
         self.tokenizer = self.engine.tokenizer
@@ -31,7 +35,7 @@ class AsyncEngine:
         # The server compiles grammars here first (in its pool, off the step thread), so a bad
         # constraint is a 400 before the request is queued and the engine finds it cached.
         self.structured = self.engine.structured
-        self._inbox: collections.deque = collections.deque()
+        self._inbox: collections.deque[AddRequest | AbortRequest] = collections.deque()
         self._wake = threading.Event()
         self._queues: dict[str, asyncio.Queue] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -63,6 +67,9 @@ class AsyncEngine:
     def stats(self) -> dict:
         return dict(self._stats)
 
+    def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        return self.engine.validate_prompt(prompt_token_ids, params)
+
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        prompt: str | None = None) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
@@ -70,13 +77,13 @@ class AsyncEngine:
         if self._thread is None:
             raise RuntimeError("AsyncEngine.start() was not awaited")
         if request_id in self._queues:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running", "request_id")
         # Fail fast, in the caller, on anything the engine would refuse.
         prompt_token_ids = self.engine.validate_prompt(list(prompt_token_ids), params)
         params.to_core(self.tokenizer)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
-        self._inbox.append(("add", request_id, prompt_token_ids, params, prompt))
+        self._inbox.append(AddRequest(request_id, prompt_token_ids, params, prompt))
         self._wake.set()
         finished = False
         try:
@@ -92,11 +99,11 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 # Cancelled (client gone) or the consumer stopped early: free its blocks now.
-                self._inbox.append(("abort", request_id))
+                self._inbox.append(AbortRequest(request_id))
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.append(("abort", request_id))
+        self._inbox.append(AbortRequest(request_id))
         self._wake.set()
 
     # -- the step thread --------------------------------------------------------------------
@@ -105,14 +112,13 @@ class AsyncEngine:
         failed = []
         while self._inbox:
             msg = self._inbox.popleft()
-            if msg[0] == "add":
-                _, rid, toks, params, prompt = msg
+            if isinstance(msg, AddRequest):
                 try:
-                    self.engine.add_request(rid, toks, params, prompt=prompt)
+                    self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params, prompt=msg.prompt)
                 except Exception as e:  # a request the core refuses fails alone
-                    failed.append((rid, e))
+                    failed.append((msg.request_id, e))
             else:
-                self.engine.abort_request(msg[1])
+                self.engine.abort_request(msg.request_id)
         return failed
 
     def _run(self) -> None:

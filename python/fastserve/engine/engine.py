@@ -19,7 +19,7 @@ from fastserve._core import Scheduler, Tokenizer
 from fastserve.config import ModelConfig
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.engine.request_state import RequestState
-from fastserve.errors import RequestError, StepLimitError
+from fastserve.errors import InvalidRequest, RequestError, StepLimitError
 from fastserve.model_resolver import resolve_engine_args
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
@@ -123,27 +123,28 @@ class Engine:
     # -- requests ---------------------------------------------------------------------------
 
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
-        """The prompt after truncate_prompt_tokens; ValueError when it cannot run."""
+        """The prompt after truncate_prompt_tokens; InvalidRequest when it cannot run."""
         if params.truncate_prompt_tokens is not None:
             prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
         n = len(prompt_token_ids)
         limit = self.model_config.max_model_len
         if n == 0:
-            raise ValueError("prompt is empty: give at least one token")
+            raise InvalidRequest("prompt is empty: give at least one token", "prompt")
         if n >= limit:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt is {n} tokens long but max_model_len is {limit} (one token must be left to "
-                "generate): shorten the prompt, set truncate_prompt_tokens, or raise --max-model-len"
+                "generate): shorten the prompt, set truncate_prompt_tokens, or raise --max-model-len",
+                "prompt",
             )
         vocab = self.model_config.vocab_size
         bad = [t for t in prompt_token_ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            raise InvalidRequest(f"prompt_token_ids holds ids outside the vocabulary [0, {vocab}): {bad[:5]}", "prompt")
         for name in ("logit_bias", "allowed_token_ids"):
             ids = getattr(params, name) or ()
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+                raise InvalidRequest(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}", name)
         return prompt_token_ids
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -152,7 +153,7 @@ class Engine:
         core reports the request once per sequence at its end instead of a row per token.
         Ignored when per-token logprobs or best_of ranking need every step's row."""
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already running")
+            raise InvalidRequest(f"request_id {request_id!r} is already running", "request_id")
         prompt_token_ids = self.validate_prompt(list(prompt_token_ids), params)
         final_only = final_only and params.logprobs is None and (params.best_of or params.n) == params.n
         core = params.to_core(self.tokenizer, final_only=final_only)

@@ -31,6 +31,7 @@ goes on.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -43,6 +44,7 @@ from typing import Any
 import msgspec
 
 from fastserve.entrypoints.engine_flags import add_engine_args
+from fastserve.errors import InvalidRequest
 
 logger = logging.getLogger("fastserve")
 
@@ -96,37 +98,57 @@ class LineError(Exception):
 
 @dataclass
 class Job:
-    """One input line being run: its engine requests (one per prompt) and their outputs."""
+    """One input line being run: its plan (the server's own preparation of the body: prompts,
+    SamplingParams, what formatting the answer needs), one engine request per prompt, and
+    their outputs."""
 
     line: int
     custom_id: str
     url: str
-    req: Any
     model: str
-    prompt_ids: list[list[int]]
-    prompt_texts: list[str | None]
-    params: list[Any]
+    plan: Any  # serving_chat.ChatPlan or serving_completions.CompletionPlan
     finals: dict[int, Any] = field(default_factory=dict)
     error: Exception | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
+    @property
+    def is_chat(self) -> bool:
+        return self.url == ROUTES[0]
+
+    @property
+    def prompts(self) -> list[tuple[list[int], Any, str | None]]:
+        """(token ids, SamplingParams, text) per engine request."""
+        p = self.plan
+        if self.is_chat:
+            return [(p.prompt_ids, p.params, p.text)]
+        return list(zip(p.prompt_ids, p.params, p.texts))
+
 
 class Preparer:
-    """Request bodies -> engine prompts and SamplingParams, with the server's rules: the same
-    protocol structs, length checks, chat template and generation_config defaults."""
+    """Request bodies -> engine prompts and SamplingParams by the server's own code (decode,
+    render, build parameters: server/serving_chat.prepare and serving_completions.prepare),
+    and response bodies by the server's formatter (server/responses.py)."""
 
     def __init__(self, llm, args) -> None:
         from fastserve.chat_template import load_chat_template
         from fastserve.server.reasoning import get_reasoning_parser
+        from fastserve.server.state import Serving
 
-        self.engine = llm.engine
-        self.tokenizer = llm.engine.tokenizer
-        self.max_model_len = llm.engine.model_config.max_model_len
-        self.vocab_size = llm.engine.model_config.vocab_size
+        engine = llm.engine
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.served = list(args.served_model_name or [args.model])
-        self.chat_template = load_chat_template(args.chat_template)
-        self.reasoning_parser = get_reasoning_parser(args.reasoning_parser)
-        self.defaults = llm.default_sampling_params
+        self.serving = Serving(tokenizer=engine.tokenizer, max_model_len=engine.model_config.max_model_len,
+                               vocab_size=engine.model_config.vocab_size,
+                               chat_template=load_chat_template(args.chat_template),
+                               reasoning_parser=get_reasoning_parser(args.reasoning_parser),
+                               generation_defaults=llm.default_sampling_params, structured=engine.structured)
+        # The preparation is the server's coroutine (it may encode a long prompt or compile a
+        # grammar off the calling thread); one loop runs it for every line.
+        self._loop = asyncio.new_event_loop()
+
+    def close(self) -> None:
+        self._loop.close()
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.served:
@@ -135,141 +157,57 @@ class Preparer:
                         404, param="model", code="model_not_found")
 
     def prepare(self, line_no: int, envelope: BatchRequestInput) -> Job:
-        from fastserve.server import protocol
-        from fastserve.server.errors import APIError, from_validation_error
+        from fastserve.server import protocol, serving_chat, serving_completions
+        from fastserve.server.errors import api_error
 
         if envelope.method.upper() != "POST":
             raise LineError(f"method must be POST, got {envelope.method!r}", param="method")
         if envelope.url not in ROUTES:
             raise LineError(f"url {envelope.url!r} is not supported; supported: {', '.join(ROUTES)}", param="url")
-        struct = protocol.ChatCompletionRequest if envelope.url == ROUTES[0] else protocol.CompletionRequest
+        chat = envelope.url == ROUTES[0]
+        req = None
         try:
-            req = msgspec.convert(envelope.body, type=struct)
+            req = msgspec.convert(envelope.body, type=protocol.ChatCompletionRequest if chat
+                                  else protocol.CompletionRequest)
             req.check()
             if req.stream:
                 raise LineError("stream must be false in a batch: the result is written whole", param="stream")
             model = self.check_model(req.model)
-            if envelope.url == ROUTES[0]:
-                ids, texts, params = self._chat(req)
-            else:
-                ids, texts, params = self._completion(req)
-        except msgspec.ValidationError as e:
-            raise LineError.of(from_validation_error(e)) from None
-        except APIError as e:
-            raise LineError.of(e) from None
-        return Job(line_no, envelope.custom_id, envelope.url, req, model, ids, texts, params)
+            route = serving_chat if chat else serving_completions
+            plan = self._loop.run_until_complete(route.prepare(self.serving, req))
+            fields = ["messages"] if chat else plan.fields
+            job = Job(line_no, envelope.custom_id, envelope.url, model, plan)
+            for field_name, (ids, sp, _) in zip(fields, job.prompts):
+                self._validate(ids, sp, field_name)
+        except LineError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the server's one mapping decides: a 400 naming the field, or a bug
+            err = api_error(e, req)
+            if err is None:
+                raise
+            raise LineError.of(err) from None
+        return job
 
-    def _validate(self, ids: list[int], params, field_name: str) -> list[int]:
+    def _validate(self, ids: list[int], params, field_name: str) -> None:
+        """The engine's own prompt checks, here so a line that cannot run fails before any
+        of its prompts is queued."""
         try:
-            return self.engine.validate_prompt(ids, params)
-        except ValueError as e:
-            raise LineError(str(e), param=field_name) from None
-
-    def _completion(self, req):
-        from fastserve.server.errors import bad_request
-        from fastserve.server.serving_base import check_token_ids, resolve_max_tokens, sampling_params, truncate
-
-        add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        prompts = req.prompts()
-        many = len(prompts) > 1
-        all_ids, texts, params = [], [], []
-        for i, p in enumerate(prompts):
-            name = f"prompt[{i}]" if many else "prompt"
-            if isinstance(p, str):
-                ids = self.tokenizer.encode(p, add_special_tokens=add_special)
-                if not ids:
-                    raise bad_request(f"{name} encodes to no tokens; send some text", name)
-            else:
-                ids = p
-                check_token_ids(ids, self.vocab_size, name)
-            ids = truncate(ids, req.truncate_prompt_tokens, self.max_model_len)
-            max_tokens = resolve_max_tokens(req.max_tokens, len(ids), self.max_model_len, name, "max_tokens")
-            sp = sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs, defaults=self.defaults)
-            all_ids.append(self._validate(ids, sp, name))
-            texts.append(p if isinstance(p, str) else None)
-            params.append(sp)
-        return all_ids, texts, params
-
-    def _chat(self, req):
-        from fastserve.chat_template import render_chat
-        from fastserve.server.errors import bad_request
-        from fastserve.server.protocol import messages_to_dicts
-        from fastserve.server.serving_base import resolve_max_tokens, sampling_params, truncate
-
-        try:
-            text = render_chat(self.tokenizer, messages_to_dicts(req.messages),
-                               chat_template=req.chat_template or self.chat_template,
-                               add_generation_prompt=req.add_generation_prompt,
-                               chat_template_kwargs=req.chat_template_kwargs, tools=req.tools,
-                               continue_final_message=req.continue_final_message)
-        except Exception as e:  # noqa: BLE001 - a template failing on this request is this line's error
-            param = "chat_template" if req.chat_template or "template" in str(e) else "messages"
-            raise bad_request(f"the chat template failed to render: {e}", param) from None
-        add_special = False if req.add_special_tokens is None else req.add_special_tokens
-        ids = self.tokenizer.encode(text, add_special_tokens=add_special)
-        if not ids:
-            raise bad_request("the rendered conversation has no tokens", "messages")
-        ids = truncate(ids, req.truncate_prompt_tokens, self.max_model_len)
-        max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), self.max_model_len, "messages",
-                                        max_field)
-        top_k = (req.top_logprobs or 0) if req.logprobs else None
-        sp = sampling_params(req, max_tokens=max_tokens, logprobs=top_k,
-                             wire_names={"logprobs": "top_logprobs", "max_tokens": max_field},
-                             defaults=self.defaults)
-        return [self._validate(ids, sp, "messages")], [text], [sp]
-
-    # -- response bodies (what the server answers without streaming) ---------------------------
+            self.engine.validate_prompt(ids, params)
+        except InvalidRequest as e:
+            # The prompt's field is this line's (prompt[i] / messages); other fields keep their name.
+            raise InvalidRequest(e.message, field_name if e.field == "prompt" else e.field) from None
 
     def body(self, job: Job, response_role: str) -> tuple[dict, int, int]:
-        """(response body, prompt tokens, completion tokens)."""
-        from fastserve.server.serving_base import prompt_logprobs_json, random_id, usage
+        """(response body, prompt tokens, completion tokens): the server's own formatting."""
+        from fastserve.server.responses import random_id
 
-        prompt_tokens = sum(len(ids) for ids in job.prompt_ids)
-        if job.url == ROUTES[0]:
-            from fastserve.server.serving_chat import _logprobs as chat_logprobs
-
-            req, final = job.req, job.finals[0]
-            top_k = (req.top_logprobs or 0) if req.logprobs else None
-            choices, completion_tokens = [], 0
-            for o in sorted(final.outputs, key=lambda o: o.index):
-                completion_tokens += len(o.token_ids)
-                message = {"role": response_role, "content": o.text}
-                if self.reasoning_parser is not None:
-                    reasoning, content = self.reasoning_parser().parse(o.text)
-                    message = {"role": response_role, "content": content, "reasoning_content": reasoning}
-                message["tool_calls"] = []
-                choices.append({
-                    "index": o.index, "message": message,
-                    "logprobs": (chat_logprobs(self.tokenizer, o.logprobs or [], o.token_ids, top_k,
-                                               req.return_tokens_as_token_ids) if top_k is not None else None),
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason})
-            return ({"id": random_id("chatcmpl"), "object": "chat.completion", "created": job.created,
-                     "model": job.model, "choices": choices, "prompt_logprobs": prompt_logprobs_json(final),
-                     "usage": usage(prompt_tokens, completion_tokens, final.num_cached_tokens)},
-                    prompt_tokens, completion_tokens)
-        from fastserve.server.serving_completions import _logprobs as completion_logprobs
-
-        req = job.req
-        choices, completion_tokens = [], 0
-        for i in range(len(job.prompt_ids)):
-            final = job.finals[i]
-            prefix = ""
-            if req.echo:
-                prefix = job.prompt_texts[i] if job.prompt_texts[i] is not None else \
-                    self.tokenizer.decode(job.prompt_ids[i])
-            for o in sorted(final.outputs, key=lambda o: o.index):
-                completion_tokens += len(o.token_ids)
-                choices.append({
-                    "index": i * req.n + o.index, "text": prefix + o.text,
-                    "logprobs": (completion_logprobs(self.tokenizer, o.logprobs or [], o.token_ids, req.logprobs,
-                                                     len(prefix), req.return_tokens_as_token_ids)
-                                 if req.logprobs is not None else None),
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                    "prompt_logprobs": prompt_logprobs_json(final)})
-        return ({"id": random_id("cmpl"), "object": "text_completion", "created": job.created, "model": job.model,
-                 "choices": choices, "usage": usage(prompt_tokens, completion_tokens)},
-                prompt_tokens, completion_tokens)
+        if job.is_chat:
+            fmt = job.plan.formatter(self.tokenizer, random_id("chatcmpl"), job.created, job.model, role=response_role)
+            body, completion_tokens = fmt.body(job.finals[0])
+        else:
+            fmt = job.plan.formatter(self.tokenizer, random_id("cmpl"), job.created, job.model)
+            body, completion_tokens = fmt.body(job.finals)
+        return body, sum(len(ids) for ids, _, _ in job.prompts), completion_tokens
 
 
 def _record(custom_id: str | None, status: int, body: dict | None, error: dict | None,
@@ -468,7 +406,7 @@ class BatchRun:
             if isinstance(out, BaseException):
                 job.error = job.error or out
             job.finals[idx] = out
-            if len(job.finals) == len(job.prompt_ids):
+            if len(job.finals) == len(job.prompts):
                 self._finish_job(job)
                 bar.update(1)
 
@@ -530,17 +468,19 @@ class BatchRun:
         self.open_jobs[line_no] = job
         added = []
         try:
-            for i, (ids, sp, text) in enumerate(zip(job.prompt_ids, job.params, job.prompt_texts)):
+            for i, (ids, sp, text) in enumerate(job.prompts):
                 rid = f"batch-{self._next_rid}"
                 self._next_rid += 1
                 self.runner.add(rid, ids, sp, text)
                 self.jobs[rid] = (job, i)
                 added.append(rid)
         except ValueError as e:
+            from fastserve.server.errors import api_error
+
             for rid in added:
                 self.runner.abort(rid)
                 self.jobs.pop(rid, None)
-            job.error = LineError(str(e))
+            job.error = LineError.of(api_error(e, job.plan.req))
             self._finish_job(job)
             bar.update(1)
 
@@ -605,6 +545,7 @@ def _run(args, tqdm) -> int:
                 os.fsync(out.fileno())
     finally:
         bar.close()
+        run.prep.close()
         llm.shutdown()
     elapsed = time.perf_counter() - t0
     processed = run.counts["completed"] + run.counts["failed"]

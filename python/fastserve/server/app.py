@@ -17,12 +17,16 @@ import msgspec
 from aiohttp import web
 
 import fastserve
+from fastserve.errors import EngineDeadError, RequestError
 
 from . import protocol
-from .errors import APIError
-from .serving_base import STATE, ServerState, check_token_ids, encode, json_response, read_json
-from .serving_chat import create_chat_completion, render_prompt
+from .errors import APIError, api_error
+from .prompts import check_token_ids, encode, render_messages
+from .protocol import read_request
+from .serving_chat import create_chat_completion
 from .serving_completions import create_completion
+from .sse import json_response
+from .state import REQUEST, STATE, ServerState
 
 logger = logging.getLogger("fastserve.server")
 
@@ -47,7 +51,8 @@ async def error_middleware(request: web.Request, handler):
         resp = await handler(request)
         status = resp.status
         return resp
-    except APIError as e:
+    except (APIError, ValueError, RequestError, EngineDeadError) as exc:
+        e = api_error(exc, request.get(REQUEST))
         status = e.status
         headers = {"Retry-After": "5"} if e.status == 503 else None
         return e.response(headers)
@@ -125,15 +130,15 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    req: protocol.TokenizeRequest = await read_json(request, protocol.TokenizeRequest)
+    req: protocol.TokenizeRequest = await read_request(request, protocol.TokenizeRequest)
     engine = state.ready_engine()
     state.check_model(req.model)
     tok = engine.tokenizer
     if req.messages is not None:
-        text = await render_prompt(state, tok, req.messages, chat_template=req.chat_template,
-                                   chat_template_kwargs=req.chat_template_kwargs,
-                                   add_generation_prompt=req.add_generation_prompt,
-                                   continue_final_message=req.continue_final_message)
+        text = render_messages(tok, req.messages, chat_template=req.chat_template,
+                               default_template=state.chat_template, chat_template_kwargs=req.chat_template_kwargs,
+                               add_generation_prompt=req.add_generation_prompt,
+                               continue_final_message=req.continue_final_message)
         add_special = False if req.add_special_tokens is None else req.add_special_tokens
     else:
         text = req.prompt
@@ -148,7 +153,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 async def detokenize(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
-    req: protocol.DetokenizeRequest = await read_json(request, protocol.DetokenizeRequest)
+    req: protocol.DetokenizeRequest = await read_request(request, protocol.DetokenizeRequest)
     engine = state.ready_engine()
     state.check_model(req.model)
 

@@ -1,5 +1,13 @@
 """OpenAI-shaped errors: every failure the server answers is an `APIError` turned into
-`{"error": {"message", "type", "param", "code"}}` with the matching HTTP status."""
+`{"error": {"message", "type", "param", "code"}}` with the matching HTTP status.
+
+`api_error` is the one mapping from what the layers raise to that answer:
+- `APIError`: a server-side rule, its `param` already the wire name;
+- `InvalidRequest` (fastserve.errors): 400, `param` the wire name of its offline `field`
+  (the request struct's `wire_name`: chat's `logprobs` count is `top_logprobs`);
+- any other `ValueError` (the Rust core's, until its errors carry the field): 400, no param;
+- `RequestError`: 500 for that request alone; `EngineDeadError`: 503;
+- anything else: 500 without details (logged by the caller)."""
 
 from __future__ import annotations
 
@@ -7,6 +15,8 @@ import re
 
 import msgspec
 from aiohttp import web
+
+from fastserve.errors import EngineDeadError, InvalidRequest, RequestError
 
 # OpenAI's `type` per status; clients (the openai package) map the status, not the type,
 # to an exception class, so these only need to be recognisable.
@@ -66,14 +76,25 @@ def from_validation_error(err: msgspec.ValidationError) -> APIError:
     return APIError(message, 400, param=path or None)
 
 
-def param_from_value_error(message: str, fields: dict[str, str]) -> str | None:
-    """The request field a ValueError is about: the earliest known field name in its message.
-
-    `fields` maps the names that may appear in the message (SamplingParams attributes) to the
-    request's field names (chat's `logprobs` count is `top_logprobs` on the wire)."""
-    best: tuple[int, int, str] | None = None
-    for name, wire in fields.items():
-        m = re.search(rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])", message)
-        if m and (best is None or (m.start(), -len(name)) < best[:2]):
-            best = (m.start(), -len(name), wire)
-    return best[2] if best else None
+def api_error(exc: BaseException, req=None) -> APIError | None:
+    """The answer for `exc` raised while serving `req` (the decoded request struct, when it
+    got that far); None for an exception that is not the client's nor a known engine state
+    (the caller logs it and answers a bare 500)."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, msgspec.ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, InvalidRequest):
+        field = exc.field
+        if field is not None and req is not None and hasattr(req, "wire_name"):
+            field = req.wire_name(field)
+        return APIError(exc.message, 400, param=field)
+    if isinstance(exc, ValueError):
+        return APIError(str(exc), 400)
+    if isinstance(exc, RequestError):
+        return APIError("processing this request failed inside the engine (see the server log); "
+                        "the server keeps serving other requests", 500, code="request_failed")
+    if isinstance(exc, EngineDeadError):
+        return APIError("the engine stopped after an internal error (see the server log); restart the server",
+                        503, code="engine_dead")
+    return None

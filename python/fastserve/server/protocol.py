@@ -306,6 +306,18 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
             raise bad_request("give max_completion_tokens or max_tokens, not both",
                               "max_completion_tokens")
 
+    def wire_name(self, field: str) -> str:
+        """The request field an offline (SamplingParams / engine) name stands for in this
+        request: the logprobs count is top_logprobs, max_tokens is whichever of
+        max_tokens / max_completion_tokens the client sent, the prompt is the messages."""
+        if field == "logprobs":
+            return "top_logprobs"
+        if field == "max_tokens" and self.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        if field == "prompt":
+            return "messages"
+        return field
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
@@ -335,3 +347,34 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: str | None = None
     tokens: list[int]
+
+
+def decode(body: bytes, type_):
+    """The request struct of a JSON body, its own rules checked (`check()`); a 400 naming the
+    field otherwise."""
+    from .errors import from_validation_error
+
+    try:
+        req = msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as e:
+        raise from_validation_error(e) from None
+    except msgspec.DecodeError as e:
+        raise bad_request(f"The request body is not valid JSON ({e}); send a JSON object.") from None
+    except UnicodeDecodeError as e:  # msgspec checks strings' UTF-8 only as it decodes them
+        raise bad_request(f"The request body is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                          "send UTF-8 JSON.") from None
+    except RecursionError:
+        raise bad_request("The request body nests JSON too deeply; flatten it.") from None
+    return req
+
+
+async def read_request(request, type_):
+    """decode() of an aiohttp request's body, kept on the request (state.REQUEST) so that an
+    error raised later names its field as this request's wire format does."""
+    from .state import REQUEST
+
+    req = decode(await request.read(), type_)
+    request[REQUEST] = req
+    if hasattr(req, "check"):
+        req.check()
+    return req

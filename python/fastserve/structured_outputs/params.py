@@ -11,6 +11,8 @@ import json as _json
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastserve.errors import InvalidRequest
+
 CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 # vLLM's check_json_nesting bound: deeper schemas make the converter recurse for ever.
@@ -19,13 +21,16 @@ MAX_SCHEMA_DEPTH = 64
 MAX_SPEC_CHARS = 1 << 20
 
 
-class StructuredOutputsError(ValueError):
-    """A constraint that cannot be compiled; `param` names the request field it came from
-    (the server's 400 names it)."""
+class StructuredOutputsError(InvalidRequest):
+    """A constraint that cannot be compiled; `field` names the request field it came from
+    (response_format, structured_outputs, guided_json...: the same name offline and on the wire)."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+        super().__init__(message, param)
+
+    @property
+    def param(self) -> str | None:
+        return self.field
 
 
 @dataclass
