@@ -175,3 +175,22 @@ def test_cli_flag_reaches_the_engine_args():
     args = parse_args(["--model", "m", "--max-num-seqs", "8", "--max-num-sample-rows", "40"])
     assert engine_args_from(args).max_num_sample_rows == 40
     assert engine_args_from(parse_args(["--model", "m"])).max_num_sample_rows is None
+
+
+@pytest.mark.parametrize("fields, field", [({"n": 12}, "n"), ({"n": 2, "best_of": 12}, "best_of")])
+def test_engine_names_the_field_past_the_sample_rows(tmp_path, fields, field):
+    """The core counts a request's sequences as one number; the engine's error names the
+    field the caller set (`best_of` when it is the larger), as an InvalidRequest."""
+    from fastserve import LLM, SamplingParams
+    from fastserve.errors import InvalidRequest
+    from tiny_models import SHARED_MODELS, make_tiny_checkpoint
+
+    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path)
+    llm = LLM(str(path), tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), device="cpu", dtype="float32",
+              max_model_len=64, max_num_seqs=2, max_num_sample_rows=10, cpu_kv_cache_space_gb=0.01)
+    with pytest.raises(InvalidRequest, match="max_num_sample_rows") as e:
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=1.0, max_tokens=2, **fields),
+                     use_tqdm=False)
+    assert e.value.field == field
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2  # the engine goes on

@@ -165,12 +165,21 @@ class Engine:
                 self.requests[request_id] = state
                 return state
             compiled = grammar.result()  # StructuredOutputsError (a ValueError naming the field)
-            self.scheduler.add_request(request_id, prompt_token_ids, core)
+            self._schedule(request_id, prompt_token_ids, core, params)
             self.structured.add(request_id, compiled, state.num_seqs, params.stop_token_ids)
         else:
-            self.scheduler.add_request(request_id, prompt_token_ids, core)
+            self._schedule(request_id, prompt_token_ids, core, params)
         self.requests[request_id] = state
         return state
+
+    def _schedule(self, request_id: str, prompt_token_ids: list[int], core, params: SamplingParams) -> None:
+        try:
+            self.scheduler.add_request(request_id, prompt_token_ids, core)
+        except InvalidRequest as e:
+            # The core counts sequences as one `n` (best_of when set): name the field the caller set.
+            if e.field == "n" and params.best_of is not None and params.best_of != params.n:
+                raise InvalidRequest(e.message, "best_of") from None
+            raise
 
     def _admit_compiled(self, touched: dict[str, RequestState]) -> None:
         """Requests whose grammar finished compiling go to the scheduler (or fail alone)."""
