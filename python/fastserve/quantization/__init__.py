@@ -1,0 +1,135 @@
+"""Quantized checkpoints: which format a checkpoint is in, and the per-format configs.
+
+Detection: config.json `quantization_config`, else `quantize_config.json` (AutoGPTQ /
+GPTQModel) or `quant_config.json` (old AutoAWQ) in the model directory. `quantization=` /
+`--quantization` takes vLLM's names, case-insensitively (awq, gptq, fp8, compressed-tensors;
+awq_marlin / gptq_marlin are aliases: the kernel is fastserve's own either way); a name that
+contradicts the checkpoint is a ValueError. `fp8` on an unquantized checkpoint quantizes the
+weights at load."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from fastserve.quantization.awq import AWQConfig
+from fastserve.quantization.base import QuantConfig
+from fastserve.quantization.compressed_tensors import CompressedTensorsConfig
+from fastserve.quantization.fp8 import Fp8Config
+from fastserve.quantization.gptq import GPTQConfig
+
+QUANTIZATION_METHODS: dict[str, type[QuantConfig]] = {
+    "awq": AWQConfig,
+    "gptq": GPTQConfig,
+    "fp8": Fp8Config,
+    "compressed-tensors": CompressedTensorsConfig,
+}
+_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq", "compressed_tensors": "compressed-tensors",
+            "compressedtensors": "compressed-tensors"}
+# Architectures whose linear layers load quantized tensors (GPT-NeoX interleaves its fused QKV
+# by head at load, which the packed layouts do not support yet).
+QUANTIZABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                             "OPTForCausalLM")
+
+__all__ = ["QuantConfig", "AWQConfig", "GPTQConfig", "Fp8Config", "CompressedTensorsConfig",
+           "QUANTIZATION_METHODS", "normalize_quantization", "checkpoint_quantization_config",
+           "resolve_quant_config"]
+
+
+def normalize_quantization(name: str | None) -> str | None:
+    """vLLM name (any case, aliases) -> ours; None / 'none' -> None."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise ValueError(f"quantization must be a string, got {name!r}")
+    key = name.strip().lower()
+    if key in ("", "none"):
+        return None
+    key = _ALIASES.get(key, key)
+    if key not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization={name!r} is not supported: use one of {sorted(QUANTIZATION_METHODS)} "
+                         f"(or the aliases {sorted(_ALIASES)}), or leave it unset to follow the checkpoint")
+    return key
+
+
+def checkpoint_quantization_config(hf_config: dict, model_dir: str | None) -> dict | None:
+    """The checkpoint's quantization config with `quant_method` filled in, or None."""
+    cfg = hf_config.get("quantization_config")
+    if isinstance(cfg, dict) and cfg:
+        cfg = dict(cfg)
+    else:
+        cfg = None
+        for fname in ("quantize_config.json", "quant_config.json"):
+            path = os.path.join(model_dir, fname) if model_dir and os.path.isdir(model_dir) else None
+            if path and os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    cfg = json.load(f)
+                break
+        if cfg is None:
+            return None
+    method = cfg.get("quant_method")
+    if method is None:
+        # AutoAWQ's quant_config.json spells bits w_bit; AutoGPTQ's quantize_config.json has no quant_method.
+        method = "awq" if "w_bit" in cfg or "zero_point" in cfg else "gptq"
+    cfg["quant_method"] = _ALIASES.get(str(method).lower(), str(method).lower())
+    return cfg
+
+
+def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: str | None) -> QuantConfig | None:
+    """The QuantConfig the model loads with (None: unquantized); ValueError when `quantization`
+    contradicts the checkpoint or names a format the checkpoint is not in."""
+    asked = normalize_quantization(quantization)
+    cfg = checkpoint_quantization_config(hf_config, model_dir)
+    found = cfg["quant_method"] if cfg else None
+    if found is not None and found not in QUANTIZATION_METHODS:
+        raise ValueError(f"the checkpoint's quantization_config has quant_method {found!r}, which fastserve does not "
+                         f"load (supported: {sorted(QUANTIZATION_METHODS)}); use an unquantized or a supported "
+                         "checkpoint")
+    if asked is not None and found is not None and asked != found:
+        raise ValueError(f"quantization={quantization!r} contradicts the checkpoint, whose quantization_config says "
+                         f"quant_method {found!r}: pass quantization={found!r} or leave it unset")
+    if found is None:
+        if asked is None:
+            return None
+        if asked == "fp8":
+            return Fp8Config.on_load()
+        raise ValueError(f"quantization={quantization!r} was asked for but the checkpoint has no quantization_config "
+                         f"(config.json, quantize_config.json or quant_config.json): it is unquantized; only 'fp8' "
+                         "can quantize an unquantized checkpoint at load")
+    arch = (hf_config.get("architectures") or [""])[0]
+    if arch not in QUANTIZABLE_ARCHITECTURES:
+        raise ValueError(f"quantized {arch} checkpoints are not supported yet; quantized checkpoints load for "
+                         f"{', '.join(QUANTIZABLE_ARCHITECTURES)}")
+    return QUANTIZATION_METHODS[found].from_config(cfg)
+
+
+def linear_shapes(model_config) -> list[tuple[str, str, int, list[int]]]:
+    """(prefix, 'column' | 'row', K, N of each fused part) of every linear layer of a
+    Llama-family model, for checking a tensor-parallel split before anything is allocated."""
+    c = model_config
+    hd = c.head_dim
+    q, kv, h, inter = c.num_attention_heads * hd, c.num_kv_heads * hd, c.hidden_size, c.intermediate_size
+    out = []
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.self_attn.qkv_proj", "column", h, [q, kv, kv]), (f"{p}.self_attn.o_proj", "row", q, [h]),
+                (f"{p}.mlp.gate_up_proj", "column", h, [inter, inter]), (f"{p}.mlp.down_proj", "row", inter, [h])]
+    return out
+
+
+def check_tensor_parallel(model_config, tp: int) -> None:
+    """ValueError naming the layer, the dimension and the group size when the quantized layout
+    cannot be split over `tp` ranks (called before the model is built)."""
+    qc = model_config.quant_config
+    if qc is None or model_config.architecture not in QUANTIZABLE_ARCHITECTURES[:4]:
+        return
+    kv_tp = tp if model_config.num_kv_heads >= tp else model_config.num_kv_heads
+    for prefix, kind, k, parts in linear_shapes(model_config):
+        method = qc.get_linear_method(None, prefix)
+        if method is None or not hasattr(method, "check_shapes"):
+            continue
+        if kind == "row":
+            method.check_shapes(prefix, k // tp, k, parts, kind, tp)
+        else:
+            local = [parts[0] // tp] + [n // kv_tp for n in parts[1:]] if len(parts) == 3 else [n // tp for n in parts]
+            method.check_shapes(prefix, k, k, local, kind, tp)
