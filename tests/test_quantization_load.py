@@ -28,8 +28,12 @@ MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 LLAMA3_TOK = SHARED_MODELS / "llama3-tokenizer"
 QWEN_TOK = SHARED_MODELS / "qwen3-tokenizer"
-# Chunked prefill (24-token budget), a shared prefix hit and preemption (10 blocks) in one run.
-STRESS = {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24}
+# Prompts of one block each are all admitted; their decodes then need a second block that only
+# some can get (preemption: test_parity's case). A 16-token budget chunks the prefill of the
+# shared-prefix run.
+PREEMPT = {"num_gpu_blocks_override": 9, "max_model_len": 128}
+CHUNKED = {"max_num_batched_tokens": 16}
+PREEMPT_LENGTHS = (14, 15, 13, 12, 15, 11, 14, 9)
 
 
 def _site(name: str) -> str:
@@ -62,7 +66,8 @@ def build(src, dst, kind: str, opts: dict):
     perms = {}
     skip = opts.get("skip", [])
     qcfg, cfg_file = None, "config.json"
-    for name in linear_names(state):
+    names = linear_names(state) + (["lm_head"] if opts.get("lm_head") else [])
+    for name in names:
         w = state[f"{name}.weight"]
         if _matches(skip, name):
             continue
@@ -105,7 +110,7 @@ def build(src, dst, kind: str, opts: dict):
         deq[f"{name}.weight"] = w_deq.float()
     if kind == "gptq":
         qcfg = {"quant_method": "gptq", "bits": opts["bits"], "group_size": opts["group_size"],
-                "desc_act": bool(opts.get("desc_act")), "sym": opts["sym"], "lm_head": False,
+                "desc_act": bool(opts.get("desc_act")), "sym": opts["sym"], "lm_head": bool(opts.get("lm_head")),
                 "checkpoint_format": opts.get("format", "gptq"), "pack_dtype": "int32",
                 "meta": {"quantizer": ["test"]}}
         if "dynamic" in opts:
@@ -161,10 +166,12 @@ def source(tmp_path_factory, arch: str):
     return _SOURCES[arch]
 
 
-def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, seed=0):
+def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, seed=0,
+               lengths=(1, 7, 17, 33, 50)):
     llm_kwargs = dict(llm_kwargs or {})
     llm = LLM(model=str(path), dtype="float32", device="cpu", quantization=quantization, **llm_kwargs)
-    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=seed, shared_prefix=shared_prefix)
+    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=seed, shared_prefix=shared_prefix,
+                            lengths=lengths)
     if shared_prefix:
         llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
@@ -172,10 +179,13 @@ def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, se
         assert out.outputs[0].token_ids == hf_greedy(hf, prompt, MAX_NEW), f"prompt of {len(prompt)} tokens"
     if "num_gpu_blocks_override" in llm_kwargs:
         assert llm.engine.scheduler.num_preemptions > 0, "the case is meant to force preemption"
+    if shared_prefix:
+        assert sum(o.num_cached_tokens for o in outs) > 0, "the shared prefix should hit the prefix cache"
     return llm
 
 
-# (id, arch, kind, opts, stress): every format and variant at least once.
+# (id, arch, kind, opts, stress): every format and variant at least once; stress: also
+# preemption, and chunked prefill with a prefix-cache hit.
 CASES = [
     ("gptq-4bit-sym-g16", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=16, sym=True), True),
     ("gptq-4bit-asym-g32-qwen2-bias", "Qwen2ForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False), False),
@@ -184,6 +194,7 @@ CASES = [
     ("gptq_v2-4bit-asym-desc_act", "LlamaForCausalLM", "gptq",
      dict(bits=4, group_size=32, sym=False, desc_act=True, format="gptq_v2"), False),
     ("gptq-8bit-sym-channel", "LlamaForCausalLM", "gptq", dict(bits=8, group_size=-1, sym=True), False),
+    ("gptq-4bit-lm_head", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False, lm_head=True), False),
     ("gptq-quantize_config.json", "LlamaForCausalLM", "gptq",
      dict(bits=4, group_size=32, sym=True, config_file="quantize_config.json"), False),
     ("gptq-dynamic", "LlamaForCausalLM", "gptq",
@@ -221,7 +232,8 @@ def test_quantized_greedy_matches_hf_dequantized(tmp_path_factory, case_id, arch
     llm = run_parity(path, hf, seed=seed)
     assert llm.engine.model_config.quant_config is not None
     if stress:
-        run_parity(path, hf, STRESS, shared_prefix=20, seed=seed + 1)
+        run_parity(path, hf, PREEMPT, seed=seed + 1, lengths=PREEMPT_LENGTHS)
+        run_parity(path, hf, CHUNKED, shared_prefix=40, seed=seed + 2)
 
 
 def test_fp8_on_load_of_unquantized_checkpoint(tmp_path_factory, caplog):

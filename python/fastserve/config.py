@@ -255,6 +255,7 @@ class ModelConfig:
         device: str | torch.device | None = None,
         seed: int = 0,
         quantization: str | None = None,
+        load_format: str = "auto",
     ) -> "ModelConfig":
         from fastserve.gguf_loader import hf_config, is_gguf
 
@@ -274,7 +275,7 @@ class ModelConfig:
             hf = json.load(f)
         return cls.from_hf_config(
             hf, model=os.fspath(model), dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
-            quantization=quantization,
+            quantization=quantization, load_format=load_format,
         )
 
     @classmethod
@@ -288,9 +289,11 @@ class ModelConfig:
         device: str | torch.device | None = None,
         seed: int = 0,
         quantization: str | None = None,
+        load_format: str = "auto",
     ) -> "ModelConfig":
         """quantization: vLLM's name (None: follow the checkpoint's quantization_config); see
-        fastserve/quantization/__init__.py."""
+        fastserve/quantization/__init__.py. load_format "dummy" lets a quantization the config
+        does not describe lay out random weights in that format's default layout."""
         from fastserve.quantization import resolve_quant_config
 
         if device is None:
@@ -322,7 +325,7 @@ class ModelConfig:
                 f"max_model_len ({max_model_len}) is greater than the derived max_model_len ({source} in the "
                 f"model's config.json = {derived}); use a max_model_len of at most {derived}"
             )
-        quant_config = resolve_quant_config(quantization, hf_config, model or None)
+        quant_config = resolve_quant_config(quantization, hf_config, model or None, dummy=load_format == "dummy")
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(

@@ -45,7 +45,7 @@ class Engine:
         device = resolve_device(args.device)
         self.model_config = ModelConfig.from_pretrained(
             args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
-            quantization=args.quantization,
+            quantization=args.quantization, load_format=args.load_format,
         )
         from fastserve.quantization import check_tensor_parallel
 

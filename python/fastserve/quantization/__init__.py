@@ -26,10 +26,9 @@ QUANTIZATION_METHODS: dict[str, type[QuantConfig]] = {
 }
 _ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq", "compressed_tensors": "compressed-tensors",
             "compressedtensors": "compressed-tensors"}
-# Architectures whose linear layers load quantized tensors (GPT-NeoX interleaves its fused QKV
-# by head at load, which the packed layouts do not support yet).
-QUANTIZABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                             "OPTForCausalLM")
+# Architectures whose quantized checkpoints are tested to load (GPT-NeoX interleaves its fused
+# QKV by head at load, which the packed layouts do not support; OPT is not tested yet).
+QUANTIZABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 __all__ = ["QuantConfig", "AWQConfig", "GPTQConfig", "Fp8Config", "CompressedTensorsConfig",
            "QUANTIZATION_METHODS", "normalize_quantization", "checkpoint_quantization_config",
@@ -75,9 +74,24 @@ def checkpoint_quantization_config(hf_config: dict, model_dir: str | None) -> di
     return cfg
 
 
-def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: str | None) -> QuantConfig | None:
+# What `load_format="dummy"` with a quantization and no quantization_config lays out: the common
+# real-checkpoint settings (AutoAWQ / GPTQModel defaults, llm-compressor W4A16, AutoFP8).
+DUMMY_DEFAULTS = {
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+    "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic"},
+    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
+        "group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+        "ignore": ["lm_head"]},
+}
+
+
+def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: str | None,
+                         dummy: bool = False) -> QuantConfig | None:
     """The QuantConfig the model loads with (None: unquantized); ValueError when `quantization`
-    contradicts the checkpoint or names a format the checkpoint is not in."""
+    contradicts the checkpoint or names a format the checkpoint is not in. dummy (load_format
+    "dummy"): a quantization the config does not describe gets DUMMY_DEFAULTS' layout."""
     asked = normalize_quantization(quantization)
     cfg = checkpoint_quantization_config(hf_config, model_dir)
     found = cfg["quant_method"] if cfg else None
@@ -88,6 +102,8 @@ def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: s
     if asked is not None and found is not None and asked != found:
         raise ValueError(f"quantization={quantization!r} contradicts the checkpoint, whose quantization_config says "
                          f"quant_method {found!r}: pass quantization={found!r} or leave it unset")
+    if found is None and asked is not None and dummy:
+        cfg, found = dict(DUMMY_DEFAULTS[asked]), asked
     if found is None:
         if asked is None:
             return None
@@ -121,8 +137,11 @@ def check_tensor_parallel(model_config, tp: int) -> None:
     """ValueError naming the layer, the dimension and the group size when the quantized layout
     cannot be split over `tp` ranks (called before the model is built)."""
     qc = model_config.quant_config
-    if qc is None or model_config.architecture not in QUANTIZABLE_ARCHITECTURES[:4]:
+    c = model_config
+    if qc is None or c.architecture not in QUANTIZABLE_ARCHITECTURES:
         return
+    if c.num_attention_heads % tp or c.intermediate_size % tp or (c.num_kv_heads % tp and tp % c.num_kv_heads):
+        return  # the executor's own check names the head or intermediate count that tp must divide
     kv_tp = tp if model_config.num_kv_heads >= tp else model_config.num_kv_heads
     for prefix, kind, k, parts in linear_shapes(model_config):
         method = qc.get_linear_method(None, prefix)

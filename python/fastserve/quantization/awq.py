@@ -34,7 +34,9 @@ class AWQConfig(QuantConfig):
         bits = cfg.get("bits", cfg.get("w_bit", 4))
         group = cfg.get("group_size", cfg.get("q_group_size", 128))
         version = cfg.get("version") or cfg.get("format") or "gemm"
-        return cls(int(bits), int(group), bool(cfg.get("zero_point", True)), cfg.get("modules_to_not_convert"),
+        # GPTQModel's AWQ configs say `sym` instead of `zero_point`.
+        zero_point = cfg.get("zero_point", not cfg.get("sym", False))
+        return cls(int(bits), int(group), bool(zero_point), cfg.get("modules_to_not_convert"),
                    version)
 
     def describe(self) -> str:

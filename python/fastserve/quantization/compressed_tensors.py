@@ -103,7 +103,8 @@ class CTIntLinearMethod(IntLinearMethod):
             make_param(layer, "weight_zero_point", (n // pack, groups), torch.int32, output_dim=0, input_dim=gdim,
                        pack_out=pack)
         make_param(layer, "weight_g_idx", (k,), torch.int32, input_dim=0, optional=True)
-        make_param(layer, "weight_shape", (2,), torch.int64, optional=True)
+        shape = make_param(layer, "weight_shape", (2,), torch.int64, optional=True)
+        shape.weight_loader = _ignore  # the shapes come from config.json; fused parts' differ
 
     def _drop(self):
         return ["weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape"]
@@ -127,3 +128,7 @@ class CTIntLinearMethod(IntLinearMethod):
         dummy_scales(layer.weight_scale.data, generator, self.bits)
         if not self.symmetric:
             dummy_int32(layer.weight_zero_point.data, generator)
+
+
+def _ignore(param, loaded_weight, shard_id=None) -> None:
+    pass

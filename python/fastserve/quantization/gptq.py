@@ -37,6 +37,10 @@ class GPTQConfig(QuantConfig):
     @classmethod
     def from_config(cls, cfg: dict) -> "GPTQConfig":
         fmt = cfg.get("checkpoint_format") or cfg.get("format") or "gptq"
+        pack_dtype = str(cfg.get("pack_dtype", "int32")).replace("torch.", "")
+        if pack_dtype != "int32":
+            raise ValueError(f"GPTQ pack_dtype {pack_dtype!r} is not supported: re-save the checkpoint with GPTQModel's "
+                             "default pack_dtype int32")
         return cls(bits=int(cfg.get("bits", 4)), group_size=int(cfg.get("group_size", 128)),
                    desc_act=bool(cfg.get("desc_act", False)), sym=bool(cfg.get("sym", True)),
                    checkpoint_format=str(fmt).lower(), dynamic=cfg.get("dynamic"),
@@ -45,6 +49,9 @@ class GPTQConfig(QuantConfig):
     def describe(self) -> str:
         extra = ", act order" if self.desc_act else ""
         return f"gptq int{self.bits}, group {self.group_size}{extra}{', v2' if self.checkpoint_format == 'gptq_v2' else ''}"
+
+    def quantizes_lm_head(self) -> bool:
+        return self.lm_head and self.module_settings("lm_head") is not None
 
     def module_settings(self, name: str) -> dict | None:
         """This module's (bits, group_size, desc_act, sym) after `dynamic`; None: not quantized."""
@@ -60,6 +67,8 @@ class GPTQConfig(QuantConfig):
         return settings
 
     def get_linear_method(self, layer, prefix: str):
+        if prefix == "lm_head" and not self.lm_head:
+            return None
         answers = [self.module_settings(n) for n in checkpoint_names(prefix)]
         settings = one_answer(prefix, answers, "GPTQ settings (`dynamic` overrides)")
         if settings is None:
