@@ -182,6 +182,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
                 continue  # recomputed from the config (old checkpoints saved these buffers)
+            if name.endswith((".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")):
+                continue  # FP8 KV-cache scales of quantized checkpoints: the KV cache stays in the model dtype
             if name == "lm_head.weight" and self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead):
                 continue  # the tied head is the embedding, loaded under its own name
             target, shard_id = name, None

@@ -62,7 +62,7 @@ class CompressedTensorsConfig(QuantConfig):
             if strategy == "block":
                 return Fp8BlockMethod(tuple(w.get("block_structure") or (128, 128)))
             static = bool(act) and not act.get("dynamic", True)
-            return Fp8LinearMethod(strategy or "tensor", static)
+            return Fp8LinearMethod(strategy or "tensor", static, ignored=("weight_zero_point", "input_zero_point"))
         if kind == "int" and fmt == "pack-quantized" and not act:
             if strategy not in ("group", "channel"):
                 raise ValueError(f"compressed-tensors {where}: int weight strategy {strategy!r} is not supported "
@@ -102,6 +102,10 @@ class CTIntLinearMethod(IntLinearMethod):
         if not self.symmetric:
             make_param(layer, "weight_zero_point", (n // pack, groups), torch.int32, output_dim=0, input_dim=gdim,
                        pack_out=pack)
+        else:
+            # Some exporters write the (all-zero) zero points of a symmetric scheme too.
+            zp = make_param(layer, "weight_zero_point", (0,), torch.int32, optional=True)
+            zp.weight_loader = _ignore
         make_param(layer, "weight_g_idx", (k,), torch.int32, input_dim=0, optional=True)
         shape = make_param(layer, "weight_shape", (2,), torch.int64, optional=True)
         shape.weight_loader = _ignore  # the shapes come from config.json; fused parts' differ

@@ -62,10 +62,11 @@ class Fp8LinearMethod:
     """weight float8_e4m3fn [N, K]; weight_scale per tensor (one per fused shard) or per channel
     [N, 1]; input_scale per tensor when static."""
 
-    def __init__(self, strategy: str, static_input: bool):
+    def __init__(self, strategy: str, static_input: bool, ignored: tuple[str, ...] = ()):
         if strategy not in ("tensor", "channel"):
             raise ValueError(f"fp8 weight strategy {strategy!r} is not supported (tensor, channel are)")
         self.strategy, self.static_input = strategy, static_input
+        self.ignored = ignored  # tensors some exporters write that carry nothing (symmetric zero points)
 
     def check_shapes(self, prefix, k_local, k_full, parts_local, kind, tp) -> None:
         pass  # any split of an [N, K] float8 matrix works
@@ -80,8 +81,12 @@ class Fp8LinearMethod:
             make_param(layer, "weight_scale", (n, 1), torch.float32, output_dim=0)
         if self.static_input:
             make_param(layer, "input_scale", (shards,), torch.float32, shard_scalar=True)
+        for name in self.ignored:
+            make_param(layer, name, (0,), torch.float32, optional=True).weight_loader = _ignore
 
     def process_weights_after_loading(self, layer) -> None:
+        for name in self.ignored:
+            del layer._parameters[name]
         ws = layer.weight_scale.data.float().reshape(-1)
         if self.strategy == "tensor" and ws.numel() > 1:
             if bool((ws == ws[0]).all()):
@@ -161,3 +166,7 @@ class Fp8OnLoadMethod(UnquantizedLinearMethod):
 
 def _dummy_fp8(shape, device, generator) -> torch.Tensor:
     return (torch.rand(shape, device=device, generator=generator) * 2 - 1).mul_(FP8_MAX).to(FP8_DTYPE)
+
+
+def _ignore(param, loaded_weight, shard_id=None) -> None:
+    pass
