@@ -37,6 +37,9 @@ def test_unknown_name_is_refused_listing_the_supported():
     with pytest.raises(ValueError, match="awq.*compressed-tensors.*fp8.*gptq"):
         EngineArgs(model="x", quantization="squeezellm")
     EngineArgs(model="x", quantization="AWQ_MARLIN")  # accepted at argument time
+    EngineArgs(model="x.gguf", quantization="GGUF")  # vLLM's name for a .gguf file's own format
+    with pytest.raises(ValueError, match="needs a .gguf file"):
+        resolve_quant_config("gguf", HF, None)
 
 
 def test_detection_sources(tmp_path):
@@ -146,3 +149,12 @@ def test_tp2_equals_tp1(tmp_path_factory, kind, opts):
         finally:
             llm.shutdown()
     assert results[0] == results[1]
+
+
+def test_cli_flag_reaches_engine_args():
+    from fastserve.server.app import engine_args_from
+    from fastserve.server.cli import make_parser
+
+    args = make_parser().parse_args(["--model", "m", "--quantization", "GPTQ_Marlin"])
+    assert engine_args_from(args).quantization == "GPTQ_Marlin"
+    assert engine_args_from(make_parser().parse_args(["--model", "m"])).quantization is None

@@ -260,7 +260,7 @@ class ModelConfig:
         from fastserve.gguf_loader import hf_config, is_gguf
 
         if is_gguf(model):  # one-file llama.cpp checkpoint: the config comes from its metadata
-            if quantization not in (None, "none", "gguf"):
+            if str(quantization).lower() not in ("none", "gguf"):
                 raise ValueError(f"quantization={quantization!r} does not apply to a .gguf file (it is dequantized "
                                  "at load): leave quantization unset")
             return cls.from_hf_config(hf_config(model), model=os.fspath(model), dtype=dtype,

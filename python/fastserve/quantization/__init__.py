@@ -45,6 +45,8 @@ def normalize_quantization(name: str | None) -> str | None:
     if key in ("", "none"):
         return None
     key = _ALIASES.get(key, key)
+    if key == "gguf":
+        return key  # vLLM's name for a .gguf file's own quantization (dequantized at load)
     if key not in QUANTIZATION_METHODS:
         raise ValueError(f"quantization={name!r} is not supported: use one of {sorted(QUANTIZATION_METHODS)} "
                          f"(or the aliases {sorted(_ALIASES)}), or leave it unset to follow the checkpoint")
@@ -93,6 +95,9 @@ def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: s
     contradicts the checkpoint or names a format the checkpoint is not in. dummy (load_format
     "dummy"): a quantization the config does not describe gets DUMMY_DEFAULTS' layout."""
     asked = normalize_quantization(quantization)
+    if asked == "gguf":
+        raise ValueError("quantization='gguf' needs a .gguf file as the model; this checkpoint is a Hugging Face "
+                         "directory: leave quantization unset")
     cfg = checkpoint_quantization_config(hf_config, model_dir)
     found = cfg["quant_method"] if cfg else None
     if found is not None and found not in QUANTIZATION_METHODS:
