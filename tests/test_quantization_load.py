@@ -110,7 +110,7 @@ def build(src, dst, kind: str, opts: dict):
         deq[f"{name}.weight"] = w_deq.float()
     if kind == "gptq":
         qcfg = {"quant_method": "gptq", "bits": opts["bits"], "group_size": opts["group_size"],
-                "desc_act": bool(opts.get("desc_act")), "sym": opts["sym"], "lm_head": bool(opts.get("lm_head")),
+                "desc_act": bool(opts.get("desc_act")), "sym": opts["sym"], "lm_head": opts.get("lm_head") == "config",
                 "checkpoint_format": opts.get("format", "gptq"), "pack_dtype": "int32",
                 "meta": {"quantizer": ["test"]}}
         if "dynamic" in opts:
@@ -194,7 +194,11 @@ CASES = [
     ("gptq_v2-4bit-asym-desc_act", "LlamaForCausalLM", "gptq",
      dict(bits=4, group_size=32, sym=False, desc_act=True, format="gptq_v2"), False),
     ("gptq-8bit-sym-channel", "LlamaForCausalLM", "gptq", dict(bits=8, group_size=-1, sym=True), False),
-    ("gptq-4bit-lm_head", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False, lm_head=True), False),
+    ("gptq-4bit-lm_head", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False, lm_head="config"),
+     False),
+    # lm_head.qweight in the checkpoint while the config says lm_head: false: loaded quantized.
+    ("gptq-lm_head-undeclared", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=64, sym=True, lm_head="tensors"),
+     False),
     ("gptq-quantize_config.json", "LlamaForCausalLM", "gptq",
      dict(bits=4, group_size=32, sym=True, config_file="quantize_config.json"), False),
     ("gptq-dynamic", "LlamaForCausalLM", "gptq",
@@ -231,6 +235,13 @@ def test_quantized_greedy_matches_hf_dequantized(tmp_path_factory, case_id, arch
     seed = zlib.crc32(case_id.encode()) % 1000
     llm = run_parity(path, hf, seed=seed)
     assert llm.engine.model_config.quant_config is not None
+    model = llm.engine.runner.model
+    assert model.model.layers[1].self_attn.qkv_proj.quant_method is not None
+    if opts.get("lm_head"):
+        assert model.lm_head.qweight.dtype == torch.int32
+    for pattern in opts.get("skip", []):  # modules the checkpoint leaves in float run F.linear
+        skipped = [m for n, m in model.named_modules() if re.match(pattern, n) and hasattr(m, "quant_method")]
+        assert skipped and all(m.quant_method is None for m in skipped)
     if stress:
         run_parity(path, hf, PREEMPT, seed=seed + 1, lengths=PREEMPT_LENGTHS)
         run_parity(path, hf, CHUNKED, shared_prefix=40, seed=seed + 2)

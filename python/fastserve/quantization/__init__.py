@@ -121,7 +121,28 @@ def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: s
     if arch not in QUANTIZABLE_ARCHITECTURES:
         raise ValueError(f"quantized {arch} checkpoints are not supported yet; quantized checkpoints load for "
                          f"{', '.join(QUANTIZABLE_ARCHITECTURES)}")
-    return QUANTIZATION_METHODS[found].from_config(cfg)
+    qc = QUANTIZATION_METHODS[found].from_config(cfg)
+    if isinstance(qc, GPTQConfig) and not qc.lm_head and not dummy and _checkpoint_has(model_dir, "lm_head.qweight"):
+        qc.lm_head = True  # some exporters quantize the head without saying so in the config
+    return qc
+
+
+def _checkpoint_has(model_dir: str | None, name: str) -> bool:
+    """Whether a safetensors checkpoint holds tensor `name` (headers / the index only)."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return False
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            return name in json.load(f).get("weight_map", {})
+    from safetensors import safe_open
+
+    for fname in sorted(os.listdir(model_dir)):
+        if fname.endswith(".safetensors"):
+            with safe_open(os.path.join(model_dir, fname), framework="pt") as f:
+                if name in f.keys():
+                    return True
+    return False
 
 
 def linear_shapes(model_config) -> list[tuple[str, str, int, list[int]]]:
