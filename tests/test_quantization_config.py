@@ -15,7 +15,6 @@ from test_quantization_load import build, source
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
 from fastserve import LLM, SamplingParams
-from fastserve.config import ModelConfig
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.quantization import (AWQConfig, CompressedTensorsConfig, Fp8Config, GPTQConfig,
                                     normalize_quantization, resolve_quant_config)

@@ -9,8 +9,8 @@ prefill + a prefix-cache hit + preemption in one run."""
 
 from __future__ import annotations
 
-import json
 import logging
+import re
 import zlib
 
 import pytest
@@ -40,9 +40,6 @@ def _site(name: str) -> str:
     """Linears that read the same input share an act-order permutation (GPTQ's comes from
     that input's Hessian): q/k/v, and gate/up."""
     return re.sub(r"\.(q_proj|k_proj|v_proj)$", ".attn_in", re.sub(r"\.(gate_proj|up_proj)$", ".mlp_in", name))
-
-
-import re  # noqa: E402  (used by _site above; kept next to it)
 
 
 def _act_order(k: int, gs: int, gen: torch.Generator) -> torch.Tensor:

@@ -184,7 +184,8 @@ class LlamaForCausalLM(nn.Module):
                 continue  # recomputed from the config (old checkpoints saved these buffers)
             if name.endswith((".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")):
                 continue  # FP8 KV-cache scales of quantized checkpoints: the KV cache stays in the model dtype
-            if name == "lm_head.weight" and self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead):
+            tied = self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)
+            if name == "lm_head.weight" and tied:
                 continue  # the tied head is the embedding, loaded under its own name
             target, shard_id = name, None
             for hf_name, (packed, sid) in self.packed_modules_mapping.items():

@@ -13,7 +13,8 @@ import re
 
 import torch
 
-from fastserve.quantization.base import QuantConfig, checkpoint_names, loaded, make_param, matches_module_list, one_answer
+from fastserve.quantization.base import (QuantConfig, checkpoint_names, loaded, make_param, matches_module_list,
+                                         one_answer)
 from fastserve.quantization.fp8 import Fp8BlockMethod, Fp8LinearMethod
 from fastserve.quantization.int_weight import IntLinearMethod, dummy_int32, dummy_scales
 from fastserve.quantization.packing import unpack

@@ -25,7 +25,8 @@ class Fp8Config(QuantConfig):
         if activation_scheme not in ("dynamic", "static"):
             raise ValueError(f"fp8 activation_scheme {activation_scheme!r} must be 'dynamic' or 'static'")
         if weight_block_size is not None and (len(weight_block_size) != 2 or min(weight_block_size) <= 0):
-            raise ValueError(f"fp8 weight_block_size {weight_block_size!r} must be two positive ints [block_n, block_k]")
+            raise ValueError(f"fp8 weight_block_size {weight_block_size!r} must be two positive ints "
+                             "[block_n, block_k]")
         if weight_block_size is not None and activation_scheme != "dynamic":
             raise ValueError("block-wise fp8 (weight_block_size) needs activation_scheme 'dynamic'")
         self.serialized, self.activation_scheme = serialized, activation_scheme
@@ -127,8 +128,8 @@ class Fp8BlockMethod:
 
     def create_weights(self, layer) -> None:
         kind = "row" if layer.tp_dim == 1 else "column"
-        self.check_shapes(layer.prefix, layer.input_size, layer.input_size * layer.tp_size, layer.output_partition_sizes,
-                          kind, layer.tp_size)
+        self.check_shapes(layer.prefix, layer.input_size, layer.input_size * layer.tp_size,
+                          layer.output_partition_sizes, kind, layer.tp_size)
         n, k = layer.output_size, layer.input_size
         bn, bk = self.block
         make_param(layer, "weight", (n, k), FP8_DTYPE, output_dim=0, input_dim=1)

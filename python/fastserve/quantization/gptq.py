@@ -39,8 +39,8 @@ class GPTQConfig(QuantConfig):
         fmt = cfg.get("checkpoint_format") or cfg.get("format") or "gptq"
         pack_dtype = str(cfg.get("pack_dtype", "int32")).replace("torch.", "")
         if pack_dtype != "int32":
-            raise ValueError(f"GPTQ pack_dtype {pack_dtype!r} is not supported: re-save the checkpoint with GPTQModel's "
-                             "default pack_dtype int32")
+            raise ValueError(f"GPTQ pack_dtype {pack_dtype!r} is not supported: re-save the checkpoint with "
+                             "GPTQModel's default pack_dtype int32")
         return cls(bits=int(cfg.get("bits", 4)), group_size=int(cfg.get("group_size", 128)),
                    desc_act=bool(cfg.get("desc_act", False)), sym=bool(cfg.get("sym", True)),
                    checkpoint_format=str(fmt).lower(), dynamic=cfg.get("dynamic"),
@@ -48,7 +48,8 @@ class GPTQConfig(QuantConfig):
 
     def describe(self) -> str:
         extra = ", act order" if self.desc_act else ""
-        return f"gptq int{self.bits}, group {self.group_size}{extra}{', v2' if self.checkpoint_format == 'gptq_v2' else ''}"
+        v2 = ", v2" if self.checkpoint_format == "gptq_v2" else ""
+        return f"gptq int{self.bits}, group {self.group_size}{extra}{v2}"
 
     def quantizes_lm_head(self) -> bool:
         return self.lm_head and self.module_settings("lm_head") is not None

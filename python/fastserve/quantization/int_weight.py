@@ -31,7 +31,6 @@ class IntLinearMethod:
         """(K per rank, groups this rank holds, whether the groups are replicated across ranks)."""
         k = layer.input_size
         row_split = layer.tp_dim == 1 and layer.tp_size > 1
-        k_full = k * layer.tp_size if row_split else k
         if self.group_size == -1:
             return k, 1, row_split
         return k, k // self.group_size, False
@@ -47,7 +46,8 @@ class IntLinearMethod:
                              "their input dimension yet; run this checkpoint with tensor_parallel_size=1")
         gs = self.group_size
         if gs != -1 and k_local % gs:
-            where = f"input dimension K={k_full} / {tp} = {k_local} per rank" if tp > 1 else f"input dimension K={k_local}"
+            where = (f"input dimension K={k_full} / {tp} = {k_local} per rank" if tp > 1
+                     else f"input dimension K={k_local}")
             raise ValueError(f"{prefix}: {split}the {where} is not a multiple of the group size {gs}; use a "
                              f"tensor_parallel_size that divides {k_full // gs if k_full % gs == 0 else k_full} "
                              f"({k_full} / group size)")
