@@ -254,10 +254,15 @@ class ModelConfig:
         max_model_len: int | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
+        quantization: str | None = None,
+        load_format: str = "auto",
     ) -> "ModelConfig":
         from fastserve.gguf_loader import hf_config, is_gguf
 
         if is_gguf(model):  # one-file llama.cpp checkpoint: the config comes from its metadata
+            if str(quantization).lower() not in ("none", "gguf"):
+                raise ValueError(f"quantization={quantization!r} does not apply to a .gguf file (it is dequantized "
+                                 "at load): leave quantization unset")
             return cls.from_hf_config(hf_config(model), model=os.fspath(model), dtype=dtype,
                                       max_model_len=max_model_len, device=device, seed=seed)
         path = os.path.join(os.fspath(model), "config.json")
@@ -269,7 +274,8 @@ class ModelConfig:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
         return cls.from_hf_config(
-            hf, model=os.fspath(model), dtype=dtype, max_model_len=max_model_len, device=device, seed=seed
+            hf, model=os.fspath(model), dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
+            quantization=quantization, load_format=load_format,
         )
 
     @classmethod
@@ -282,7 +288,14 @@ class ModelConfig:
         max_model_len: int | None = None,
         device: str | torch.device | None = None,
         seed: int = 0,
+        quantization: str | None = None,
+        load_format: str = "auto",
     ) -> "ModelConfig":
+        """quantization: vLLM's name (None: follow the checkpoint's quantization_config); see
+        fastserve/quantization/__init__.py. load_format "dummy" lets a quantization the config
+        does not describe lay out random weights in that format's default layout."""
+        from fastserve.quantization import resolve_quant_config
+
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
@@ -312,6 +325,7 @@ class ModelConfig:
                 f"max_model_len ({max_model_len}) is greater than the derived max_model_len ({source} in the "
                 f"model's config.json = {derived}); use a max_model_len of at most {derived}"
             )
+        quant_config = resolve_quant_config(quantization, hf_config, model or None, dummy=load_format == "dummy")
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
@@ -339,6 +353,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-5)),
             partial_rotary_factor=partial_rotary_factor(hf),
+            quant_config=quant_config,
         )
 
     def get_num_kv_heads(self, tp_size: int = 1) -> int:

@@ -139,7 +139,8 @@ class ReplicaFrontEnd:
         # would give this process, which runs no model, a CUDA context and its memory. The
         # replicas report the dtype they run in.
         cfg = ModelConfig.from_pretrained(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                                          device="cpu", seed=args.seed)
+                                          device="cpu", seed=args.seed, quantization=args.quantization,
+                                          load_format=args.load_format)
         self.model_config = dataclasses.replace(cfg, device=device)
         self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
         self.served_model_names = list(args.served_model_name or [args.model])

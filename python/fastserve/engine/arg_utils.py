@@ -91,11 +91,10 @@ class EngineArgs:
             )
         if self.device not in ("auto", "cuda", "cpu"):
             raise ValueError(f"device must be auto, cuda or cpu (got {self.device!r})")
-        if self.quantization not in (None, "none"):
-            raise ValueError(
-                f"quantization={self.quantization!r} is not supported yet; load an unquantized "
-                "checkpoint (bf16/fp16/fp32)"
-            )
+        from fastserve.quantization import normalize_quantization
+
+        # Names are checked here; whether the checkpoint agrees is checked when its config is read.
+        normalize_quantization(self.quantization)
         # trust_remote_code=True is accepted: model_resolver.check_remote_code says that fastserve
         # runs its own implementation and never the checkpoint's code.
         for name in ("revision", "tokenizer_revision", "code_revision", "download_dir"):

@@ -44,8 +44,13 @@ class Engine:
         self.args = args
         device = resolve_device(args.device)
         self.model_config = ModelConfig.from_pretrained(
-            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed
+            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
+            quantization=args.quantization, load_format=args.load_format,
         )
+        from fastserve.quantization import check_tensor_parallel
+
+        # Before any memory is taken: a quantized layout the split cannot cut names its layer.
+        check_tensor_parallel(self.model_config, args.tensor_parallel_size)
         if args.max_num_batched_tokens is None:
             args.max_num_batched_tokens = _DEFAULT_BATCHED_TOKENS[device.type]
         if not args.enable_chunked_prefill and args.max_num_batched_tokens < self.model_config.max_model_len:

@@ -7,6 +7,15 @@ QKVParallelLinear with shard_id "q" / "k" / "v", MergedColumnParallelLinear with
 
 With no process group (or a group of one) every layer is a plain `F.linear`.
 
+Quantized layers (quant_config given and its `get_linear_method(layer, prefix)` not None) hold
+the checkpoint's own tensors (qweight, scales, ...; fastserve/quantization/) until
+`process_weights_after_loading` converts them into the kernel's layout. Each such parameter
+says which of its dimensions runs along N (`output_dim`, with `pack_out` N values per element)
+and along K (`input_dim`); the loaders below cut a rank's slice along that dimension, so packed
+words, group scales and block scales split like the weight they belong to. A dimension of None
+is loaded whole on every rank (act-order scales, per-tensor scales); `shard_scalar` parameters
+hold one value per fused shard.
+
 Every constructor takes `quant_config` (the model's quantization config, None for an
 unquantized checkpoint) and `prefix` (the layer's dotted name in the checkpoint, e.g.
 "model.layers.0.self_attn.qkv_proj"), so that a quantization format can choose per module
@@ -53,16 +62,60 @@ class LinearBase(nn.Module):
         self.tp_dim = tp_dim
         self.input_size = input_size
         self.output_size = output_size
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.params_dtype = torch.get_default_dtype()
+        self.output_partition_sizes = self._partition_sizes()
+        self.quant_method = quant_config.get_linear_method(self, prefix) if quant_config is not None else None
+        if self.quant_method is None:
+            self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
+            self.weight.weight_loader = self.weight_loader
+        else:
+            self.quant_method.create_weights(self)
         if bias:
+            # Biases stay in the model dtype whatever the weights' format (Qwen2's q/k/v bias).
             self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
+    def _partition_sizes(self) -> list[int]:
+        """This rank's output size of each fused part (one part unless fused)."""
+        return [self.output_size]
+
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
+        self._load(param, loaded_weight, shard_id)
+        param.loaded = True
+
+    def _load(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
         raise NotImplementedError  # each subclass defines how its rank's slice is cut
+
+    @staticmethod
+    def _out_dim(param) -> int | None:
+        return getattr(param, "output_dim", 0)
+
+    @staticmethod
+    def _in_dim(param) -> int | None:
+        return getattr(param, "input_dim", 1 if param.dim() == 2 else None)
+
+    @staticmethod
+    def _load_shard_scalar(param, loaded_weight: torch.Tensor, index: int, name: str) -> None:
+        if loaded_weight.numel() != 1:
+            raise ValueError(f"weight shape mismatch for {name}: checkpoint has {tuple(loaded_weight.shape)}, "
+                             "model expects a per-tensor scale (one value)")
+        param.data[index] = loaded_weight.reshape(())
+
+    @staticmethod
+    def _load_whole_shared(param, loaded_weight: torch.Tensor, name: str) -> None:
+        """A tensor every fused part has whole (g_idx): the parts must agree, they share one matmul."""
+        if getattr(param, "loaded", False) and param.data.shape == loaded_weight.shape \
+                and not torch.equal(param.data, loaded_weight.to(param.dtype)):
+            raise ValueError(f"{name}: the fused parts have different {tuple(loaded_weight.shape)} tensors (e.g. "
+                             "act-order g_idx); they must be equal to run as one matmul")
+        LinearBase._copy(param.data, loaded_weight, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
     @staticmethod
     def _narrow(src: torch.Tensor, dim: int, start: int, size: int, dst: torch.Tensor, name: str) -> torch.Tensor:
@@ -80,15 +133,13 @@ class LinearBase(nn.Module):
             raise ValueError(f"weight shape mismatch for {name}: checkpoint has {tuple(src.shape)}, model expects {tuple(dst.shape)}")
         dst.copy_(src)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
-
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
         super().__init__(input_size, output_size, bias, None, quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def _load(self, param, loaded_weight, shard_id=None):
+        if getattr(param, "shard_scalar", False):
+            return self._load_shard_scalar(param, loaded_weight, 0, type(self).__name__)
         self._copy(param.data, loaded_weight, type(self).__name__)
 
 
@@ -100,10 +151,15 @@ class ColumnParallelLinear(LinearBase):
         super().__init__(input_size, _check_divisible(output_size, tp_size, "output size"), bias, 0,
                          quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
-        size = param.data.size(0)
+    def _load(self, param, loaded_weight, shard_id=None):
         name = type(self).__name__
-        self._copy(param.data, self._narrow(loaded_weight, 0, self.tp_rank * size, size, param.data, name), name)
+        if getattr(param, "shard_scalar", False):
+            return self._load_shard_scalar(param, loaded_weight, 0, name)
+        d = self._out_dim(param)
+        if d is None:
+            return self._copy(param.data, loaded_weight, name)
+        size = param.data.size(d)
+        self._copy(param.data, self._narrow(loaded_weight, d, self.tp_rank * size, size, param.data, name), name)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -114,14 +170,23 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def _partition_sizes(self) -> list[int]:
+        return [s // self.tp_size for s in self.output_sizes]
+
+    def _load(self, param, loaded_weight, shard_id=None):
         if shard_id is None or not 0 <= shard_id < len(self.output_sizes):
             raise ValueError(f"MergedColumnParallelLinear needs shard_id in 0..{len(self.output_sizes) - 1}, got {shard_id!r}")
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
-        size = self.output_sizes[shard_id] // self.tp_size
-        dst = param.data.narrow(0, offset, size)
         name = f"gate_up shard {shard_id}"
-        self._copy(dst, self._narrow(loaded_weight, 0, self.tp_rank * size, size, dst, name), name)
+        if getattr(param, "shard_scalar", False):
+            return self._load_shard_scalar(param, loaded_weight, shard_id, name)
+        d = self._out_dim(param)
+        if d is None:
+            return self._load_whole_shared(param, loaded_weight, name)
+        pack = getattr(param, "pack_out", 1)
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size // pack
+        size = self.output_sizes[shard_id] // self.tp_size // pack
+        dst = param.data.narrow(d, offset, size)
+        self._copy(dst, self._narrow(loaded_weight, d, self.tp_rank * size, size, dst, name), name)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -143,7 +208,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias, quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
+    def _partition_sizes(self) -> list[int]:
+        kv = self.num_kv_heads * self.head_dim
+        return [self.num_heads * self.head_dim, kv, kv]
+
+    def _load(self, param, loaded_weight, shard_id=None):
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
@@ -154,9 +223,16 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset, size, rank = q_size + kv_size, kv_size, self.tp_rank // self.kv_replicas
         else:
             raise ValueError(f"QKVParallelLinear needs shard_id 'q', 'k' or 'v', got {shard_id!r}")
-        dst = param.data.narrow(0, offset, size)
         name = f"qkv shard {shard_id}"
-        self._copy(dst, self._narrow(loaded_weight, 0, rank * size, size, dst, name), name)
+        if getattr(param, "shard_scalar", False):
+            return self._load_shard_scalar(param, loaded_weight, "qkv".index(shard_id), name)
+        d = self._out_dim(param)
+        if d is None:
+            return self._load_whole_shared(param, loaded_weight, name)
+        pack = getattr(param, "pack_out", 1)
+        offset, size = offset // pack, size // pack
+        dst = param.data.narrow(d, offset, size)
+        self._copy(dst, self._narrow(loaded_weight, d, rank * size, size, dst, name), name)
 
 
 class RowParallelLinear(LinearBase):
@@ -167,16 +243,23 @@ class RowParallelLinear(LinearBase):
         super().__init__(_check_divisible(input_size, tp_size, "input size"), output_size, bias, 1,
                          quant_config=quant_config, prefix=prefix)
 
-    def weight_loader(self, param, loaded_weight, shard_id=None):
-        if param.data.dim() == 1:  # the bias is added once, after the reduction
-            self._copy(param.data, loaded_weight, "row-parallel bias")
-            return
-        size = param.data.size(1)
+    def _load(self, param, loaded_weight, shard_id=None):
         name = type(self).__name__
-        self._copy(param.data, self._narrow(loaded_weight, 1, self.tp_rank * size, size, param.data, name), name)
+        if getattr(param, "shard_scalar", False):
+            return self._load_shard_scalar(param, loaded_weight, 0, name)
+        d = self._in_dim(param)
+        if d is None:  # the bias (added once, after the reduction), replicated scales
+            self._copy(param.data, loaded_weight, f"row-parallel {name}")
+            return
+        size = param.data.size(d)
+        self._copy(param.data, self._narrow(loaded_weight, d, self.tp_rank * size, size, param.data, name), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        bias = self.bias if self.tp_rank == 0 else None
+        if self.quant_method is not None:
+            y = self.quant_method.apply(self, x, bias)
+        else:
+            y = F.linear(x, self.weight, bias)
         if self.tp_size > 1:
             dist.all_reduce(y)
         return y

@@ -170,7 +170,8 @@ class GPTNeoXForCausalLM(nn.Module):
             else:
                 getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded.add(name)
-        missing = set(dict(self.named_parameters()).keys()) - loaded
+        # Optional quantization tensors (g_idx, ...) may be absent; their method fills them in.
+        missing = {n for n, p in self.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
         return loaded

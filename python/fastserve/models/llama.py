@@ -22,10 +22,12 @@ from fastserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from fastserve.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
+    ReplicatedLinear,
     RowParallelLinear,
     default_weight_loader,
 )
 from fastserve.layers.norm import RMSNorm
+from fastserve.distributed.parallel_state import tp_rank_and_size
 from fastserve.layers.rotary import get_rope
 
 
@@ -153,16 +155,23 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         flags = _arch_flags(config)
         self.model = LlamaModel(config, flags)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        qc = config.quant_config
+        if qc is not None and getattr(qc, "quantizes_lm_head", lambda: False)():
+            # A quantized LM head (GPTQ `lm_head: true`) is a quantized linear whose output is the vocabulary.
+            if tp_rank_and_size()[1] > 1:
+                raise ValueError("a quantized lm_head (GPTQ lm_head: true) runs with tensor_parallel_size=1 only")
+            self.lm_head = ReplicatedLinear(config.hidden_size, config.vocab_size, quant_config=qc, prefix="lm_head")
+        else:
+            self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+            if config.tie_word_embeddings:
+                self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
                 kv_caches: list[torch.Tensor]) -> torch.Tensor:
         return self.model(input_ids, positions, attn_meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        return self.lm_head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in through each parameter's weight_loader; returns the names
@@ -173,7 +182,10 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
                 continue  # recomputed from the config (old checkpoints saved these buffers)
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+            if name.endswith((".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")):
+                continue  # FP8 KV-cache scales of quantized checkpoints: the KV cache stays in the model dtype
+            tied = self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)
+            if name == "lm_head.weight" and tied:
                 continue  # the tied head is the embedding, loaded under its own name
             target, shard_id = name, None
             for hf_name, (packed, sid) in self.packed_modules_mapping.items():
@@ -188,7 +200,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 param.weight_loader(param, tensor, shard_id)
             loaded.add(target)
-        missing = set(dict(self.named_parameters()).keys()) - loaded
+        # Optional quantization tensors (g_idx, ...) may be absent; their method fills them in.
+        missing = {n for n, p in self.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
             raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
         return loaded

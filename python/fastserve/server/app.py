@@ -240,6 +240,7 @@ def engine_args_from(args):
         max_num_sample_rows=getattr(args, "max_num_sample_rows", None),
         seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format, block_size=args.block_size,
+        quantization=getattr(args, "quantization", None),
         num_gpu_blocks_override=args.num_gpu_blocks_override, device=args.device,
         served_model_name=args.served_model_name,
         trust_remote_code=getattr(args, "trust_remote_code", False), revision=getattr(args, "revision", None),

@@ -78,6 +78,10 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "pt", "gguf", "dummy"],
                    help="How to read weights (auto detects a .gguf file); dummy = random weights "
                         "(for benchmarks).")
+    m.add_argument("--quantization", "-q", default=None,
+                   help="Quantization of the weights: awq, gptq, fp8, compressed-tensors (vLLM's names, any "
+                        "case; awq_marlin / gptq_marlin are aliases). Default: what the checkpoint's "
+                        "quantization_config says. fp8 on an unquantized checkpoint quantizes it at load.")
     m.add_argument("--seed", type=int, default=0,
                    help="Seed of the engine's random generator (requests without a seed draw "
                         "from it).")

@@ -8,7 +8,12 @@ load_format (vLLM's names):
 - "gguf" (or "auto" on a .gguf file): a llama.cpp GGUF file, dequantized at load (gguf_loader.py).
 - "dummy": seeded random weights made directly on the target device (benchmarks, tests):
   matrices uniform in [-0.02, 0.02], biases in [-0.002, 0.002], norm weights 1, so
-  activations stay finite and logits are not all equal.
+  activations stay finite and logits are not all equal. With a quantization, quantized layers
+  get random tensors in the checkpoint's own layout (their method's `init_dummy`), then the
+  same conversion a real checkpoint gets, so a benchmark runs the real quantized kernels.
+
+After loading, every quantized linear layer converts its tensors into the kernel's layout once
+(`process_weights_after_loading`).
 """
 
 from __future__ import annotations
@@ -87,10 +92,22 @@ def iterate_weights(model_dir: str, load_format: str = "auto") -> Iterator[tuple
 def initialize_dummy_weights(model: nn.Module, seed: int = 0, low: float = -0.02, high: float = 0.02) -> None:
     """Seeded uniform init on each parameter's own device (no host copy)."""
     generators: dict[torch.device, torch.Generator] = {}
+
+    def gen_for(device):
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        return generators[device]
+
+    quantized = set()
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.init_dummy(module, gen_for(next(module.parameters()).device))
+            quantized.update(id(p) for n, p in module.named_parameters() if n != "bias")
     for name, param in model.named_parameters():
-        gen = generators.get(param.device)
-        if gen is None:
-            gen = generators[param.device] = torch.Generator(device=param.device).manual_seed(seed)
+        if id(param) in quantized:
+            continue
+        gen = gen_for(param.device)
         if param.dim() == 1 and name.endswith("norm.weight"):  # LayerNorm biases take the bias init
             param.fill_(1.0)
         elif param.dim() == 1:
@@ -124,4 +141,30 @@ def load_model(model_config: ModelConfig, load_format: str = "auto") -> nn.Modul
             initialize_dummy_weights(model, seed=model_config.seed)
         else:
             model.load_weights(iterate_weights(model_config.model, load_format))
+        process_weights_after_loading(model)
     return model.eval()
+
+
+def process_weights_after_loading(model: nn.Module) -> None:
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (tied tensors once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def describe_weights(model: nn.Module, model_config: ModelConfig) -> str:
+    """'weights: 5.73 GB (awq int4, group 128)' for the load log."""
+    qc = model_config.quant_config
+    fmt = qc.describe() if qc is not None else str(model_config.dtype).replace("torch.", "")
+    return f"weights: {weight_bytes(model) / 1e9:.2f} GB ({fmt})"

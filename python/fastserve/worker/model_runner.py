@@ -24,7 +24,7 @@ from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
-from fastserve.worker.loader import load_model
+from fastserve.worker.loader import describe_weights, load_model
 from fastserve.worker.sampler_state import SamplerState
 from fastserve.worker.staging import PinnedStaging
 from fastserve.worker.step_buffers import StepBuffers, StepLimits
@@ -70,8 +70,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model = load_model(model_config, args.load_format)
         cpu_barrier()
-        logger.info("loaded %s (%s, %s) in %.1f s", model_config.architecture, model_config.dtype,
-                    self.device, time.perf_counter() - t0)
+        logger.info("loaded %s (%s, %s) in %.1f s; %s", model_config.architecture, model_config.dtype,
+                    self.device, time.perf_counter() - t0, describe_weights(self.model, model_config))
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         # Per-sequence sampling state, sent once per sequence by the scheduler (driver only:
