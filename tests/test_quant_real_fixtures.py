@@ -9,14 +9,16 @@ script checks against HF's loader (reference/reference.json says which, and by h
 
 Tolerances. Int weights (GPTQ, AWQ, compressed-tensors pack-quantized): fastserve and the
 reference multiply the same dequantized fp32 weights, so they differ only by summation order
-(~1e-6 relative, logits are O(1)); 2e-3 on log-probabilities is three orders above that and two
+(measured ~2e-6 on log-probabilities, which are O(1)); 2e-3 is three orders above that and two
 below what one mis-unpacked nibble or a wrong zero point does (>0.05). FP8 W8A8: both round each
-activation to e4m3 per token (or with input_scale); a scale computed in another order can put a
-value on the other side of a rounding boundary (one e4m3 step is 6-12% of that value), which moves
-the logits by up to ~1e-2 here, while running without activation quantization moves them by
-0.1-0.2 (recorded in reference.json): 3e-2 tells the two apart. Greedy tokens must be equal; a
-divergence is accepted only at a step where the reference's own top-2 logits are closer than the
-tolerance (a near tie the tolerance cannot decide), and nothing after it is compared."""
+linear's input to e4m3 (per token, or with input_scale); most positions agree exactly, but a
+scale computed in another order now and then puts a value on the other side of a rounding
+boundary (one e4m3 step is 6-12 % of that value), which moves a log-probability by up to ~0.04.
+So FP8 is held to a median of 1e-3 (running without activation quantization gives a median of
+~0.02, recorded in reference.json as weight_only_logprob_median_abs), a 99th percentile of 0.025
+and a max of 0.06 (weight-only: 0.12-0.2). Greedy tokens must be equal; a divergence is accepted
+only at a step where the reference's own top-2 logits are closer than twice the max tolerance
+(a near tie the tolerance cannot decide), and nothing after it is compared."""
 
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ from fastserve import LLM, SamplingParams
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "quant"
 FIXTURES = sorted(p.name for p in ASSETS.iterdir() if (p / "reference" / "reference.json").is_file())
-INT_TOL, FP8_TOL = 2e-3, 3e-2
+INT_TOL = 2e-3
+FP8_MEDIAN, FP8_P99, FP8_MAX = 1e-3, 2.5e-2, 6e-2
 TOP = 5  # prompt_logprobs per position besides the actual token
 # Chunked prefill (24-token budget), a prefix-cache hit on the shared 20-token prefix and
 # preemption (10 blocks of 16 for 8 sequences of up to 61 tokens) in one run.
@@ -50,12 +53,14 @@ def test_fixtures_are_committed():
 
 def _reference(name: str):
     meta = json.loads((ASSETS / name / "reference" / "reference.json").read_text())
-    logits = load_file(str(ASSETS / name / "reference" / "logits.safetensors"))
-    return meta, [logits[f"logits.{i}"] for i in range(len(meta["prompts"]))]
+    lp = load_file(str(ASSETS / name / "reference" / "logprobs.safetensors"))
+    return meta, [(lp[f"next_logprob.{i}"], lp[f"top_logprobs.{i}"], lp[f"top_ids.{i}"])
+                  for i in range(len(meta["prompts"]))]
 
 
 def _tol(meta) -> float:
-    return FP8_TOL if "activations" in meta else INT_TOL
+    """The largest log-probability difference allowed anywhere."""
+    return FP8_MAX if "activations" in meta else INT_TOL
 
 
 def _checkpoint(name: str, tmp_path: Path) -> Path:
@@ -97,24 +102,36 @@ def test_real_fixture_matches_reference(name, tmp_path):
     seqs = [e["prompt_token_ids"] + e["greedy_token_ids"] for e in meta["prompts"]]
     outs = llm.generate([{"prompt_token_ids": s} for s in seqs],
                         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=TOP), use_tqdm=False)
-    worst = 0.0
-    for i, (seq, out, logits) in enumerate(zip(seqs, outs, ref_logits)):
-        ref_lp = torch.log_softmax(logits.double(), dim=-1)
+    diffs = []
+    for i, (seq, out, (ref_next, ref_top, ref_ids)) in enumerate(zip(seqs, outs, ref_logits)):
         plp = out.prompt_logprobs
         assert len(plp) == len(seq) and plp[0] is None
         for pos in range(1, len(seq)):
-            cands = plp[pos]
-            assert seq[pos] in cands, f"{name} prompt {i} position {pos}: the actual token is not reported"
+            cands, where = plp[pos], f"{name} prompt {i} position {pos}"
+            assert seq[pos] in cands, f"{where}: the actual token is not reported"
             assert len(cands) >= TOP
+            ref = {int(t): float(v) for t, v in zip(ref_ids[pos - 1], ref_top[pos - 1])}
+            ref[seq[pos]] = float(ref_next[pos - 1])
+            floor = float(ref_top[pos - 1, -1])  # every token outside the reference's top-k is below it
             for tok, lp in cands.items():
-                d = abs(lp.logprob - float(ref_lp[pos - 1, tok]))
-                worst = max(worst, d)
-                assert d <= tol, (f"{name} prompt {i} position {pos} token {tok}: logprob {lp.logprob:.6f}, "
-                                  f"reference ({meta['reference']}) {float(ref_lp[pos - 1, tok]):.6f}, tolerance {tol}")
+                if tok in ref:
+                    diffs.append(d := abs(lp.logprob - ref[tok]))
+                    assert d <= tol, (f"{where} token {tok}: logprob {lp.logprob:.6f}, reference "
+                                      f"({meta['reference']}) {ref[tok]:.6f}, tolerance {tol}")
+                else:
+                    assert lp.logprob <= floor + tol, (f"{where} token {tok}: logprob {lp.logprob:.6f}, but the "
+                                                       f"reference ranks it below its top {ref_top.shape[1]} "
+                                                       f"(<= {floor:.6f})")
             top1 = max(cands.items(), key=lambda kv: kv[1].logprob)[0]
-            ref_sorted = ref_lp[pos - 1].topk(2)
-            if float(ref_sorted.values[0] - ref_sorted.values[1]) > 2 * tol:
-                assert top1 == int(ref_sorted.indices[0]), f"{name} prompt {i} position {pos}: top-1 differs"
+            if float(ref_top[pos - 1, 0] - ref_top[pos - 1, 1]) > 2 * tol:
+                assert top1 == int(ref_ids[pos - 1, 0]), f"{where}: top-1 {top1}, reference {int(ref_ids[pos - 1, 0])}"
+    diffs = torch.tensor(diffs)
+    worst = float(diffs.max())
+    if "activations" in meta:
+        med, p99 = float(diffs.median()), float(diffs.quantile(0.99))
+        assert med <= FP8_MEDIAN and p99 <= FP8_P99, (
+            f"{name}: |dlogprob| median {med:.2e} (limit {FP8_MEDIAN}), p99 {p99:.2e} (limit {FP8_P99}): the "
+            f"activations are not quantized like the reference's ({meta['activations']})")
     print(f"{name}: max |dlogprob| {worst:.2e} (tolerance {tol}), reference {meta['reference']}")
 
 

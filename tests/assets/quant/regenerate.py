@@ -462,7 +462,7 @@ def write_reference(name: str) -> None:
         fp32_hf = hf is not None and bool(ws) and all(w == 0.0 for w in ws if w is not None)
     meta["reference"] = "hf" if fp32_hf else "dequant"
     ref_model, other = (hf, deq) if fp32_hf else (deq, hf)
-    tensors, weight_only, entries, worst = {}, {}, [], 0.0
+    tensors, entries, worst = {}, [], 0.0
     for i, p in enumerate(prompts()):
         toks, margins = greedy(ref_model, p, MAX_NEW)
         seq = p + toks
@@ -472,7 +472,9 @@ def write_reference(name: str) -> None:
         if other is not None:
             o = teacher_forced(other, seq)
             if "activations" in meta:
-                weight_only[f"weight_only_logits.{i}"] = o.half().contiguous()  # diagnostic only
+                wo = torch.log_softmax(o.double(), -1) - torch.log_softmax(ref.double(), -1)
+                entry["weight_only_logprob_max_abs"] = float(wo.abs().max())
+                entry["weight_only_logprob_median_abs"] = float(wo.abs().median())
             entry["other_max_abs"] = diff = float((ref - o).abs().max())
             entry["other_argmax_agree"] = float((ref.argmax(-1) == o.argmax(-1)).float().mean())
             worst = max(worst, diff)
@@ -481,21 +483,40 @@ def write_reference(name: str) -> None:
         entries.append(entry)
     meta["hf_vs_dequant_logits_max_abs"] = worst
     meta["prompts"] = entries
-    meta["logits"] = "reference/logits.safetensors: logits.i = float32 [len(prompt)+max_new, vocab] teacher-forced " \
-                     "over prompt + greedy_token_ids (HF's or the dequant's, as `reference` says); other_max_abs is the largest " \
-                     "logit difference to the other of the two; for FP8, weight_only_logits.safetensors holds the dequant's (activations " \
-                     "not quantized; float16, for diagnosis)"
+    meta["logprobs"] = "reference/logprobs.safetensors: teacher-forced over prompt + greedy_token_ids (HF's or the " \
+                       "dequant's, as `reference` says), see compact_logits(); other_max_abs is the largest logit " \
+                       "difference to the other of the two; for FP8 weight_only_logprob_* compare with activations " \
+                       "left unquantized"
     # Beside the checkpoint, not in it: a loader globbing *.safetensors must not see the logits.
     (ckpt / "reference").mkdir(exist_ok=True)
     (ckpt / "reference" / "reference.json").write_text(json.dumps(meta, indent=1))
-    save_file(tensors, str(ckpt / "reference" / "logits.safetensors"))
-    if weight_only:
-        save_file(weight_only, str(ckpt / "reference" / "weight_only_logits.safetensors"))
+    save_file(compact_logits(tensors, [e["prompt_token_ids"] + e["greedy_token_ids"] for e in entries]),
+              str(ckpt / "reference" / "logprobs.safetensors"))
+
+
+TOPK = 32  # reference log-probabilities kept per position (the full [P, vocab] logits are 10x larger)
+
+
+def compact_logits(tensors: dict, seqs: list[list[int]]) -> dict:
+    """From logits.i [len, vocab]: per position p (predicting seq[p+1]) the float32 log-probability
+    of the actual next token (`next_logprob.i`, len-1) and the TOPK best (`top_logprobs.i`,
+    `top_ids.i`, [len-1, TOPK]); a candidate outside the top-k is bounded by the k-th value."""
+    import torch
+
+    out = {}
+    for i, seq in enumerate(seqs):
+        lp = torch.log_softmax(tensors[f"logits.{i}"].double(), dim=-1)[:-1]
+        nxt = torch.tensor(seq[1:])
+        out[f"next_logprob.{i}"] = lp[torch.arange(len(nxt)), nxt].float().contiguous()
+        top = lp.topk(TOPK, dim=-1)
+        out[f"top_logprobs.{i}"] = top.values.float().contiguous()
+        out[f"top_ids.{i}"] = top.indices.to(torch.int32).contiguous()
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("step", choices=["base", "quantize", "reference"])
+    ap.add_argument("step", choices=["base", "quantize", "reference", "compact"])
     ap.add_argument("--tool", action="append", choices=sorted(QUANTIZERS))
     ap.add_argument("--only", action="append", help="fixture name(s)")
     args = ap.parse_args()
@@ -516,6 +537,14 @@ def main() -> None:
             (HERE / name / "made_with.json").write_text(json.dumps({"tool": tool, "scheme": scheme,
                                                                    "versions": versions(tool)}, indent=1))
             print("quantized", name, flush=True)
+        elif args.step == "compact":  # full logits of an earlier run -> logprobs.safetensors
+            from safetensors.torch import load_file, save_file
+
+            ref = HERE / name / "reference"
+            meta = json.loads((ref / "reference.json").read_text())
+            seqs = [e["prompt_token_ids"] + e["greedy_token_ids"] for e in meta["prompts"]]
+            save_file(compact_logits(load_file(str(ref / "logits.safetensors")), seqs), str(ref / "logprobs.safetensors"))
+            (ref / "logits.safetensors").unlink()
         else:
             write_reference(name)
 
