@@ -35,7 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT / "bench" / "data" / "declaration_of_independence.txt"
 RESULT = ROOT / "bench" / "results" / "quant-perplexity-smollm2-cpu.json"
 QCACHE = Path(os.environ.get("FASTSERVE_QCACHE", "/work/qcache"))
-INT4_DIR = QCACHE / "smollm2-135m-gptq-int4-g64"
+
+def int4_dir(group: int, sym: bool) -> Path:
+    return QCACHE / f"smollm2-135m-gptq-int4-g{group}{'' if sym else '-asym'}"
+
+
+INT4_DIR = int4_dir(64, True)
 FP8_DIR = QCACHE / "smollm2-135m-fp8-dynamic"
 WINDOW = 512
 # SmolLM2's K = 576 (hidden) is not a multiple of 128: group 64 divides it and 1536 (intermediate).
@@ -64,7 +69,7 @@ def calibration_texts(n: int = 64) -> list[str]:
     return texts[:n]
 
 
-def quantize_gptq(src: Path) -> None:
+def quantize_gptq(src: Path, group: int, sym: bool) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
@@ -74,12 +79,13 @@ def quantize_gptq(src: Path) -> None:
     for t in calibration_texts():
         ids = tok(t, add_special_tokens=False).input_ids[:256]
         calib.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
-    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=GPTQ_GROUP, sym=True, desc_act=False))
+    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=group, sym=sym, desc_act=False))
     t0 = time.time()
     model.quantize(calib, batch_size=8)
-    model.save(str(INT4_DIR))
-    tok.save_pretrained(INT4_DIR)
-    print(f"GPTQ int4 g{GPTQ_GROUP} in {time.time() - t0:.0f}s -> {INT4_DIR}")
+    out = int4_dir(group, sym)
+    model.save(str(out))
+    tok.save_pretrained(out)
+    print(f"GPTQ int4 g{group} {'sym' if sym else 'asym'} in {time.time() - t0:.0f}s -> {out}")
 
 
 def quantize_fp8(src: Path) -> None:
@@ -99,7 +105,6 @@ def quantize_fp8(src: Path) -> None:
 def ppl_fastserve(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
     from fastserve import LLM, SamplingParams
 
-    sys.path.insert(0, str(ROOT / "python"))
     llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_model_len=WINDOW + 8)
     outs = llm.generate([{"prompt_token_ids": w} for w in wins],
                         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
@@ -131,7 +136,7 @@ def ppl_hf(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
     return math.exp(-total / n), n
 
 
-def tool_versions() -> dict:
+def tool_versions() -> dict:  # noqa: D103
     out = {}
     for d in (INT4_DIR, FP8_DIR):
         cfg = json.loads((d / "config.json").read_text()).get("quantization_config", {})
@@ -145,7 +150,7 @@ def tool_versions() -> dict:
     return out
 
 
-def measure(src: Path, engine: str) -> None:
+def measure(src: Path, engine: str, labels: list[str] | None = None) -> None:
     from importlib.metadata import version
 
     wins = windows(src)
@@ -162,6 +167,8 @@ def measure(src: Path, engine: str) -> None:
         except Exception:  # noqa: BLE001 - not installed in this environment
             pass
     for label, d in (("unquantized", src), ("gptq_int4", INT4_DIR), ("fp8_dynamic", FP8_DIR)):
+        if labels and label not in labels:
+            continue
         t0 = time.time()
         if engine == "fastserve":
             try:
@@ -187,9 +194,12 @@ def measure(src: Path, engine: str) -> None:
             r["meets_target"] = r["ratio_to_unquantized"] <= limit
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     if RESULT.exists() and engine == "hf":
-        # keep a fastserve measurement beside the HF one
+        # kept beside the fastserve measurement: the same checkpoints through HF transformers (GPTQ
+        # there runs GPTQModel's fp16 CPU kernels; compressed-tensors FP8 its fp32 fake-quant forward)
         prev = json.loads(RESULT.read_text())
-        prev["hf_transformers"] = result
+        hf = prev.setdefault("hf_transformers", {"runs": {}})
+        hf["runs"].update(result["runs"])
+        hf.setdefault("versions", {}).update(result.get("versions", {}))
         result = prev
     RESULT.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", RESULT)
@@ -201,11 +211,17 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=Path.home() / ".cache/fastserve-tests/SmolLM2-135M-Instruct-fp32",
                     help="the float32 SmolLM2 directory (tests/real_smollm2.py: smollm2_dir())")
     ap.add_argument("--engine", choices=["fastserve", "hf"], default="fastserve")
+    ap.add_argument("--group-size", type=int, default=GPTQ_GROUP, help="GPTQ int4 group size (must divide 576)")
+    ap.add_argument("--asym", action="store_true", help="GPTQ int4 with zero points")
+    ap.add_argument("--labels", nargs="*", choices=["unquantized", "gptq_int4", "fp8_dynamic"],
+                    help="measure only these (HF: each quantized format in its tool's venv)")
     args = ap.parse_args()
     if not (args.src / "config.json").is_file():
         sys.exit(f"{args.src} is not a checkpoint: build it with tests/real_smollm2.py (smollm2_dir()) first")
-    {"quantize-gptq": lambda: quantize_gptq(args.src), "quantize-fp8": lambda: quantize_fp8(args.src),
-     "measure": lambda: measure(args.src, args.engine)}[args.step]()
+    global INT4_DIR
+    INT4_DIR = int4_dir(args.group_size, not args.asym)
+    {"quantize-gptq": lambda: quantize_gptq(args.src, args.group_size, not args.asym), "quantize-fp8": lambda: quantize_fp8(args.src),
+     "measure": lambda: measure(args.src, args.engine, args.labels)}[args.step]()
 
 
 if __name__ == "__main__":
