@@ -15,8 +15,10 @@ virtualenv (never the project's .venv):
     /work/qvenv-awq/bin/python  regenerate.py quantize --tool autoawq
     /work/qvenv-gptq/bin/python regenerate.py reference --tool gptqmodel --tool autoawq
     /work/qvenv-llmc/bin/python regenerate.py reference --tool llmcompressor
+    (compact: turns an older run's full reference/logits.safetensors into logprobs.safetensors)
 
-venvs: qvenv-gptq = gptqmodel + optimum + transformers 5.17; qvenv-llmc = llmcompressor 0.14 +
+venvs (each may reuse one torch through a .pth file instead of downloading its own): qvenv-gptq =
+gptqmodel 7.6.0 + optimum + transformers 5.17; qvenv-llmc = llmcompressor 0.14 +
 compressed-tensors; qvenv-awq = autoawq 0.2.9 (--no-deps) + transformers 4.51.3.
 Calibration data are random token lists (no dataset download). GPTQModel on 2 cores needs
 GPTQMODEL_CPU_WORKERS=2.
