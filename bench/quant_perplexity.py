@@ -36,8 +36,9 @@ TEXT = ROOT / "bench" / "data" / "declaration_of_independence.txt"
 RESULT = ROOT / "bench" / "results" / "quant-perplexity-smollm2-cpu.json"
 QCACHE = Path(os.environ.get("FASTSERVE_QCACHE", "/work/qcache"))
 
-def int4_dir(group: int, sym: bool, skip: str | None = None) -> Path:
-    return QCACHE / f"smollm2-135m-gptq-int4-g{group}{'' if sym else '-asym'}{'-skip' if skip else ''}"
+def int4_dir(group: int, sym: bool, skip: str | None = None, desc_act: bool = False) -> Path:
+    return QCACHE / (f"smollm2-135m-gptq-int4-g{group}{'' if sym else '-asym'}{'-actorder' if desc_act else ''}"
+                     f"{'-skip' if skip else ''}")
 
 
 INT4_DIR = int4_dir(64, True)
@@ -69,7 +70,7 @@ def calibration_texts(n: int = 64) -> list[str]:
     return texts[:n]
 
 
-def quantize_gptq(src: Path, group: int, sym: bool, skip: str | None) -> None:
+def quantize_gptq(src: Path, group: int, sym: bool, skip: str | None, desc_act: bool = False) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import GPTQModel, QuantizeConfig
     from transformers import AutoTokenizer
@@ -82,11 +83,11 @@ def quantize_gptq(src: Path, group: int, sym: bool, skip: str | None) -> None:
     # `skip` (a GPTQModel `dynamic` negative rule) leaves the outlier-heavy Linears unquantized: in
     # SmolLM2 a few mlp.down_proj have GPTQ losses 50-100x the others (quant_log.csv)
     dynamic = {f"-:{skip}": {}} if skip else None
-    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=group, sym=sym, desc_act=False,
+    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=group, sym=sym, desc_act=desc_act,
                                                     dynamic=dynamic))
     t0 = time.time()
     model.quantize(calib, batch_size=8)
-    out = int4_dir(group, sym, skip)
+    out = int4_dir(group, sym, skip, desc_act)
     model.save(str(out))
     tok.save_pretrained(out)
     print(f"GPTQ int4 g{group} {'sym' if sym else 'asym'} in {time.time() - t0:.0f}s -> {out}")
@@ -229,6 +230,7 @@ def main() -> None:
     ap.add_argument("--engine", choices=["fastserve", "hf"], default="fastserve")
     ap.add_argument("--group-size", type=int, default=GPTQ_GROUP, help="GPTQ int4 group size (must divide 576)")
     ap.add_argument("--asym", action="store_true", help="GPTQ int4 with zero points")
+    ap.add_argument("--desc-act", action="store_true", help="GPTQ act order")
     ap.add_argument("--skip", help="regex of modules GPTQ leaves unquantized, e.g. "
                     "'model\\.layers\\.(11|28|29)\\.mlp\\.down_proj'")
     ap.add_argument("--labels", nargs="*", choices=["unquantized", "gptq_int4", "fp8_dynamic"],
@@ -237,8 +239,8 @@ def main() -> None:
     if not (args.src / "config.json").is_file():
         sys.exit(f"{args.src} is not a checkpoint: build it with tests/real_smollm2.py (smollm2_dir()) first")
     global INT4_DIR
-    INT4_DIR = int4_dir(args.group_size, not args.asym, args.skip)
-    {"quantize-gptq": lambda: quantize_gptq(args.src, args.group_size, not args.asym, args.skip), "quantize-fp8": lambda: quantize_fp8(args.src),
+    INT4_DIR = int4_dir(args.group_size, not args.asym, args.skip, args.desc_act)
+    {"quantize-gptq": lambda: quantize_gptq(args.src, args.group_size, not args.asym, args.skip, args.desc_act), "quantize-fp8": lambda: quantize_fp8(args.src),
      "measure": lambda: measure(args.src, args.engine, args.labels)}[args.step]()
 
 
