@@ -310,6 +310,43 @@ def test_prefill_gpu_padded_head_dims(d):
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("d", [80, 128, 256])
+def test_attention_gpu_float32(d):
+    # A float32 model (the GPU parity tests, dtype="float32") doubles every tile the bf16
+    # defaults were swept for: the wrappers must shrink them to fit shared memory.
+    check_decode("cuda", F32, _rand_lens(6, 1, 3000), 16, 4, d, block_size=16)
+    check_prefill("cuda", F32, [(0, 400), (300, 77), (20, 1)], 8, 2, d, block_size=16)
+    check_prefill("cuda", F32, [(1000, 1), (50, 3), (0, 7)], 8, 2, d, block_size=16)
+
+
+def test_tile_fit_keeps_swept_bf16_shapes_and_shrinks_float32():
+    from fastserve.kernels import attention_decode as AD
+    from fastserve.kernels import attention_prefill as AP
+    from fastserve.kernels._tiles import _HEADROOM, fit_shared_memory, tile_bytes
+
+    cuda = torch.device("cuda")
+    h200 = 232448  # the opt-in shared memory per block Triton reported on H200
+    for d_pad in (64, 128):
+        cfg = AP._default_config(d_pad, cuda, 2048, 4)
+        assert fit_shared_memory(cfg, d_pad, 2, h200) == cfg, "bf16 prefill tiles are the swept ones"
+        cfg = AD._default_config(d_pad, cuda)
+        assert fit_shared_memory(cfg, d_pad, 2, h200, rows_m=16) == cfg, "bf16 decode tiles are the swept ones"
+    for d_pad in (128, 256):
+        for max_q, group in ((2048, 4), (1, 8), (16, 4)):
+            cfg = AP._default_config(d_pad, cuda, max_q, group)
+            fit = fit_shared_memory(cfg, d_pad, 4, h200, min_rows_m=max(16, cfg.get("PACK", 1)))
+            assert tile_bytes(fit, fit["BLOCK_M"], d_pad, 4) <= h200 * _HEADROOM, (d_pad, max_q, fit)
+            assert fit["BLOCK_M"] % fit.get("PACK", 1) == 0
+        fit = fit_shared_memory(AD._default_config(d_pad, cuda), d_pad, 4, h200, rows_m=16)
+        assert tile_bytes(fit, 16, d_pad, 4) <= h200 * _HEADROOM, (d_pad, fit)
+    # head_dim 80 pads to 128: the case that failed on H200 (262144 > 232448) now fits.
+    cfg = AP._default_config(128, cuda, 2048, 4)
+    assert tile_bytes(cfg, cfg["BLOCK_M"], 128, 4) > h200 * _HEADROOM
+    assert fit_shared_memory(cfg, 128, 4, h200) != cfg
+
+
+@pytest.mark.gpu
+@gpu
 def test_small_kernels_gpu():
     for dtype in (BF16, F16, F32):
         check_write_kv_cache("cuda", dtype, 3000, 8, 128, 16, 400)

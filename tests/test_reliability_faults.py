@@ -253,9 +253,11 @@ def test_unrecoverable_fault_exits_nonzero(checkpoint, tmp_path):
         log.close()
     assert code == 1, (tmp_path / "server.log").read_text()[-3000:]
     assert elapsed < 30
-    assert fatal[0] == 500 and fatal[1]["error"]["type"] == "server_error"
+    # Every request the dead engine held gets the one EngineDeadError answer: 503 engine_dead
+    # (retryable: a supervisor restarts the process), as tests/test_server.py checks too.
+    assert fatal[0] == 503 and fatal[1]["error"]["code"] == "engine_dead", fatal
     for status, last in answers:
-        # non-streaming: a 500 body; streaming: an error event after the 200
-        assert status in (500, 200), status
+        # non-streaming: a 503 body; streaming: an error event after the 200
+        assert status in (503, 200), status
         assert last is not None and "error" in last, last
     assert "the engine died" in (tmp_path / "server.log").read_text()

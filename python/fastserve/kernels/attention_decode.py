@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import fit_shared_memory, shared_memory_bytes
 from ._validate import dot_precision, require, require_cuda_or_interpret, require_int_dtype
 
 LOG2E = 1.4426950408889634
@@ -180,7 +181,10 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     d_pad = max(16, triton.next_power_of_2(d))
     # tl.dot needs at least 16 rows; rows past the group are masked.
     g_pad = max(16, triton.next_power_of_2(group))
-    cfg = dict(_default_config(d_pad, q.device), **(config or {}))
+    cfg = _default_config(d_pad, q.device)
+    if q.is_cuda:
+        cfg = fit_shared_memory(cfg, d_pad, kv_cache.element_size(), shared_memory_bytes(q.device), rows_m=g_pad)
+    cfg.update(config or {})
     block_n = cfg["BLOCK_N"]
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size

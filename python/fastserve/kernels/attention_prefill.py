@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._tiles import fit_shared_memory, shared_memory_bytes
 from ._validate import dot_precision, require, require_cuda_or_interpret, require_int_dtype
 
 LOG2E = 1.4426950408889634
@@ -176,7 +177,11 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
         return out
 
     d_pad = max(16, triton.next_power_of_2(d))
-    cfg = dict(_default_config(d_pad, q.device, int(max_query_len), hq // hkv), **(config or {}))
+    cfg = _default_config(d_pad, q.device, int(max_query_len), hq // hkv)
+    if q.is_cuda:
+        cfg = fit_shared_memory(cfg, d_pad, kv_cache.element_size(), shared_memory_bytes(q.device),
+                                min_rows_m=max(16, cfg.get("PACK", 1)))
+    cfg.update(config or {})
     pack = min(cfg.get("PACK", 1), hq // hkv)
     require(hq // hkv % pack == 0 and cfg["BLOCK_M"] % pack == 0, "config",
             f"PACK {pack} must divide the group size {hq // hkv} and BLOCK_M {cfg['BLOCK_M']}")
