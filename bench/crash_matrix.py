@@ -40,13 +40,27 @@ def cases(max_model_len: int, max_num_seqs: int) -> dict[str, tuple[dict, int, i
         "n_128_x9": (dict(prompt=prompts(9), n=MAX_N, max_tokens=4, ignore_eos=True), 9 * MAX_N, 4),
         "best_of_128_x9": (dict(prompt=prompts(9), n=1, best_of=MAX_N, max_tokens=4, ignore_eos=True), 9, 4),
         "logprobs20_prompt_logprobs20_max_len_prompt": (
-            dict(prompt=long_prompt, max_tokens=1, logprobs=20, prompt_logprobs=20), 1, 1),
+            dict(prompt=long_prompt, max_tokens=1, logprobs=20, prompt_logprobs=20),
+            1,
+            1,
+        ),
         "64_stops_1024_stop_ids_1024_bad_words": (
-            dict(prompt=prompts(4), max_tokens=16, min_tokens=4, stop=[f"<<stop{i}>>" for i in range(MAX_STOP_STRINGS)],
-                 stop_token_ids=list(range(20000, 20000 + MAX_TOKEN_ID_LIST)),
-                 bad_words=[f" word{i}" for i in range(MAX_TOKEN_ID_LIST)]), 4, None),
-        "max_num_seqs_prefills": (dict(prompt=prompts(max_num_seqs, 60, 61), max_tokens=4, ignore_eos=True),
-                                  max_num_seqs, 4),
+            dict(
+                prompt=prompts(4),
+                max_tokens=16,
+                min_tokens=4,
+                stop=[f"<<stop{i}>>" for i in range(MAX_STOP_STRINGS)],
+                stop_token_ids=list(range(20000, 20000 + MAX_TOKEN_ID_LIST)),
+                bad_words=[f" word{i}" for i in range(MAX_TOKEN_ID_LIST)],
+            ),
+            4,
+            None,
+        ),
+        "max_num_seqs_prefills": (
+            dict(prompt=prompts(max_num_seqs, 60, 61), max_tokens=4, ignore_eos=True),
+            max_num_seqs,
+            4,
+        ),
     }
 
 
@@ -71,18 +85,36 @@ async def run(args) -> dict:
     max_model_len = args.max_model_len or cfg["max_position_embeddings"]
     base = f"http://127.0.0.1:{args.port}"
     log = open(args.log, "w") if args.log else subprocess.DEVNULL
-    proc = subprocess.Popen([sys.executable, "-m", "fastserve", "--model", args.model, "--load-format", "dummy",
-                             "--port", str(args.port), *args.server_args,
-                             *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
-                             *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs != 256 else [])],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                 "PYTHONPATH": os.pathsep.join(p for p in (_PYTHON, os.environ.get("PYTHONPATH")) if p)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve",
+            "--model",
+            args.model,
+            "--load-format",
+            "dummy",
+            "--port",
+            str(args.port),
+            *args.server_args,
+            *(["--max-model-len", str(args.max_model_len)] if args.max_model_len else []),
+            *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs != 256 else []),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join(p for p in (_PYTHON, os.environ.get("PYTHONPATH")) if p),
+        },
+    )
     try:
         startup = await wait_health(base, proc, 600)
         matrix = cases(max_model_len, args.max_num_seqs)
         out = {"startup_seconds": startup, "max_model_len": max_model_len, "cases": []}
         timeout = aiohttp.ClientTimeout(total=1200)
         async with aiohttp.ClientSession(timeout=timeout) as s:
+
             async def post(name, body):
                 t0 = time.perf_counter()
                 try:
@@ -94,7 +126,9 @@ async def run(args) -> dict:
 
             bystander = dict(prompt=[11, 12, 13, 14], max_tokens=64, temperature=0, ignore_eos=True)
             alone = await post("bystander", bystander)
-            results = await asyncio.gather(post("bystander", bystander), *(post(n, b) for n, (b, _, _) in matrix.items()))
+            results = await asyncio.gather(
+                post("bystander", bystander), *(post(n, b) for n, (b, _, _) in matrix.items())
+            )
             async with s.get(f"{base}/health") as r:
                 out["health_after"] = r.status
         by = results[0]
@@ -102,25 +136,41 @@ async def run(args) -> dict:
         # request run alone, but not required to match: in bf16 a batch of other sizes takes other
         # GEMM tilings, and random weights leave near-tied logits (CPU float32 tests check equality).
         by_choice = by[2]["choices"][0] if by[1] == 200 else {}
-        out["bystander_unharmed"] = (by[1] == 200 and by[2]["usage"]["completion_tokens"] == 64
-                                     and by_choice.get("finish_reason") == "length")
+        out["bystander_unharmed"] = (
+            by[1] == 200 and by[2]["usage"]["completion_tokens"] == 64 and by_choice.get("finish_reason") == "length"
+        )
         out["bystander_same_text_as_alone"] = by_choice.get("text") == alone[2]["choices"][0]["text"]
         for name, status, data, secs in results[1:]:
             _, want_choices, want_tokens = matrix[name]
             choices = data.get("choices", []) if isinstance(data, dict) else []
             tokens = data.get("usage", {}).get("completion_tokens") if isinstance(data, dict) else None
-            ok = status == 200 and len(choices) == want_choices and (
-                want_tokens is None or tokens == want_tokens * want_choices)
+            ok = (
+                status == 200
+                and len(choices) == want_choices
+                and (want_tokens is None or tokens == want_tokens * want_choices)
+            )
             if name.startswith("logprobs20") and ok:
                 plp = choices[0].get("prompt_logprobs") or []
                 ok = len(plp) == max_model_len - 1 and len(choices[0]["logprobs"]["top_logprobs"][0]) >= 20
-            out["cases"].append({"case": name, "status": status, "choices": len(choices),
-                                 "expected_choices": want_choices, "completion_tokens": tokens, "ok": ok,
-                                 "seconds": round(secs, 2),
-                                 "error": None if status == 200 else str(data)[:500]})
+            out["cases"].append(
+                {
+                    "case": name,
+                    "status": status,
+                    "choices": len(choices),
+                    "expected_choices": want_choices,
+                    "completion_tokens": tokens,
+                    "ok": ok,
+                    "seconds": round(secs, 2),
+                    "error": None if status == 200 else str(data)[:500],
+                }
+            )
         out["server_alive"] = proc.poll() is None
-        out["all_ok"] = (all(c["ok"] for c in out["cases"]) and out["health_after"] == 200
-                         and out["bystander_unharmed"] and out["server_alive"])
+        out["all_ok"] = (
+            all(c["ok"] for c in out["cases"])
+            and out["health_after"] == 200
+            and out["bystander_unharmed"]
+            and out["server_alive"]
+        )
         return out
     finally:
         proc.terminate()
@@ -148,10 +198,14 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"{'case':45s} {'status':>6s} {'choices':>8s} {'tokens':>7s} {'s':>7s} ok")
     for c in res["cases"]:
-        print(f"{c['case']:45s} {c['status']!s:>6s} {c['choices']:>8d} {c['completion_tokens']!s:>7s} "
-              f"{c['seconds']:7.1f} {c['ok']}")
-    print(f"health after: {res['health_after']}, bystander unharmed: {res['bystander_unharmed']}, "
-          f"startup {res['startup_seconds']:.1f} s, all ok: {res['all_ok']}")
+        print(
+            f"{c['case']:45s} {c['status']!s:>6s} {c['choices']:>8d} {c['completion_tokens']!s:>7s} "
+            f"{c['seconds']:7.1f} {c['ok']}"
+        )
+    print(
+        f"health after: {res['health_after']}, bystander unharmed: {res['bystander_unharmed']}, "
+        f"startup {res['startup_seconds']:.1f} s, all ok: {res['all_ok']}"
+    )
 
 
 if __name__ == "__main__":

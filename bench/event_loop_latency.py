@@ -47,8 +47,14 @@ async def probe(session, url, n, gap):
 
 
 async def stream_one(session, url, model, i, max_tokens):
-    body = {"model": model, "prompt": f"request {i}: " + "word " * (8 + i % 50), "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True, "temperature": 0.0}
+    body = {
+        "model": model,
+        "prompt": f"request {i}: " + "word " * (8 + i % 50),
+        "max_tokens": max_tokens,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
     chunks = 0
     async with session.post(url, json=body) as r:
         async for line in r.content:
@@ -71,8 +77,9 @@ async def run(args, base):
             model = (await r.json())["data"][0]["id"]
         idle = await probe(session, f"{base}/health", args.probes, 0.01)
         t0 = time.perf_counter()
-        load = asyncio.gather(*(stream_one(session, f"{base}/v1/completions", model, i, args.max_tokens)
-                                for i in range(args.requests)))
+        load = asyncio.gather(
+            *(stream_one(session, f"{base}/v1/completions", model, i, args.max_tokens) for i in range(args.requests))
+        )
         await asyncio.sleep(0.5)  # let the load reach the engine
         busy = await probe(session, f"{base}/health", args.probes, 0.01)
         chunks = await load
@@ -82,8 +89,12 @@ async def run(args, base):
 
 def summary(v):
     v = sorted(v)
-    return {"p50_ms": statistics.median(v), "p90_ms": v[int(0.9 * (len(v) - 1))], "p99_ms": v[int(0.99 * (len(v) - 1))],
-            "max_ms": v[-1]}
+    return {
+        "p50_ms": statistics.median(v),
+        "p90_ms": v[int(0.9 * (len(v) - 1))],
+        "p99_ms": v[int(0.99 * (len(v) - 1))],
+        "max_ms": v[-1],
+    }
 
 
 def main():
@@ -98,9 +109,24 @@ def main():
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO / "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
     model_args = ["--model", args.model] if args.model else []
-    server = subprocess.Popen([sys.executable, "-m", "fastserve", *model_args, "--device", args.device,
-                               "--port", str(port), "--log-level", "warning", "--disable-log-requests"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve",
+            *model_args,
+            "--device",
+            args.device,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--disable-log-requests",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         idle, busy, chunks, elapsed = asyncio.run(run(args, f"http://127.0.0.1:{port}"))
     finally:
@@ -108,15 +134,22 @@ def main():
         server.wait(timeout=60)
     steps_per_s = sum(chunks) / elapsed / max(1, min(args.requests, 256))
     result = {
-        "bench": "event_loop_latency", "command": " ".join(sys.argv), "machine": platform.platform(),
-        "cpus": os.cpu_count(), "requests": args.requests, "max_tokens": args.max_tokens,
-        "stream_chunks": sum(chunks), "load_seconds": elapsed,
+        "bench": "event_loop_latency",
+        "command": " ".join(sys.argv),
+        "machine": platform.platform(),
+        "cpus": os.cpu_count(),
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "stream_chunks": sum(chunks),
+        "load_seconds": elapsed,
         "approx_step_ms": 1e3 / steps_per_s if steps_per_s else None,
-        "health_idle": summary(idle), "health_under_load": summary(busy),
+        "health_idle": summary(idle),
+        "health_under_load": summary(busy),
     }
     try:
-        result["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                              text=True).stdout.strip()
+        result["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         pass
     text = json.dumps(result, indent=1)

@@ -53,9 +53,16 @@ def write_file(path: Path, cfg: dict, layers: int) -> dict:
     vocab = cfg["vocab_size"]
     w = gguf.GGUFWriter(str(path), "llama")
     a = "llama"
-    for key, value in {"context_length": cfg["max_position_embeddings"], "embedding_length": h, "block_count": layers,
-                       "feed_forward_length": inter, "attention.head_count": heads,
-                       "attention.head_count_kv": kv, "rope.dimension_count": hd, "vocab_size": vocab}.items():
+    for key, value in {
+        "context_length": cfg["max_position_embeddings"],
+        "embedding_length": h,
+        "block_count": layers,
+        "feed_forward_length": inter,
+        "attention.head_count": heads,
+        "attention.head_count_kv": kv,
+        "rope.dimension_count": hd,
+        "vocab_size": vocab,
+    }.items():
         w.add_uint32(f"{a}.{key}", value)
     w.add_float32(f"{a}.rope.freq_base", float(cfg.get("rope_theta", 10000.0)))
     w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", float(cfg.get("rms_norm_eps", 1e-5)))
@@ -81,16 +88,27 @@ def write_file(path: Path, cfg: dict, layers: int) -> dict:
     w.add_tensor("output_norm.weight", np.ones(h, dtype=np.float32))
     scaling = cfg.get("rope_scaling") or {}
     if scaling.get("rope_type") == "llama3":  # what llama.cpp writes for Llama 3.1+
-        w.add_tensor("rope_freqs.weight", llama3_rope_factors(
-            hd, float(cfg["rope_theta"]), scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"],
-            scaling["original_max_position_embeddings"]))
+        w.add_tensor(
+            "rope_freqs.weight",
+            llama3_rope_factors(
+                hd,
+                float(cfg["rope_theta"]),
+                scaling["factor"],
+                scaling["low_freq_factor"],
+                scaling["high_freq_factor"],
+                scaling["original_max_position_embeddings"],
+            ),
+        )
     add("lm_head.weight", vocab, h, q6k)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"write_s": time.perf_counter() - t0, "file_bytes": path.stat().st_size,
-            "tokenizer_tokens": len(tokenizer["tokenizer.ggml.tokens"])}
+    return {
+        "write_s": time.perf_counter() - t0,
+        "file_bytes": path.stat().st_size,
+        "tokenizer_tokens": len(tokenizer["tokenizer.ggml.tokens"]),
+    }
 
 
 def main() -> None:
@@ -108,7 +126,6 @@ def main() -> None:
         path = Path(tmp) / "model-Q4_K_M.gguf"
         result: dict = {"config": args.config, "layers": layers, **write_file(path, cfg, layers)}
         import torch
-
         from fastserve import LLM, SamplingParams
         from fastserve.gguf_file import GGUFFile
         from fastserve.gguf_loader import hf_config, iterate_gguf_weights

@@ -67,8 +67,9 @@ def paged_tables(batch: int, ctx: int, device="cuda"):
     return tables.contiguous(), num_blocks
 
 
-def bench_decode(batch: int, ctx: int, total_mem: int, configs: list[dict] | None = None,
-                 baseline: bool = True) -> list[dict]:
+def bench_decode(
+    batch: int, ctx: int, total_mem: int, configs: list[dict] | None = None, baseline: bool = True
+) -> list[dict]:
     kv_bytes = 2 * batch * ctx * HKV * D * DTYPE.itemsize
     row = dict(kind="decode", batch=batch, context=ctx, kv_bytes=kv_bytes)
     if kv_bytes > 0.45 * total_mem:
@@ -79,15 +80,18 @@ def bench_decode(batch: int, ctx: int, total_mem: int, configs: list[dict] | Non
     caches = [torch.randn(2, num_blocks, BLOCK, HKV, D, dtype=DTYPE, device="cuda") for _ in range(copies)]
     qs = [torch.randn(batch, HQ, D, dtype=DTYPE, device="cuda") for _ in range(copies)]
     out = torch.empty_like(qs[0])
-    scale = D ** -0.5
+    scale = D**-0.5
     moved = kv_bytes + 2 * qs[0].numel() * DTYPE.itemsize
     results = []
     for cfg in configs or [{}]:
         cfg = dict(cfg)
         splits = cfg.pop("num_splits", None)
-        fns = [lambda c=c, q=q: K.paged_decode_attention(q, c, tables, seq_lens, scale, out=out,
-                                                          num_splits=splits, config=cfg or None)
-               for c, q in zip(caches, qs)]
+        fns = [
+            lambda c=c, q=q: K.paged_decode_attention(
+                q, c, tables, seq_lens, scale, out=out, num_splits=splits, config=cfg or None
+            )
+            for c, q in zip(caches, qs)
+        ]
         ms = graph_ms(fns)
         results.append(dict(row, config=dict(cfg, num_splits=splits), ms=ms, gbps=moved / ms / 1e6))
     if baseline and 2 * kv_bytes < 0.45 * total_mem:
@@ -100,9 +104,10 @@ def bench_decode(batch: int, ctx: int, total_mem: int, configs: list[dict] | Non
             ks.append(c[0][blk, off].transpose(1, 2).contiguous())
             vs.append(c[1][blk, off].transpose(1, 2).contiguous())
         del caches
-        fns = [lambda q=q, k=k, v=v: F.scaled_dot_product_attention(
-                   q[:, :, None, :], k, v, scale=scale, enable_gqa=True)
-               for q, k, v in zip(qs, ks, vs)]
+        fns = [
+            lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q[:, :, None, :], k, v, scale=scale, enable_gqa=True)
+            for q, k, v in zip(qs, ks, vs)
+        ]
         try:
             ms = graph_ms(fns)
         except RuntimeError as e:  # a missing SDPA backend must not lose the kernel's numbers
@@ -118,8 +123,9 @@ def causal_pairs(ctx: int, q_len: int) -> int:
     return q_len * ctx + q_len * (q_len + 1) // 2
 
 
-def bench_prefill(ctx_q: list[tuple[int, int]], configs: list[dict] | None = None,
-                  baseline: bool = True, label: str = "") -> list[dict]:
+def bench_prefill(
+    ctx_q: list[tuple[int, int]], configs: list[dict] | None = None, baseline: bool = True, label: str = ""
+) -> list[dict]:
     lens = [c + n for c, n in ctx_q]
     batch = len(ctx_q)
     blocks_per_seq = max(math.ceil(n / BLOCK) for n in lens)
@@ -133,16 +139,21 @@ def bench_prefill(ctx_q: list[tuple[int, int]], configs: list[dict] | None = Non
     tokens = int(qsl[-1])
     q = torch.randn(tokens, HQ, D, dtype=DTYPE, device="cuda")
     out = torch.empty_like(q)
-    scale = D ** -0.5
+    scale = D**-0.5
     max_q = max(n for _, n in ctx_q)
     flops = 4 * HQ * D * sum(causal_pairs(c, n) for c, n in ctx_q)
-    row = dict(kind="prefill", case=label, tokens=tokens, ctx_q=ctx_q[:4] if batch <= 4 else f"{batch} seqs",
-               flops=flops)
+    row = dict(
+        kind="prefill", case=label, tokens=tokens, ctx_q=ctx_q[:4] if batch <= 4 else f"{batch} seqs", flops=flops
+    )
     results = []
     for cfg in configs or [{}]:
-        ms = time_cuda(lambda: K.paged_prefill_attention(q, cache, qsl, seq_lens, tables, max_q, scale,
-                                                         out=out, config=cfg or None),
-                       warmup=3, iters=15)
+        ms = time_cuda(
+            lambda: K.paged_prefill_attention(
+                q, cache, qsl, seq_lens, tables, max_q, scale, out=out, config=cfg or None
+            ),
+            warmup=3,
+            iters=15,
+        )
         results.append(dict(row, config=cfg, ms=ms, tflops=flops / ms / 1e9))
     if baseline and batch == 1 and ctx_q[0][0] == 0:
         qt = q.transpose(0, 1)[None].contiguous()
@@ -152,8 +163,9 @@ def bench_prefill(ctx_q: list[tuple[int, int]], configs: list[dict] | None = Non
 
         try:
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-                ms = time_cuda(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale),
-                               warmup=3, iters=15)
+                ms = time_cuda(
+                    lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale), warmup=3, iters=15
+                )
         except RuntimeError as e:
             for r in results:
                 r.update(sdpa_error=str(e)[:200])
@@ -197,9 +209,14 @@ def main() -> None:
     info = device_info()
     total_mem = torch.cuda.get_device_properties(0).total_memory
     print(json.dumps(info), flush=True)
-    report = dict(device=info, command=" ".join([os.path.basename(sys.executable)] + sys.argv),
-                  shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BLOCK,
-                              dtype=str(DTYPE)), decode=[], prefill=[], sweeps={})
+    report = dict(
+        device=info,
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, block_size=BLOCK, dtype=str(DTYPE)),
+        decode=[],
+        prefill=[],
+        sweeps={},
+    )
 
     if args.sweep or args.sweep_only:
         for b, c in [(64, 4096), (1, 32768)]:
@@ -233,8 +250,11 @@ def main() -> None:
     for r in report["prefill"]:
         r["pct_of_matmul_rate"] = 100 * r["tflops"] / mm
 
-    out = args.out or (os.path.join(os.environ["OUT"], f"kernels-{_slug(info['gpu'])}.json")
-                       if os.environ.get("OUT") else str(ROOT / "bench" / "results" / f"kernels-{_slug(info['gpu'])}.json"))
+    out = args.out or (
+        os.path.join(os.environ["OUT"], f"kernels-{_slug(info['gpu'])}.json")
+        if os.environ.get("OUT")
+        else str(ROOT / "bench" / "results" / f"kernels-{_slug(info['gpu'])}.json")
+    )
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
 
@@ -244,13 +264,17 @@ def main() -> None:
         if "skipped" in r:
             print(f"{'':>8} {r['batch']:>5} {r['context']:>6}  skipped: {r['skipped']}")
             continue
-        print(f"{'':>8} {r['batch']:>5} {r['context']:>6} {r['ms']:>8.4f} {r['gbps']:>6.0f} "
-              f"{r['pct_of_copy_bandwidth']:>5.1f} {r.get('sdpa_ms', float('nan')):>8.4f} "
-              f"{r.get('sdpa_gbps', float('nan')):>9.0f}")
+        print(
+            f"{'':>8} {r['batch']:>5} {r['context']:>6} {r['ms']:>8.4f} {r['gbps']:>6.0f} "
+            f"{r['pct_of_copy_bandwidth']:>5.1f} {r.get('sdpa_ms', float('nan')):>8.4f} "
+            f"{r.get('sdpa_gbps', float('nan')):>9.0f}"
+        )
     print(f"{'prefill':>8} {'case':>28} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'sdpa ms':>8} {'sdpa TF/s':>9}")
     for r in report["prefill"]:
-        print(f"{'':>8} {r['case']:>28} {r['ms']:>8.3f} {r['tflops']:>8.0f} {r['pct_of_matmul_rate']:>5.1f} "
-              f"{r.get('sdpa_ms', float('nan')):>8.3f} {r.get('sdpa_tflops', float('nan')):>9.0f}")
+        print(
+            f"{'':>8} {r['case']:>28} {r['ms']:>8.3f} {r['tflops']:>8.0f} {r['pct_of_matmul_rate']:>5.1f} "
+            f"{r.get('sdpa_ms', float('nan')):>8.3f} {r.get('sdpa_tflops', float('nan')):>9.0f}"
+        )
 
 
 def _slug(name: str) -> str:

@@ -44,15 +44,28 @@ def main() -> None:
     # a second run over the same prompts would skip their prefill and look faster.
     warmup = random_prompts(8)
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=0.9)
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype="bfloat16",
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=0.9,
+    )
     startup = time.perf_counter() - t0
     base = dict(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    cases = {"plain": SamplingParams(**base),
-             "penalties": SamplingParams(**base, repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2)}
+    cases = {
+        "plain": SamplingParams(**base),
+        "penalties": SamplingParams(**base, repetition_penalty=1.1, presence_penalty=0.3, frequency_penalty=0.2),
+    }
     llm.generate(warmup, cases["penalties"], use_tqdm=False)  # compile what the penalized path uses
-    res = {"label": args.label, "fastserve_file": fastserve.__file__, "startup_s": startup,
-           "workload": f"{args.num_prompts} x ({args.input_len} in, {args.output_len} out)", "cases": {}}
+    res = {
+        "label": args.label,
+        "fastserve_file": fastserve.__file__,
+        "startup_s": startup,
+        "workload": f"{args.num_prompts} x ({args.input_len} in, {args.output_len} out)",
+        "cases": {},
+    }
     for name, params in cases.items():
         prompts = random_prompts(args.num_prompts)
         t0 = time.perf_counter()
@@ -66,8 +79,12 @@ def main() -> None:
         res["device"] = json.loads(Path(args.info).read_text())
     res["git_commit"] = os.environ.get("FASTSERVE_GIT_COMMIT", "unknown")
     Path(args.out).write_text(json.dumps(res, indent=2))
-    print(f"{args.label:10s} plain {p:9.0f} tok/s   penalties {q:9.0f} tok/s   slowdown {res['penalties_slowdown_pct']:5.1f}%"
-          f"   startup {startup:.1f} s", file=sys.stderr)
+    print(
+        f"{args.label:10s} plain {p:9.0f} tok/s   penalties {q:9.0f} tok/s   "
+        f"slowdown {res['penalties_slowdown_pct']:5.1f}%"
+        f"   startup {startup:.1f} s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

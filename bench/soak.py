@@ -38,8 +38,12 @@ def rss_mib(pid: int | None) -> float | None:
 
 def gpu_used_mib() -> float | None:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
         return float(out.split()[0])
     except (OSError, ValueError, IndexError, subprocess.SubprocessError):
         return None
@@ -47,8 +51,14 @@ def gpu_used_mib() -> float | None:
 
 async def one(session, url, model, rng, args, stats):
     prompt = [rng.randrange(1000, 100000) for _ in range(args.input_len)]
-    body = {"model": model, "prompt": prompt, "max_tokens": args.output_len, "stream": True,
-            "ignore_eos": True, "temperature": 0.0}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": args.output_len,
+        "stream": True,
+        "ignore_eos": True,
+        "temperature": 0.0,
+    }
     hang_up_after = rng.randrange(1, args.output_len) if rng.random() < args.disconnect_fraction else None
     t0 = time.perf_counter()
     chunks, finished, done = 0, False, False
@@ -93,8 +103,18 @@ async def one(session, url, model, rng, args, stats):
 
 
 async def main_async(args):
-    stats = {"sent": 0, "completed": 0, "disconnected": 0, "lost": 0, "5xx": 0, "4xx": 0, "stream_errors": 0,
-             "client_errors": 0, "error_samples": [], "ttft": []}
+    stats = {
+        "sent": 0,
+        "completed": 0,
+        "disconnected": 0,
+        "lost": 0,
+        "5xx": 0,
+        "4xx": 0,
+        "stream_errors": 0,
+        "client_errors": 0,
+        "error_samples": [],
+        "ttft": [],
+    }
     samples = []
     rng = random.Random(args.seed)
     timeout = aiohttp.ClientTimeout(total=args.request_timeout)
@@ -120,8 +140,14 @@ async def main_async(args):
         while time.perf_counter() - start < args.duration:
             now = time.perf_counter()
             if now >= next_sample:
-                samples.append({"t": round(now - start, 1), "rss_mib": rss_mib(args.server_pid),
-                                "gpu_used_mib": gpu_used_mib(), **(await metrics())})
+                samples.append(
+                    {
+                        "t": round(now - start, 1),
+                        "rss_mib": rss_mib(args.server_pid),
+                        "gpu_used_mib": gpu_used_mib(),
+                        **(await metrics()),
+                    }
+                )
                 next_sample += args.sample_every
             t = asyncio.create_task(one(session, url, model, rng, args, stats))
             tasks.add(t)
@@ -130,14 +156,23 @@ async def main_async(args):
             await asyncio.sleep(rng.expovariate(args.rate))
         await asyncio.gather(*tasks)
         await asyncio.sleep(1.0)
-        samples.append({"t": round(time.perf_counter() - start, 1), "rss_mib": rss_mib(args.server_pid),
-                        "gpu_used_mib": gpu_used_mib(), **(await metrics())})
+        samples.append(
+            {
+                "t": round(time.perf_counter() - start, 1),
+                "rss_mib": rss_mib(args.server_pid),
+                "gpu_used_mib": gpu_used_mib(),
+                **(await metrics()),
+            }
+        )
     ttft = sorted(stats.pop("ttft"))
     stats["ttft_p50_s"] = ttft[len(ttft) // 2] if ttft else None
     stats["ttft_p99_s"] = ttft[int(len(ttft) * 0.99)] if ttft else None
     rss = [s["rss_mib"] for s in samples if s["rss_mib"]]
-    stats["rss_first_last_max_mib"] = (rss[1] if len(rss) > 1 else None, rss[-1] if rss else None,
-                                       max(rss) if rss else None)
+    stats["rss_first_last_max_mib"] = (
+        rss[1] if len(rss) > 1 else None,
+        rss[-1] if rss else None,
+        max(rss) if rss else None,
+    )
     return {"bench": "soak", "args": vars(args), "stats": stats, "samples": samples}
 
 

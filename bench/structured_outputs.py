@@ -28,14 +28,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from device_info import device_info  # noqa: E402
 
-ENTRY = {"type": "object",
-         "properties": {"id": {"type": "integer"}, "level": {"enum": ["debug", "info", "warn", "error"]},
-                        "message": {"type": "string"}, "ok": {"type": "boolean"}},
-         "required": ["id", "level", "message", "ok"]}
-LONG_SCHEMA = {"type": "object",
-               "properties": {"service": {"type": "string"},
-                              "entries": {"type": "array", "items": ENTRY, "minItems": 64}},
-               "required": ["service", "entries"]}
+ENTRY = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "integer"},
+        "level": {"enum": ["debug", "info", "warn", "error"]},
+        "message": {"type": "string"},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["id", "level", "message", "ok"],
+}
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"service": {"type": "string"}, "entries": {"type": "array", "items": ENTRY, "minItems": 64}},
+    "required": ["service", "entries"],
+}
 
 
 def main():
@@ -64,13 +71,23 @@ def main():
     schema = json.load(open(args.schema)) if args.schema else LONG_SCHEMA
     cfg = json.load(open(Path(args.model) / "config.json"))
     rng = np.random.default_rng(args.seed)
-    prompts = [{"prompt_token_ids": rng.integers(0, min(cfg["vocab_size"], 100_000), args.input_len).tolist()}
-               for _ in range(args.num_prompts)]
+    prompts = [
+        {"prompt_token_ids": rng.integers(0, min(cfg["vocab_size"], 100_000), args.input_len).tolist()}
+        for _ in range(args.num_prompts)
+    ]
 
     t0 = time.perf_counter()
-    llm = LLM(model=args.model, load_format="dummy", dtype=args.dtype, max_model_len=args.max_model_len,
-              max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, seed=args.seed, device=args.device)
+    llm = LLM(
+        model=args.model,
+        load_format="dummy",
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.enforce_eager,
+        seed=args.seed,
+        device=args.device,
+    )
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1), use_tqdm=False)
     startup = time.perf_counter() - t0
     mgr = llm.engine.structured
@@ -84,9 +101,16 @@ def main():
     compile_s = time.perf_counter() - t0
 
     def run(constrained: bool) -> dict:
-        params = [SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
-                                 seed=args.seed + i, structured_outputs=spec if constrained else None)
-                  for i in range(args.num_prompts)]
+        params = [
+            SamplingParams(
+                temperature=args.temperature,
+                max_tokens=args.output_len,
+                ignore_eos=True,
+                seed=args.seed + i,
+                structured_outputs=spec if constrained else None,
+            )
+            for i in range(args.num_prompts)
+        ]
         steps0, secs0, rows0 = mgr.mask_steps, mgr.mask_seconds, mgr.mask_rows
         max0, mgr.max_mask_seconds = mgr.max_mask_seconds, 0.0
         if cuda:
@@ -100,10 +124,13 @@ def main():
         r = dict(elapsed_s=elapsed, output_tokens=produced, output_tokens_per_s=produced / elapsed)
         if constrained:
             steps = mgr.mask_steps - steps0
-            r.update(mask_steps=steps, mean_mask_rows=(mgr.mask_rows - rows0) / max(steps, 1),
-                     mean_mask_fill_ms=1e3 * (mgr.mask_seconds - secs0) / max(steps, 1),
-                     max_mask_fill_ms=1e3 * mgr.max_mask_seconds,
-                     mean_step_ms=1e3 * elapsed / max(steps, 1))
+            r.update(
+                mask_steps=steps,
+                mean_mask_rows=(mgr.mask_rows - rows0) / max(steps, 1),
+                mean_mask_fill_ms=1e3 * (mgr.mask_seconds - secs0) / max(steps, 1),
+                max_mask_fill_ms=1e3 * mgr.max_mask_seconds,
+                mean_step_ms=1e3 * elapsed / max(steps, 1),
+            )
             r["outputs_accepted_by_grammar"] = _all_accepted(outs, compiled, llm.engine.structured)
         mgr.max_mask_seconds = max(max0, mgr.max_mask_seconds)
         print("constrained" if constrained else "unconstrained", json.dumps(r), flush=True)
@@ -115,16 +142,34 @@ def main():
     free2 = run(False)
     free_rate = (free1["output_tokens_per_s"] + free2["output_tokens_per_s"]) / 2
     ratio = constrained["output_tokens_per_s"] / free_rate
-    result = dict(bench="structured_outputs", command=" ".join(sys.argv), device=info, model_config=cfg,
-                  workload=dict(num_prompts=args.num_prompts, input_len=args.input_len, output_len=args.output_len,
-                                temperature=args.temperature, schema=schema),
-                  startup_s=startup, first_compile_s=first_compile, compile_s=compile_s,
-                  tokenizer_info_s=mgr.compiler.tokenizer_info_seconds,
-                  warmup=warmup, unconstrained=[free1, free2], constrained=constrained,
-                  constrained_over_unconstrained=ratio, target=0.90, meets_target=ratio >= 0.90)
-    print(f"unconstrained {free_rate:.0f} out tok/s | json_schema {constrained['output_tokens_per_s']:.0f} out tok/s "
-          f"| ratio {ratio:.3f} (target 0.90) | compile {compile_s * 1e3:.1f} ms | mask fill "
-          f"{constrained['mean_mask_fill_ms']:.2f} ms/step (max {constrained['max_mask_fill_ms']:.2f})")
+    result = dict(
+        bench="structured_outputs",
+        command=" ".join(sys.argv),
+        device=info,
+        model_config=cfg,
+        workload=dict(
+            num_prompts=args.num_prompts,
+            input_len=args.input_len,
+            output_len=args.output_len,
+            temperature=args.temperature,
+            schema=schema,
+        ),
+        startup_s=startup,
+        first_compile_s=first_compile,
+        compile_s=compile_s,
+        tokenizer_info_s=mgr.compiler.tokenizer_info_seconds,
+        warmup=warmup,
+        unconstrained=[free1, free2],
+        constrained=constrained,
+        constrained_over_unconstrained=ratio,
+        target=0.90,
+        meets_target=ratio >= 0.90,
+    )
+    print(
+        f"unconstrained {free_rate:.0f} out tok/s | json_schema {constrained['output_tokens_per_s']:.0f} out tok/s "
+        f"| ratio {ratio:.3f} (target 0.90) | compile {compile_s * 1e3:.1f} ms | mask fill "
+        f"{constrained['mean_mask_fill_ms']:.2f} ms/step (max {constrained['max_mask_fill_ms']:.2f})"
+    )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1))
 

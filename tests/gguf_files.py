@@ -23,9 +23,17 @@ import torch
 # make inf/nan: they are overwritten with small values.
 _K_QUANT_SCALES = {"Q2_K": (80, 2), "Q3_K": (108, 1), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208, 1)}
 
-TINY_SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
-              "rope_theta": 10000.0}
+TINY_SHAPE = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 64,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 
 _HF_TO_GGUF = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -33,10 +41,17 @@ _HF_TO_GGUF = {
     "lm_head.weight": "output.weight",
 }
 _LAYER = {
-    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm", "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
 }
 
 
@@ -53,8 +68,9 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
-                        original: int) -> np.ndarray:
+def llama3_rope_factors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
     """convert_hf_to_gguf.py's `rope_freqs` tensor for llama3 rope scaling (Llama 3.1+)."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     out = []
@@ -77,7 +93,7 @@ def _random_k_blocks(qtype, rows: int, cols: int, rng: np.random.Generator) -> n
     raw = rng.integers(0, 256, size=(rows * cols // block, size), dtype=np.uint8)
     off, n = _K_QUANT_SCALES[qtype.name]
     scales = (rng.uniform(0.5, 1.5, size=(raw.shape[0], n)) * 2e-4).astype(np.float16)
-    raw[:, off:off + 2 * n] = scales.view(np.uint8).reshape(raw.shape[0], 2 * n)
+    raw[:, off : off + 2 * n] = scales.view(np.uint8).reshape(raw.shape[0], 2 * n)
     return raw.reshape(rows, cols // block * size)
 
 
@@ -99,9 +115,18 @@ def _encode(arr: np.ndarray, type_name: str, rng: np.random.Generator):
     return data, qtype, dequantize(data, qtype).reshape(arr.shape).astype(np.float32)
 
 
-def write_tiny_gguf(path: Path, arch: str = "llama", weight_type: str = "F32", *, tie: bool = False,
-                    tokenizer: dict | None = None, seed: int = 0, metadata: dict | None = None,
-                    extra_tensors: dict[str, np.ndarray] | None = None, **overrides):
+def write_tiny_gguf(
+    path: Path,
+    arch: str = "llama",
+    weight_type: str = "F32",
+    *,
+    tie: bool = False,
+    tokenizer: dict | None = None,
+    seed: int = 0,
+    metadata: dict | None = None,
+    extra_tensors: dict[str, np.ndarray] | None = None,
+    **overrides,
+):
     """Write a tiny `arch` model ("llama", "qwen2", "qwen3") as a GGUF file whose matrices are
     `weight_type` (1-D tensors F32, as llama.cpp keeps them). Returns (the transformers model
     holding exactly the file's weights, float32, the GGUF path)."""
@@ -109,13 +134,18 @@ def write_tiny_gguf(path: Path, arch: str = "llama", weight_type: str = "F32", *
     import transformers
 
     tokenizer = tokenizer or byte_level_tokenizer_fields()
-    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-           "qwen3": transformers.Qwen3Config}[arch]
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[
+        arch
+    ]
     shape = {**TINY_SHAPE, **overrides}
     vocab = len(tokenizer["tokenizer.ggml.tokens"])
-    config = cls(**shape, vocab_size=vocab, tie_word_embeddings=tie,
-                 bos_token_id=tokenizer.get("tokenizer.ggml.bos_token_id"),
-                 eos_token_id=tokenizer.get("tokenizer.ggml.eos_token_id"))
+    config = cls(
+        **shape,
+        vocab_size=vocab,
+        tie_word_embeddings=tie,
+        bos_token_id=tokenizer.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=tokenizer.get("tokenizer.ggml.eos_token_id"),
+    )
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     rng = np.random.default_rng(seed)
@@ -199,9 +229,13 @@ def _add_field(writer, key: str, value) -> None:
 # -- tokenizers as GGUF metadata ------------------------------------------------------------
 
 CORPUS = [
-    "The quick brown fox jumps over the lazy dog.", "Hello, world! How are you today?",
-    "In 2024 the price was $12.50 for 3 items.", "def add(a, b):\n    return a + b\n",
-    "Numbers: 1 22 333 4444 55555", "caf\u00e9 na\u00efve r\u00e9sum\u00e9", "It's what we're doing; they'll see.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello, world! How are you today?",
+    "In 2024 the price was $12.50 for 3 items.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 1 22 333 4444 55555",
+    "caf\u00e9 na\u00efve r\u00e9sum\u00e9",
+    "It's what we're doing; they'll see.",
 ]
 
 
@@ -216,8 +250,12 @@ def byte_level_tokenizer_fields(vocab_size: int = 320, pre: str = "gpt2") -> dic
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     j = json.loads(tok.to_str())
     vocab = j["model"]["vocab"]
@@ -227,13 +265,18 @@ def byte_level_tokenizer_fields(vocab_size: int = 320, pre: str = "gpt2") -> dic
     merges = [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
     types = [3 if t in specials else 1 for t in tokens]
     return {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.padding_token_id": 0,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.padding_token_id": 0,
         "tokenizer.ggml.add_bos_token": False,
         "tokenizer.chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                                   "{% endif %}",
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}",
     }
 
 
@@ -256,9 +299,14 @@ def tokenizer_json_fields(tokenizer_dir: Path, pre: str, add_bos: bool) -> dict:
     merges = [" ".join(m) if isinstance(m, list) else m for m in j["model"]["merges"]]
     cfg = json.loads((Path(tokenizer_dir) / "tokenizer_config.json").read_text(encoding="utf-8"))
     ids = {t: i for i, t in enumerate(tokens)}
-    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": tokens,
-              "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-              "tokenizer.ggml.add_bos_token": add_bos}
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.add_bos_token": add_bos,
+    }
     for key, name in (("bos_token", "bos"), ("eos_token", "eos")):
         if cfg.get(key):
             fields[f"tokenizer.ggml.{name}_token_id"] = ids[cfg[key]]
@@ -275,12 +323,20 @@ def sentencepiece_fields(model_proto: bytes) -> dict:
     for i in range(sp.get_piece_size()):
         tokens.append(sp.id_to_piece(i))
         scores.append(float(sp.get_score(i)))
-        types.append(2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i)
-                     else 6 if sp.is_byte(i) else 1)
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": sp.bos_id(),
-            "tokenizer.ggml.eos_token_id": sp.eos_id(), "tokenizer.ggml.unknown_token_id": sp.unk_id(),
-            "tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.add_eos_token": False}
+        types.append(
+            2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 5 if sp.is_unused(i) else 6 if sp.is_byte(i) else 1
+        )
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": sp.bos_id(),
+        "tokenizer.ggml.eos_token_id": sp.eos_id(),
+        "tokenizer.ggml.unknown_token_id": sp.unk_id(),
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
 
 
 def write_tokenizer_gguf(path: Path, fields: dict, arch: str = "llama") -> Path:

@@ -37,8 +37,15 @@ def _files(src: Path, only: list[str] | None) -> list[Path]:
     return [src / n for n in names]
 
 
-def add_to_hf_cache(cache: str | os.PathLike, repo_id: str, src: str | os.PathLike, *, revision: str = "main",
-                    files: list[str] | None = None, commit: str | None = None) -> Path:
+def add_to_hf_cache(
+    cache: str | os.PathLike,
+    repo_id: str,
+    src: str | os.PathLike,
+    *,
+    revision: str = "main",
+    files: list[str] | None = None,
+    commit: str | None = None,
+) -> Path:
     """Put the files of `src` (or the named ones) into `cache` as revision `revision` of
     `repo_id` and return the snapshot directory. The commit sha derives from the contents
     unless given."""
@@ -63,8 +70,15 @@ def add_to_hf_cache(cache: str | os.PathLike, repo_id: str, src: str | os.PathLi
     return snapshot
 
 
-def add_to_modelscope_cache(cache: str | os.PathLike, repo_id: str, src: str | os.PathLike, *,
-                            revision: str = "master", files: list[str] | None = None, legacy: bool = False) -> Path:
+def add_to_modelscope_cache(
+    cache: str | os.PathLike,
+    repo_id: str,
+    src: str | os.PathLike,
+    *,
+    revision: str = "master",
+    files: list[str] | None = None,
+    legacy: bool = False,
+) -> Path:
     owner, name = repo_id.split("/", 1)
     if legacy:
         target = Path(cache) / "models" / owner / name.replace(".", "___")

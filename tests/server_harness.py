@@ -20,8 +20,7 @@ def subprocess_env() -> dict[str, str]:
     import fastserve
 
     root = str(Path(fastserve.__file__).resolve().parent.parent)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
 
 
 def free_port() -> int:
@@ -35,8 +34,9 @@ def tiny_qwen_checkpoint(tmp_dir) -> Path:
     embedding) and max_position_embeddings 512 (so length limits are cheap to hit)."""
     from tiny_models import make_tiny_checkpoint
 
-    return make_tiny_checkpoint("LlamaForCausalLM", tmp_dir, tokenizer_dir=QWEN_TOKENIZER,
-                                max_position_embeddings=512, name="tiny-qwen-llama")
+    return make_tiny_checkpoint(
+        "LlamaForCausalLM", tmp_dir, tokenizer_dir=QWEN_TOKENIZER, max_position_embeddings=512, name="tiny-qwen-llama"
+    )
 
 
 class ServerThread:
@@ -76,7 +76,7 @@ class ServerThread:
 
         self.server = await start_server(self.args, self.engine_args)
 
-    def start(self, wait_loaded: bool = True, timeout: float = 300) -> "ServerThread":
+    def start(self, wait_loaded: bool = True, timeout: float = 300) -> ServerThread:
         self._thread.start()
         self._started.wait(timeout)
         if self._error is not None:

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from fastserve._core import RequestParams, Scheduler
 from fastserve.errors import InvalidRequest
 
@@ -38,7 +37,9 @@ PARAM_RULES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,field,words", PARAM_RULES, ids=[r[1] + "-" + str(i) for i, r in enumerate(PARAM_RULES)])
+@pytest.mark.parametrize(
+    "kwargs,field,words", PARAM_RULES, ids=[r[1] + "-" + str(i) for i, r in enumerate(PARAM_RULES)]
+)
 def test_request_params_rules_name_their_field(kwargs, field, words):
     with pytest.raises(InvalidRequest) as ei:
         RequestParams(**kwargs)

@@ -17,8 +17,9 @@ from fastserve.__main__ import main as fastserve_main
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
 TOKENIZER = SHARED_MODELS / "llama3-tokenizer"
-THROUGHPUT_LINE = re.compile(r"^Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s$",
-                             re.M)
+THROUGHPUT_LINE = re.compile(
+    r"^Throughput: ([\d.]+) requests/s, ([\d.]+) total tokens/s, ([\d.]+) output tokens/s$", re.M
+)
 ENGINE = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--num-gpu-blocks-override", "64"]
 
 pytestmark = pytest.mark.timeout(300)
@@ -46,9 +47,15 @@ def sharegpt_file(path, n: int = 8, seed: int = 3):
     rng = random.Random(seed)
     data = [{"id": "not a conversation"}, {"conversations": [{"from": "human", "value": "hi"}]}]
     for i in range(n):
-        data.append({"id": str(i), "conversations": [
-            {"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(1 if i == 0 else 6, 30)))},
-            {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))}]})
+        data.append(
+            {
+                "id": str(i),
+                "conversations": [
+                    {"from": "human", "value": " ".join(rng.choices(WORDS, k=rng.randint(1 if i == 0 else 6, 30)))},
+                    {"from": "gpt", "value": " ".join(rng.choices(WORDS, k=rng.randint(4, 20)))},
+                ],
+            }
+        )
     path.write_text(json.dumps(data))
     return path
 
@@ -60,8 +67,24 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
 
 def test_throughput_fastserve_prints_vllms_line_and_json(small, tmp_path, capsys):
     out = tmp_path / "t.json"
-    code, text = run_cli(capsys, "bench", "throughput", "--model", small, "--input-len", 8, "--output-len", 6,
-                         "--num-prompts", 5, "--seed", 2024, *ENGINE, "--output-json", out)
+    code, text = run_cli(
+        capsys,
+        "bench",
+        "throughput",
+        "--model",
+        small,
+        "--input-len",
+        8,
+        "--output-len",
+        6,
+        "--num-prompts",
+        5,
+        "--seed",
+        2024,
+        *ENGINE,
+        "--output-json",
+        out,
+    )
     assert code == 0
     m = THROUGHPUT_LINE.search(text)
     assert m, text
@@ -85,8 +108,24 @@ def test_throughput_reports_device_ceilings_and_roofline(small, tmp_path, capsys
     info = json.loads(committed.read_text())["device"]
     (tmp_path / "info.json").write_text(json.dumps(info))
     out = tmp_path / "t.json"
-    code, text = run_cli(capsys, "bench", "throughput", "--model", small, "--input-len", 8, "--output-len", 6,
-                         "--num-prompts", 3, *ENGINE, "--info", tmp_path / "info.json", "--output-json", out)
+    code, text = run_cli(
+        capsys,
+        "bench",
+        "throughput",
+        "--model",
+        small,
+        "--input-len",
+        8,
+        "--output-len",
+        6,
+        "--num-prompts",
+        3,
+        *ENGINE,
+        "--info",
+        tmp_path / "info.json",
+        "--output-json",
+        out,
+    )
     assert code == 0
     assert f"Device: {info['gpu']}" in text and "measured copy bandwidth" in text
     res = json.loads(out.read_text())
@@ -99,22 +138,73 @@ def test_throughput_reports_device_ceilings_and_roofline(small, tmp_path, capsys
 
 def test_throughput_hf_backend(small, tmp_path, capsys):
     out = tmp_path / "hf.json"
-    code, text = run_cli(capsys, "bench", "throughput", "--backend", "hf", "--hf-max-batch-size", 3, "--model", small,
-                         "--input-len", 8, "--output-len", 6, "--num-prompts", 5, "--seed", 2024, *ENGINE,
-                         "--output-json", out)
+    code, text = run_cli(
+        capsys,
+        "bench",
+        "throughput",
+        "--backend",
+        "hf",
+        "--hf-max-batch-size",
+        3,
+        "--model",
+        small,
+        "--input-len",
+        8,
+        "--output-len",
+        6,
+        "--num-prompts",
+        5,
+        "--seed",
+        2024,
+        *ENGINE,
+        "--output-json",
+        out,
+    )
     assert code == 0 and THROUGHPUT_LINE.search(text), text
     res = json.loads(out.read_text())
     assert res["backend"] == "hf" and res["num_requests"] == 5 and res["total_num_tokens"] == 70
 
 
 def test_throughput_flag_errors_are_vllms(small, capsys, caplog):
-    assert fastserve_main(["bench", "throughput", "--backend", "hf", "--model", str(small), "--input-len", "8",
-                           "--output-len", "4", *ENGINE]) == 2
+    assert (
+        fastserve_main(
+            [
+                "bench",
+                "throughput",
+                "--backend",
+                "hf",
+                "--model",
+                str(small),
+                "--input-len",
+                "8",
+                "--output-len",
+                "4",
+                *ENGINE,
+            ]
+        )
+        == 2
+    )
     assert "--hf-max-batch-size" in caplog.text
     assert fastserve_main(["bench", "throughput", "--model", str(small), "--output-len", "4", *ENGINE]) == 2
     assert "--input-len must be provided for a random dataset" in caplog.text
-    assert fastserve_main(["bench", "throughput", "--model", str(small), "--input-len", "100", "--output-len", "100",
-                           "--num-prompts", "1", *ENGINE]) == 2
+    assert (
+        fastserve_main(
+            [
+                "bench",
+                "throughput",
+                "--model",
+                str(small),
+                "--input-len",
+                "100",
+                "--output-len",
+                "100",
+                "--num-prompts",
+                "1",
+                *ENGINE,
+            ]
+        )
+        == 2
+    )
     assert "max_model_len" in caplog.text
 
 
@@ -131,8 +221,24 @@ def test_hf_backend_needs_transformers_only_when_used(monkeypatch, small):
 def test_throughput_sharegpt_dataset(full, tmp_path, capsys):
     data = sharegpt_file(tmp_path / "sharegpt.json")
     out = tmp_path / "sg.json"
-    code, text = run_cli(capsys, "bench", "throughput", "--model", full, "--dataset", data, "--num-prompts", 3,
-                         "--output-len", 4, "--seed", 1, *ENGINE, "--output-json", out)
+    code, text = run_cli(
+        capsys,
+        "bench",
+        "throughput",
+        "--model",
+        full,
+        "--dataset",
+        data,
+        "--num-prompts",
+        3,
+        "--output-len",
+        4,
+        "--seed",
+        1,
+        *ENGINE,
+        "--output-json",
+        out,
+    )
     assert code == 0 and THROUGHPUT_LINE.search(text), text
     res = json.loads(out.read_text())
     expected = vllm_sharegpt_reference(data, full, num=3, seed=1, output_len=4)
@@ -168,8 +274,9 @@ def test_sharegpt_sampling_matches_vllms(full, tmp_path):
     tok = Tokenizer(str(full))
     for seed in (0, 5):
         got = sample_sharegpt(str(data), tok, 6, seed=seed, chunk=4)
-        assert [(s.prompt_len, s.expected_output_len) for s in got] == \
-            vllm_sharegpt_reference(data, full, 6, seed, None)
+        assert [(s.prompt_len, s.expected_output_len) for s in got] == vllm_sharegpt_reference(
+            data, full, 6, seed, None
+        )
         assert all(s.prompt is not None for s in got)
     # More requests than usable conversations: drawn again from them (vLLM's oversampling).
     many = sample_sharegpt(str(data), tok, 30, seed=0)
@@ -195,9 +302,27 @@ def test_random_sampling_lengths_and_tokens(small):
 
 def test_latency_batch_size_sweep(small, tmp_path, capsys):
     out = tmp_path / "lat.json"
-    code, text = run_cli(capsys, "bench", "latency", "--model", small, "--input-len", 6, "--output-len", 4,
-                         "--batch-size", 1, 3, "--num-iters-warmup", 1, "--num-iters", 2, *ENGINE,
-                         "--output-json", out)
+    code, text = run_cli(
+        capsys,
+        "bench",
+        "latency",
+        "--model",
+        small,
+        "--input-len",
+        6,
+        "--output-len",
+        4,
+        "--batch-size",
+        1,
+        3,
+        "--num-iters-warmup",
+        1,
+        "--num-iters",
+        2,
+        *ENGINE,
+        "--output-json",
+        out,
+    )
     assert code == 0
     assert "Batch size 1: Avg latency:" in text and "Batch size 3: Avg latency:" in text
     res = json.loads(out.read_text())
@@ -216,9 +341,28 @@ def test_bench_serve_sweep_sharegpt_and_plot(full, tmp_path, capsys):
     server = ServerThread(["--model", str(full), *ENGINE, "--served-model-name", "tiny"]).start()
     try:
         result, png = tmp_path / "serve.json", tmp_path / "serve.png"
-        code, _ = run_cli(capsys, "bench", "serve", "--base-url", server.base_url, "--num-prompts", 3,
-                          "--input-len", 8, "--output-len", 4, "--request-rate", "inf", 50, "--warmup", 0,
-                          "--result", result, "--plot", png)
+        code, _ = run_cli(
+            capsys,
+            "bench",
+            "serve",
+            "--base-url",
+            server.base_url,
+            "--num-prompts",
+            3,
+            "--input-len",
+            8,
+            "--output-len",
+            4,
+            "--request-rate",
+            "inf",
+            50,
+            "--warmup",
+            0,
+            "--result",
+            result,
+            "--plot",
+            png,
+        )
         assert code == 0
         res = json.loads(result.read_text())
         assert res["model"] == "tiny" and [r["request_rate"] for r in res["runs"]] == ["inf", 50.0]
@@ -235,9 +379,27 @@ def test_bench_serve_sweep_sharegpt_and_plot(full, tmp_path, capsys):
 
         # ShareGPT, counted through the server's /tokenize, with a burstier arrival.
         data = sharegpt_file(tmp_path / "sharegpt.json")
-        code, _ = run_cli(capsys, "bench", "serve", "--base-url", server.base_url, "--dataset-path", data,
-                          "--num-prompts", 2, "--sharegpt-output-len", 3, "--request-rate", 20, "--burstiness",
-                          0.5, "--warmup", 0, "--result", result)
+        code, _ = run_cli(
+            capsys,
+            "bench",
+            "serve",
+            "--base-url",
+            server.base_url,
+            "--dataset-path",
+            data,
+            "--num-prompts",
+            2,
+            "--sharegpt-output-len",
+            3,
+            "--request-rate",
+            20,
+            "--burstiness",
+            0.5,
+            "--warmup",
+            0,
+            "--result",
+            result,
+        )
         assert code == 0
         res = json.loads(result.read_text())
         (run,) = res["runs"]
@@ -252,7 +414,12 @@ def test_commands_are_wired_into_the_console_script():
     from server_harness import subprocess_env
 
     for argv in (["bench", "--help"], ["bench", "throughput", "--help"], ["run-batch", "--help"]):
-        r = subprocess.run([sys.executable, "-m", "fastserve", *argv], capture_output=True, text=True, timeout=120,
-                           env=subprocess_env())
+        r = subprocess.run(
+            [sys.executable, "-m", "fastserve", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=subprocess_env(),
+        )
         assert r.returncode == 0, r.stderr
     assert "--tensor-parallel-size" in r.stdout and "--input-file" in r.stdout

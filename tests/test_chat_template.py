@@ -3,17 +3,18 @@ in a sandbox, with the tokenizer's BOS/EOS and the usual template globals."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from fastserve.chat_template import TemplateError, load_chat_template, render_chat
-
 from tiny_models import SHARED_MODELS as MODELS
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
-     {"role": "assistant", "content": "4"}, {"role": "user", "content": "  and 3+3? 你好 🙂 "}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "  and 3+3? 你好 🙂 "},
+    ],
 ]
 
 
@@ -31,16 +32,14 @@ def tokenizers(request):
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers(tokenizers, messages, add_generation_prompt):
     ours, hf = tokenizers
-    expected = hf.apply_chat_template(messages, tokenize=False,
-                                      add_generation_prompt=add_generation_prompt)
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     assert render_chat(ours, messages, add_generation_prompt=add_generation_prompt) == expected
 
 
 def test_chat_template_kwargs(tokenizers):
     ours, hf = tokenizers
     messages = CONVERSATIONS[0]
-    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                      enable_thinking=False)
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
     got = render_chat(ours, messages, chat_template_kwargs={"enable_thinking": False})
     assert got == expected
     if "im_start" in got:  # Qwen: thinking off writes the empty think block
@@ -61,8 +60,10 @@ def test_override_and_strftime():
         eos_token = "</s>"
 
     import datetime
-    out = render_chat(Tok(), [{"role": "user", "content": "q"}],
-                      chat_template="{{ strftime_now('%Y') }}:{{ messages[0].content }}")
+
+    out = render_chat(
+        Tok(), [{"role": "user", "content": "q"}], chat_template="{{ strftime_now('%Y') }}:{{ messages[0].content }}"
+    )
     assert out == f"{datetime.datetime.now().year}:q"
     with pytest.raises(ValueError, match="--chat-template"):
         render_chat(Tok(), [{"role": "user", "content": "q"}])
@@ -91,8 +92,7 @@ def test_sandbox_blocks_python_internals():
 
 def test_continue_final_message(tokenizers):
     ours, hf = tokenizers
-    messages = [{"role": "user", "content": "Finish my sentence"},
-                {"role": "assistant", "content": "The sky is"}]
+    messages = [{"role": "user", "content": "Finish my sentence"}, {"role": "assistant", "content": "The sky is"}]
     got = render_chat(ours, messages, add_generation_prompt=False, continue_final_message=True)
     expected = hf.apply_chat_template(messages, tokenize=False, continue_final_message=True)
     assert got == expected and got.endswith("The sky is")

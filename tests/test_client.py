@@ -25,8 +25,7 @@ FIXED = {"temperature": 0.0, "ignore_eos": True}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = tiny_qwen_checkpoint(tmp_path_factory.mktemp("ckpt"))
-    s = ServerThread(["--model", str(ckpt), "--device", "cpu", "--served-model-name", "tiny",
-                      "--api-key", KEY]).start()
+    s = ServerThread(["--model", str(ckpt), "--device", "cpu", "--served-model-name", "tiny", "--api-key", KEY]).start()
     yield s
     s.stop()
 
@@ -72,11 +71,12 @@ def test_map_order_and_captured_errors(server):
 
     async def main():
         async with AsyncClient(server.base_url, api_key=KEY, max_concurrency=8) as c:
-            done = await c.map_complete(requests, progress=True, max_tokens=3, echo=True,
-                                        ignore_eos=True)
-            chats = await c.map_chat([[{"role": "user", "content": p}] for p in prompts[:6]]
-                                     + [{"messages": [], "max_tokens": 2}],
-                                     progress=False, max_tokens=2)
+            done = await c.map_complete(requests, progress=True, max_tokens=3, echo=True, ignore_eos=True)
+            chats = await c.map_chat(
+                [[{"role": "user", "content": p}] for p in prompts[:6]] + [{"messages": [], "max_tokens": 2}],
+                progress=False,
+                max_tokens=2,
+            )
             return done, chats
 
     done, chats = run(main())
@@ -92,8 +92,7 @@ def test_map_order_and_captured_errors(server):
 
 def test_auth_error_not_retried(server):
     async def main():
-        async with AsyncClient(server.base_url, api_key="wrong", max_retries=5,
-                               backoff_base=10) as c:
+        async with AsyncClient(server.base_url, api_key="wrong", max_retries=5, backoff_base=10) as c:
             t0 = time.monotonic()
             with pytest.raises(APIError) as e:
                 await c.complete("x", model="tiny", max_tokens=1)
@@ -119,21 +118,27 @@ class Stub:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
             for text in ("a", "b"):
-                await resp.write(b'data: {"choices": [{"index": 0, "text": "%s"}]}\n\n'
-                                 % text.encode())
+                await resp.write(b'data: {"choices": [{"index": 0, "text": "%s"}]}\n\n' % text.encode())
             if self.calls == 1 and len(self.script) > 1 and self.script[1][0] == "cut":
                 request.transport.close()  # dies mid-stream: must not be retried
                 return resp
             await resp.write(b"data: [DONE]\n\n")
             return resp
         if status == 200:
-            return web.json_response({"id": "x", "object": "text_completion", "model": "m",
-                                      "choices": [{"index": 0, "text": "ok",
-                                                   "finish_reason": "stop"}],
-                                      "usage": {"completion_tokens": 1}})
-        return web.json_response({"error": {"message": f"scripted {status}", "type": "t",
-                                            "param": None, "code": None}},
-                                 status=status, headers=headers)
+            return web.json_response(
+                {
+                    "id": "x",
+                    "object": "text_completion",
+                    "model": "m",
+                    "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                    "usage": {"completion_tokens": 1},
+                }
+            )
+        return web.json_response(
+            {"error": {"message": f"scripted {status}", "type": "t", "param": None, "code": None}},
+            status=status,
+            headers=headers,
+        )
 
 
 async def with_stub(script, fn):
@@ -161,16 +166,14 @@ def test_retry_on_503_then_success():
 
 def test_stream_retried_only_before_first_event():
     async def ok(url):
-        async with AsyncClient(url, model="m", max_retries=3, backoff_base=0.01,
-                               headers={"X-Stream": "1"}) as c:
+        async with AsyncClient(url, model="m", max_retries=3, backoff_base=0.01, headers={"X-Stream": "1"}) as c:
             return [d async for d in c.stream_complete("x")]
 
     stub, parts = run(with_stub([(503, 0, None), (200, 0, None)], ok))
     assert stub.calls == 2 and parts == ["a", "b"]
 
     async def cut(url):
-        async with AsyncClient(url, model="m", max_retries=3, backoff_base=0.01,
-                               headers={"X-Stream": "1"}) as c:
+        async with AsyncClient(url, model="m", max_retries=3, backoff_base=0.01, headers={"X-Stream": "1"}) as c:
             parts = []
             with pytest.raises(aiohttp.ClientError):
                 async for d in c.stream_complete("x"):
@@ -224,8 +227,7 @@ def test_connection_error_retried_then_raised():
     port = free_port()  # nothing listens there
 
     async def main():
-        async with AsyncClient(f"http://127.0.0.1:{port}", model="m", max_retries=2,
-                               backoff_base=0.05) as c:
+        async with AsyncClient(f"http://127.0.0.1:{port}", model="m", max_retries=2, backoff_base=0.05) as c:
             results = await c.map_complete(["a", "b"], progress=False)
             with pytest.raises(aiohttp.ClientConnectionError):
                 await c.complete("x")
@@ -241,8 +243,21 @@ def test_batch_cli_resumable(server, tmp_path):
     lines.append({"id": "chat", "messages": [{"role": "user", "content": "hey"}]})
     lines.append({"id": "bad", "prompt": "x", "top_p": 7})
     inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    argv = ["--base-url", server.base_url, "--api-key", KEY, "--input", str(inp), "--output",
-            str(out), "--concurrency", "4", "--max-tokens", "3", "--no-progress"]
+    argv = [
+        "--base-url",
+        server.base_url,
+        "--api-key",
+        KEY,
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--concurrency",
+        "4",
+        "--max-tokens",
+        "3",
+        "--no-progress",
+    ]
     assert client_cli(argv) == 1  # one request failed
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert sorted(r["id"] for r in recs) == sorted(x["id"] for x in lines)
@@ -254,7 +269,7 @@ def test_batch_cli_resumable(server, tmp_path):
     with out.open("a") as f:
         f.write('{"id": "q9", "te')
     assert client_cli(argv) == 1
-    recs2 = [json.loads(x) for x in out.read_text().splitlines()[len(recs) + 1:]]
+    recs2 = [json.loads(x) for x in out.read_text().splitlines()[len(recs) + 1 :]]
     assert [r["id"] for r in recs2] == ["bad"]
     # with the bad line fixed, the job completes
     lines[-1]["top_p"] = 0.5
@@ -265,8 +280,7 @@ def test_batch_cli_resumable(server, tmp_path):
 
 
 def test_import_is_light():
-    code = ("import sys, fastserve.client; "
-            "assert 'torch' not in sys.modules and 'fastserve._core' not in sys.modules")
+    code = "import sys, fastserve.client; assert 'torch' not in sys.modules and 'fastserve._core' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env=subprocess_env())
 
 

@@ -19,11 +19,20 @@ from fastserve import _core  # noqa: E402
 
 def run_stubtest(site: Path, cache: Path) -> subprocess.CompletedProcess:
     # mypy's cache goes to a temporary directory, not beside the package it checks.
-    env = {**os.environ, "PYTHONPATH": str(site), "MYPYPATH": str(site), "MYPY_FORCE_COLOR": "0",
-           "MYPY_CACHE_DIR": str(cache)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "MYPYPATH": str(site),
+        "MYPY_FORCE_COLOR": "0",
+        "MYPY_CACHE_DIR": str(cache),
+    }
     return subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "fastserve._core", "--mypy-config-file", os.devnull],
-        cwd=cache.parent, env=env, capture_output=True, text=True, timeout=600,
+        cwd=cache.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

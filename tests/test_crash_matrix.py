@@ -17,17 +17,22 @@ import random
 
 import aiohttp
 import pytest
-from server_harness import ServerThread, tiny_qwen_checkpoint
-
 from fastserve import LLM, SamplingParams
 from fastserve.limits import MAX_N, MAX_PROMPTS, MAX_STOP_STRINGS, MAX_TOKEN_ID_LIST
+from server_harness import ServerThread, tiny_qwen_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 
 MAX_NUM_SEQS = 16
 MAX_MODEL_LEN = 256
-ENGINE_FLAGS = ["--max-num-seqs", str(MAX_NUM_SEQS), "--max-model-len", str(MAX_MODEL_LEN),
-                "--max-num-batched-tokens", "512"]
+ENGINE_FLAGS = [
+    "--max-num-seqs",
+    str(MAX_NUM_SEQS),
+    "--max-model-len",
+    str(MAX_MODEL_LEN),
+    "--max-num-batched-tokens",
+    "512",
+]
 
 
 class StepStats:
@@ -54,20 +59,45 @@ def cases(tokenizer_words: list[str]) -> dict[str, dict]:
     rng = random.Random(7)
     long_prompt = [rng.randrange(1000, 100000) for _ in range(MAX_MODEL_LEN - 1)]
     return {
-        "1024_prompts": (dict(prompt=_prompts(rng, MAX_PROMPTS), max_tokens=2, temperature=0, ignore_eos=True),
-                         MAX_PROMPTS, 2),
-        "n_128": (dict(prompt=_prompts(rng, 9), n=MAX_N, max_tokens=4, temperature=0.8, seed=1, ignore_eos=True),
-                  9 * MAX_N, 4),
-        "best_of_128": (dict(prompt=_prompts(rng, 9), n=2, best_of=MAX_N, max_tokens=3, temperature=0.8, seed=2,
-                             ignore_eos=True), 9 * 2, 3),
-        "logprobs_long_prompt": (dict(prompt=[long_prompt, long_prompt[::-1]], max_tokens=1, logprobs=20,
-                                      prompt_logprobs=20, temperature=0), 2, 1),
-        "stops_and_bans": (dict(prompt=_prompts(rng, 3), max_tokens=8, min_tokens=2, temperature=0.9, seed=3,
-                                stop=[f"zz{i}qq" for i in range(MAX_STOP_STRINGS)],
-                                stop_token_ids=list(range(5000, 5000 + MAX_TOKEN_ID_LIST)),
-                                bad_words=tokenizer_words[:MAX_TOKEN_ID_LIST]), 3, None),
-        "max_num_seqs_prefills": (dict(prompt=_prompts(rng, MAX_NUM_SEQS, 30, 31), max_tokens=3, temperature=0,
-                                       ignore_eos=True), MAX_NUM_SEQS, 3),
+        "1024_prompts": (
+            dict(prompt=_prompts(rng, MAX_PROMPTS), max_tokens=2, temperature=0, ignore_eos=True),
+            MAX_PROMPTS,
+            2,
+        ),
+        "n_128": (
+            dict(prompt=_prompts(rng, 9), n=MAX_N, max_tokens=4, temperature=0.8, seed=1, ignore_eos=True),
+            9 * MAX_N,
+            4,
+        ),
+        "best_of_128": (
+            dict(prompt=_prompts(rng, 9), n=2, best_of=MAX_N, max_tokens=3, temperature=0.8, seed=2, ignore_eos=True),
+            9 * 2,
+            3,
+        ),
+        "logprobs_long_prompt": (
+            dict(prompt=[long_prompt, long_prompt[::-1]], max_tokens=1, logprobs=20, prompt_logprobs=20, temperature=0),
+            2,
+            1,
+        ),
+        "stops_and_bans": (
+            dict(
+                prompt=_prompts(rng, 3),
+                max_tokens=8,
+                min_tokens=2,
+                temperature=0.9,
+                seed=3,
+                stop=[f"zz{i}qq" for i in range(MAX_STOP_STRINGS)],
+                stop_token_ids=list(range(5000, 5000 + MAX_TOKEN_ID_LIST)),
+                bad_words=tokenizer_words[:MAX_TOKEN_ID_LIST],
+            ),
+            3,
+            None,
+        ),
+        "max_num_seqs_prefills": (
+            dict(prompt=_prompts(rng, MAX_NUM_SEQS, 30, 31), max_tokens=3, temperature=0, ignore_eos=True),
+            MAX_NUM_SEQS,
+            3,
+        ),
     }
 
 
@@ -104,8 +134,7 @@ def _check_completion(name: str, body: dict, status: int, data: dict, choices: i
 
 async def _bystander(session, url: str) -> list[str]:
     """A streamed greedy request running through the whole matrix; returns its text deltas."""
-    body = dict(prompt=[11, 12, 13, 14], max_tokens=48, temperature=0, ignore_eos=True, stream=True,
-                model="m")
+    body = dict(prompt=[11, 12, 13, 14], max_tokens=48, temperature=0, ignore_eos=True, stream=True, model="m")
     parts = []
     async with session.post(url, json=body) as r:
         assert r.status == 200
@@ -118,8 +147,20 @@ async def _bystander(session, url: str) -> list[str]:
 
 def test_server_matrix(checkpoint):
     stats = StepStats()
-    srv = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32",
-                        "--served-model-name", "m", *ENGINE_FLAGS], step_hook=stats)
+    srv = ServerThread(
+        [
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--served-model-name",
+            "m",
+            *ENGINE_FLAGS,
+        ],
+        step_hook=stats,
+    )
     srv.engine_args.emulate_decode_graphs = True
     srv.start()
     try:
@@ -157,8 +198,16 @@ def test_server_matrix(checkpoint):
 
 def test_offline_matrix(checkpoint):
     stats = StepStats()
-    llm = LLM(model=str(checkpoint), dtype="float32", device="cpu", max_num_seqs=MAX_NUM_SEQS,
-              max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=512, emulate_decode_graphs=True, step_hook=stats)
+    llm = LLM(
+        model=str(checkpoint),
+        dtype="float32",
+        device="cpu",
+        max_num_seqs=MAX_NUM_SEQS,
+        max_model_len=MAX_MODEL_LEN,
+        max_num_batched_tokens=512,
+        emulate_decode_graphs=True,
+        step_hook=stats,
+    )
     tok = llm.get_tokenizer()
     for name, (body, choices, tokens) in cases(_words(tok)).items():
         params = SamplingParams(**{k: v for k, v in body.items() if k not in ("prompt",)})
@@ -175,8 +224,11 @@ def test_offline_matrix(checkpoint):
     assert stats.max_samples > 4 * MAX_NUM_SEQS
     assert stats.full_prefill_steps > 0, "no step finished max_num_seqs prefills at once"
     # Alive afterwards, and still exact: a greedy request equals the same request run first.
-    again = llm.generate([{"prompt_token_ids": [11, 12, 13, 14]}],
-                         SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    again = llm.generate(
+        [{"prompt_token_ids": [11, 12, 13, 14]}],
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert len(again[0].outputs[0].token_ids) == 8
 
 
@@ -189,12 +241,15 @@ def test_step_past_a_buffer_fails_only_its_request(checkpoint, caplog):
 
     from fastserve.worker.step_buffers import StepBuffers
 
-    llm = LLM(model=str(checkpoint), dtype="float32", device="cpu", max_num_seqs=MAX_NUM_SEQS,
-              max_model_len=MAX_MODEL_LEN)
+    llm = LLM(
+        model=str(checkpoint), dtype="float32", device="cpu", max_num_seqs=MAX_NUM_SEQS, max_model_len=MAX_MODEL_LEN
+    )
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     prompts = [[21, 22, 23], [31, 32, 33, 34], [41, 42]]
-    reference = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts[1:]],
-                                                              greedy, use_tqdm=False)]
+    reference = [
+        o.outputs[0].token_ids
+        for o in llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], greedy, use_tqdm=False)
+    ]
     runner = llm.engine.runner
     runner.buffers = StepBuffers(dataclasses.replace(runner.limits, max_num_sample_rows=5), runner.device)
     wide = SamplingParams(n=8, temperature=0.7, seed=0, max_tokens=6, ignore_eos=True)

@@ -20,16 +20,27 @@ def checkpoint(tmp_path_factory):
 
 
 def _llm(path, **kw):
-    return LLM(str(path), tokenizer=str(TOKENIZER), device="cpu", dtype="float32", max_model_len=128,
-               cpu_kv_cache_space_gb=0.01, seed=0, **kw)
+    return LLM(
+        str(path),
+        tokenizer=str(TOKENIZER),
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        cpu_kv_cache_space_gb=0.01,
+        seed=0,
+        **kw,
+    )
 
 
 def test_dp2_matches_dp1_in_input_order(checkpoint):
     rng = np.random.default_rng(11)
     prompts = [rng.integers(3, 1000, size=int(rng.integers(2, 30))).tolist() for _ in range(7)]
-    params = [SamplingParams(temperature=0.0, max_tokens=int(rng.integers(3, 12)), ignore_eos=True)
-              if i % 2 else SamplingParams(temperature=1.0, seed=i, max_tokens=6, ignore_eos=True)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=int(rng.integers(3, 12)), ignore_eos=True)
+        if i % 2
+        else SamplingParams(temperature=1.0, seed=i, max_tokens=6, ignore_eos=True)
+        for i in range(len(prompts))
+    ]
     ref_llm = _llm(checkpoint)
     ref = ref_llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     ref_llm.shutdown()
@@ -43,8 +54,11 @@ def test_dp2_matches_dp1_in_input_order(checkpoint):
         assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
         assert len({o.request_id for o in got}) == len(got)
         # A second call on the same replicas; prompt texts travel with their ids.
-        again = llm.generate([{"prompt": "one", "prompt_token_ids": [5, 6]}, {"prompt": "two", "prompt_token_ids": [7]}],
-                             SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+        again = llm.generate(
+            [{"prompt": "one", "prompt_token_ids": [5, 6]}, {"prompt": "two", "prompt_token_ids": [7]}],
+            SamplingParams(temperature=0.0, max_tokens=4),
+            use_tqdm=False,
+        )
         assert [o.prompt for o in again] == ["one", "two"]
         with pytest.raises(ValueError, match="max_model_len"):
             llm.generate(prompt_token_ids=[[5] * 200], use_tqdm=False)
@@ -65,24 +79,46 @@ def test_server_with_two_replicas_answers_and_spreads_load(checkpoint):
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, 1000, size=int(rng.integers(2, 20))).tolist() for _ in range(6)]
     ref_llm = _llm(checkpoint)
-    ref = ref_llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_tokens=8,
-                                                                                   ignore_eos=True),
-                           use_tqdm=False)
+    ref = ref_llm.generate(
+        prompt_token_ids=prompts,
+        sampling_params=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+        use_tqdm=False,
+    )
     ref_llm.shutdown()
 
-    server = ServerThread(["--model", str(checkpoint), "--tokenizer", str(TOKENIZER), "--device", "cpu",
-                           "--dtype", "float32", "--max-model-len", "128", "--num-gpu-blocks-override", "64",
-                           "--data-parallel-size", "2", "--served-model-name", "tiny"]).start()
+    server = ServerThread(
+        [
+            "--model",
+            str(checkpoint),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--num-gpu-blocks-override",
+            "64",
+            "--data-parallel-size",
+            "2",
+            "--served-model-name",
+            "tiny",
+        ]
+    ).start()
     engine = server.state.engine
     pids = engine.replica_pids
     try:
+
         async def ask():
             async with aiohttp.ClientSession() as session:
+
                 async def one(p):
                     body = {"model": "tiny", "prompt": p, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
                     async with session.post(server.base_url + "/v1/completions", json=body) as resp:
                         assert resp.status == 200, await resp.text()
                         return (await resp.json())["choices"][0]["text"]
+
                 return await asyncio.gather(*(one(p) for p in prompts))
 
         texts = asyncio.run(ask())

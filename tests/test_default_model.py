@@ -20,8 +20,12 @@ UNREACHABLE_INDEX = "http://127.0.0.1:9/simple"
 
 
 def _offline_env(cache_dir) -> dict[str, str]:
-    env = {**subprocess_env(), "FASTSERVE_CACHE": str(cache_dir), "PIP_INDEX_URL": UNREACHABLE_INDEX,
-           "PIP_NO_INPUT": "1"}
+    env = {
+        **subprocess_env(),
+        "FASTSERVE_CACHE": str(cache_dir),
+        "PIP_INDEX_URL": UNREACHABLE_INDEX,
+        "PIP_NO_INPUT": "1",
+    }
     for key in ("PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CONFIG_FILE"):
         env.pop(key, None)
     env["PIP_CONFIG_FILE"] = os.devnull  # no pip.conf may point at a reachable mirror
@@ -34,9 +38,23 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fastserve", "--device", "cpu", "--port", str(self.port),
-                                      "--max-model-len", "1024", *flags], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fastserve",
+                "--device",
+                "cpu",
+                "--port",
+                str(self.port),
+                "--max-model-len",
+                "1024",
+                *flags,
+            ],
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -56,8 +74,9 @@ class Server:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict) -> dict:
-        req = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=300) as r:
             return json.loads(r.read())
 
@@ -79,9 +98,15 @@ def test_no_model_serves_smollm2_with_real_answers(smollm2_gguf, tmp_path):
     try:
         s.wait_ready()
         assert [m["id"] for m in s.get("/v1/models")["data"]] == ["SmolLM2-135M-Instruct"]
-        r = s.post("/v1/chat/completions", {
-            "model": "SmolLM2-135M-Instruct", "temperature": 0, "max_tokens": 32,
-            "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+        r = s.post(
+            "/v1/chat/completions",
+            {
+                "model": "SmolLM2-135M-Instruct",
+                "temperature": 0,
+                "max_tokens": 32,
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            },
+        )
         answer = r["choices"][0]["message"]["content"]
         assert "Paris" in answer, answer
         assert r["choices"][0]["finish_reason"] == "stop"
@@ -96,8 +121,15 @@ def test_no_model_offline_falls_back_to_the_demo_model(tmp_path):
     try:
         s.wait_ready()
         assert [m["id"] for m in s.get("/v1/models")["data"]] == ["fastserve-demo"]
-        r = s.post("/v1/chat/completions", {"model": "fastserve-demo", "max_tokens": 4, "ignore_eos": True,
-                                            "messages": [{"role": "user", "content": "hello"}]})
+        r = s.post(
+            "/v1/chat/completions",
+            {
+                "model": "fastserve-demo",
+                "max_tokens": 4,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "hello"}],
+            },
+        )
         assert r["usage"]["completion_tokens"] == 4
     finally:
         log = s.stop()

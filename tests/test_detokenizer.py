@@ -8,10 +8,9 @@ import random
 from pathlib import Path
 
 import pytest
-
 from fastserve._core import Detokenizer, Tokenizer
-
 from tiny_models import SHARED_MODELS as MODELS
+
 LLAMA3 = MODELS / "llama3-tokenizer"
 QWEN3 = MODELS / "qwen3-tokenizer"
 FLAGS = list(itertools.product([True, False], [True, False]))  # (skip_special, spaces_between)
@@ -127,9 +126,7 @@ def sp_pair(tmp_path_factory):
     # ties broken by the longer left part (a reversed sort, which keeps the id order within).
     merges = []
     for piece in vocab:
-        local = [
-            (piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab
-        ]
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
         local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
         merges += [(left, right, sp.get_score(vocab[piece])) for left, right in local]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)

@@ -41,9 +41,11 @@ CASES = {
     "allowed_token_ids-vocab": (COMPLETIONS, {"allowed_token_ids": [999999999]}, "allowed_token_ids"),
     "bad_words": (COMPLETIONS, {"bad_words": ["  "]}, "bad_words"),
     "truncate_prompt_tokens": (COMPLETIONS, {"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
-    "response_format": (COMPLETIONS, {"response_format": {"type": "json_schema",
-                                                          "json_schema": {"name": "x", "schema": {"type": 5}}}},
-                        "response_format"),
+    "response_format": (
+        COMPLETIONS,
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+        "response_format",
+    ),
     "max_tokens-type": (COMPLETIONS, {"max_tokens": "many"}, "max_tokens"),
     "chat-n": (CHAT, {"n": 0}, "n"),
     "chat-temperature": (CHAT, {"temperature": -0.5}, "temperature"),
@@ -62,8 +64,16 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = ServerThread(["--model", str(tiny_qwen_checkpoint(tmp_path_factory.mktemp("ckpt"))), "--device", "cpu",
-                      "--max-model-len", "256"]).start()
+    s = ServerThread(
+        [
+            "--model",
+            str(tiny_qwen_checkpoint(tmp_path_factory.mktemp("ckpt"))),
+            "--device",
+            "cpu",
+            "--max-model-len",
+            "256",
+        ]
+    ).start()
     yield s
     s.stop()
 

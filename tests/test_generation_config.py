@@ -15,8 +15,15 @@ from fastserve.generation_config import apply_to_request, load_generation_defaul
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
 TOKENIZER = SHARED_MODELS / "llama3-tokenizer"
-GEN = {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 6,
-       "do_sample": True, "bos_token_id": 1}
+GEN = {
+    "temperature": 0.7,
+    "top_k": 5,
+    "top_p": 0.9,
+    "repetition_penalty": 1.3,
+    "max_new_tokens": 6,
+    "do_sample": True,
+    "bos_token_id": 1,
+}
 EXPECTED = {"temperature": 0.7, "top_k": 5, "top_p": 0.9, "repetition_penalty": 1.3, "max_tokens": 6}
 
 pytestmark = pytest.mark.timeout(300)
@@ -39,8 +46,12 @@ class Recorder:
 
     def __call__(self, batch) -> None:
         # Each sequence's sampling state travels once, with the first batch that names it.
-        for t, k, p, r in zip(batch.new_temperature.tolist(), batch.new_top_k.tolist(), batch.new_top_p.tolist(),
-                              batch.new_repetition_penalty.tolist()):
+        for t, k, p, r in zip(
+            batch.new_temperature.tolist(),
+            batch.new_top_k.tolist(),
+            batch.new_top_p.tolist(),
+            batch.new_repetition_penalty.tolist(),
+        ):
             self.rows.append((round(t, 4), k, round(p, 4), round(r, 4)))
 
     def take(self) -> set:
@@ -70,14 +81,26 @@ def test_load_reads_the_sampling_fields_only(checkpoint, tmp_path):
 def test_apply_to_request_precedence():
     d = {"temperature": 0.7, "top_k": 5, "max_tokens": 6}
     assert apply_to_request({"max_tokens": 100}, d) == {"temperature": 0.7, "top_k": 5, "max_tokens": 6}
-    assert apply_to_request({"max_tokens": 3, "temperature": 0.0}, d) == {"temperature": 0.0, "top_k": 5,
-                                                                           "max_tokens": 3}
+    assert apply_to_request({"max_tokens": 3, "temperature": 0.0}, d) == {
+        "temperature": 0.0,
+        "top_k": 5,
+        "max_tokens": 3,
+    }
     assert apply_to_request({"max_tokens": 3}, {}) == {"max_tokens": 3}
 
 
 def _llm(path, hook, **kw):
-    return LLM(str(path), tokenizer=str(TOKENIZER), device="cpu", dtype="float32", max_model_len=128,
-               cpu_kv_cache_space_gb=0.01, seed=0, step_hook=hook, **kw)
+    return LLM(
+        str(path),
+        tokenizer=str(TOKENIZER),
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        cpu_kv_cache_space_gb=0.01,
+        seed=0,
+        step_hook=hook,
+        **kw,
+    )
 
 
 def test_offline_defaults_apply_when_no_sampling_params(checkpoint, caplog):
@@ -87,14 +110,16 @@ def test_offline_defaults_apply_when_no_sampling_params(checkpoint, caplog):
         llm = _llm(checkpoint, hook)
     try:
         assert "temperature=0.7" in caplog.text and "top_k=5" in caplog.text  # logged at start
-        assert llm.get_default_sampling_params() == SamplingParams(temperature=0.7, top_k=5, top_p=0.9,
-                                                                   repetition_penalty=1.3, max_tokens=6)
+        assert llm.get_default_sampling_params() == SamplingParams(
+            temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3, max_tokens=6
+        )
         outs = llm.generate(prompt_token_ids=prompts, use_tqdm=False)
         assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6]
         assert hook.take() == {(0.7, 5, 0.9, 1.3)}
         # Explicit SamplingParams are taken as they are (vLLM's offline rule).
-        outs = llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_tokens=3),
-                            use_tqdm=False)
+        outs = llm.generate(
+            prompt_token_ids=prompts, sampling_params=SamplingParams(temperature=0.0, max_tokens=3), use_tqdm=False
+        )
         assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3]
         assert hook.take() == {(0.0, 0, 1.0, 1.0)}
         llm.chat([{"role": "user", "content": "hi"}], use_tqdm=False)
@@ -118,9 +143,26 @@ def test_offline_generation_config_vllm_turns_it_off(checkpoint):
 def _server(checkpoint, hook, *extra):
     from server_harness import ServerThread
 
-    return ServerThread(["--model", str(checkpoint), "--tokenizer", str(TOKENIZER), "--device", "cpu",
-                         "--dtype", "float32", "--max-model-len", "128", "--num-gpu-blocks-override", "64",
-                         "--served-model-name", "tiny", *extra], step_hook=hook).start()
+    return ServerThread(
+        [
+            "--model",
+            str(checkpoint),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--num-gpu-blocks-override",
+            "64",
+            "--served-model-name",
+            "tiny",
+            *extra,
+        ],
+        step_hook=hook,
+    ).start()
 
 
 def _post(base, path, body):
@@ -144,13 +186,14 @@ def test_server_fills_unset_fields_from_generation_config(checkpoint):
         assert status == 200, body
         assert body["usage"]["completion_tokens"] == 6  # max_new_tokens caps the request's 50
         assert hook.take() == {(0.7, 5, 0.9, 1.3)}
-        status, body = _post(server.base_url, "/v1/completions",
-                             {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.3, "top_k": 2,
-                              "repetition_penalty": 1.0})
+        status, body = _post(
+            server.base_url,
+            "/v1/completions",
+            {"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0.3, "top_k": 2, "repetition_penalty": 1.0},
+        )
         assert status == 200 and body["usage"]["completion_tokens"] == 4
         assert hook.take() == {(0.3, 2, 0.9, 1.0)}  # the request's own fields win; top_p still the config's
-        status, body = _post(server.base_url, "/v1/chat/completions",
-                             {"messages": [{"role": "user", "content": "hi"}]})
+        status, body = _post(server.base_url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert status == 200, body
         assert body["usage"]["completion_tokens"] == 6  # no max_tokens: the config's cap
         assert hook.take() == {(0.7, 5, 0.9, 1.3)}
@@ -178,8 +221,9 @@ def test_server_refuses_to_start_on_a_bad_generation_config(tmp_path):
 
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, vocab_size=1000)
     (path / "generation_config.json").write_text(json.dumps({"temperature": -1}))
-    args = parse_args(["--model", str(path), "--tokenizer", str(TOKENIZER), "--device", "cpu",
-                       "--port", str(free_port())])
+    args = parse_args(
+        ["--model", str(path), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--port", str(free_port())]
+    )
 
     async def go():
         server = await start_server(args)

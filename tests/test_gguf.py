@@ -7,13 +7,16 @@ does, and each tokenizer kind converts to the ids of its original tokenizer."""
 from __future__ import annotations
 
 import io
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
+from fastserve import LLM, SamplingParams
+from fastserve._core import Tokenizer
+from fastserve.config import ModelConfig
+from fastserve.gguf_loader import SUPPORTED_TYPES, hf_config, iterate_gguf_weights
+from fastserve.gguf_tokenizer import gguf_tokenizer_dir
 from gguf_files import (
     CORPUS,
     byte_level_tokenizer_fields,
@@ -25,19 +28,29 @@ from gguf_files import (
 )
 from tiny_models import SHARED_MODELS
 
-from fastserve import LLM, SamplingParams
-from fastserve._core import Tokenizer
-from fastserve.config import ModelConfig
-from fastserve.gguf_loader import SUPPORTED_TYPES, hf_config, iterate_gguf_weights
-from fastserve.gguf_tokenizer import gguf_tokenizer_dir
-
 ALL_TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
 TEXTS = CORPUS + [
-    "", " ", "Hello world", "  two leading spaces", "trailing  ", "a  1", "x \n1", "tab\t\t2", "line\n\n\nbreaks",
-    "I'M he'LL we'Re THEY'D", "\u00dcber Stra\u00dfe na\u00efve fa\u00e7ade", "\u6771\u4eac \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4",
-    "emoji \U0001f999\U0001f389 and \u2603", "3.14159 2,718 1e-9 0x1F", "<|im_start|>user\nhi<|im_end|>\n",
-    "def f(x):\n\tif x:  # comment\n\t\treturn x**2\n", "    indented\n        more", "a" * 300,
-    "mixed 123abc456 def789", "URL https://example.com/path?q=1&r=2#frag", "\u00e9\u0301 combining",
+    "",
+    " ",
+    "Hello world",
+    "  two leading spaces",
+    "trailing  ",
+    "a  1",
+    "x \n1",
+    "tab\t\t2",
+    "line\n\n\nbreaks",
+    "I'M he'LL we'Re THEY'D",
+    "\u00dcber Stra\u00dfe na\u00efve fa\u00e7ade",
+    "\u6771\u4eac \u65e5\u672c\u8a9e \ud55c\uad6d\uc5b4",
+    "emoji \U0001f999\U0001f389 and \u2603",
+    "3.14159 2,718 1e-9 0x1F",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "def f(x):\n\tif x:  # comment\n\t\treturn x**2\n",
+    "    indented\n        more",
+    "a" * 300,
+    "mixed 123abc456 def789",
+    "URL https://example.com/path?q=1&r=2#frag",
+    "\u00e9\u0301 combining",
 ]
 
 
@@ -75,8 +88,11 @@ def test_supported_types_are_the_tested_ones():
     assert sorted(SUPPORTED_TYPES) == sorted(ALL_TYPES)
 
 
-@pytest.mark.parametrize("arch,weight_type,tie", [("llama", t, False) for t in ALL_TYPES] + [
-    ("llama", "Q4_1", True), ("qwen2", "Q8_0", False), ("qwen2", "Q4_K", True), ("qwen3", "Q6_K", False)])
+@pytest.mark.parametrize(
+    "arch,weight_type,tie",
+    [("llama", t, False) for t in ALL_TYPES]
+    + [("llama", "Q4_1", True), ("qwen2", "Q8_0", False), ("qwen2", "Q4_K", True), ("qwen3", "Q6_K", False)],
+)
 def test_weights_equal_the_file_and_transformers(tmp_path, arch, weight_type, tie):
     """Every tensor under its HF name, with llama's q/k rows back in HF order, equals the
     values the file holds, and what transformers reads from the same file."""
@@ -92,8 +108,10 @@ def test_weights_equal_the_file_and_transformers(tmp_path, arch, weight_type, ti
         assert torch.equal(t.float(), theirs[name]), name
 
 
-@pytest.mark.parametrize("arch,weight_type,tie", [("llama", "Q4_K", True), ("llama", "Q8_0", False),
-                                                  ("qwen2", "Q5_K", False), ("qwen3", "F16", True)])
+@pytest.mark.parametrize(
+    "arch,weight_type,tie",
+    [("llama", "Q4_K", True), ("llama", "Q8_0", False), ("qwen2", "Q5_K", False), ("qwen3", "F16", True)],
+)
 def test_greedy_matches_transformers(tmp_path, arch, weight_type, tie):
     _, path = write_tiny_gguf(tmp_path / "m.gguf", arch, weight_type, tie=tie, **(QWEN3 if arch == "qwen3" else {}))
     hf = hf_from_gguf(path)
@@ -101,8 +119,11 @@ def test_greedy_matches_transformers(tmp_path, arch, weight_type, tie):
     rng = np.random.default_rng(7)
     vocab = hf.config.vocab_size
     prompts = [rng.integers(3, vocab, size=n).tolist() for n in (1, 5, 17, 40)]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+        use_tqdm=False,
+    )
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 8)
 
@@ -124,20 +145,36 @@ def test_gpu_greedy_matches_transformers(tmp_path, arch, weight_type):
         if dtype == "float32":
             assert [o.outputs[0].token_ids for o in outs] == [hf_greedy(hf, p, 8) for p in prompts]
         else:
-            assert all(len(o.outputs[0].token_ids) == 8 and max(o.outputs[0].token_ids) < hf.config.vocab_size
-                       for o in outs)
+            assert all(
+                len(o.outputs[0].token_ids) == 8 and max(o.outputs[0].token_ids) < hf.config.vocab_size for o in outs
+            )
         llm.shutdown()
 
 
 def test_config_from_metadata(tmp_path):
     from transformers import AutoConfig
 
-    _, path = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q4_0", tie=True, rope_theta=50000.0,
-                              num_key_value_heads=1, max_position_embeddings=384)
+    _, path = write_tiny_gguf(
+        tmp_path / "m.gguf",
+        "llama",
+        "Q4_0",
+        tie=True,
+        rope_theta=50000.0,
+        num_key_value_heads=1,
+        max_position_embeddings=384,
+    )
     cfg = hf_config(path)
     ref = AutoConfig.from_pretrained(str(tmp_path), gguf_file=path.name)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "max_position_embeddings", "vocab_size", "tie_word_embeddings"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+    ):
         assert cfg[key] == getattr(ref, key), key
     assert cfg["rms_norm_eps"] == pytest.approx(ref.rms_norm_eps)
     assert cfg["rope_theta"] == 50000.0 and "rope_scaling" not in cfg
@@ -154,8 +191,9 @@ def test_llama3_rope_from_rope_freqs_tensor(tmp_path, factor, original, high):
     """Llama 3.1+ files carry their rope scaling as a rope_freqs tensor: recovered as the
     llama3 rope_scaling that reproduces it, and the model loads (the tensor is not a weight)."""
     factors = llama3_rope_factors(64, 500000.0, factor, 1.0, high, original)
-    _, path = write_tiny_gguf(tmp_path / "m.gguf", "llama", "Q8_0", rope_theta=500000.0,
-                              extra_tensors={"rope_freqs.weight": factors})
+    _, path = write_tiny_gguf(
+        tmp_path / "m.gguf", "llama", "Q8_0", rope_theta=500000.0, extra_tensors={"rope_freqs.weight": factors}
+    )
     scaling = hf_config(path)["rope_scaling"]
     assert scaling["rope_type"] == "llama3" and scaling["factor"] == pytest.approx(factor)
     assert scaling["high_freq_factor"] == pytest.approx(high, rel=1e-3)
@@ -172,11 +210,19 @@ def test_rope_freqs_that_are_not_llama3_are_refused(tmp_path):
 
 
 def test_linear_rope_scaling_metadata(tmp_path):
-    _, path = write_tiny_gguf(tmp_path / "m.gguf", "llama", "F32",
-                              metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0})
+    _, path = write_tiny_gguf(
+        tmp_path / "m.gguf",
+        "llama",
+        "F32",
+        metadata={"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
+    )
     assert hf_config(path)["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
-    _, path = write_tiny_gguf(tmp_path / "y.gguf", "llama", "F32",
-                              metadata={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0})
+    _, path = write_tiny_gguf(
+        tmp_path / "y.gguf",
+        "llama",
+        "F32",
+        metadata={"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0},
+    )
     with pytest.raises(ValueError, match="yarn"):
         ModelConfig.from_pretrained(path, device="cpu")
 
@@ -191,8 +237,9 @@ def test_unsupported_files_are_clear_errors(tmp_path):
     other = write_tokenizer_gguf(tmp_path / "bert.gguf", byte_level_tokenizer_fields(), arch="bert")
     with pytest.raises(ValueError, match="'bert' is not supported"):
         hf_config(other)
-    wrong_tok = write_tokenizer_gguf(tmp_path / "t5.gguf", {**byte_level_tokenizer_fields(),
-                                                             "tokenizer.ggml.model": "t5"})
+    wrong_tok = write_tokenizer_gguf(
+        tmp_path / "t5.gguf", {**byte_level_tokenizer_fields(), "tokenizer.ggml.model": "t5"}
+    )
     with pytest.raises(ValueError, match="t5"):
         gguf_tokenizer_dir(wrong_tok)
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\xff" * 64)
@@ -204,7 +251,7 @@ def test_unsupported_files_are_clear_errors(tmp_path):
 
 
 def _f16(b: np.ndarray, off: int) -> np.float32:
-    return np.float32(b[off:off + 2].view(np.float16)[0])
+    return np.float32(b[off : off + 2].view(np.float16)[0])
 
 
 def _scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:
@@ -219,7 +266,7 @@ def _ref_q4_k(b):
     for j in range(4):
         s1, m1 = _scale_min_k4(2 * j, sc)
         s2, m2 = _scale_min_k4(2 * j + 1, sc)
-        q = qs[32 * j:32 * j + 32].astype(np.int32)
+        q = qs[32 * j : 32 * j + 32].astype(np.int32)
         y += [d * np.float32(s1) * np.float32(v & 0xF) - dmin * np.float32(m1) for v in q]
         y += [d * np.float32(s2) * np.float32(v >> 4) - dmin * np.float32(m2) for v in q]
     return y
@@ -231,11 +278,15 @@ def _ref_q5_k(b):
     for j in range(4):
         s1, m1 = _scale_min_k4(2 * j, sc)
         s2, m2 = _scale_min_k4(2 * j + 1, sc)
-        q = ql[32 * j:32 * j + 32]
-        y += [d * np.float32(s1) * np.float32((v & 0xF) + (16 if h & u1 else 0)) - dmin * np.float32(m1)
-              for v, h in zip(q, qh)]
-        y += [d * np.float32(s2) * np.float32((v >> 4) + (16 if h & u2 else 0)) - dmin * np.float32(m2)
-              for v, h in zip(q, qh)]
+        q = ql[32 * j : 32 * j + 32]
+        y += [
+            d * np.float32(s1) * np.float32((v & 0xF) + (16 if h & u1 else 0)) - dmin * np.float32(m1)
+            for v, h in zip(q, qh)
+        ]
+        y += [
+            d * np.float32(s2) * np.float32((v >> 4) + (16 if h & u2 else 0)) - dmin * np.float32(m2)
+            for v, h in zip(q, qh)
+        ]
         u1, u2 = u1 << 2, u2 << 2
     return y
 
@@ -244,7 +295,7 @@ def _ref_q6_k(b):
     ql, qh, sc, d = b[0:128].astype(np.int32), b[128:192].astype(np.int32), b[192:208].view(np.int8), _f16(b, 208)
     y = [0.0] * 256
     for n in range(2):
-        L, H, S = ql[64 * n:], qh[32 * n:], sc[8 * n:].astype(np.int32)
+        L, H, S = ql[64 * n :], qh[32 * n :], sc[8 * n :].astype(np.int32)
         for l in range(32):
             i = l // 16
             q1 = ((L[l] & 0xF) | ((H[l] & 3) << 4)) - 32
@@ -270,12 +321,20 @@ def _ref_q4_1(b):
     return [np.float32(v & 0xF) * d + m for v in qs] + [np.float32(v >> 4) * d + m for v in qs]
 
 
-@pytest.mark.parametrize("type_name,ref", [("Q4_K", _ref_q4_k), ("Q5_K", _ref_q5_k), ("Q6_K", _ref_q6_k),
-                                           ("Q8_0", _ref_q8_0), ("Q4_0", _ref_q4_0), ("Q4_1", _ref_q4_1)])
+@pytest.mark.parametrize(
+    "type_name,ref",
+    [
+        ("Q4_K", _ref_q4_k),
+        ("Q5_K", _ref_q5_k),
+        ("Q6_K", _ref_q6_k),
+        ("Q8_0", _ref_q8_0),
+        ("Q4_0", _ref_q4_0),
+        ("Q4_1", _ref_q4_1),
+    ],
+)
 def test_dequantize_matches_llama_cpp_reference(type_name, ref):
     import gguf
     from gguf.quants import dequantize
-
     from gguf_files import _random_k_blocks
 
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -323,8 +382,9 @@ def test_byte_level_tokenizer_equals_its_original(tmp_path):
     assert set(ours.special_token_ids) == {0, 1, 2}
 
 
-@pytest.mark.parametrize("name,pre,add_bos", [("llama3-tokenizer", "llama-bpe", True),
-                                              ("qwen3-tokenizer", "qwen2", False)])
+@pytest.mark.parametrize(
+    "name,pre,add_bos", [("llama3-tokenizer", "llama-bpe", True), ("qwen3-tokenizer", "qwen2", False)]
+)
 def test_regex_pre_tokenizers_equal_the_original_tokenizer(tmp_path, name, pre, add_bos):
     """Llama 3 ("llama-bpe": its regex, ignore_merges, BOS) and Qwen ("qwen2": its regex,
     NFC) files written from the real tokenizer.json give that tokenizer's ids."""
@@ -346,15 +406,31 @@ def test_regex_pre_tokenizers_equal_the_original_tokenizer(tmp_path, name, pre, 
 def _sentencepiece_model() -> bytes:
     import sentencepiece as spm
 
-    corpus = CORPUS * 3 + ["Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
-                           "\u00dcber Stra\u00dfe na\u00efve fa\u00e7ade \u6771\u4eac", "   spaces   and\ttabs\n\nnewlines"]
+    corpus = CORPUS * 3 + [
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+        "\u00dcber Stra\u00dfe na\u00efve fa\u00e7ade \u6771\u4eac",
+        "   spaces   and\ttabs\n\nnewlines",
+    ]
     buf = io.BytesIO()
     # Llama 2's trainer settings (byte fallback, digits split, identity normalization).
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus * 20), model_writer=buf, vocab_size=400, model_type="bpe",
-        byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(corpus * 20),
+        model_writer=buf,
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=True,
+        allow_whitespace_only_pieces=True,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return buf.getvalue()
 
 

@@ -45,8 +45,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
     torch.testing.assert_close(out.float(), ref.float(), atol=5 * tol, rtol=5 * tol, msg=what)
 
 
-def make_paged_cache(lens: list[int], hkv: int, d: int, block_size: int, dtype, device,
-                     spare_blocks: int = 3):
+def make_paged_cache(lens: list[int], hkv: int, d: int, block_size: int, dtype, device, spare_blocks: int = 3):
     """A random cache and block tables whose blocks are shuffled across the pool."""
     blocks_per_seq = [max(1, math.ceil(n / block_size)) for n in lens]
     max_blocks = max(blocks_per_seq) + 1
@@ -56,7 +55,7 @@ def make_paged_cache(lens: list[int], hkv: int, d: int, block_size: int, dtype, 
     tables = torch.randint(0, num_blocks, (len(lens), max_blocks), dtype=torch.int32, device=device)
     at = 0
     for i, nb in enumerate(blocks_per_seq):
-        tables[i, :nb] = perm[at:at + nb]
+        tables[i, :nb] = perm[at : at + nb]
         at += nb
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     return kv_cache, tables, seq_lens
@@ -64,10 +63,11 @@ def make_paged_cache(lens: list[int], hkv: int, d: int, block_size: int, dtype, 
 
 # ---------------------------------------------------------------- checks (shared CPU / GPU)
 
+
 def check_decode(device, dtype, batch_lens, hq, hkv, d, block_size, num_splits=None):
     kv_cache, tables, seq_lens = make_paged_cache(batch_lens, hkv, d, block_size, dtype, device)
     q = torch.randn(len(batch_lens), hq, d, dtype=dtype, device=device)
-    scale = d ** -0.5
+    scale = d**-0.5
     out = torch.full_like(q, float("nan"))
     K.paged_decode_attention(q, kv_cache, tables, seq_lens, scale, out=out, num_splits=num_splits)
     ref = R.paged_decode_attention(q, kv_cache, tables, seq_lens, scale)
@@ -82,10 +82,9 @@ def check_prefill(device, dtype, ctx_q, hq, hkv, d, block_size, config=None):
     qsl = torch.zeros(len(ctx_q) + 1, dtype=torch.int32, device=device)
     qsl[1:] = torch.cumsum(q_lens, 0)
     q = torch.randn(int(qsl[-1]), hq, d, dtype=dtype, device=device)
-    scale = d ** -0.5
+    scale = d**-0.5
     out = torch.full_like(q, float("nan"))
-    K.paged_prefill_attention(q, kv_cache, qsl, seq_lens, tables, int(q_lens.max()), scale,
-                              out=out, config=config)
+    K.paged_prefill_attention(q, kv_cache, qsl, seq_lens, tables, int(q_lens.max()), scale, out=out, config=config)
     ref = R.paged_prefill_attention(q, kv_cache, qsl, seq_lens, tables, scale)
     assert_close(out, ref, dtype, f"prefill ctx_q={ctx_q[:4]} hq={hq} hkv={hkv} d={d}")
 
@@ -154,25 +153,40 @@ CPU_CASES = {
     "decode": [
         (check_decode, dict(dtype=F32, batch_lens=[1, 17, 40], hq=2, hkv=2, d=32, block_size=8)),
         (check_decode, dict(dtype=F16, batch_lens=[33, 5], hq=8, hkv=2, d=64, block_size=16)),
-        (check_decode, dict(dtype=F32, batch_lens=[70, 3, 0], hq=8, hkv=1, d=32, block_size=16,
-                            num_splits=3)),  # MQA, GQA 8, splits past short sequences, empty slot
-        (check_decode, dict(dtype=F32, batch_lens=[50, 9], hq=4, hkv=1, d=80, block_size=8,
-                            num_splits=2)),  # head_dim padded 80 -> 128
+        (
+            check_decode,
+            dict(dtype=F32, batch_lens=[70, 3, 0], hq=8, hkv=1, d=32, block_size=16, num_splits=3),
+        ),  # MQA, GQA 8, splits past short sequences, empty slot
+        (
+            check_decode,
+            dict(dtype=F32, batch_lens=[50, 9], hq=4, hkv=1, d=80, block_size=8, num_splits=2),
+        ),  # head_dim padded 80 -> 128
     ],
     "prefill": [
-        (check_prefill, dict(dtype=F32, ctx_q=[(0, 37), (20, 5), (50, 1), (7, 33)], hq=2, hkv=2,
-                             d=32, block_size=16)),
-        (check_prefill, dict(dtype=F16, ctx_q=[(0, 40), (13, 19)], hq=8, hkv=2, d=64,
-                             block_size=8)),
-        (check_prefill, dict(dtype=F32, ctx_q=[(40, 24), (0, 3)], hq=8, hkv=1, d=32,
-                             block_size=16)),
+        (check_prefill, dict(dtype=F32, ctx_q=[(0, 37), (20, 5), (50, 1), (7, 33)], hq=2, hkv=2, d=32, block_size=16)),
+        (check_prefill, dict(dtype=F16, ctx_q=[(0, 40), (13, 19)], hq=8, hkv=2, d=64, block_size=8)),
+        (check_prefill, dict(dtype=F32, ctx_q=[(40, 24), (0, 3)], hq=8, hkv=1, d=32, block_size=16)),
         (check_prefill, dict(dtype=F32, ctx_q=[(9, 20)], hq=2, hkv=1, d=80, block_size=8)),
-        (check_prefill, dict(dtype=F32, ctx_q=[(30, 21), (0, 40), (5, 1)], hq=8, hkv=2, d=32,
-                             block_size=8, config=dict(PACK=2))),  # two heads per program
-        (check_prefill, dict(dtype=F32, ctx_q=[(17, 9), (0, 22)], hq=4, hkv=1, d=32,
-                             block_size=16, config=dict(PACK=4))),
-        (check_prefill, dict(dtype=F32, ctx_q=[(40, 1), (9, 3), (0, 4)], hq=8, hkv=2, d=32,
-                             block_size=8, config=dict(BLOCK_M=16, PACK=4))),  # decode-like tiles
+        (
+            check_prefill,
+            dict(dtype=F32, ctx_q=[(30, 21), (0, 40), (5, 1)], hq=8, hkv=2, d=32, block_size=8, config=dict(PACK=2)),
+        ),  # two heads per program
+        (
+            check_prefill,
+            dict(dtype=F32, ctx_q=[(17, 9), (0, 22)], hq=4, hkv=1, d=32, block_size=16, config=dict(PACK=4)),
+        ),
+        (
+            check_prefill,
+            dict(
+                dtype=F32,
+                ctx_q=[(40, 1), (9, 3), (0, 4)],
+                hq=8,
+                hkv=2,
+                d=32,
+                block_size=8,
+                config=dict(BLOCK_M=16, PACK=4),
+            ),
+        ),  # decode-like tiles
     ],
     "cache": [
         (check_write_kv_cache, dict(dtype=F32, num_tokens=20, hkv=2, d=32, block_size=8, num_blocks=6)),
@@ -208,13 +222,15 @@ def _run_cpu_group(group: str) -> None:
 @pytest.mark.parametrize("group", sorted(CPU_CASES))
 def test_interpreted(group):
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=580)
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=580
+    )
     assert proc.returncode == 0, f"{group} failed under TRITON_INTERPRET=1:\n{proc.stdout}\n{proc.stderr}"
     assert proc.stdout.count("ok ") == len(CPU_CASES[group]), proc.stdout
 
 
 # ---------------------------------------------------------------- argument errors (no launch)
+
 
 def test_errors_name_the_argument():
     q = torch.randn(2, 8, 64)
@@ -234,8 +250,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="x"):
         K.silu_and_mul(torch.randn(2, 7))
     with pytest.raises(ValueError, match="head_size"):
-        K.rotary_embedding(torch.zeros(2, dtype=torch.long), torch.randn(2, 64), None,
-                           torch.randn(10, 32), True)
+        K.rotary_embedding(torch.zeros(2, dtype=torch.long), torch.randn(2, 64), None, torch.randn(10, 32), True)
     with pytest.raises(ValueError, match="x: must be a CUDA tensor"):
         K.rms_norm(torch.randn(2, 8), torch.randn(8), 1e-6)
 
@@ -281,15 +296,20 @@ def test_prefill_gpu(hq, hkv, d):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("config", [None, dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
-                                    dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
-                                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-                                    dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PACK=2),
-                                    dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, PACK=4)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        None,
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+        dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2, PACK=2),
+        dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2, PACK=4),
+    ],
+)
 def test_prefill_gpu_long_queries_and_tile_configs(config):
     # Past 2048 query tokens the default switches tile shape; also pin each swept shape.
-    check_prefill("cuda", BF16, [(0, 2600), (1000, 2100), (3000, 1), (5, 70)], 32, 8, 128,
-                  block_size=16, config=config)
+    check_prefill("cuda", BF16, [(0, 2600), (1000, 2100), (3000, 1), (5, 70)], 32, 8, 128, block_size=16, config=config)
 
 
 @pytest.mark.gpu
@@ -297,8 +317,7 @@ def test_prefill_gpu_long_queries_and_tile_configs(config):
 @pytest.mark.parametrize("hq,hkv", [(32, 32), (32, 8), (12, 4), (16, 1)])
 def test_prefill_gpu_short_queries(hq, hkv):
     # max_query_len <= 16 switches to head-packed small tiles (decodes, speculative verify).
-    check_prefill("cuda", BF16, [(1000, 1), (50, 3), (4000, 16), (0, 7), (333, 1)], hq, hkv, 128,
-                  block_size=16)
+    check_prefill("cuda", BF16, [(1000, 1), (50, 3), (4000, 16), (0, 7), (333, 1)], hq, hkv, 128, block_size=16)
 
 
 @pytest.mark.gpu

@@ -14,10 +14,9 @@ from fastserve.server.metrics import (
     VLLM_TTFT_BUCKETS,
     build_1_2_5_buckets,
 )
+from prometheus_client import parser as prometheus_parser  # noqa: E402 - the reader Prometheus uses
 from server_harness import ServerThread
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
-
-from prometheus_client import parser as prometheus_parser  # noqa: E402 - the reader Prometheus uses
 
 TOKENIZER = SHARED_MODELS / "llama3-tokenizer"
 MODEL = "tiny-metrics"
@@ -49,9 +48,24 @@ VLLM_FAMILIES = {
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("metrics"), vocab_size=1000)
-    s = ServerThread(["--model", str(path), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--dtype", "float32",
-                      "--max-model-len", str(MAX_MODEL_LEN), "--num-gpu-blocks-override", "64",
-                      "--served-model-name", MODEL]).start()
+    s = ServerThread(
+        [
+            "--model",
+            str(path),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--num-gpu-blocks-override",
+            "64",
+            "--served-model-name",
+            MODEL,
+        ]
+    ).start()
     yield s
     s.stop()
 
@@ -110,12 +124,19 @@ def test_vllm_families_types_and_labels(server):
 def test_vllm_counters_follow_traffic(server):
     before = scrape(server)
     prompt = [5, 6, 7, 8, 9]
-    status, body = asyncio.run(_post(server.base_url + "/v1/completions",
-                                     {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True}))
+    status, body = asyncio.run(
+        _post(
+            server.base_url + "/v1/completions",
+            {"prompt": prompt, "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+        )
+    )
     assert status == 200, body
-    status, _ = asyncio.run(_post(server.base_url + "/v1/completions",
-                                  {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
-                                   "stream": True}))
+    status, _ = asyncio.run(
+        _post(
+            server.base_url + "/v1/completions",
+            {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "stream": True},
+        )
+    )
     assert status == 200
     after = scrape(server)
 
@@ -135,10 +156,12 @@ def test_vllm_counters_follow_traffic(server):
     assert delta("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_bucket", le="5.0") == 2
     assert delta("vllm:request_prompt_tokens", "vllm:request_prompt_tokens_bucket", le="2.0") == 0
     # vllm: and fastserve: count the same thing.
-    assert value(after, "vllm:generation_tokens", "vllm:generation_tokens_total") == \
-        value(after, "fastserve:generation_tokens", "fastserve:generation_tokens_total")
-    assert value(after, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc") == \
-        value(after, "fastserve:kv_cache_usage_perc", "fastserve:kv_cache_usage_perc")
+    assert value(after, "vllm:generation_tokens", "vllm:generation_tokens_total") == value(
+        after, "fastserve:generation_tokens", "fastserve:generation_tokens_total"
+    )
+    assert value(after, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc") == value(
+        after, "fastserve:kv_cache_usage_perc", "fastserve:kv_cache_usage_perc"
+    )
     assert 0.0 <= value(after, "vllm:kv_cache_usage_perc", "vllm:kv_cache_usage_perc") <= 1.0
     assert value(after, "vllm:num_requests_running", "vllm:num_requests_running") == 0
 
@@ -147,14 +170,17 @@ def test_prefix_cache_counters_are_vllms(server):
     prompt = list(range(10, 60))  # 50 tokens: three full 16-token blocks to reuse
     before = scrape(server)
     for _ in range(2):
-        status, body = asyncio.run(_post(server.base_url + "/v1/completions",
-                                         {"prompt": prompt, "max_tokens": 1, "temperature": 0}))
+        status, body = asyncio.run(
+            _post(server.base_url + "/v1/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0})
+        )
         assert status == 200, body
     after = scrape(server)
-    hits = value(after, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") - \
-        value(before, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
-    queries = value(after, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") - \
-        value(before, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total")
+    hits = value(after, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total") - value(
+        before, "vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total"
+    )
+    queries = value(after, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total") - value(
+        before, "vllm:prefix_cache_queries", "vllm:prefix_cache_queries_total"
+    )
     assert 48 <= hits <= queries
 
 
@@ -162,5 +188,5 @@ def test_bucket_bounds_are_written_as_prometheus_client_writes_them():
     from fastserve.server.metrics import go_float
     from prometheus_client.utils import floatToGoString
 
-    for v in (*VLLM_TTFT_BUCKETS, *VLLM_REQUEST_LATENCY_BUCKETS, *build_1_2_5_buckets(10 ** 7), float("inf")):
+    for v in (*VLLM_TTFT_BUCKETS, *VLLM_REQUEST_LATENCY_BUCKETS, *build_1_2_5_buckets(10**7), float("inf")):
         assert go_float(v) == floatToGoString(v)

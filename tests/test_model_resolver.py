@@ -16,21 +16,30 @@ import sys
 import time
 
 import pytest
+from fastserve import LLM, SamplingParams
+from fastserve.model_resolver import resolve_model, resolve_tokenizer
 from hub_cache import add_to_hf_cache, add_to_modelscope_cache
 from hub_server import HubServer
 from server_harness import free_port, subprocess_env
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
-from fastserve import LLM, SamplingParams
-from fastserve.model_resolver import resolve_model, resolve_tokenizer
-
 pytestmark = pytest.mark.timeout(300)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPTS = ["The capital of France is", "def fib(n):"]
-HF_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME",
-          "HF_ENDPOINT", "VLLM_USE_MODELSCOPE", "FASTSERVE_USE_MODELSCOPE", "MODELSCOPE_CACHE",
-          "MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN")
+HF_ENV = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_HOME",
+    "HF_ENDPOINT",
+    "VLLM_USE_MODELSCOPE",
+    "FASTSERVE_USE_MODELSCOPE",
+    "MODELSCOPE_CACHE",
+    "MODELSCOPE_ENDPOINT",
+    "MODELSCOPE_DOMAIN",
+)
 
 
 def closed_endpoint() -> str:
@@ -49,15 +58,24 @@ def clean_env(monkeypatch):
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """Llama architecture with the real Llama 3 tokenizer (tied embedding to stay small)."""
-    return make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("llama"),
-                                tokenizer_dir=SHARED_MODELS / "llama3-tokenizer", tie_word_embeddings=True)
+    return make_tiny_checkpoint(
+        "LlamaForCausalLM",
+        tmp_path_factory.mktemp("llama"),
+        tokenizer_dir=SHARED_MODELS / "llama3-tokenizer",
+        tie_word_embeddings=True,
+    )
 
 
 @pytest.fixture(scope="module")
 def llama_other(tmp_path_factory):
     """The same shapes, other weights: a second revision."""
-    return make_tiny_checkpoint("LlamaForCausalLM", tmp_path_factory.mktemp("llama2"),
-                                tokenizer_dir=SHARED_MODELS / "llama3-tokenizer", tie_word_embeddings=True, seed=7)
+    return make_tiny_checkpoint(
+        "LlamaForCausalLM",
+        tmp_path_factory.mktemp("llama2"),
+        tokenizer_dir=SHARED_MODELS / "llama3-tokenizer",
+        tie_word_embeddings=True,
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +93,7 @@ def generate(llm) -> list[list[int]]:
 
 # -- the cache layout is the real one ----------------------------------------------------------
 
+
 def test_hf_cache_layout_is_what_huggingface_hub_reads(tmp_path, llama):
     import huggingface_hub
 
@@ -87,10 +106,12 @@ def test_hf_cache_layout_is_what_huggingface_hub_reads(tmp_path, llama):
     (rev,) = repo.revisions
     assert {f.file_name for f in rev.files} == {p.name for p in llama.iterdir()}
     assert all(f.blob_path.parent.name == "blobs" for f in rev.files)
-    assert huggingface_hub.try_to_load_from_cache("NousResearch/Meta-Llama-3-8B-Instruct", "config.json",
-                                                  cache_dir=cache) == str(snapshot / "config.json")
-    assert huggingface_hub.snapshot_download("NousResearch/Meta-Llama-3-8B-Instruct", cache_dir=cache,
-                                             local_files_only=True) == str(snapshot)
+    assert huggingface_hub.try_to_load_from_cache(
+        "NousResearch/Meta-Llama-3-8B-Instruct", "config.json", cache_dir=cache
+    ) == str(snapshot / "config.json")
+    assert huggingface_hub.snapshot_download(
+        "NousResearch/Meta-Llama-3-8B-Instruct", cache_dir=cache, local_files_only=True
+    ) == str(snapshot)
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["layout-1.38", "legacy-layout"])
@@ -98,11 +119,13 @@ def test_modelscope_cache_layout_is_what_modelscope_reads(tmp_path, llama, legac
     modelscope = pytest.importorskip("modelscope")
 
     target = add_to_modelscope_cache(tmp_path / "ms", "qwen/Qwen2.5-7B-Instruct", llama, legacy=legacy)
-    assert modelscope.snapshot_download("qwen/Qwen2.5-7B-Instruct", cache_dir=str(tmp_path / "ms"),
-                                        local_files_only=True) == str(target)
+    assert modelscope.snapshot_download(
+        "qwen/Qwen2.5-7B-Instruct", cache_dir=str(tmp_path / "ms"), local_files_only=True
+    ) == str(target)
 
 
 # -- Hugging Face IDs --------------------------------------------------------------------------
+
 
 def test_llm_resolves_id_offline(tmp_path, monkeypatch, llama, reference):
     """`LLM(model="facebook/opt-125m")` with HF_HUB_OFFLINE=1: the cached snapshot loads (a Llama
@@ -222,6 +245,7 @@ def test_neither_directory_nor_id(tmp_path):
 
 # -- downloads (a local server speaking the hub's protocol; the real hub is unreachable) ------
 
+
 def _repo_with_extras(tmp_path, src, extras: dict[str, bytes]):
     repo = tmp_path / "repo"
     shutil.copytree(src, repo)
@@ -237,9 +261,16 @@ def test_download_fetches_only_what_the_engine_reads(tmp_path, monkeypatch, llam
     cache, and the same ID then resolves offline to the same snapshot."""
     import huggingface_hub
 
-    repo = _repo_with_extras(tmp_path, llama, {"pytorch_model.bin": b"must not be fetched",
-                                               "original/consolidated.00.pth": b"nor this", "README.md": b"# x",
-                                               ".gitattributes": b"*.safetensors filter=lfs"})
+    repo = _repo_with_extras(
+        tmp_path,
+        llama,
+        {
+            "pytorch_model.bin": b"must not be fetched",
+            "original/consolidated.00.pth": b"nor this",
+            "README.md": b"# x",
+            ".gitattributes": b"*.safetensors filter=lfs",
+        },
+    )
     cache = tmp_path / "hub"
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
     with HubServer({"NousResearch/Meta-Llama-3-8B-Instruct": repo}) as hub:
@@ -312,15 +343,30 @@ def test_modelscope_walkthrough(tmp_path):
     """The issue's script, as a user runs it: ModelScope unreachable, its cache pre-filled with a
     Qwen2-architecture tiny checkpoint (real Qwen tokenizer) under qwen/Qwen2-7B-Instruct."""
     pytest.importorskip("modelscope")
-    ckpt = make_tiny_checkpoint("Qwen2ForCausalLM", tmp_path, tokenizer_dir=SHARED_MODELS / "qwen3-tokenizer",
-                                tie_word_embeddings=True, max_position_embeddings=4096)
+    ckpt = make_tiny_checkpoint(
+        "Qwen2ForCausalLM",
+        tmp_path,
+        tokenizer_dir=SHARED_MODELS / "qwen3-tokenizer",
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    )
     target = add_to_modelscope_cache(tmp_path / "ms", "qwen/Qwen2-7B-Instruct", ckpt)
     env = {k: v for k, v in subprocess_env().items() if k not in HF_ENV}
-    env.update(MODELSCOPE_CACHE=str(tmp_path / "ms"), MODELSCOPE_ENDPOINT=closed_endpoint(),
-               MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS="1", MODELSCOPE_API_MAX_RETRIES="1",
-               HF_HUB_CACHE=str(tmp_path / "hf-empty"))
-    proc = subprocess.run([sys.executable, "-c", WALKTHROUGH_MODELSCOPE], env=env, capture_output=True, text=True,
-                          timeout=240, cwd=tmp_path)
+    env.update(
+        MODELSCOPE_CACHE=str(tmp_path / "ms"),
+        MODELSCOPE_ENDPOINT=closed_endpoint(),
+        MODELSCOPE_REPO_TREE_PAGE_MAX_ATTEMPTS="1",
+        MODELSCOPE_API_MAX_RETRIES="1",
+        HF_HUB_CACHE=str(tmp_path / "hf-empty"),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", WALKTHROUGH_MODELSCOPE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"RESULT {target} qwen/Qwen2-7B-Instruct 5" in proc.stdout
     notes = [line for line in proc.stderr.splitlines() if "trust_remote_code=True" in line]
@@ -343,6 +389,7 @@ def test_modelscope_offline_and_not_cached(tmp_path, monkeypatch, llama):
 
 # -- the server: `python -m fastserve ID --api-key ...` ----------------------------------------
 
+
 def test_serve_hub_id_with_api_key(tmp_path, llama):
     """`python -m fastserve NousResearch/Meta-Llama-3-8B-Instruct --api-key token-abc123` with the
     hub unreachable and the model in the HF cache: /v1/models names the ID, a chat request with
@@ -354,13 +401,32 @@ def test_serve_hub_id_with_api_key(tmp_path, llama):
     env = {k: v for k, v in subprocess_env().items() if k not in HF_ENV}
     env.update(HF_HUB_CACHE=str(cache), HF_ENDPOINT=closed_endpoint())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "fastserve", "NousResearch/Meta-Llama-3-8B-Instruct",
-                             "--api-key", "token-abc123", "--port", str(port), "--device", "cpu"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve",
+            "NousResearch/Meta-Llama-3-8B-Instruct",
+            "--api-key",
+            "token-abc123",
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     auth = {"Authorization": "Bearer token-abc123"}
-    body = {"model": "NousResearch/Meta-Llama-3-8B-Instruct", "max_tokens": 5,
-            "messages": [{"role": "user", "content": "Hello"}]}
+    body = {
+        "model": "NousResearch/Meta-Llama-3-8B-Instruct",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hello"}],
+    }
 
     async def talk():
         async with aiohttp.ClientSession() as s:
@@ -397,9 +463,24 @@ def test_serve_hub_id_with_api_key(tmp_path, llama):
 def test_serve_unresolvable_id_exits_with_one_line(tmp_path):
     env = {k: v for k, v in subprocess_env().items() if k not in HF_ENV}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "fastserve", "serve", "org/not-downloaded", "--port",
-                           str(free_port()), "--device", "cpu"], env=env, capture_output=True, text=True,
-                          timeout=120, cwd=tmp_path)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastserve",
+            "serve",
+            "org/not-downloaded",
+            "--port",
+            str(free_port()),
+            "--device",
+            "cpu",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if "could not be resolved" in line]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -464,14 +545,37 @@ def test_cli_flags():
     from fastserve.server.app import engine_args_from
     from fastserve.server.cli import parse_args
 
-    args = parse_args(["serve", "org/name", "--trust-remote-code", "--revision", "v1", "--tokenizer-revision",
-                       "t1", "--download-dir", "/tmp/dl", "--code-revision", "c1", "--hf-token", "hf_x"])
+    args = parse_args(
+        [
+            "serve",
+            "org/name",
+            "--trust-remote-code",
+            "--revision",
+            "v1",
+            "--tokenizer-revision",
+            "t1",
+            "--download-dir",
+            "/tmp/dl",
+            "--code-revision",
+            "c1",
+            "--hf-token",
+            "hf_x",
+        ]
+    )
     ea = engine_args_from(args)
-    assert (ea.model, ea.trust_remote_code, ea.revision, ea.tokenizer_revision, ea.download_dir,
-            ea.code_revision, ea.hf_token) == ("org/name", True, "v1", "t1", "/tmp/dl", "c1", "hf_x")
+    assert (
+        ea.model,
+        ea.trust_remote_code,
+        ea.revision,
+        ea.tokenizer_revision,
+        ea.download_dir,
+        ea.code_revision,
+        ea.hf_token,
+    ) == ("org/name", True, "v1", "t1", "/tmp/dl", "c1", "hf_x")
 
 
 # -- OPT, once the registry has it (another branch adds the architecture) ----------------------
+
 
 def test_opt_checkpoint_under_its_id(tmp_path, monkeypatch):
     from fastserve.models.registry import supported_architectures
@@ -481,9 +585,16 @@ def test_opt_checkpoint_under_its_id(tmp_path, monkeypatch):
     import torch
     import transformers
 
-    config = transformers.OPTConfig(vocab_size=1000, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64,
-                                    init_std=0.3)  # larger than HF's 0.02 so greedy tokens vary
+    config = transformers.OPTConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+        init_std=0.3,
+    )  # larger than HF's 0.02 so greedy tokens vary
     config.architectures = ["OPTForCausalLM"]
     torch.manual_seed(0)
     hf = transformers.OPTForCausalLM(config).eval()
@@ -498,13 +609,15 @@ def test_opt_checkpoint_under_its_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     prompt = [2, 100, 200, 300]
     # OPT's GPT-2 tokenizer is not committed: token ids in, token ids compared.
-    llm = LLM(model="facebook/opt-125m", tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), device="cpu",
-              dtype="float32")
+    llm = LLM(
+        model="facebook/opt-125m", tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), device="cpu", dtype="float32"
+    )
     try:
         out = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     finally:
         llm.shutdown()
     with torch.no_grad():
-        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8,
-                          do_sample=False)[0, len(prompt):].tolist()
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)[
+            0, len(prompt) :
+        ].tolist()
     assert list(out) == ref

@@ -15,7 +15,6 @@ import math
 
 import pytest
 import torch
-
 from fastserve.config import ModelConfig, derive_max_model_len, resolve_dtype
 from fastserve.layers.attention import AttentionMetadata
 from fastserve.models.registry import get_model_class, supported_architectures
@@ -95,8 +94,10 @@ def _check_paged_parity(path, *, seed=0, lens=(9, 18, 6, 20, 5), device="cpu"):
     hf = load_hf_model(path).to(device)
     g = torch.Generator().manual_seed(seed)
     vocab = cfg.vocab_size
-    seq = {k: torch.randint(0, vocab, (n,), generator=g) for k, n in
-           {"A": len_a + 1, "B": len_b + 1, "C": len_c, "D": len_d}.items()}
+    seq = {
+        k: torch.randint(0, vocab, (n,), generator=g)
+        for k, n in {"A": len_a + 1, "B": len_b + 1, "C": len_c, "D": len_d}.items()
+    }
     perm = torch.randperm(NUM_BLOCKS, generator=g).tolist()
     tables = {}
     for k, t in seq.items():
@@ -107,7 +108,9 @@ def _check_paged_parity(path, *, seed=0, lens=(9, 18, 6, 20, 5), device="cpu"):
     # step 1: A, B whole, C's first chunk
     ids, pos, meta = _step(
         [(seq["A"][:len_a], 0), (seq["B"][:len_b], 0), (seq["C"][:c_chunk], 0)],
-        [tables["A"], tables["B"], tables["C"]], num_decodes=0)
+        [tables["A"], tables["B"], tables["C"]],
+        num_decodes=0,
+    )
     ids, pos, meta = _to(device, ids, pos, meta)
     with torch.no_grad():
         logits1 = model.compute_logits(model(ids, pos, meta, kv))
@@ -116,7 +119,9 @@ def _check_paged_parity(path, *, seed=0, lens=(9, 18, 6, 20, 5), device="cpu"):
     # step 2: decodes for A and B first, then the rest of C, then D from scratch
     ids, pos, meta = _step(
         [(seq["A"][len_a:], len_a), (seq["B"][len_b:], len_b), (seq["C"][c_chunk:], c_chunk), (seq["D"], 0)],
-        [tables["A"], tables["B"], tables["C"], tables["D"]], num_decodes=2)
+        [tables["A"], tables["B"], tables["C"], tables["D"]],
+        num_decodes=2,
+    )
     ids, pos, meta = _to(device, ids, pos, meta)
     with torch.no_grad():
         logits2 = model.compute_logits(model(ids, pos, meta, kv))
@@ -128,10 +133,15 @@ def _check_paged_parity(path, *, seed=0, lens=(9, 18, 6, 20, 5), device="cpu"):
     ref_d = _hf_logits(hf, seq["D"], [len_d])
     got1 = logits1.split([len_a, len_b, c_chunk])
     got2 = logits2.split([1, 1, len_c - c_chunk, len_d])
-    for name, got, ref in [("A step1", got1[0], ref_a[0]), ("B step1", got1[1], ref_b[0]),
-                           ("C chunk1", got1[2], ref_c[0]), ("A decode", got2[0], ref_a[1]),
-                           ("B decode", got2[1], ref_b[1]), ("C chunk2", got2[2], ref_c[1]),
-                           ("D prefill", got2[3], ref_d[0])]:
+    for name, got, ref in [
+        ("A step1", got1[0], ref_a[0]),
+        ("B step1", got1[1], ref_b[0]),
+        ("C chunk1", got1[2], ref_c[0]),
+        ("A decode", got2[0], ref_a[1]),
+        ("B decode", got2[1], ref_b[1]),
+        ("C chunk2", got2[2], ref_c[1]),
+        ("D prefill", got2[3], ref_d[0]),
+    ]:
         torch.testing.assert_close(got, ref, atol=ATOL, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     # random weights must still give a non-degenerate distribution, or parity means little
     assert logits2.std() > 1e-3
@@ -144,10 +154,13 @@ def test_paged_parity_with_hf(variant, tmp_path):
     _check_paged_parity(path)
 
 
-@pytest.mark.parametrize("arch,tok,vocab,bos,eos", [
-    ("LlamaForCausalLM", "llama3-tokenizer", 128256, 128000, [128001, 128009]),
-    ("Qwen3ForCausalLM", "qwen3-tokenizer", 151936, None, [151645, 151643]),
-])
+@pytest.mark.parametrize(
+    "arch,tok,vocab,bos,eos",
+    [
+        ("LlamaForCausalLM", "llama3-tokenizer", 128256, 128000, [128001, 128009]),
+        ("Qwen3ForCausalLM", "qwen3-tokenizer", 151936, None, [151645, 151643]),
+    ],
+)
 def test_real_tokenizer_vocab(arch, tok, vocab, bos, eos, tmp_path):
     path = make_tiny_checkpoint(arch, tmp_path, tokenizer_dir=SHARED_MODELS / tok, num_hidden_layers=1)
     cfg = ModelConfig.from_pretrained(path, device="cpu")
@@ -167,8 +180,13 @@ def test_loader_sharded_safetensors(tmp_path):
 
 @pytest.mark.parametrize("sharded", [False, True])
 def test_loader_pytorch_bin(sharded, tmp_path):
-    path = make_tiny_checkpoint("MistralForCausalLM", tmp_path, save_format="bin",
-                                max_shard_size="100KB" if sharded else None, sliding_window=None)
+    path = make_tiny_checkpoint(
+        "MistralForCausalLM",
+        tmp_path,
+        save_format="bin",
+        max_shard_size="100KB" if sharded else None,
+        sliding_window=None,
+    )
     assert not list(path.glob("*.safetensors")) and list(path.glob("pytorch_model*.bin"))
     assert (path / "pytorch_model.bin.index.json").exists() == sharded
     _check_paged_parity(path, lens=(3, 4, 2, 5, 1))
@@ -229,8 +247,15 @@ def test_registry_error_lists_supported():
 
 
 def _hf(**kw):
-    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
-            "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 512}
+    base = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "max_position_embeddings": 512,
+    }
     base.update(kw)
     return base
 
@@ -245,9 +270,23 @@ def test_config_max_model_len():
     # rope scaling: linear/dynamic stretch the window, llama3 already counts it (vLLM rules);
     # both config layouts (transformers 4 rope_scaling + rope_theta, 5 rope_parameters)
     assert derive_max_model_len(_hf(rope_scaling={"type": "linear", "factor": 4.0}))[0] == 2048
-    assert derive_max_model_len(_hf(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}))[0] == 1024
-    assert derive_max_model_len(_hf(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}))[0] == 512
+    assert (
+        derive_max_model_len(_hf(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}))[0] == 1024
+    )
+    assert (
+        derive_max_model_len(
+            _hf(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 64,
+                }
+            )
+        )[0]
+        == 512
+    )
     # a sliding window we do not implement caps the length; Qwen's off-by-default one does not
     assert derive_max_model_len(_hf(sliding_window=128))[0] == 128
     assert derive_max_model_len(_hf(sliding_window=128, use_sliding_window=False))[0] == 512
@@ -329,18 +368,27 @@ def test_tensor_parallel_weight_loaders_shard(num_kv_heads, monkeypatch):
         q_rows = heads * head_dim // 2
         kv_rows = head_dim * max(1, num_kv_heads // 2)
         kv_rank = rank if num_kv_heads >= 2 else 0
-        expect = torch.cat([wq[rank * q_rows:(rank + 1) * q_rows], wk[kv_rank * kv_rows:(kv_rank + 1) * kv_rows],
-                            wv[kv_rank * kv_rows:(kv_rank + 1) * kv_rows]])
+        expect = torch.cat(
+            [
+                wq[rank * q_rows : (rank + 1) * q_rows],
+                wk[kv_rank * kv_rows : (kv_rank + 1) * kv_rows],
+                wv[kv_rank * kv_rows : (kv_rank + 1) * kv_rows],
+            ]
+        )
         torch.testing.assert_close(qkv.weight.data, expect, atol=0, rtol=0)
         gate_up = linear.MergedColumnParallelLinear(hidden, [inter, inter])
         gate_up.weight.weight_loader(gate_up.weight, wg, 0)
         gate_up.weight.weight_loader(gate_up.weight, wu, 1)
         half = inter // 2
-        torch.testing.assert_close(gate_up.weight.data, torch.cat([wg[rank * half:(rank + 1) * half],
-                                                                   wu[rank * half:(rank + 1) * half]]), atol=0, rtol=0)
+        torch.testing.assert_close(
+            gate_up.weight.data,
+            torch.cat([wg[rank * half : (rank + 1) * half], wu[rank * half : (rank + 1) * half]]),
+            atol=0,
+            rtol=0,
+        )
         o = linear.RowParallelLinear(heads * head_dim, hidden)
         o.weight.weight_loader(o.weight, wo)
-        torch.testing.assert_close(o.weight.data, wo[:, rank * q_rows:(rank + 1) * q_rows], atol=0, rtol=0)
+        torch.testing.assert_close(o.weight.data, wo[:, rank * q_rows : (rank + 1) * q_rows], atol=0, rtol=0)
     monkeypatch.setattr(linear, "tp_rank_and_size", lambda: (0, 3))
     with pytest.raises(ValueError, match="num_attention_heads"):
         linear.QKVParallelLinear(hidden, head_dim, heads, num_kv_heads)

@@ -12,6 +12,11 @@ import zlib
 
 import pytest
 import torch
+from fastserve import LLM, SamplingParams
+from fastserve.config import ModelConfig
+from fastserve.layers.activation import get_act_fn
+from fastserve.models.registry import get_model_class
+from fastserve.worker.loader import iterate_weights, load_model
 
 # `checkpoints` is test_parity's module fixture: tiny checkpoints (Llama 3 tokenizer) + HF references.
 from test_models import _check_paged_parity, _kv_caches, _step
@@ -19,24 +24,31 @@ from test_parity import GREEDY, MAX_NEW, checkpoints, hf_greedy, mixed_prompts  
 from test_parity import test_greedy_matches_hf as _greedy_matches_hf
 from tiny_models import SHARED_MODELS, TINY_VARIANTS, load_hf_model, make_tiny_checkpoint
 
-from fastserve import LLM, SamplingParams
-from fastserve.config import ModelConfig
-from fastserve.layers.activation import get_act_fn
-from fastserve.models.registry import get_model_class
-from fastserve.worker.loader import iterate_weights, load_model
-
 ENGINE_CASES = [
     pytest.param("opt_350m", {"max_num_batched_tokens": 16}, {}, id="opt350m-chunked-prefill"),
-    pytest.param("gpt_neox_sequential", {"max_num_batched_tokens": 20, "max_num_seqs": 3}, {},
-                 id="neox-seq-chunked-prefill"),
+    pytest.param(
+        "gpt_neox_sequential", {"max_num_batched_tokens": 20, "max_num_seqs": 3}, {}, id="neox-seq-chunked-prefill"
+    ),
     pytest.param("opt", {}, {"shared_prefix": 40}, id="opt-prefix-cache"),
     pytest.param("gpt_neox", {}, {"shared_prefix": 40}, id="neox-prefix-cache"),
-    pytest.param("opt_350m", {"num_gpu_blocks_override": 9, "max_model_len": 128},
-                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="opt350m-preemption"),
-    pytest.param("gpt_neox_sequential", {"num_gpu_blocks_override": 9, "max_model_len": 128},
-                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="neox-seq-preemption"),
-    pytest.param("gpt_neox", {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
-                 {"shared_prefix": 20}, id="neox-preemption+chunked+prefix"),
+    pytest.param(
+        "opt_350m",
+        {"num_gpu_blocks_override": 9, "max_model_len": 128},
+        {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)},
+        id="opt350m-preemption",
+    ),
+    pytest.param(
+        "gpt_neox_sequential",
+        {"num_gpu_blocks_override": 9, "max_model_len": 128},
+        {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)},
+        id="neox-seq-preemption",
+    ),
+    pytest.param(
+        "gpt_neox",
+        {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
+        {"shared_prefix": 20},
+        id="neox-preemption+chunked+prefix",
+    ),
 ]
 
 
@@ -47,25 +59,43 @@ def test_engine_paths_match_hf(checkpoints, variant, llm_kwargs, prompt_kwargs):
 
 # ---------------------------------------------------------------- config layouts
 
+
 def _neox_hf(**kw):
-    base = {"architectures": ["GPTNeoXForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
-            "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 100, "max_position_embeddings": 512,
-            "layer_norm_eps": 1e-5}
+    base = {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "intermediate_size": 128,
+        "vocab_size": 100,
+        "max_position_embeddings": 512,
+        "layer_norm_eps": 1e-5,
+    }
     base.update(kw)
     return base
 
 
 def _opt_hf(**kw):
-    base = {"architectures": ["OPTForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
-            "ffn_dim": 96, "vocab_size": 100, "max_position_embeddings": 256, "word_embed_proj_dim": 64}
+    base = {
+        "architectures": ["OPTForCausalLM"],
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_hidden_layers": 1,
+        "ffn_dim": 96,
+        "vocab_size": 100,
+        "max_position_embeddings": 256,
+        "word_embed_proj_dim": 64,
+    }
     base.update(kw)
     return base
 
 
 def test_config_neox_both_layouts():
     v4 = ModelConfig.from_hf_config(_neox_hf(rotary_pct=0.5, rotary_emb_base=5000, rope_scaling=None), device="cpu")
-    v5 = ModelConfig.from_hf_config(_neox_hf(rope_parameters={"rope_type": "default", "rope_theta": 5000,
-                                                              "partial_rotary_factor": 0.5}), device="cpu")
+    v5 = ModelConfig.from_hf_config(
+        _neox_hf(rope_parameters={"rope_type": "default", "rope_theta": 5000, "partial_rotary_factor": 0.5}),
+        device="cpu",
+    )
     for cfg in (v4, v5):
         assert (cfg.partial_rotary_factor, cfg.rope_theta, cfg.rope_scaling) == (0.5, 5000.0, None)
         assert (cfg.hidden_act, cfg.tie_word_embeddings, cfg.intermediate_size) == ("gelu", False, 128)
@@ -74,9 +104,12 @@ def test_config_neox_both_layouts():
     # HF's GPTNeoXConfig defaults: 25% rotary, theta 10000
     bare = ModelConfig.from_hf_config(_neox_hf(), device="cpu")
     assert (bare.partial_rotary_factor, bare.rope_theta) == (0.25, 10000.0)
-    scaled = ModelConfig.from_hf_config(_neox_hf(rope_parameters={"rope_type": "linear", "factor": 2.0,
-                                                                  "rope_theta": 1e4, "partial_rotary_factor": 0.25}),
-                                        device="cpu")
+    scaled = ModelConfig.from_hf_config(
+        _neox_hf(
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.25}
+        ),
+        device="cpu",
+    )
     assert scaled.rope_scaling == {"rope_type": "linear", "factor": 2.0} and scaled.max_model_len == 1024
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         ModelConfig.from_hf_config(_neox_hf(rotary_pct=1.5), device="cpu")
@@ -106,8 +139,12 @@ def test_neox_transformers4_config_layout_and_lm_head_name(tmp_path, checkpoints
     shutil.copytree(path, old)
     cfg = json.loads((old / "config.json").read_text())
     rope = cfg.pop("rope_parameters")
-    cfg.update(rotary_pct=rope["partial_rotary_factor"], rotary_emb_base=rope["rope_theta"], rope_scaling=None,
-               transformers_version="4.44.0")
+    cfg.update(
+        rotary_pct=rope["partial_rotary_factor"],
+        rotary_emb_base=rope["rope_theta"],
+        rope_scaling=None,
+        transformers_version="4.44.0",
+    )
     (old / "config.json").write_text(json.dumps(cfg))
     assert ModelConfig.from_pretrained(old, device="cpu").partial_rotary_factor == 0.5
     _check_paged_parity(old, lens=(5, 7, 3, 9, 4))
@@ -150,8 +187,10 @@ def test_opt_facebook_checkpoint_names_and_old_config(tmp_path, checkpoints):
 
 
 def test_load_weights_reports_missing_and_unknown(checkpoints):
-    for variant, drop, bogus in [("opt", "fc2", "model.decoder.layers.0.bogus.weight"),
-                                 ("gpt_neox", "query_key_value", "gpt_neox.layers.0.bogus.weight")]:
+    for variant, drop, bogus in [
+        ("opt", "fc2", "model.decoder.layers.0.bogus.weight"),
+        ("gpt_neox", "query_key_value", "gpt_neox.layers.0.bogus.weight"),
+    ]:
         path, _ = checkpoints(variant)
         cfg = ModelConfig.from_pretrained(path, device="cpu")
         weights = dict(iterate_weights(str(path)))
@@ -191,9 +230,8 @@ def test_neox_fused_qkv_splits_by_head_across_ranks(monkeypatch, checkpoints):
 
 
 def test_partial_rotary_matches_hf_apply_rotary():
-    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
-
     from fastserve.layers.rotary import get_rope
+    from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
     g = torch.Generator().manual_seed(0)
     head_dim, rot, T = 80, 20, 9
@@ -202,8 +240,9 @@ def test_partial_rotary_matches_hf_apply_rotary():
     q, k = torch.randn(T, 3, head_dim, generator=g), torch.randn(T, 3, head_dim, generator=g)
     inv = 1.0 / (10000.0 ** (torch.arange(0, rot, 2, dtype=torch.float) / rot))
     emb = torch.cat([positions[:, None].float() * inv] * 2, dim=-1)
-    ref_q, ref_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None],
-                                        emb.sin()[None])
+    ref_q, ref_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None]
+    )
     got_q, got_k = rope(positions, q.clone(), k.clone())
     torch.testing.assert_close(got_q, ref_q[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(got_k, ref_k[0].transpose(0, 1), atol=1e-6, rtol=1e-6)
@@ -211,21 +250,37 @@ def test_partial_rotary_matches_hf_apply_rotary():
         get_rope(16, 128, 10000.0, None, 128, rotary_dim=5)
 
 
-@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 2.0},
-                                     {"rope_type": "dynamic", "factor": 2.0},
-                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        None,
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ],
+)
 def test_partial_rotary_angles_match_hf(scaling):
     """cos/sin of a 20-wide rotary in 80-wide heads equal HF's GPTNeoXRotaryEmbedding, for
     each scaling, over a sequence longer than max_position_embeddings (dynamic stretches)."""
+    from fastserve.config import rope_parameters
+    from fastserve.layers.rotary import get_rope
     from transformers import GPTNeoXConfig
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
-    from fastserve.config import rope_parameters
-    from fastserve.layers.rotary import get_rope
-
-    hf_cfg = GPTNeoXConfig(hidden_size=160, num_attention_heads=2, max_position_embeddings=32, rotary_pct=0.25,
-                           rotary_emb_base=10000, rope_scaling=dict(scaling) if scaling else None)
+    hf_cfg = GPTNeoXConfig(
+        hidden_size=160,
+        num_attention_heads=2,
+        max_position_embeddings=32,
+        rotary_pct=0.25,
+        rotary_emb_base=10000,
+        rope_scaling=dict(scaling) if scaling else None,
+    )
     seq_len = 100
     positions = torch.arange(seq_len)
     cos, sin = GPTNeoXRotaryEmbedding(hf_cfg)(torch.zeros(1, dtype=torch.float32), positions[None])
@@ -237,11 +292,15 @@ def test_partial_rotary_angles_match_hf(scaling):
     torch.testing.assert_close(got_sin, sin[0, :, :10], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("overrides", [
-    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
-    # max_position_embeddings below the test lengths so HF's dynamic stretch kicks in
-    {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-], ids=["linear", "dynamic"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+        # max_position_embeddings below the test lengths so HF's dynamic stretch kicks in
+        {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+    ],
+    ids=["linear", "dynamic"],
+)
 def test_neox_partial_rotary_with_rope_scaling(overrides, tmp_path):
     """Scaled frequencies count only the rotated dims (HF's dim = head_dim * partial factor)."""
     path = make_tiny_checkpoint("GPTNeoXForCausalLM", tmp_path, rotary_pct=0.5, num_hidden_layers=1, **overrides)
@@ -281,16 +340,23 @@ def test_dummy_weights_give_finite_logits(variant, tmp_path):
 # not a power of two, for the rotary kernel): Pythia-2.8B's head shape.
 HD80 = {
     "opt_hd80": ("OPTForCausalLM", {"hidden_size": 160, "num_attention_heads": 2, "ffn_dim": 320}),
-    "gpt_neox_hd80": ("GPTNeoXForCausalLM", {"hidden_size": 160, "num_attention_heads": 2, "intermediate_size": 320,
-                                             "rotary_pct": 0.25}),
+    "gpt_neox_hd80": (
+        "GPTNeoXForCausalLM",
+        {"hidden_size": 160, "num_attention_heads": 2, "intermediate_size": 320, "rotary_pct": 0.25},
+    ),
 }
 GPU_VARIANTS = ["opt", "opt_350m", "opt_nobias_untied", "gpt_neox", "gpt_neox_sequential", *HD80]
 
 
 def _gpu_checkpoint(variant, tmp_path_factory):
     arch, overrides = HD80.get(variant) or TINY_VARIANTS[variant]
-    path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(variant),
-                                tokenizer_dir=SHARED_MODELS / "llama3-tokenizer", name=variant, **overrides)
+    path = make_tiny_checkpoint(
+        arch,
+        tmp_path_factory.mktemp(variant),
+        tokenizer_dir=SHARED_MODELS / "llama3-tokenizer",
+        name=variant,
+        **overrides,
+    )
     return path, load_hf_model(path)
 
 
@@ -316,12 +382,15 @@ def test_paged_parity_with_hf_cuda(variant, gpu_checkpoints):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant,kwargs", [
-    *[(v, {}) for v in GPU_VARIANTS],
-    ("opt_350m", {"max_num_batched_tokens": 16}),
-    ("gpt_neox_hd80", {"max_num_batched_tokens": 16}),
-    ("gpt_neox", {"enforce_eager": True, "num_gpu_blocks_override": 10, "max_model_len": 128}),
-])
+@pytest.mark.parametrize(
+    "variant,kwargs",
+    [
+        *[(v, {}) for v in GPU_VARIANTS],
+        ("opt_350m", {"max_num_batched_tokens": 16}),
+        ("gpt_neox_hd80", {"max_num_batched_tokens": 16}),
+        ("gpt_neox", {"enforce_eager": True, "num_gpu_blocks_override": 10, "max_model_len": 128}),
+    ],
+)
 def test_float32_on_gpu_equals_hf(variant, kwargs, gpu_checkpoints):
     torch.backends.cuda.matmul.allow_tf32 = False
     path, hf = gpu_checkpoints(variant)
@@ -342,16 +411,18 @@ def test_bf16_on_gpu_follows_cpu_float32(variant, gpu_checkpoints):
     (below that, rounding may legitimately swap a near tie: random tiny models over a 128k
     vocabulary have many)."""
     path, _ = gpu_checkpoints(variant)
-    ids, pos, meta = _step([(torch.arange(29) * 131 % 128256, 0), (torch.arange(6) * 7 % 128256, 0)],
-                           [list(range(8)), [9, 8]], 0)
+    ids, pos, meta = _step(
+        [(torch.arange(29) * 131 % 128256, 0), (torch.arange(6) * 7 % 128256, 0)], [list(range(8)), [9, 8]], 0
+    )
     out = {}
     for dtype, device in (("float32", "cpu"), ("bfloat16", "cuda")):
         cfg = ModelConfig.from_pretrained(path, device=device, dtype=dtype)
         model = load_model(cfg)
         fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vars(meta).items()}
         with torch.no_grad():
-            out[dtype] = model.compute_logits(model(ids.to(device), pos.to(device), type(meta)(**fields),
-                                                    _kv_caches(cfg))).cpu()
+            out[dtype] = model.compute_logits(
+                model(ids.to(device), pos.to(device), type(meta)(**fields), _kv_caches(cfg))
+            ).cpu()
         del model
     torch.testing.assert_close(out["bfloat16"], out["float32"], atol=0.05, rtol=0.05)
     rel = ((out["bfloat16"] - out["float32"]).norm() / out["float32"].norm()).item()
@@ -361,9 +432,11 @@ def test_bf16_on_gpu_follows_cpu_float32(variant, gpu_checkpoints):
     prompts = mixed_prompts(128256, seed=3)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2)
     cpu = LLM(model=str(path), dtype="float32", device="cpu").generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
     gpu = LLM(model=str(path), dtype="bfloat16", device="cuda", num_gpu_blocks_override=512).generate(
-        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False
+    )
     checked, agree = 0, []
     for c, g in zip(cpu, gpu):
         ct, gt = c.outputs[0].token_ids, g.outputs[0].token_ids
@@ -375,8 +448,10 @@ def test_bf16_on_gpu_follows_cpu_float32(variant, gpu_checkpoints):
         if top2[0] - top2[1] > 2 * max_err:
             checked += 1
             assert gt[0] == ct[0], (variant, len(c.prompt_token_ids), top2, max_err)
-    print(f"{variant}: bf16 vs fp32 agreeing prefix lengths {agree}; logit error max {max_err:.4f} rel {rel:.2e}; "
-          f"first token checked on {checked}/8")
+    print(
+        f"{variant}: bf16 vs fp32 agreeing prefix lengths {agree}; logit error max {max_err:.4f} rel {rel:.2e}; "
+        f"first token checked on {checked}/8"
+    )
     assert checked >= 2, f"only {checked} prompts clear of near ties: pick another seed"
 
 
@@ -389,8 +464,12 @@ def test_cuda_graphs_equal_eager(variant, gpu_checkpoints):
     outs = []
     for eager in (False, True):
         llm = LLM(model=str(path), dtype="float32", device="cuda", enforce_eager=eager, num_gpu_blocks_override=512)
-        outs.append([o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                                  params, use_tqdm=False)])
+        outs.append(
+            [
+                o.outputs[0].token_ids
+                for o in llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+            ]
+        )
         del llm
         torch.cuda.empty_cache()
     assert outs[0] == outs[1]

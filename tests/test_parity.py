@@ -11,10 +11,8 @@ import zlib
 
 import pytest
 import torch
-
-from tiny_models import SHARED_MODELS, TINY_VARIANTS, load_hf_model, make_tiny_checkpoint
-
 from fastserve import LLM, SamplingParams
+from tiny_models import SHARED_MODELS, TINY_VARIANTS, load_hf_model, make_tiny_checkpoint
 
 LLAMA3_TOK = SHARED_MODELS / "llama3-tokenizer"
 QWEN_TOK = SHARED_MODELS / "qwen3-tokenizer"
@@ -34,8 +32,13 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return tokens
 
 
-def mixed_prompts(vocab: int, seed: int, count: int = 8, shared_prefix: int = 0,
-                  lengths: tuple[int, ...] = (1, 3, 7, 16, 17, 29, 33, 50)) -> list[list[int]]:
+def mixed_prompts(
+    vocab: int,
+    seed: int,
+    count: int = 8,
+    shared_prefix: int = 0,
+    lengths: tuple[int, ...] = (1, 3, 7, 16, 17, 29, 33, 50),
+) -> list[list[int]]:
     rng = random.Random(seed)
     prefix = [rng.randrange(vocab) for _ in range(shared_prefix)]
     lengths = list(lengths[:count])
@@ -54,8 +57,9 @@ def checkpoints(tmp_path_factory):
     def get(variant: str):
         if variant not in cache:
             arch, overrides = TINY_VARIANTS[variant]
-            path = make_tiny_checkpoint(arch, tmp_path_factory.mktemp(variant), tokenizer_dir=tokenizer_for(arch),
-                                        name=variant, **overrides)
+            path = make_tiny_checkpoint(
+                arch, tmp_path_factory.mktemp(variant), tokenizer_dir=tokenizer_for(arch), name=variant, **overrides
+            )
             cache[variant] = (path, load_hf_model(path))
         return cache[variant]
 
@@ -67,23 +71,33 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 # (variant, LLM kwargs, prompt kwargs); llama_dynamic_rope is covered at the model level in
 # test_models.py: HF re-derives its dynamic frequencies as the sequence grows, so token
 # parity over a generation is not defined for it.
-PARITY_CASES = [
-    pytest.param(v, {}, {}, id=v) for v in TINY_VARIANTS if v != "llama_dynamic_rope"
-] + [
+PARITY_CASES = [pytest.param(v, {}, {}, id=v) for v in TINY_VARIANTS if v != "llama_dynamic_rope"] + [
     pytest.param("llama", {"max_num_batched_tokens": 16}, {}, id="chunked-prefill"),
     pytest.param("qwen3", {"max_num_batched_tokens": 20, "max_num_seqs": 3}, {}, id="chunked-prefill-qwen3"),
     pytest.param("llama", {}, {"shared_prefix": 40}, id="prefix-cache"),
     # Prompts that fit one block each are all admitted; their decodes then cross into a
     # second block that only one of them can get: the rest are preempted and recomputed.
-    pytest.param("qwen2", {"num_gpu_blocks_override": 9, "max_model_len": 128},
-                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="preemption"),
-    pytest.param("llama", {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
-                 {"shared_prefix": 20}, id="preemption+chunked+prefix"),
+    pytest.param(
+        "qwen2",
+        {"num_gpu_blocks_override": 9, "max_model_len": 128},
+        {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)},
+        id="preemption",
+    ),
+    pytest.param(
+        "llama",
+        {"num_gpu_blocks_override": 10, "max_model_len": 128, "max_num_batched_tokens": 24},
+        {"shared_prefix": 20},
+        id="preemption+chunked+prefix",
+    ),
     # Decode steps through the CUDA-graph inputs (padded to the captured sizes 1, 2, 4, 5),
     # run eagerly on CPU: padding rows must change nothing.
     pytest.param("llama", {"emulate_decode_graphs": True, "max_num_seqs": 5}, {}, id="decode-graph-inputs"),
-    pytest.param("qwen2", {"emulate_decode_graphs": True, "num_gpu_blocks_override": 9, "max_model_len": 128},
-                 {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)}, id="decode-graph-inputs+preemption"),
+    pytest.param(
+        "qwen2",
+        {"emulate_decode_graphs": True, "num_gpu_blocks_override": 9, "max_model_len": 128},
+        {"lengths": (14, 15, 13, 12, 15, 11, 14, 9)},
+        id="decode-graph-inputs+preemption",
+    ),
 ]
 
 
@@ -119,10 +133,12 @@ def test_n_children_share_prompt_and_match_hf(checkpoints):
     path, hf = checkpoints("llama")
     llm = LLM(model=str(path), dtype="float32", device="cpu")
     prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=7, count=4)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        # top_k=1 sampling is greedy (vLLM refuses n > 1 with temperature 0).
-                        SamplingParams(n=3, temperature=1.0, top_k=1, max_tokens=MAX_NEW, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        # top_k=1 sampling is greedy (vLLM refuses n > 1 with temperature 0).
+        SamplingParams(n=3, temperature=1.0, top_k=1, max_tokens=MAX_NEW, ignore_eos=True),
+        use_tqdm=False,
+    )
     for prompt, out in zip(prompts, outs):
         ref = hf_greedy(hf, prompt, MAX_NEW)
         assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -154,9 +170,13 @@ def test_seeded_sampling_independent_of_batch(checkpoints):
     p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=12, ignore_eos=True)
     alone = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], p, use_tqdm=False)[0].outputs[0].token_ids
     others = [{"prompt_token_ids": list(range(10 + i, 30 + 2 * i))} for i in range(5)]
-    mixed = llm.generate(others[:2] + [{"prompt_token_ids": [5, 6, 7, 8]}] + others[2:],
-                         [SamplingParams(temperature=0.7, max_tokens=15)] * 2 + [p]
-                         + [SamplingParams(temperature=0.7, max_tokens=15)] * 3, use_tqdm=False)
+    mixed = llm.generate(
+        others[:2] + [{"prompt_token_ids": [5, 6, 7, 8]}] + others[2:],
+        [SamplingParams(temperature=0.7, max_tokens=15)] * 2
+        + [p]
+        + [SamplingParams(temperature=0.7, max_tokens=15)] * 3,
+        use_tqdm=False,
+    )
     assert mixed[2].outputs[0].token_ids == alone
 
 
@@ -194,16 +214,29 @@ def test_chat_renders_template_with_kwargs(checkpoints):
     path, _ = checkpoints("qwen3")
     llm = LLM(model=str(path), dtype="float32", device="cpu")
     msgs = [{"role": "user", "content": "Hi there"}]
-    out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
-                   chat_template_kwargs={"enable_thinking": False}, use_tqdm=False)[0]
+    out = llm.chat(
+        msgs,
+        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+        chat_template_kwargs={"enable_thinking": False},
+        use_tqdm=False,
+    )[0]
     rendered = llm.get_tokenizer().decode(out.prompt_token_ids, skip_special_tokens=False)
     assert "<|im_start|>user\nHi there<|im_end|>" in rendered
     assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert len(out.outputs[0].token_ids) == 4
 
 
-def hf_penalized_greedy(model, prompt: list[int], n: int, rep: float, freq: float, pres: float,
-                        bad: list[int], min_tokens: int, eos: list[int]) -> list[int]:
+def hf_penalized_greedy(
+    model,
+    prompt: list[int],
+    n: int,
+    rep: float,
+    freq: float,
+    pres: float,
+    bad: list[int],
+    min_tokens: int,
+    eos: list[int],
+) -> list[int]:
     """Greedy with vLLM's penalties and bans, applied to HF's logits by the definitions:
     bad words and (below min_tokens) EOS masked; repetition over prompt + output tokens,
     frequency and presence over output tokens."""
@@ -226,13 +259,15 @@ def hf_penalized_greedy(model, prompt: list[int], n: int, rep: float, freq: floa
     return out
 
 
-@pytest.mark.parametrize("llm_kwargs,lengths", [
-    pytest.param({"max_num_batched_tokens": 24}, (3, 9, 17, 5, 30, 12), id="chunked"),
-    # Prompts of one block each, admitted together, whose decodes cross into a second block
-    # only some can get: the rest are preempted and recomputed (their state must survive).
-    pytest.param({"num_gpu_blocks_override": 9, "max_model_len": 128}, (14, 15, 13, 12, 15, 11),
-                 id="preemption"),
-])
+@pytest.mark.parametrize(
+    "llm_kwargs,lengths",
+    [
+        pytest.param({"max_num_batched_tokens": 24}, (3, 9, 17, 5, 30, 12), id="chunked"),
+        # Prompts of one block each, admitted together, whose decodes cross into a second block
+        # only some can get: the rest are preempted and recomputed (their state must survive).
+        pytest.param({"num_gpu_blocks_override": 9, "max_model_len": 128}, (14, 15, 13, 12, 15, 11), id="preemption"),
+    ],
+)
 def test_penalties_and_bans_match_reference(checkpoints, llm_kwargs, lengths):
     """Penalty counts and bans live in the worker's state across steps (sent once per
     sequence, counted on the device): the greedy tokens equal the definitions applied to HF's
@@ -255,9 +290,19 @@ def test_penalties_and_bans_match_reference(checkpoints, llm_kwargs, lengths):
         bad_words = [llm.get_tokenizer().decode([t]) for t in bad]
         # n > 1 greedy is refused (as vLLM): top_k=1 is greedy through the random path.
         greedy = dict(temperature=0.0) if n == 1 else dict(temperature=1.0, top_k=1, seed=n)
-        params.append(SamplingParams(**greedy, max_tokens=MAX_NEW, ignore_eos=min_tokens == 0, n=n,
-                                     repetition_penalty=rep, frequency_penalty=freq, presence_penalty=pres,
-                                     min_tokens=min_tokens, bad_words=bad_words or None))
+        params.append(
+            SamplingParams(
+                **greedy,
+                max_tokens=MAX_NEW,
+                ignore_eos=min_tokens == 0,
+                n=n,
+                repetition_penalty=rep,
+                frequency_penalty=freq,
+                presence_penalty=pres,
+                min_tokens=min_tokens,
+                bad_words=bad_words or None,
+            )
+        )
     for _ in range(2):  # the second round reuses the sequence slots the first one freed
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         for prompt, (rep, freq, pres, bad, min_tokens, n), out in zip(prompts, settings, outs):
@@ -265,7 +310,7 @@ def test_penalties_and_bans_match_reference(checkpoints, llm_kwargs, lengths):
             assert len(out.outputs) == n
             for c in out.outputs:
                 got = c.token_ids
-                assert got == want[:len(got)], (rep, freq, pres, bad, min_tokens)
+                assert got == want[: len(got)], (rep, freq, pres, bad, min_tokens)
                 assert len(got) == MAX_NEW or (got[-1] in eos and len(got) >= min_tokens)
     if "num_gpu_blocks_override" in llm_kwargs:
         assert llm.engine.scheduler.num_preemptions > 0

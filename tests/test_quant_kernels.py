@@ -61,6 +61,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what:
 
 # ---------------------------------------------------------------- references (from the layout's definition)
 
+
 def ref_unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     """q [K, N] int64: (qweight[k // pack, n] >> (bits * (k % pack))) & (2**bits - 1)."""
     pack = 32 // bits
@@ -90,7 +91,7 @@ def pack_int(q: torch.Tensor, bits: int) -> torch.Tensor:
     words = torch.zeros(k // pack, n, dtype=torch.int64, device=q.device)
     for j in range(pack):
         words |= q[j::pack].long() << (bits * j)
-    return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def ref_quant_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -124,6 +125,7 @@ def ref_fp8_block_linear(x, w, s, bn, bk, bias=None) -> torch.Tensor:
 
 # ---------------------------------------------------------------- checks (shared CPU / GPU)
 
+
 def make_int(m, k, n, bits, group_size, dtype, device, perm, bias):
     qweight, scales, zeros, p = QG.random_int_weights(k, n, bits, group_size, dtype, device, act_order=perm)
     if group_size != -1 and dtype != BF16:
@@ -151,8 +153,12 @@ def check_w_int(device, path, dtype, bits, group_size, m, k, n, perm=False, bias
     if path in ("gemv", "fused"):
         assert y.data_ptr() == out.data_ptr()
     assert_counters_reset()
-    assert_close(y, ref_w_int(x, qweight, scales, zeros, group_size, bits, p, b), dtype,
-                 f"{path} b{bits} g{group_size} {dtype} M={m} K={k} N={n} perm={perm} bias={bias} cfg={config}")
+    assert_close(
+        y,
+        ref_w_int(x, qweight, scales, zeros, group_size, bits, p, b),
+        dtype,
+        f"{path} b{bits} g{group_size} {dtype} M={m} K={k} N={n} perm={perm} bias={bias} cfg={config}",
+    )
 
 
 def assert_counters_reset() -> None:
@@ -169,8 +175,9 @@ def check_dequant(device, dtype, bits, group_size, k, n):
     ref = ref_dequant(qweight, scales, zeros, group_size, bits)
     # Each element is (q - z) * s in float32, rounded once: exact up to that rounding.
     assert not torch.isnan(w).any(), "dequantize: an element was never written"
-    torch.testing.assert_close(w.double(), ref.to(dtype).double(), atol=0, rtol=0,
-                               msg=f"dequantize b{bits} g{group_size} {dtype} K={k} N={n}")
+    torch.testing.assert_close(
+        w.double(), ref.to(dtype).double(), atol=0, rtol=0, msg=f"dequantize b{bits} g{group_size} {dtype} K={k} N={n}"
+    )
 
 
 def check_quant(device, dtype, m, k, group=None, static=False):
@@ -185,9 +192,10 @@ def check_quant(device, dtype, m, k, group=None, static=False):
         for gi in range(g):
             cols = slice(gi * group, min(k, (gi + 1) * group))
             s_ref = ref_per_token_scale(x[:, cols])
-            torch.testing.assert_close(xs[:, gi:gi + 1], s_ref, atol=0, rtol=0, msg=f"group scale {gi}")
-            torch.testing.assert_close(xq[:, cols].double(), ref_quant_fp8(x[:, cols], s_ref), atol=0, rtol=0,
-                                       msg=f"group quant {gi}")
+            torch.testing.assert_close(xs[:, gi : gi + 1], s_ref, atol=0, rtol=0, msg=f"group scale {gi}")
+            torch.testing.assert_close(
+                xq[:, cols].double(), ref_quant_fp8(x[:, cols], s_ref), atol=0, rtol=0, msg=f"group quant {gi}"
+            )
         return
     if static:
         s = torch.tensor([0.02], device=device)
@@ -197,7 +205,9 @@ def check_quant(device, dtype, m, k, group=None, static=False):
     xq, xs = QF.per_token_quant_fp8_triton(x)
     s_ref = ref_per_token_scale(x)
     torch.testing.assert_close(xs, s_ref, atol=0, rtol=0, msg=f"per-token scale {dtype} K={k}")
-    torch.testing.assert_close(xq.double(), ref_quant_fp8(x, s_ref), atol=0, rtol=0, msg=f"per-token quant {dtype} K={k}")
+    torch.testing.assert_close(
+        xq.double(), ref_quant_fp8(x, s_ref), atol=0, rtol=0, msg=f"per-token quant {dtype} K={k}"
+    )
 
 
 def make_fp8(m, k, n, dtype, device, per_channel, bias):
@@ -220,8 +230,12 @@ def check_fp8_gemm(device, dtype, m, k, n, per_channel=True, static=False, bias=
         y = QF.fp8_gemm_triton(xq, xs, w, ws, b, dtype, config=config, out=out)
     else:
         y = QF.scaled_mm_linear(xq, xs, w, ws, b, dtype)
-    assert_close(y, ref_fp8_linear(x, w, ws, inp, b), dtype,
-                 f"fp8 {backend} {dtype} M={m} K={k} N={n} per_channel={per_channel} static={static} cfg={config}")
+    assert_close(
+        y,
+        ref_fp8_linear(x, w, ws, inp, b),
+        dtype,
+        f"fp8 {backend} {dtype} M={m} K={k} N={n} per_channel={per_channel} static={static} cfg={config}",
+    )
     assert_counters_reset()
 
 
@@ -231,8 +245,12 @@ def check_fp8_block(device, dtype, m, k, n, bn, bk, bias=False, config=None):
     xq, xs = QF.per_token_group_quant_fp8_triton(x, bk)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=device)
     y = QF.fp8_block_gemm_triton(xq, xs, w, s, (bn, bk), b, dtype, config=config, out=out)
-    assert_close(y, ref_fp8_block_linear(x, w, s, bn, bk, b), dtype,
-                 f"fp8 block {dtype} M={m} K={k} N={n} block=({bn},{bk}) cfg={config}")
+    assert_close(
+        y,
+        ref_fp8_block_linear(x, w, s, bn, bk, b),
+        dtype,
+        f"fp8 block {dtype} M={m} K={k} N={n} block=({bn},{bk}) cfg={config}",
+    )
     assert_counters_reset()
     wd = QF.fp8_block_dequant_triton(w, s, (bn, bk), dtype)
     wr = (w.double() * s.double().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]).to(dtype)
@@ -261,8 +279,9 @@ def check_dispatch(device, dtype=F16):
         QG.DOT_CONFIGS[0] = (QG.DOT_CONFIGS[0][0], dict(bucket, BLOCK_N=48))
         try:
             check_w_int(device, "dispatch", dtype, 4, 128, 5, 256, 100)
-            assert any(key.startswith("fused/") and "BLOCK_N=48" in key for key in QC.failed_variants()), \
+            assert any(key.startswith("fused/") and "BLOCK_N=48" in key for key in QC.failed_variants()), (
                 QC.failed_variants()
+            )
             check_w_int(device, "dispatch", dtype, 4, 128, 5, 256, 100)  # the known-bad variant is skipped
         finally:
             QG.DOT_CONFIGS[0] = (QG.DOT_CONFIGS[0][0], bucket)
@@ -284,9 +303,14 @@ def check_dispatch(device, dtype=F16):
             x, w, _, b = make_fp8(m, 320, 72, dtype, device, True, True)
             s = torch.rand(math.ceil(72 / 32), math.ceil(320 / 64), device=device) * 0.01 + 1e-3
             y = QF.fp8_block_linear(x, w, s, (32, 64), b)
-            ref = ref_fp8_block_linear(x, w, s, 32, 64, b) if m < 16 else (
-                x.double() @ (w.double() * s.double().repeat_interleave(32, 0)[:72].repeat_interleave(64, 1)).t()
-                + b.double())
+            ref = (
+                ref_fp8_block_linear(x, w, s, 32, 64, b)
+                if m < 16
+                else (
+                    x.double() @ (w.double() * s.double().repeat_interleave(32, 0)[:72].repeat_interleave(64, 1)).t()
+                    + b.double()
+                )
+            )
             assert_close(y, ref, dtype, f"fp8_block_linear M={m}")
     finally:
         QF.set_fp8_dispatch(backend=saved8[0], triton_max_m=saved8[1], block_dequant_min_m=saved8[2])
@@ -305,34 +329,98 @@ CPU_CASES = {
         (check_w_int, dict(path=G, dtype=F32, bits=8, group_size=32, m=1, k=128, n=40, perm=True, bias=True)),
         (check_w_int, dict(path=G, dtype=F16, bits=8, group_size=64, m=3, k=256, n=50)),
         (check_w_int, dict(path=G, dtype=F32, bits=4, group_size=32, m=1, k=512, n=64, config=dict(split=3))),
-        (check_w_int, dict(path=G, dtype=F16, bits=4, group_size=128, m=2, k=512, n=40, bias=True,
-                           config=dict(split=3, fixup=False))),  # split-K through the reduction kernel
-        (check_w_int, dict(path=G, dtype=F32, bits=4, group_size=128, m=1, k=1024, n=40, perm=True,
-                           config=dict(BLOCK_N=16, BLOCK_R=64, split=2))),  # a tile spanning 4 groups
+        (
+            check_w_int,
+            dict(
+                path=G,
+                dtype=F16,
+                bits=4,
+                group_size=128,
+                m=2,
+                k=512,
+                n=40,
+                bias=True,
+                config=dict(split=3, fixup=False),
+            ),
+        ),  # split-K through the reduction kernel
+        (
+            check_w_int,
+            dict(
+                path=G,
+                dtype=F32,
+                bits=4,
+                group_size=128,
+                m=1,
+                k=1024,
+                n=40,
+                perm=True,
+                config=dict(BLOCK_N=16, BLOCK_R=64, split=2),
+            ),
+        ),  # a tile spanning 4 groups
         (check_w_int, dict(path=G, dtype=F32, bits=4, group_size=40, m=1, k=200, n=24, perm=True)),  # 5 rows/group
         (check_w_int, dict(path=G, dtype=F32, bits=4, group_size=-1, m=1, k=200, n=33)),  # K not a tile multiple
-        (check_w_int, dict(path=G, dtype=F16, bits=4, group_size=64, m=1, k=256, n=300,
-                           config=dict(BLOCK_N=128, BLOCK_R=4, split=1))),  # no split: bias in the kernel
+        (
+            check_w_int,
+            dict(
+                path=G,
+                dtype=F16,
+                bits=4,
+                group_size=64,
+                m=1,
+                k=256,
+                n=300,
+                config=dict(BLOCK_N=128, BLOCK_R=4, split=1),
+            ),
+        ),  # no split: bias in the kernel
     ],
     "int_fused": [
-        (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=128, m=5, k=256, n=100, perm=True, bias=True,
-                           config=JM)),
+        (
+            check_w_int,
+            dict(path=FU, dtype=F32, bits=4, group_size=128, m=5, k=256, n=100, perm=True, bias=True, config=JM),
+        ),
         (check_w_int, dict(path=FU, dtype=F16, bits=4, group_size=32, m=17, k=256, n=72, config=JM)),  # per-row
         (check_w_int, dict(path=FU, dtype=F32, bits=8, group_size=-1, m=33, k=192, n=48, perm=True, config=JM)),
         (check_w_int, dict(path=FU, dtype=F16, bits=8, group_size=64, m=3, k=256, n=40, bias=True, config=JM)),
-        (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=64, m=16, k=384, n=64,
-                           config=dict(JMAJOR=True, split=3))),
-        (check_w_int, dict(path=FU, dtype=F16, bits=4, group_size=128, m=18, k=512, n=40, bias=True,
-                           config=dict(JMAJOR=True, BLOCK_M=16, split=4, fixup=False))),  # 2 M tiles x 4 splits
+        (
+            check_w_int,
+            dict(path=FU, dtype=F32, bits=4, group_size=64, m=16, k=384, n=64, config=dict(JMAJOR=True, split=3)),
+        ),
+        (
+            check_w_int,
+            dict(
+                path=FU,
+                dtype=F16,
+                bits=4,
+                group_size=128,
+                m=18,
+                k=512,
+                n=40,
+                bias=True,
+                config=dict(JMAJOR=True, BLOCK_M=16, split=4, fixup=False),
+            ),
+        ),  # 2 M tiles x 4 splits
         (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=128, m=20, k=256, n=100, bias=True, config=EX)),
         (check_w_int, dict(path=FU, dtype=F16, bits=4, group_size=32, m=7, k=128, n=72, perm=True, config=EX)),
         (check_w_int, dict(path=FU, dtype=F32, bits=8, group_size=-1, m=40, k=200, n=48, config=EX)),
-        (check_w_int, dict(path=FU, dtype=F16, bits=8, group_size=128, m=9, k=512, n=36, perm=True,
-                           config=dict(EX, split=2))),
+        (
+            check_w_int,
+            dict(path=FU, dtype=F16, bits=8, group_size=128, m=9, k=512, n=36, perm=True, config=dict(EX, split=2)),
+        ),
         (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=40, m=3, k=200, n=24, config=EX)),
         (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=40, m=3, k=200, n=24, perm=True, config=JM)),
-        (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=128, m=70, k=256, n=80,
-                           config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, JMAJOR=False, GROUP_M=2, split=1))),
+        (
+            check_w_int,
+            dict(
+                path=FU,
+                dtype=F32,
+                bits=4,
+                group_size=128,
+                m=70,
+                k=256,
+                n=80,
+                config=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=64, JMAJOR=False, GROUP_M=2, split=1),
+            ),
+        ),
     ],
     "int_dequant": [
         (check_dequant, dict(dtype=F32, bits=4, group_size=128, k=256, n=100)),
@@ -353,8 +441,10 @@ CPU_CASES = {
         (check_fp8_gemm, dict(dtype=F32, m=1, k=256, n=72, per_channel=True, config=dict(split=2))),
         (check_fp8_gemm, dict(dtype=F16, m=19, k=384, n=100, per_channel=False, bias=True)),
         (check_fp8_gemm, dict(dtype=F32, m=33, k=160, n=64, per_channel=True, static=True)),
-        (check_fp8_gemm, dict(dtype=F16, m=3, k=512, n=40, per_channel=False, static=True, bias=True,
-                              config=dict(split=3))),
+        (
+            check_fp8_gemm,
+            dict(dtype=F16, m=3, k=512, n=40, per_channel=False, static=True, bias=True, config=dict(split=3)),
+        ),
         (check_fp8_gemm, dict(dtype=F32, m=70, k=256, n=48, config=dict(BLOCK_M=32, BLOCK_N=32, GROUP_M=2))),
         (check_fp8_gemm, dict(dtype=F16, m=5, k=512, n=40, bias=True, config=dict(split=4, fixup=False))),
         (check_fp8_block, dict(dtype=F16, m=3, k=384, n=200, bn=128, bk=128, bias=True)),
@@ -379,8 +469,9 @@ def _run_cpu_group(group: str) -> None:
 @pytest.mark.parametrize("group", sorted(CPU_CASES))
 def test_interpreted(group):
     env = dict(os.environ, TRITON_INTERPRET="1", FASTSERVE_QUANT_INTERPRET_DISPATCH="1")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=580)
+    proc = subprocess.run(
+        [sys.executable, __file__, group], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=580
+    )
     assert proc.returncode == 0, f"{group} failed under TRITON_INTERPRET=1:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     assert proc.stdout.count("ok ") == len(CPU_CASES[group]), proc.stdout
 
@@ -391,17 +482,40 @@ def test_bench_dry_run(tmp_path):
     the checks against the references, the analysis and the tables run (not the timings)."""
     env = dict(os.environ, TRITON_INTERPRET="1", FASTSERVE_QUANT_INTERPRET_DISPATCH="1")
     out = tmp_path / "quant.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quant_kernels.py"), "--dry-run-cpu", "--models",
-                           "llama3-8b", "--out", str(out)], env=env, cwd=str(ROOT), capture_output=True, text=True,
-                          timeout=580)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "quant_kernels.py"),
+            "--dry-run-cpu",
+            "--models",
+            "llama3-8b",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=580,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = report["rows"]
-    assert {"bf16", "int4:gemv", "int4:fused", "int4:deq", "int4", "int4-ao", "fp8:triton", "fp8b:triton",
-            "fp8b:deq"} <= {r["method"] for r in rows}
+    assert {
+        "bf16",
+        "int4:gemv",
+        "int4:fused",
+        "int4:deq",
+        "int4",
+        "int4-ao",
+        "fp8:triton",
+        "fp8b:triton",
+        "fp8b:deq",
+    } <= {r["method"] for r in rows}
     # CPU torch has no row-wise _scaled_mm: those rows report the error; every other case ran and was right.
-    bad = [r for r in rows if ("error" in r and not r["method"].startswith("fp8:scaled_mm"))
-           or r.get("rel_err", 0) > 1e-2]
+    bad = [
+        r for r in rows if ("error" in r and not r["method"].startswith("fp8:scaled_mm")) or r.get("rel_err", 0) > 1e-2
+    ]
     assert not bad, bad[:5]
     assert report["sweep"] and all("ms" in r for r in report["sweep"]), report["sweep"][:3]
     assert "FASTSERVE_W_INT_DISPATCH=" in report["suggested"]["env_w_int"]
@@ -409,6 +523,7 @@ def test_bench_dry_run(tmp_path):
 
 
 # ---------------------------------------------------------------- CPU torch path (in process)
+
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group_size", [-1, 32, 128])
@@ -419,12 +534,17 @@ def test_w_int_matmul_cpu(bits, group_size, dtype):
         x, qweight, scales, zeros, p, b = make_int(m, 256, 72, bits, group_size, dtype, "cpu", perm, bias)
         y = QG.w_int_matmul(x, qweight, scales, zeros, group_size, bits, p, b)
         assert y.dtype == dtype and y.shape == (m, 72)
-        assert_close(y, ref_w_int(x, qweight, scales, zeros, group_size, bits, p, b), dtype,
-                     f"cpu b{bits} g{group_size} {dtype} M={m}")
+        assert_close(
+            y,
+            ref_w_int(x, qweight, scales, zeros, group_size, bits, p, b),
+            dtype,
+            f"cpu b{bits} g{group_size} {dtype} M={m}",
+        )
     w = QG.dequantize_int(qweight, scales, zeros, group_size, bits)
     assert w.dtype == scales.dtype
-    torch.testing.assert_close(w.double(), ref_dequant(qweight, scales, zeros, group_size, bits).to(dtype).double(),
-                               atol=0, rtol=0)
+    torch.testing.assert_close(
+        w.double(), ref_dequant(qweight, scales, zeros, group_size, bits).to(dtype).double(), atol=0, rtol=0
+    )
 
 
 def test_w_int_cpu_chunked_dequant_and_shapes():
@@ -457,8 +577,12 @@ def test_act_order_contract_cpu():
 @pytest.mark.parametrize("dtype", [F32, BF16])
 def test_fp8_cpu(dtype):
     torch.manual_seed(5)
-    for m, per_channel, static, bias in ((1, True, False, True), (9, False, False, False), (4, False, True, True),
-                                         (6, True, True, False)):
+    for m, per_channel, static, bias in (
+        (1, True, False, True),
+        (9, False, False, False),
+        (4, False, True, True),
+        (6, True, True, False),
+    ):
         x, w, ws, b = make_fp8(m, 192, 80, dtype, "cpu", per_channel, bias)
         inp = torch.tensor([0.03]) if static else None
         y = QF.fp8_linear(x, w, ws.reshape(-1, 1) if per_channel else ws, inp, b)
@@ -513,20 +637,39 @@ def test_errors_name_the_argument():
 
 
 def test_dispatch_settings_from_env():
-    env = dict(os.environ, FASTSERVE_W_INT_DISPATCH="gemv_max_m=2,fused_max_m=64,fused_max_m.4096x28672=512",
-               FASTSERVE_FP8_DISPATCH="backend=triton,triton_max_m=16,use_fast_accum=true")
-    code = ("import sys; sys.path.insert(0, 'python'); from fastserve.kernels import quant_gemm as G, quant_fp8 as F;"
-            "d = G.W_INT_DISPATCH; f = F.FP8_DISPATCH;"
-            "print(d.gemv_max_m, d.fused_max_m, d.fused_limit(4096, 28672), d.fused_limit(4096, 4096),"
-            " f.backend, f.triton_max_m, f.use_fast_accum)")
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    env = dict(
+        os.environ,
+        FASTSERVE_W_INT_DISPATCH="gemv_max_m=2,fused_max_m=64,fused_max_m.4096x28672=512",
+        FASTSERVE_FP8_DISPATCH="backend=triton,triton_max_m=16,use_fast_accum=true",
+    )
+    code = (
+        "import sys; sys.path.insert(0, 'python'); from fastserve.kernels import quant_gemm as G, quant_fp8 as F;"
+        "d = G.W_INT_DISPATCH; f = F.FP8_DISPATCH;"
+        "print(d.gemv_max_m, d.fused_max_m, d.fused_limit(4096, 28672), d.fused_limit(4096, 4096),"
+        " f.backend, f.triton_max_m, f.use_fast_accum)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["2", "64", "512", "64", "triton", "16", "True"]
-    bad = subprocess.run([sys.executable, "-c", code], env=dict(env, FASTSERVE_FP8_DISPATCH="bakend=x"),
-                         cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, FASTSERVE_FP8_DISPATCH="bakend=x"),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "FASTSERVE_FP8_DISPATCH" in bad.stderr and "bakend" in bad.stderr
-    bad = subprocess.run([sys.executable, "-c", code], env=dict(env, FASTSERVE_W_INT_DISPATCH="fused_max_m.4096=5"),
-                         cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env=dict(env, FASTSERVE_W_INT_DISPATCH="fused_max_m.4096=5"),
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "fused_max_m.<K>x<N>" in bad.stderr
 
 
@@ -580,6 +723,7 @@ def test_fallback_runs_once_and_keeps_oom(caplog):
 
 # ---------------------------------------------------------------- GPU, real sizes
 
+
 @pytest.fixture
 def poison():
     """NaN-filled split-K partials, and no variant may fall back during the test (a fallback
@@ -625,8 +769,9 @@ def test_w4a16_paths_gpu(k, n, perm, path, poison):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits,group_size,dtype", [(8, 128, BF16), (4, 128, F16), (4, -1, BF16), (4, 32, BF16),
-                                                    (8, -1, F16), (4, 64, F16)])
+@pytest.mark.parametrize(
+    "bits,group_size,dtype", [(8, 128, BF16), (4, 128, F16), (4, -1, BF16), (4, 32, BF16), (8, -1, F16), (4, 64, F16)]
+)
 def test_w_int_variants_gpu(bits, group_size, dtype, poison):
     torch.manual_seed(bits + group_size)
     for m in (1, 16, 64, 256):
@@ -675,8 +820,14 @@ def test_fp8_quant_gpu(dtype):
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096), (5120, 1008)])
 def test_fp8_linear_gpu(backend, k, n, poison):
     torch.manual_seed(k + n)
-    for m, per_channel, static, bias in ((1, True, False, True), (16, True, False, False), (64, False, False, True),
-                                         (300, True, False, False), (7, False, True, True), (256, True, True, False)):
+    for m, per_channel, static, bias in (
+        (1, True, False, True),
+        (16, True, False, False),
+        (64, False, False, True),
+        (300, True, False, False),
+        (7, False, True, True),
+        (256, True, True, False),
+    ):
         check_fp8_gemm("cuda", BF16, m, k, n, per_channel, static, bias, backend=backend)
     if backend == "triton":
         check_fp8_gemm("cuda", BF16, 1, k, n, True, False, True, config=dict(fixup=False))
@@ -699,8 +850,12 @@ def test_fp8_dispatch_gpu():
             QF.set_fp8_dispatch(backend=backend, triton_max_m=tmax)
             for m in (1, 16, 17, 512):
                 x, w, ws, b = make_fp8(m, 4096, 4096, BF16, "cuda", True, True)
-                assert_close(QF.fp8_linear(x, w, ws, None, b), ref_fp8_linear(x, w, ws, None, b), BF16,
-                             f"fp8_linear {backend}/{tmax} M={m}")
+                assert_close(
+                    QF.fp8_linear(x, w, ws, None, b),
+                    ref_fp8_linear(x, w, ws, None, b),
+                    BF16,
+                    f"fp8_linear {backend}/{tmax} M={m}",
+                )
         QF.set_fp8_dispatch(block_dequant_min_m=512)
         for m in (1, 16, 200, 512, 2048):
             x, w, _, b = make_fp8(m, 4096, 6144, BF16, "cuda", True, True)

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from fastserve import LLM, SamplingParams
+from safetensors.torch import load_file
 
 ASSETS = Path(__file__).resolve().parent / "assets" / "quant"
 FIXTURES = sorted(p.name for p in ASSETS.iterdir() if (p / "reference" / "reference.json").is_file())
@@ -54,8 +53,9 @@ def test_fixtures_are_committed():
 def _reference(name: str):
     meta = json.loads((ASSETS / name / "reference" / "reference.json").read_text())
     lp = load_file(str(ASSETS / name / "reference" / "logprobs.safetensors"))
-    return meta, [(lp[f"next_logprob.{i}"], lp[f"top_logprobs.{i}"], lp[f"top_ids.{i}"])
-                  for i in range(len(meta["prompts"]))]
+    return meta, [
+        (lp[f"next_logprob.{i}"], lp[f"top_logprobs.{i}"], lp[f"top_ids.{i}"]) for i in range(len(meta["prompts"]))
+    ]
 
 
 def _tol(meta) -> float:
@@ -77,7 +77,8 @@ def _check_greedy(got: list[int], entry: dict, tol: float, where: str) -> int:
         if g != r:
             assert margins[step] < 2 * tol, (
                 f"{where}: greedy token {step} is {g}, the reference has {r} with a top-2 margin of "
-                f"{margins[step]:.4f} (no tie): got {got}, expected {ref}")
+                f"{margins[step]:.4f} (no tie): got {got}, expected {ref}"
+            )
             return step
     assert len(got) == len(ref), f"{where}: {len(got)} tokens, expected {len(ref)}"
     return len(ref)
@@ -90,18 +91,25 @@ def test_real_fixture_matches_reference(name, tmp_path):
     llm = LLM(model=str(_checkpoint(name, tmp_path)), dtype="float32", device="cpu")
     prompts = [e["prompt_token_ids"] for e in meta["prompts"]]
 
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0.0, max_tokens=meta["max_new_tokens"], ignore_eos=True),
-                        use_tqdm=False)
-    compared = [_check_greedy(list(o.outputs[0].token_ids), e, tol, f"{name} prompt {i} ({len(e['prompt_token_ids'])} "
-                              "tokens)") for i, (o, e) in enumerate(zip(outs, meta["prompts"]))]
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0.0, max_tokens=meta["max_new_tokens"], ignore_eos=True),
+        use_tqdm=False,
+    )
+    compared = [
+        _check_greedy(list(o.outputs[0].token_ids), e, tol, f"{name} prompt {i} ({len(e['prompt_token_ids'])} tokens)")
+        for i, (o, e) in enumerate(zip(outs, meta["prompts"]))
+    ]
     assert sum(compared) >= len(compared) * meta["max_new_tokens"] // 2, f"{name}: too few tokens compared {compared}"
 
     # Teacher-forced over prompt + the reference continuation: the log-probability of every
     # actual next token and of the top candidates fastserve reports, against the reference's.
     seqs = [e["prompt_token_ids"] + e["greedy_token_ids"] for e in meta["prompts"]]
-    outs = llm.generate([{"prompt_token_ids": s} for s in seqs],
-                        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=TOP), use_tqdm=False)
+    outs = llm.generate(
+        [{"prompt_token_ids": s} for s in seqs],
+        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=TOP),
+        use_tqdm=False,
+    )
     diffs = []
     for i, (seq, out, (ref_next, ref_top, ref_ids)) in enumerate(zip(seqs, outs, ref_logits)):
         plp = out.prompt_logprobs
@@ -116,12 +124,16 @@ def test_real_fixture_matches_reference(name, tmp_path):
             for tok, lp in cands.items():
                 if tok in ref:
                     diffs.append(d := abs(lp.logprob - ref[tok]))
-                    assert d <= tol, (f"{where} token {tok}: logprob {lp.logprob:.6f}, reference "
-                                      f"({meta['reference']}) {ref[tok]:.6f}, tolerance {tol}")
+                    assert d <= tol, (
+                        f"{where} token {tok}: logprob {lp.logprob:.6f}, reference "
+                        f"({meta['reference']}) {ref[tok]:.6f}, tolerance {tol}"
+                    )
                 else:
-                    assert lp.logprob <= floor + tol, (f"{where} token {tok}: logprob {lp.logprob:.6f}, but the "
-                                                       f"reference ranks it below its top {ref_top.shape[1]} "
-                                                       f"(<= {floor:.6f})")
+                    assert lp.logprob <= floor + tol, (
+                        f"{where} token {tok}: logprob {lp.logprob:.6f}, but the "
+                        f"reference ranks it below its top {ref_top.shape[1]} "
+                        f"(<= {floor:.6f})"
+                    )
             top1 = max(cands.items(), key=lambda kv: kv[1].logprob)[0]
             if float(ref_top[pos - 1, 0] - ref_top[pos - 1, 1]) > 2 * tol:
                 assert top1 == int(ref_ids[pos - 1, 0]), f"{where}: top-1 {top1}, reference {int(ref_ids[pos - 1, 0])}"
@@ -131,7 +143,8 @@ def test_real_fixture_matches_reference(name, tmp_path):
         med, p99 = float(diffs.median()), float(diffs.quantile(0.99))
         assert med <= FP8_MEDIAN and p99 <= FP8_P99, (
             f"{name}: |dlogprob| median {med:.2e} (limit {FP8_MEDIAN}), p99 {p99:.2e} (limit {FP8_P99}): the "
-            f"activations are not quantized like the reference's ({meta['activations']})")
+            f"activations are not quantized like the reference's ({meta['activations']})"
+        )
     print(f"{name}: max |dlogprob| {worst:.2e} (tolerance {tol}), reference {meta['reference']}")
 
 
@@ -146,8 +159,11 @@ def test_real_fixture_chunked_prefix_preemption(name, tmp_path):
     tol = _tol(meta)
     llm = LLM(model=str(_checkpoint(name, tmp_path)), dtype="float32", device="cpu", **STRESS)
     entries = meta["prompts"]
-    shared = [e for e in entries if len(e["prompt_token_ids"]) > 20
-              and e["prompt_token_ids"][:20] == entries[-1]["prompt_token_ids"][:20]]
+    shared = [
+        e
+        for e in entries
+        if len(e["prompt_token_ids"]) > 20 and e["prompt_token_ids"][:20] == entries[-1]["prompt_token_ids"][:20]
+    ]
     assert len(shared) >= 3, "the fixture's reference lacks the shared-prefix prompts"
     params = SamplingParams(temperature=0.0, max_tokens=meta["max_new_tokens"], ignore_eos=True)
     # A request that finished earlier leaves the shared prefix in the cache: the batch hits it.

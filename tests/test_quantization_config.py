@@ -10,24 +10,38 @@ import json
 
 import pytest
 import torch
-
-from test_quantization_load import build, source
-from tiny_models import SHARED_MODELS, make_tiny_checkpoint
-
 from fastserve import LLM, SamplingParams
 from fastserve.engine.arg_utils import EngineArgs
-from fastserve.quantization import (AWQConfig, CompressedTensorsConfig, Fp8Config, GPTQConfig,
-                                    normalize_quantization, resolve_quant_config)
+from fastserve.quantization import (
+    AWQConfig,
+    CompressedTensorsConfig,
+    Fp8Config,
+    GPTQConfig,
+    normalize_quantization,
+    resolve_quant_config,
+)
+from test_quantization_load import build, source
+from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 HF = {"architectures": ["LlamaForCausalLM"]}
 AWQ_CFG = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}
 
 
-@pytest.mark.parametrize("name,expect", [("awq", "awq"), ("AWQ", "awq"), ("awq_marlin", "awq"),
-                                         ("GPTQ_Marlin", "gptq"), ("Fp8", "fp8"),
-                                         ("compressed-tensors", "compressed-tensors"),
-                                         ("Compressed_Tensors", "compressed-tensors"), (None, None), ("none", None)])
+@pytest.mark.parametrize(
+    "name,expect",
+    [
+        ("awq", "awq"),
+        ("AWQ", "awq"),
+        ("awq_marlin", "awq"),
+        ("GPTQ_Marlin", "gptq"),
+        ("Fp8", "fp8"),
+        ("compressed-tensors", "compressed-tensors"),
+        ("Compressed_Tensors", "compressed-tensors"),
+        (None, None),
+        ("none", None),
+    ],
+)
 def test_names_and_aliases(name, expect):
     assert normalize_quantization(name) == expect
 
@@ -45,23 +59,35 @@ def test_detection_sources(tmp_path):
     assert isinstance(resolve_quant_config(None, {**HF, "quantization_config": AWQ_CFG}, None), AWQConfig)
     assert resolve_quant_config(None, HF, None) is None
     # AutoGPTQ's quantize_config.json has no quant_method; old AutoAWQ's quant_config.json spells w_bit.
-    (tmp_path / "quantize_config.json").write_text(json.dumps({"bits": 4, "group_size": 32, "desc_act": True,
-                                                               "sym": False}))
+    (tmp_path / "quantize_config.json").write_text(
+        json.dumps({"bits": 4, "group_size": 32, "desc_act": True, "sym": False})
+    )
     cfg = resolve_quant_config("gptq_marlin", HF, str(tmp_path))
     assert isinstance(cfg, GPTQConfig) and (cfg.group_size, cfg.desc_act, cfg.sym) == (32, True, False)
     (tmp_path / "quantize_config.json").unlink()
-    (tmp_path / "quant_config.json").write_text(json.dumps({"w_bit": 4, "q_group_size": 64, "zero_point": True,
-                                                            "version": "GEMM"}))
+    (tmp_path / "quant_config.json").write_text(
+        json.dumps({"w_bit": 4, "q_group_size": 64, "zero_point": True, "version": "GEMM"})
+    )
     cfg = resolve_quant_config(None, HF, str(tmp_path))
     assert isinstance(cfg, AWQConfig) and cfg.group_size == 64
-    ct = {"quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
-          "config_groups": {"g": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float",
-                                                                       "strategy": "channel"},
-                                  "input_activations": {"num_bits": 8, "type": "float", "dynamic": True}}}}
-    assert isinstance(resolve_quant_config("COMPRESSED-TENSORS", {**HF, "quantization_config": ct}, None),
-                      CompressedTensorsConfig)
-    fp8 = resolve_quant_config(None, {**HF, "quantization_config": {"quant_method": "fp8",
-                                                                    "weight_block_size": [128, 128]}}, None)
+    ct = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "ignore": ["lm_head"],
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+                "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
+            }
+        },
+    }
+    assert isinstance(
+        resolve_quant_config("COMPRESSED-TENSORS", {**HF, "quantization_config": ct}, None), CompressedTensorsConfig
+    )
+    fp8 = resolve_quant_config(
+        None, {**HF, "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}, None
+    )
     assert isinstance(fp8, Fp8Config) and fp8.block == (128, 128)
     assert not resolve_quant_config("fp8", HF, None).serialized  # fp8 at load
 
@@ -76,8 +102,11 @@ def test_contradictions_and_unsupported_are_clear():
     with pytest.raises(ValueError, match="version 'gemv'"):
         resolve_quant_config(None, {**HF, "quantization_config": {**AWQ_CFG, "version": "gemv"}}, None)
     with pytest.raises(ValueError, match="checkpoint_format 'marlin'"):
-        resolve_quant_config(None, {**HF, "quantization_config": {"quant_method": "gptq", "bits": 4,
-                                                                  "checkpoint_format": "marlin"}}, None)
+        resolve_quant_config(
+            None,
+            {**HF, "quantization_config": {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"}},
+            None,
+        )
     with pytest.raises(ValueError, match="GPTNeoXForCausalLM"):
         resolve_quant_config(None, {"architectures": ["GPTNeoXForCausalLM"], "quantization_config": AWQ_CFG}, None)
 
@@ -94,11 +123,15 @@ def test_tp_size_that_breaks_groups_fails_before_loading(tmp_path_factory):
     the layer, the dimension and the group size, and comes before any worker starts."""
     src = source(tmp_path_factory, "LlamaForCausalLM")
     path, _, _ = build(src, tmp_path_factory.mktemp("gptq-tp"), "gptq", dict(bits=4, group_size=32, sym=True))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.o_proj: tensor_parallel_size=4: the input "
-                                         r"dimension K=64 / 4 = 16 per rank is not a multiple of the group size 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.self_attn\.o_proj: tensor_parallel_size=4: the input "
+        r"dimension K=64 / 4 = 16 per rank is not a multiple of the group size 32",
+    ):
         LLM(model=str(path), device="cpu", dtype="float32", tensor_parallel_size=4)
-    desc, _, _ = build(src, tmp_path_factory.mktemp("gptq-tp-desc"), "gptq",
-                       dict(bits=4, group_size=16, sym=True, desc_act=True))
+    desc, _, _ = build(
+        src, tmp_path_factory.mktemp("gptq-tp-desc"), "gptq", dict(bits=4, group_size=16, sym=True, desc_act=True)
+    )
     with pytest.raises(ValueError, match=r"o_proj: tensor_parallel_size=2: act-order"):
         LLM(model=str(desc), device="cpu", dtype="float32", tensor_parallel_size=2)
 
@@ -109,8 +142,15 @@ def test_dummy_weights_in_the_quantized_layout(tmp_path, quantization, caplog):
     default group 128), converted like a checkpoint's; the engine generates."""
     import logging
 
-    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, tokenizer_dir=SHARED_MODELS / "llama3-tokenizer",
-                                hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+    path = make_tiny_checkpoint(
+        "LlamaForCausalLM",
+        tmp_path,
+        tokenizer_dir=SHARED_MODELS / "llama3-tokenizer",
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     for f in path.glob("*.safetensors"):
         f.unlink()  # dummy needs no weights, as for a benchmark of a config alone
     with caplog.at_level(logging.INFO, logger="fastserve"):
@@ -126,13 +166,17 @@ def test_dummy_weights_in_the_quantized_layout(tmp_path, quantization, caplog):
 
 
 def _tp_llm(path, tp):
-    return LLM(str(path), device="cpu", dtype="float32", max_model_len=128, cpu_kv_cache_space_gb=0.01,
-               tensor_parallel_size=tp)
+    return LLM(
+        str(path), device="cpu", dtype="float32", max_model_len=128, cpu_kv_cache_space_gb=0.01, tensor_parallel_size=tp
+    )
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("kind,opts", [("awq", dict(group_size=16)), ("fp8", dict(strategy="tensor", static=True))],
-                         ids=["awq-int4", "fp8-per-tensor-static"])
+@pytest.mark.parametrize(
+    "kind,opts",
+    [("awq", dict(group_size=16)), ("fp8", dict(strategy="tensor", static=True))],
+    ids=["awq-int4", "fp8-per-tensor-static"],
+)
 def test_tp2_equals_tp1(tmp_path_factory, kind, opts):
     """Static activation scales: a row-parallel rank quantizes its half of the input exactly as
     one rank would. (Dynamic per-token scales are per rank under TP, as in vLLM: another

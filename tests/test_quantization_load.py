@@ -15,14 +15,19 @@ import zlib
 
 import pytest
 import torch
+from fastserve import LLM, SamplingParams
+from quant_formats import (
+    awq_quantize,
+    ct_pack_quantize,
+    fake_quant_tokens,
+    fp8_quantize,
+    gptq_quantize,
+    linear_names,
+    write_checkpoint,
+)
 from safetensors.torch import load_file
-
-from quant_formats import (awq_quantize, ct_pack_quantize, fake_quant_tokens, fp8_quantize, gptq_quantize,
-                           linear_names, write_checkpoint)
 from test_parity import hf_greedy, mixed_prompts
 from tiny_models import SHARED_MODELS, load_hf_model, make_tiny_checkpoint
-
-from fastserve import LLM, SamplingParams
 
 MAX_NEW = 8
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
@@ -79,8 +84,9 @@ def build(src, dst, kind: str, opts: dict):
                 g_idx = perms.setdefault((_site(name), gs), _act_order(w.shape[1], gs, gen))
             tensors, w_deq = gptq_quantize(w, bits, gs, opts["sym"], g_idx, v1=opts.get("format", "gptq") == "gptq")
         elif kind == "awq":
-            tensors, w_deq = awq_quantize(w, opts["group_size"], opts.get("zero_point", True),
-                                          opts.get("scale_dtype", torch.float16))
+            tensors, w_deq = awq_quantize(
+                w, opts["group_size"], opts.get("zero_point", True), opts.get("scale_dtype", torch.float16)
+            )
         elif kind == "ct_int":
             g_idx = None
             if opts.get("actorder"):
@@ -89,8 +95,12 @@ def build(src, dst, kind: str, opts: dict):
         elif kind in ("fp8", "ct_fp8"):
             strategy = opts["strategy"]
             wq, s, w_deq = fp8_quantize(w, strategy, opts.get("block"))
-            tensors = {"weight": wq, ("weight_scale_inv" if strategy == "block" else "weight_scale"):
-                       s.reshape(1) if kind == "ct_fp8" and strategy == "tensor" else s}
+            tensors = {
+                "weight": wq,
+                ("weight_scale_inv" if strategy == "block" else "weight_scale"): s.reshape(1)
+                if kind == "ct_fp8" and strategy == "tensor"
+                else s,
+            }
             hook = {}
             if opts.get("static"):
                 # One calibrated scale per input: the linears reading the same input get the same.
@@ -106,36 +116,70 @@ def build(src, dst, kind: str, opts: dict):
         out.update({f"{name}.{k}": v for k, v in tensors.items()})
         deq[f"{name}.weight"] = w_deq.float()
     if kind == "gptq":
-        qcfg = {"quant_method": "gptq", "bits": opts["bits"], "group_size": opts["group_size"],
-                "desc_act": bool(opts.get("desc_act")), "sym": opts["sym"], "lm_head": opts.get("lm_head") == "config",
-                "checkpoint_format": opts.get("format", "gptq"), "pack_dtype": "int32",
-                "meta": {"quantizer": ["test"]}}
+        qcfg = {
+            "quant_method": "gptq",
+            "bits": opts["bits"],
+            "group_size": opts["group_size"],
+            "desc_act": bool(opts.get("desc_act")),
+            "sym": opts["sym"],
+            "lm_head": opts.get("lm_head") == "config",
+            "checkpoint_format": opts.get("format", "gptq"),
+            "pack_dtype": "int32",
+            "meta": {"quantizer": ["test"]},
+        }
         if "dynamic" in opts:
             qcfg["dynamic"] = opts["dynamic"]
         cfg_file = opts.get("config_file", "config.json")
     elif kind == "awq":
-        qcfg = {"quant_method": "awq", "bits": 4, "group_size": opts["group_size"],
-                "zero_point": opts.get("zero_point", True), "version": "gemm",
-                "modules_to_not_convert": opts.get("not_convert")}
+        qcfg = {
+            "quant_method": "awq",
+            "bits": 4,
+            "group_size": opts["group_size"],
+            "zero_point": opts.get("zero_point", True),
+            "version": "gemm",
+            "modules_to_not_convert": opts.get("not_convert"),
+        }
         if opts.get("config_file") == "quant_config.json":
             qcfg = {"w_bit": 4, "q_group_size": opts["group_size"], "zero_point": True, "version": "GEMM"}
             cfg_file = "quant_config.json"
     elif kind == "ct_int":
-        weights = {"num_bits": opts["bits"], "type": "int", "symmetric": opts["symmetric"],
-                   "strategy": "group" if opts["group_size"] != -1 else "channel",
-                   "group_size": None if opts["group_size"] == -1 else opts["group_size"],
-                   "actorder": "group" if opts.get("actorder") else None, "dynamic": False}
-        qcfg = {"quant_method": "compressed-tensors", "format": "pack-quantized",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
-                                              "input_activations": None, "format": "pack-quantized"}},
-                "ignore": ["lm_head"] + opts.get("ignore", [])}
+        weights = {
+            "num_bits": opts["bits"],
+            "type": "int",
+            "symmetric": opts["symmetric"],
+            "strategy": "group" if opts["group_size"] != -1 else "channel",
+            "group_size": None if opts["group_size"] == -1 else opts["group_size"],
+            "actorder": "group" if opts.get("actorder") else None,
+            "dynamic": False,
+        }
+        qcfg = {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["Linear"],
+                    "weights": weights,
+                    "input_activations": None,
+                    "format": "pack-quantized",
+                }
+            },
+            "ignore": ["lm_head"] + opts.get("ignore", []),
+        }
     elif kind == "ct_fp8":
-        acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": not opts.get("static"),
-                "strategy": "tensor" if opts.get("static") else "token"}
+        acts = {
+            "num_bits": 8,
+            "type": "float",
+            "symmetric": True,
+            "dynamic": not opts.get("static"),
+            "strategy": "tensor" if opts.get("static") else "token",
+        }
         weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": opts["strategy"], "dynamic": False}
-        qcfg = {"quant_method": "compressed-tensors", "format": "float-quantized",
-                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
-                "ignore": ["lm_head"]}
+        qcfg = {
+            "quant_method": "compressed-tensors",
+            "format": "float-quantized",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": acts}},
+            "ignore": ["lm_head"],
+        }
     elif kind == "fp8":
         qcfg = {"quant_method": "fp8", "activation_scheme": "static" if opts.get("static") else "dynamic"}
         if opts.get("block"):
@@ -149,7 +193,8 @@ def reference(src, deq: dict, hooks: dict):
     hf.load_state_dict(deq, strict=True)
     for name, kwargs in hooks.items():
         hf.get_submodule(name).register_forward_pre_hook(
-            lambda mod, args, kw=kwargs: (fake_quant_tokens(args[0], **kw).to(args[0].dtype),))
+            lambda mod, args, kw=kwargs: (fake_quant_tokens(args[0], **kw).to(args[0].dtype),)
+        )
     return hf
 
 
@@ -163,12 +208,10 @@ def source(tmp_path_factory, arch: str):
     return _SOURCES[arch]
 
 
-def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, seed=0,
-               lengths=(1, 7, 17, 33, 50)):
+def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, seed=0, lengths=(1, 7, 17, 33, 50)):
     llm_kwargs = dict(llm_kwargs or {})
     llm = LLM(model=str(path), dtype="float32", device="cpu", quantization=quantization, **llm_kwargs)
-    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=seed, shared_prefix=shared_prefix,
-                            lengths=lengths)
+    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=seed, shared_prefix=shared_prefix, lengths=lengths)
     if shared_prefix:
         llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY, use_tqdm=False)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
@@ -186,36 +229,82 @@ def run_parity(path, hf, llm_kwargs=None, shared_prefix=0, quantization=None, se
 CASES = [
     ("gptq-4bit-sym-g16", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=16, sym=True), True),
     ("gptq-4bit-asym-g32-qwen2-bias", "Qwen2ForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False), False),
-    ("gptq-4bit-asym-desc_act", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=16, sym=False, desc_act=True),
-     True),
-    ("gptq_v2-4bit-asym-desc_act", "LlamaForCausalLM", "gptq",
-     dict(bits=4, group_size=32, sym=False, desc_act=True, format="gptq_v2"), False),
+    (
+        "gptq-4bit-asym-desc_act",
+        "LlamaForCausalLM",
+        "gptq",
+        dict(bits=4, group_size=16, sym=False, desc_act=True),
+        True,
+    ),
+    (
+        "gptq_v2-4bit-asym-desc_act",
+        "LlamaForCausalLM",
+        "gptq",
+        dict(bits=4, group_size=32, sym=False, desc_act=True, format="gptq_v2"),
+        False,
+    ),
     ("gptq-8bit-sym-channel", "LlamaForCausalLM", "gptq", dict(bits=8, group_size=-1, sym=True), False),
-    ("gptq-4bit-lm_head", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False, lm_head="config"),
-     False),
+    ("gptq-4bit-lm_head", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=32, sym=False, lm_head="config"), False),
     # lm_head.qweight in the checkpoint while the config says lm_head: false: loaded quantized.
-    ("gptq-lm_head-undeclared", "LlamaForCausalLM", "gptq", dict(bits=4, group_size=64, sym=True, lm_head="tensors"),
-     False),
-    ("gptq-quantize_config.json", "LlamaForCausalLM", "gptq",
-     dict(bits=4, group_size=32, sym=True, config_file="quantize_config.json"), False),
-    ("gptq-dynamic", "LlamaForCausalLM", "gptq",
-     dict(bits=4, group_size=32, sym=False, skip=[r".*layers\.1\.mlp\.down_proj"],
-          dynamic={r"-:.*layers\.1\.mlp\.down_proj": {}, r"+:.*layers\.0\.self_attn\..*": {"bits": 8,
-                                                                                            "group_size": 64}}),
-     False),
+    (
+        "gptq-lm_head-undeclared",
+        "LlamaForCausalLM",
+        "gptq",
+        dict(bits=4, group_size=64, sym=True, lm_head="tensors"),
+        False,
+    ),
+    (
+        "gptq-quantize_config.json",
+        "LlamaForCausalLM",
+        "gptq",
+        dict(bits=4, group_size=32, sym=True, config_file="quantize_config.json"),
+        False,
+    ),
+    (
+        "gptq-dynamic",
+        "LlamaForCausalLM",
+        "gptq",
+        dict(
+            bits=4,
+            group_size=32,
+            sym=False,
+            skip=[r".*layers\.1\.mlp\.down_proj"],
+            dynamic={
+                r"-:.*layers\.1\.mlp\.down_proj": {},
+                r"+:.*layers\.0\.self_attn\..*": {"bits": 8, "group_size": 64},
+            },
+        ),
+        False,
+    ),
     ("awq-g16", "LlamaForCausalLM", "awq", dict(group_size=16), True),
     ("awq-g64-bf16-scales-qwen2", "Qwen2ForCausalLM", "awq", dict(group_size=64, scale_dtype=torch.bfloat16), False),
-    ("awq-g-1-not-convert", "LlamaForCausalLM", "awq",
-     dict(group_size=-1, skip=[r".*\.o_proj"], not_convert=["o_proj"]), False),
+    (
+        "awq-g-1-not-convert",
+        "LlamaForCausalLM",
+        "awq",
+        dict(group_size=-1, skip=[r".*\.o_proj"], not_convert=["o_proj"]),
+        False,
+    ),
     ("awq-no-zero-point", "LlamaForCausalLM", "awq", dict(group_size=32, zero_point=False), False),
     ("awq-quant_config.json", "LlamaForCausalLM", "awq", dict(group_size=32, config_file="quant_config.json"), False),
     ("ct-w4a16-g16", "LlamaForCausalLM", "ct_int", dict(bits=4, group_size=16, symmetric=True), True),
     ("ct-w4a16-asym-qwen2", "Qwen2ForCausalLM", "ct_int", dict(bits=4, group_size=32, symmetric=False), False),
-    ("ct-w4a16-actorder", "LlamaForCausalLM", "ct_int",
-     dict(bits=4, group_size=16, symmetric=True, actorder=True), False),
-    ("ct-w8a16-channel-ignore", "LlamaForCausalLM", "ct_int",
-     dict(bits=8, group_size=-1, symmetric=True, skip=[r".*layers\.0\.mlp\..*"], ignore=["re:.*layers\\.0\\.mlp\\..*"]),
-     False),
+    (
+        "ct-w4a16-actorder",
+        "LlamaForCausalLM",
+        "ct_int",
+        dict(bits=4, group_size=16, symmetric=True, actorder=True),
+        False,
+    ),
+    (
+        "ct-w8a16-channel-ignore",
+        "LlamaForCausalLM",
+        "ct_int",
+        dict(
+            bits=8, group_size=-1, symmetric=True, skip=[r".*layers\.0\.mlp\..*"], ignore=["re:.*layers\\.0\\.mlp\\..*"]
+        ),
+        False,
+    ),
     ("fp8-tensor-dynamic", "LlamaForCausalLM", "fp8", dict(strategy="tensor"), True),
     ("fp8-tensor-static-qwen2", "Qwen2ForCausalLM", "fp8", dict(strategy="tensor", static=True), False),
     ("fp8-block16", "LlamaForCausalLM", "fp8", dict(strategy="block", block=(16, 16)), False),

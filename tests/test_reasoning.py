@@ -13,21 +13,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 
-@pytest.mark.parametrize("cls,text,expected", [
-    (Qwen3ReasoningParser, "<think>\nplan it\n</think>\n\nThe answer.",
-     ("\nplan it\n", "\n\nThe answer.")),
-    (Qwen3ReasoningParser, "No thinking here.", (None, "No thinking here.")),
-    (Qwen3ReasoningParser, "<think>cut off mid-thought", ("cut off mid-thought", None)),
-    (Qwen3ReasoningParser, "<think></think>answer", (None, "answer")),
-    (Qwen3ReasoningParser, "<thin", (None, "<thin")),
-    (Qwen3ReasoningParser, "a </think> b", (None, "a </think> b")),
-    # DeepSeek-R1's template opens the think block in the prompt: output starts inside it.
-    (DeepSeekR1ReasoningParser, "reason first</think>then answer",
-     ("reason first", "then answer")),
-    (DeepSeekR1ReasoningParser, "<think>explicit</think>x", ("explicit", "x")),
-    (DeepSeekR1ReasoningParser, "never closed", ("never closed", None)),
-    (DeepSeekR1ReasoningParser, "ends with partial </thi", ("ends with partial </thi", None)),
-])
+@pytest.mark.parametrize(
+    "cls,text,expected",
+    [
+        (Qwen3ReasoningParser, "<think>\nplan it\n</think>\n\nThe answer.", ("\nplan it\n", "\n\nThe answer.")),
+        (Qwen3ReasoningParser, "No thinking here.", (None, "No thinking here.")),
+        (Qwen3ReasoningParser, "<think>cut off mid-thought", ("cut off mid-thought", None)),
+        (Qwen3ReasoningParser, "<think></think>answer", (None, "answer")),
+        (Qwen3ReasoningParser, "<thin", (None, "<thin")),
+        (Qwen3ReasoningParser, "a </think> b", (None, "a </think> b")),
+        # DeepSeek-R1's template opens the think block in the prompt: output starts inside it.
+        (DeepSeekR1ReasoningParser, "reason first</think>then answer", ("reason first", "then answer")),
+        (DeepSeekR1ReasoningParser, "<think>explicit</think>x", ("explicit", "x")),
+        (DeepSeekR1ReasoningParser, "never closed", ("never closed", None)),
+        (DeepSeekR1ReasoningParser, "ends with partial </thi", ("ends with partial </thi", None)),
+    ],
+)
 def test_parse(cls, text, expected):
     assert cls().parse(text) == expected
 
@@ -43,13 +44,15 @@ def stream(cls, pieces):
     return "".join(reasoning) + r, "".join(content) + c
 
 
-_alphabet = st.sampled_from(["<think>", "</think>", "<", "/", "think", ">", "a", "\n", " ",
-                             "é", "</", "<th", "ink>"])
+_alphabet = st.sampled_from(["<think>", "</think>", "<", "/", "think", ">", "a", "\n", " ", "é", "</", "<th", "ink>"])
 
 
 @settings(max_examples=300, deadline=None)
-@given(parts=st.lists(_alphabet, max_size=14), cuts=st.lists(st.integers(0, 200), max_size=8),
-       cls=st.sampled_from([Qwen3ReasoningParser, DeepSeekR1ReasoningParser]))
+@given(
+    parts=st.lists(_alphabet, max_size=14),
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+    cls=st.sampled_from([Qwen3ReasoningParser, DeepSeekR1ReasoningParser]),
+)
 def test_stream_equals_whole(parts, cuts, cls):
     text = "".join(parts)
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})

@@ -39,7 +39,7 @@ class FaultHook:
         qsl = batch.query_start_loc
         for r in range(batch.num_seqs):
             rid = batch.request_id(r)
-            row = batch.input_ids[qsl[r]:qsl[r + 1]]
+            row = batch.input_ids[qsl[r] : qsl[r + 1]]
             if rid not in self.countdown:
                 if FAIL_NOW in row:
                     self.countdown[rid] = 0
@@ -49,8 +49,11 @@ class FaultHook:
                     continue
             else:
                 self.countdown[rid] -= 1
-        due = [rid for rid in (batch.request_id(r) for r in range(batch.num_seqs))
-               if self.countdown.get(rid, 1) <= 0 and rid not in self.raised]
+        due = [
+            rid
+            for rid in (batch.request_id(r) for r in range(batch.num_seqs))
+            if self.countdown.get(rid, 1) <= 0 and rid not in self.raised
+        ]
         if due:
             self.raised.append(due[0])
             raise RequestError(due[0], "injected per-request fault")
@@ -66,8 +69,7 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--seed", "3"],
-                     step_hook=HOOK).start()
+    s = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--seed", "3"], step_hook=HOOK).start()
     yield s
     s.stop()
 
@@ -105,8 +107,11 @@ async def _wait_idle(session, base, timeout=20.0) -> dict[str, float]:
     while True:
         async with session.get(base + "/metrics") as r:
             m = _metrics(await r.text())
-        if m["fastserve:num_requests_running"] == 0 and m["fastserve:num_requests_waiting"] == 0 \
-                and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]:
+        if (
+            m["fastserve:num_requests_running"] == 0
+            and m["fastserve:num_requests_waiting"] == 0
+            and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]
+        ):
             return m
         assert time.monotonic() < deadline, f"engine not idle: {m}"
         await asyncio.sleep(0.05)
@@ -122,8 +127,10 @@ def _prompt(rng_seed: int, n: int) -> list[int]:
 def test_request_fault_fails_alone(server):
     base = server.base_url
     cmpl, chat = base + "/v1/completions", base + "/v1/chat/completions"
-    healthy = [{"prompt": _prompt(i, 5 + 3 * i), "max_tokens": 6 + i % 5, "temperature": 0,
-                "ignore_eos": True} for i in range(16)]
+    healthy = [
+        {"prompt": _prompt(i, 5 + 3 * i), "max_tokens": 6 + i % 5, "temperature": 0, "ignore_eos": True}
+        for i in range(16)
+    ]
 
     async def main():
         async with aiohttp.ClientSession() as s:
@@ -136,13 +143,14 @@ def test_request_fault_fails_alone(server):
             poisoned = [
                 _post(s, cmpl, {"prompt": _prompt(100, 9) + [FAIL_NOW], "max_tokens": 8}),
                 # the marker only as a field value, not in the prompt: not poisoned
-                _post(s, chat, {"messages": [{"role": "user", "content": "hi"}],
-                                "max_tokens": 8, "stop_token_ids": [FAIL_NOW]}),
-                _stream(s, cmpl, {"prompt": _prompt(101, 7) + [FAIL_LATER], "max_tokens": 40,
-                                  "ignore_eos": True}),
+                _post(
+                    s,
+                    chat,
+                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stop_token_ids": [FAIL_NOW]},
+                ),
+                _stream(s, cmpl, {"prompt": _prompt(101, 7) + [FAIL_LATER], "max_tokens": 40, "ignore_eos": True}),
             ]
-            normal = [(_stream if i % 2 else _post)(s, cmpl, body)
-                      for i, body in enumerate(healthy)]
+            normal = [(_stream if i % 2 else _post)(s, cmpl, body) for i, body in enumerate(healthy)]
             results = await asyncio.gather(*poisoned, *normal)
             idle = await _wait_idle(s, base)
             async with s.get(base + "/health") as r:
@@ -202,9 +210,22 @@ def test_unrecoverable_fault_exits_nonzero(checkpoint, tmp_path):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(script), "--model", str(checkpoint),
-                             "--device", "cpu", "--port", str(port), "--disable-log-requests"],
-                            env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--port",
+            str(port),
+            "--disable-log-requests",
+        ],
+        env=subprocess_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
     async def main():
         timeout = aiohttp.ClientTimeout(total=60)
@@ -220,8 +241,7 @@ def test_unrecoverable_fault_exits_nonzero(checkpoint, tmp_path):
                     pass
                 assert time.monotonic() < deadline, "server did not become ready"
                 await asyncio.sleep(0.1)
-            status, _ = await _post(s, base + "/v1/completions",
-                                    {"prompt": "fine", "max_tokens": 3})
+            status, _ = await _post(s, base + "/v1/completions", {"prompt": "fine", "max_tokens": 3})
             assert status == 200
 
             async def waiting_client(body):
@@ -234,9 +254,14 @@ def test_unrecoverable_fault_exits_nonzero(checkpoint, tmp_path):
                 except aiohttp.ClientConnectionError:
                     return "closed", None
 
-            others = [asyncio.ensure_future(waiting_client(
-                {"prompt": _prompt(i, 6), "max_tokens": 200, "ignore_eos": True,
-                 "stream": bool(i % 2)})) for i in range(4)]
+            others = [
+                asyncio.ensure_future(
+                    waiting_client(
+                        {"prompt": _prompt(i, 6), "max_tokens": 200, "ignore_eos": True, "stream": bool(i % 2)}
+                    )
+                )
+                for i in range(4)
+            ]
             await asyncio.sleep(0.3)
             t0 = time.monotonic()
             fatal = await waiting_client({"prompt": _prompt(9, 5) + [FAIL_NOW], "max_tokens": 4})

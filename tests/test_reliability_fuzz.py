@@ -23,8 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 ANSWER_SECONDS = 10.0
 BASES = {
     "/v1/completions": {"prompt": "fuzz me", "max_tokens": 2},
-    "/v1/chat/completions": {"messages": [{"role": "user", "content": "fuzz me"}],
-                             "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "fuzz me"}], "max_tokens": 2},
     "/tokenize": {"prompt": "fuzz me"},
     "/detokenize": {"tokens": [100, 200]},
 }
@@ -73,8 +72,9 @@ class Bystander:
     """A normal greedy request, sent over and over while the fuzzing runs; every answer must
     equal the first one."""
 
-    BODY = json.dumps({"prompt": [101, 2020, 3030, 4040], "max_tokens": 5, "temperature": 0,
-                       "ignore_eos": True}).encode()
+    BODY = json.dumps(
+        {"prompt": [101, 2020, 3030, 4040], "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    ).encode()
 
     def __init__(self, server) -> None:
         self.server = server
@@ -142,14 +142,19 @@ HAND_PICKED = [
     ("/v1/chat/completions", {"messages": [{"content": "x"}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 50_000}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 10**6,
-                              "temperature": 1}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "max_completion_tokens": 10**9}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "chat_template": "{% for x in range(10**9) %}a{% endfor %}"}),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                              "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 10**6, "temperature": 1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10**9}),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "x"}], "chat_template": "{% for x in range(10**9) %}a{% endfor %}"},
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        },
+    ),
     ("/tokenize", {}),
     ("/tokenize", {"prompt": "x", "messages": [{"role": "user", "content": "x"}]}),
     ("/detokenize", {"tokens": [-1]}),
@@ -158,18 +163,26 @@ HAND_PICKED = [
 ]
 
 RAW = [
-    b"", b"null", b"[]", b"123", b'"str"', b"{", b'{"prompt": "x",}', b"NaN",
-    b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "temperature": Infinity}',
-    b'{"prompt": "\xff\xfe\xfd"}', b'{"prompt": "\xed\xa0\x80"}', b"\xef\xbb\xbf{}",
+    b"",
+    b"null",
+    b"[]",
+    b"123",
+    b'"str"',
+    b"{",
+    b'{"prompt": "x",}',
+    b"NaN",
+    b'{"prompt": "x", "temperature": NaN}',
+    b'{"prompt": "x", "temperature": Infinity}',
+    b'{"prompt": "\xff\xfe\xfd"}',
+    b'{"prompt": "\xed\xa0\x80"}',
+    b"\xef\xbb\xbf{}",
     b'{"prompt": "x", "stop": ' + _deep(100_000) + b"}",
-    b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": '
-    + _deep(100_000) + b"}}",
+    b'{"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"a": ' + _deep(100_000) + b"}}",
     b'{"prompt": "x", "prompt": 5}',
 ]
 
 
-@pytest.mark.parametrize("path,body", HAND_PICKED,
-                         ids=[f"{p}-{i}" for i, (p, _) in enumerate(HAND_PICKED)])
+@pytest.mark.parametrize("path,body", HAND_PICKED, ids=[f"{p}-{i}" for i, (p, _) in enumerate(HAND_PICKED)])
 def test_hand_picked_bad_input(server, path, body):
     status, data, elapsed = post(server, path, json.dumps(body).encode())
     check_answer(status, data, elapsed, (path, str(body)[:200]))
@@ -193,15 +206,19 @@ def test_unknown_fields_are_ignored(server):
 
 
 _scalars = st.one_of(
-    st.none(), st.booleans(),
+    st.none(),
+    st.booleans(),
     st.sampled_from([-1, 0, 1, 2, 3, -(2**63), 2**63, 2**64 + 1, 10**6, 10**9, 10**30]),
     st.floats(allow_nan=False, allow_infinity=False),
     st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e-300, -0.0]),
-    st.text(max_size=30), st.sampled_from(["", "x" * 200_000, "\u0000", "\ud800", "é🙂"]),
+    st.text(max_size=30),
+    st.sampled_from(["", "x" * 200_000, "\u0000", "\ud800", "é🙂"]),
 )
-_json = st.recursive(_scalars, lambda inner: st.one_of(
-    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-    max_leaves=12)
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 @st.composite
@@ -211,16 +228,17 @@ def bodies(draw):
     names = st.one_of(st.sampled_from(FIELDS[path]), st.text(min_size=1, max_size=12))
     for name in draw(st.lists(names, min_size=1, max_size=3, unique=True)):
         body[name] = draw(_json)
-    if path.startswith("/v1/") and isinstance(body.get("max_tokens"), int) \
-            and 3 < body["max_tokens"] < 10**6:
+    if path.startswith("/v1/") and isinstance(body.get("max_tokens"), int) and 3 < body["max_tokens"] < 10**6:
         body["max_tokens"] = 3  # keep valid requests short: the run is about refusals
     return path, body
 
 
 def test_generated_bad_input(server):
     with Bystander(server):
-        @settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+
+        @settings(
+            max_examples=300, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         @given(bodies())
         def one(case):
             path, body = case

@@ -44,12 +44,27 @@ class ServerProcess:
         self.log_path = log_path
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastserve", "--model", str(checkpoint), "--device", "cpu",
-             "--port", str(self.port), "--disable-log-requests", "--log-level", "warning",
-             # One torch thread: on a 2-core runner a second one only fights the server's event
-            # loop and this process's clients for the cores.
-            *flags], env={**subprocess_env(), "OMP_NUM_THREADS": "1"}, stdout=self.log,
-            stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "fastserve",
+                "--model",
+                str(checkpoint),
+                "--device",
+                "cpu",
+                "--port",
+                str(self.port),
+                "--disable-log-requests",
+                "--log-level",
+                "warning",
+                # One torch thread: on a 2-core runner a second one only fights the server's event
+                # loop and this process's clients for the cores.
+                *flags,
+            ],
+            env={**subprocess_env(), "OMP_NUM_THREADS": "1"},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
 
     async def wait_ready(self, session, timeout=120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -97,8 +112,11 @@ async def wait_idle(session, base, timeout=30.0) -> dict[str, float]:
     deadline = time.monotonic() + timeout
     while True:
         m = await metrics(session, base)
-        if m["fastserve:num_requests_running"] == 0 and m["fastserve:num_requests_waiting"] == 0 \
-                and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]:
+        if (
+            m["fastserve:num_requests_running"] == 0
+            and m["fastserve:num_requests_waiting"] == 0
+            and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]
+        ):
             return m
         assert time.monotonic() < deadline, f"engine not idle after {timeout} s: {m}"
         await asyncio.sleep(0.1)
@@ -127,9 +145,14 @@ def make_templates(rng: random.Random, count: int) -> list[dict]:
         else:
             path = "/v1/chat/completions"
             words = rng.choice([2, 10, 40])
-            body["messages"] = [{"role": "user", "content": " ".join(
-                rng.choice(["alpha", "beta", "gamma", "delta", "tea", "cup", "42", "é"])
-                for _ in range(words))}]
+            body["messages"] = [
+                {
+                    "role": "user",
+                    "content": " ".join(
+                        rng.choice(["alpha", "beta", "gamma", "delta", "tea", "cup", "42", "é"]) for _ in range(words)
+                    ),
+                }
+            ]
         out.append((path, body))
     return out
 
@@ -146,8 +169,7 @@ async def call(session, base, path, body, stream: bool, drop_after: int | None):
             data = await r.json(content_type=None)
             if r.status != 200:
                 return r.status, data, None, None
-            return 200, data["id"], texts_of(path, data), \
-                {c["index"]: c["finish_reason"] for c in data["choices"]}
+            return 200, data["id"], texts_of(path, data), {c["index"]: c["finish_reason"] for c in data["choices"]}
         texts: dict[int, str] = {}
         reasons: dict[int, str] = {}
         ids = set()
@@ -181,8 +203,7 @@ async def call(session, base, path, body, stream: bool, drop_after: int | None):
 def test_5000_requests_500_clients(checkpoint, tmp_path):
     rng = random.Random(1234)
     templates = make_templates(rng, 60)
-    server = ServerProcess(checkpoint, tmp_path / "server.log", "--served-model-name", "tiny",
-                           "--seed", "11")
+    server = ServerProcess(checkpoint, tmp_path / "server.log", "--served-model-name", "tiny", "--seed", "11")
 
     async def main():
         conn = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -237,8 +258,7 @@ def test_5000_requests_500_clients(checkpoint, tmp_path):
         refs, plan, results, before, after, rss_warm, rss_after, elapsed = asyncio.run(main())
     finally:
         server.stop()
-    print(f"{NUM_REQUESTS} requests in {elapsed:.1f} s; RSS {rss_warm >> 20} -> "
-          f"{rss_after >> 20} MiB")
+    print(f"{NUM_REQUESTS} requests in {elapsed:.1f} s; RSS {rss_warm >> 20} -> {rss_after >> 20} MiB")
     assert len(results) == NUM_REQUESTS
     ids, dropped = set(), 0
     for k, (t, stream, drop) in enumerate(plan):
@@ -250,20 +270,22 @@ def test_5000_requests_500_clients(checkpoint, tmp_path):
         assert rid not in ids, "a response id came twice"
         ids.add(rid)
         assert texts == refs[t], (k, t, stream)
-        assert set(reasons) == set(refs[t]) and all(r in ("stop", "length") for r in
-                                                     reasons.values())
+        assert set(reasons) == set(refs[t]) and all(r in ("stop", "length") for r in reasons.values())
     assert dropped >= NUM_REQUESTS * 0.5 * DROP_FRACTION * 0.7
 
     def delta(name):
         return after[name] - before[name]
 
-    finished = sum(delta(f'fastserve:request_success_total{{finished_reason="{r}"}}')
-                   for r in ("stop", "length", "abort"))
+    finished = sum(
+        delta(f'fastserve:request_success_total{{finished_reason="{r}"}}') for r in ("stop", "length", "abort")
+    )
     assert finished == NUM_REQUESTS  # every request reached the engine's end exactly once
     assert delta('fastserve:request_success_total{finished_reason="abort"}') <= dropped
-    server_errors = {k: v - before.get(k, 0) for k, v in after.items()
-                     if k.startswith("fastserve:http_requests_total") and 'status="5' in k
-                     and v != before.get(k, 0)}
+    server_errors = {
+        k: v - before.get(k, 0)
+        for k, v in after.items()
+        if k.startswith("fastserve:http_requests_total") and 'status="5' in k and v != before.get(k, 0)
+    }
     assert not server_errors
     assert after["fastserve:num_free_blocks"] == after["fastserve:num_total_blocks"]
     assert abs(rss_after - rss_warm) <= 0.1 * rss_warm, (rss_warm, rss_after)
@@ -275,26 +297,50 @@ def test_kv_exhaustion_preempts_and_resumes(checkpoint, tmp_path):
     scheduler preempts and recomputes, and every request still finishes with its alone
     output."""
     rng = random.Random(99)
-    bodies = [{"prompt": [rng.randrange(100, 100000) for _ in range(rng.randint(20, 40))],
-               "max_tokens": 40, "ignore_eos": True, "temperature": 0.0} for _ in range(20)]
-    bodies += [{"prompt": [rng.randrange(100, 100000) for _ in range(30)], "max_tokens": 40,
-                "ignore_eos": True, "temperature": 1.0, "seed": i, "n": 2} for i in range(4)]
-    server = ServerProcess(checkpoint, tmp_path / "server.log", "--num-gpu-blocks-override",
-                           "24", "--block-size", "16", "--max-model-len", "256", "--no-enable-prefix-caching")
+    bodies = [
+        {
+            "prompt": [rng.randrange(100, 100000) for _ in range(rng.randint(20, 40))],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "temperature": 0.0,
+        }
+        for _ in range(20)
+    ]
+    bodies += [
+        {
+            "prompt": [rng.randrange(100, 100000) for _ in range(30)],
+            "max_tokens": 40,
+            "ignore_eos": True,
+            "temperature": 1.0,
+            "seed": i,
+            "n": 2,
+        }
+        for i in range(4)
+    ]
+    server = ServerProcess(
+        checkpoint,
+        tmp_path / "server.log",
+        "--num-gpu-blocks-override",
+        "24",
+        "--block-size",
+        "16",
+        "--max-model-len",
+        "256",
+        "--no-enable-prefix-caching",
+    )
 
     async def main():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
             await server.wait_ready(s)
             refs = []
             for body in bodies:
-                status, _, texts, _ = await call(s, server.base, "/v1/completions", body,
-                                                 False, None)
+                status, _, texts, _ = await call(s, server.base, "/v1/completions", body, False, None)
                 assert status == 200
                 refs.append(texts)
             before = await metrics(s, server.base)
-            results = await asyncio.gather(*(
-                call(s, server.base, "/v1/completions", b, i % 2 == 1, None)
-                for i, b in enumerate(bodies)))
+            results = await asyncio.gather(
+                *(call(s, server.base, "/v1/completions", b, i % 2 == 1, None) for i, b in enumerate(bodies))
+            )
             after = await wait_idle(s, server.base)
             return refs, results, before, after
 

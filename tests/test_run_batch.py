@@ -14,35 +14,89 @@ from fastserve.__main__ import main as fastserve_main
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
 TOKENIZER = SHARED_MODELS / "llama3-tokenizer"
-ENGINE = ["--device", "cpu", "--dtype", "float32", "--max-model-len", "128", "--num-gpu-blocks-override", "64",
-          "--served-model-name", "tiny"]
+ENGINE = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--max-model-len",
+    "128",
+    "--num-gpu-blocks-override",
+    "64",
+    "--served-model-name",
+    "tiny",
+]
 
 pytestmark = pytest.mark.timeout(300)
 
 GOOD = {
-    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5,
-                                      "temperature": 0}),
-    "two-prompts": ("/v1/completions", {"prompt": ["one two", "three four five"], "max_tokens": 4, "temperature": 0.8,
-                                        "seed": 11, "n": 2, "model": "tiny"}),
-    "ids-logprobs": ("/v1/completions", {"prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0, "logprobs": 2,
-                                         "echo": True}),
-    "chat-logprobs": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                                               "temperature": 0, "logprobs": True, "top_logprobs": 2}),
+    "chat": (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 5, "temperature": 0},
+    ),
+    "two-prompts": (
+        "/v1/completions",
+        {
+            "prompt": ["one two", "three four five"],
+            "max_tokens": 4,
+            "temperature": 0.8,
+            "seed": 11,
+            "n": 2,
+            "model": "tiny",
+        },
+    ),
+    "ids-logprobs": (
+        "/v1/completions",
+        {"prompt": [5, 6, 7, 8], "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True},
+    ),
+    "chat-logprobs": (
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    ),
 }
 # custom_id -> (line, expected status, expected param)
 BAD = {
-    "wrong-url": ('{"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
-                  400, "url"),
-    "bad-field": ('{"custom_id": "bad-field", "method": "POST", "url": "/v1/completions", '
-                  '"body": {"prompt": "x", "max_tokens": "many"}}', 400, "max_tokens"),
-    "bad-model": ('{"custom_id": "bad-model", "method": "POST", "url": "/v1/completions", '
-                  '"body": {"prompt": "x", "model": "other"}}', 404, "model"),
-    "too-long": ('{"custom_id": "too-long", "method": "POST", "url": "/v1/completions", '
-                 '"body": {"prompt": [5, 6, 7], "max_tokens": 500}}', 400, "max_tokens"),
-    "streamed": ('{"custom_id": "streamed", "method": "POST", "url": "/v1/chat/completions", '
-                 '"body": {"messages": [{"role": "user", "content": "x"}], "stream": true}}', 400, "stream"),
-    "bad-role": ('{"custom_id": "bad-role", "method": "POST", "url": "/v1/chat/completions", '
-                 '"body": {"messages": [{"role": "wizard", "content": "x"}]}}', 400, "messages[0].role"),
+    "wrong-url": (
+        '{"custom_id": "wrong-url", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}',
+        400,
+        "url",
+    ),
+    "bad-field": (
+        '{"custom_id": "bad-field", "method": "POST", "url": "/v1/completions", '
+        '"body": {"prompt": "x", "max_tokens": "many"}}',
+        400,
+        "max_tokens",
+    ),
+    "bad-model": (
+        '{"custom_id": "bad-model", "method": "POST", "url": "/v1/completions", '
+        '"body": {"prompt": "x", "model": "other"}}',
+        404,
+        "model",
+    ),
+    "too-long": (
+        '{"custom_id": "too-long", "method": "POST", "url": "/v1/completions", '
+        '"body": {"prompt": [5, 6, 7], "max_tokens": 500}}',
+        400,
+        "max_tokens",
+    ),
+    "streamed": (
+        '{"custom_id": "streamed", "method": "POST", "url": "/v1/chat/completions", '
+        '"body": {"messages": [{"role": "user", "content": "x"}], "stream": true}}',
+        400,
+        "stream",
+    ),
+    "bad-role": (
+        '{"custom_id": "bad-role", "method": "POST", "url": "/v1/chat/completions", '
+        '"body": {"messages": [{"role": "wizard", "content": "x"}]}}',
+        400,
+        "messages[0].role",
+    ),
     "no-body": ('{"custom_id": "no-body", "method": "POST", "url": "/v1/completions"}', 400, "body"),
 }
 NOT_REQUESTS = ["this line is not JSON", '{"method": "POST", "url": "/v1/completions", "body": {}}']
@@ -83,6 +137,7 @@ def server_answers(checkpoint) -> dict:
 
     server = ServerThread(["--model", str(checkpoint), *ENGINE]).start()
     try:
+
         async def ask():
             out = {}
             async with aiohttp.ClientSession() as s:
@@ -110,8 +165,9 @@ def _rounded(x):
 
 def comparable(body: dict) -> dict:
     """A response body without what differs between any two answers (id, created)."""
-    return _rounded({"object": body["object"], "model": body["model"], "choices": body["choices"],
-                     "usage": body["usage"]})
+    return _rounded(
+        {"object": body["object"], "model": body["model"], "choices": body["choices"], "usage": body["usage"]}
+    )
 
 
 def test_good_bad_summary_and_resume(full, tmp_path):
@@ -147,8 +203,9 @@ def test_good_bad_summary_and_resume(full, tmp_path):
     assert summary["throughput_samples_per_sec"] == pytest.approx(total / summary["inference_time_seconds"])
     assert summary["output_tokens"] == sum(expected[c]["usage"]["completion_tokens"] for c in GOOD)
     assert summary["input_tokens"] == sum(expected[c]["usage"]["prompt_tokens"] for c in GOOD)
-    assert summary["output_tokens_per_sec"] == pytest.approx(summary["output_tokens"] /
-                                                             summary["inference_time_seconds"])
+    assert summary["output_tokens_per_sec"] == pytest.approx(
+        summary["output_tokens"] / summary["inference_time_seconds"]
+    )
 
     # Interrupted run: two answers lost and the last line cut short; resuming redoes exactly those.
     kept = [r for r in recs if r["custom_id"] not in ("chat", "two-prompts")]
@@ -160,7 +217,7 @@ def test_good_bad_summary_and_resume(full, tmp_path):
     assert summary["failed"] == 1
     again = records(out)  # the half line is gone: every line parses
     assert len(again) == len(kept) + 3
-    redone = {r["custom_id"]: r for r in again[len(kept):] if r["error"] is None}
+    redone = {r["custom_id"]: r for r in again[len(kept) :] if r["error"] is None}
     assert comparable(redone["chat"]["response"]["body"]) == comparable(expected["chat"])
     assert comparable(redone["two-prompts"]["response"]["body"]) == comparable(expected["two-prompts"])
 
@@ -180,14 +237,27 @@ def test_bad_flags_exit_2(full, tmp_path, caplog):
 
 
 def _ids_input(path, n=7):
-    lines = [json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
-                         "body": {"prompt": [3 + i, 40 + 7 * i, 900 - i, 11 * i + 1][: 2 + i % 3],
-                                  "max_tokens": 4 + i % 3, "temperature": 0}}) for i in range(n)]
+    lines = [
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/completions",
+                "body": {
+                    "prompt": [3 + i, 40 + 7 * i, 900 - i, 11 * i + 1][: 2 + i % 3],
+                    "max_tokens": 4 + i % 3,
+                    "temperature": 0,
+                },
+            }
+        )
+        for i in range(n)
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
-@pytest.mark.parametrize("parallel", [["--data-parallel-size", "2"], ["--tensor-parallel-size", "2"]],
-                         ids=["dp2", "tp2"])
+@pytest.mark.parametrize(
+    "parallel", [["--data-parallel-size", "2"], ["--tensor-parallel-size", "2"]], ids=["dp2", "tp2"]
+)
 def test_parallel_runs_match_one_engine(small, tmp_path, parallel):
     inp = tmp_path / "in.jsonl"
     _ids_input(inp)
@@ -196,8 +266,7 @@ def test_parallel_runs_match_one_engine(small, tmp_path, parallel):
     assert run_batch("-i", inp, "-o", tmp_path / "par.jsonl", *engine, *parallel, "--max-in-flight", 3) == 0
 
     def texts(name):
-        return {r["custom_id"]: [c["text"] for c in r["response"]["body"]["choices"]]
-                for r in records(tmp_path / name)}
+        return {r["custom_id"]: [c["text"] for c in r["response"]["body"]["choices"]] for r in records(tmp_path / name)}
 
     one = texts("one.jsonl")
     assert len(one) == 7 and texts("par.jsonl") == one

@@ -7,8 +7,6 @@ import types
 import numpy as np
 import pytest
 import torch
-from tiny_models import SHARED_MODELS
-
 from fastserve.layers.sampler import (
     Sampler,
     SamplingTensors,
@@ -21,6 +19,7 @@ from fastserve.layers.sampler import (
     row_keys,
     uniform_noise,
 )
+from tiny_models import SHARED_MODELS
 
 M64 = 2**64 - 1
 
@@ -47,9 +46,7 @@ def make_batch(s, rng, **over):
         any_penalties=False,
     )
     for k, v in over.items():
-        b[k] = (
-            np.asarray(v, dtype=b[k].dtype) if isinstance(b.get(k), np.ndarray) else v
-        )
+        b[k] = np.asarray(v, dtype=b[k].dtype) if isinstance(b.get(k), np.ndarray) else v
     b["all_greedy"] = bool((b["temperature"] == 0).all())
     b["max_num_logprobs"] = max(int(b["num_logprobs"].max(initial=-1)), 0)
     return types.SimpleNamespace(**b)
@@ -164,11 +161,7 @@ def ref_allowed(row, t, top_k, top_p, min_p):
         pmax = max(e) / z
         allowed = {i for i in allowed if e[i] / z >= min_p * pmax}
     if 0 < top_k < v:
-        kth = (
-            sorted((x[i] for i in allowed), reverse=True)[top_k - 1]
-            if len(allowed) >= top_k
-            else -np.inf
-        )
+        kth = sorted((x[i] for i in allowed), reverse=True)[top_k - 1] if len(allowed) >= top_k else -np.inf
         allowed = {i for i in allowed if x[i] >= kth}
     if top_p < 1:
         order = sorted(allowed, key=lambda i: x[i])  # ascending
@@ -200,9 +193,7 @@ def test_filters_equal_reference_sets():
     assert len(st.top_p_rows) and len(st.top_p_top_k_rows)
     for i in range(s):
         got = set(torch.nonzero(x[i] > float("-inf")).flatten().tolist())
-        assert got == ref_allowed(
-            logits[i].tolist(), t[i], int(top_k[i]), float(top_p[i]), float(min_p[i])
-        ), i
+        assert got == ref_allowed(logits[i].tolist(), t[i], int(top_k[i]), float(top_p[i]), float(min_p[i])), i
 
 
 def test_sampled_tokens_cover_exactly_the_allowed_set():
@@ -237,17 +228,11 @@ def test_top_k_1_and_tiny_top_p_equal_greedy():
     gen = torch.Generator().manual_seed(2)
     s, v = 64, 1000
     logits = torch.randn(s, v, generator=gen) * 3
-    greedy = sample(
-        logits, make_batch(s, rng, temperature=np.zeros(s))
-    ).sampled_token_ids
+    greedy = sample(logits, make_batch(s, rng, temperature=np.zeros(s))).sampled_token_ids
     assert torch.equal(greedy, logits.argmax(-1))
-    k1 = sample(
-        logits, make_batch(s, rng, top_k=np.ones(s), temperature=np.full(s, 1.7))
-    )
+    k1 = sample(logits, make_batch(s, rng, top_k=np.ones(s), temperature=np.full(s, 1.7)))
     assert torch.equal(k1.sampled_token_ids, greedy)
-    p0 = sample(
-        logits, make_batch(s, rng, top_p=np.full(s, 1e-6), temperature=np.full(s, 0.9))
-    )
+    p0 = sample(logits, make_batch(s, rng, top_p=np.full(s, 1e-6), temperature=np.full(s, 0.9)))
     assert torch.equal(p0.sampled_token_ids, greedy)
     # And sampling without filters is not greedy (the test above could not pass by accident).
     free = sample(logits / 3, make_batch(s, rng, temperature=np.full(s, 1.0)))
@@ -314,9 +299,7 @@ def test_penalties_equal_loop_reference():
     )
     st = SamplingTensors.from_batch(batch, "cpu", v)
     got = _apply_penalties(logits.clone(), st)
-    want = ref_penalties(
-        logits, prompts, outputs, pres.tolist(), freq.tolist(), rep.tolist()
-    )
+    want = ref_penalties(logits, prompts, outputs, pres.tolist(), freq.tolist(), rep.tolist())
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # Greedy decoding follows the penalized logits, logprobs stay raw (vLLM's default).
     batch.temperature = np.zeros(s, np.float32)
@@ -324,9 +307,7 @@ def test_penalties_equal_loop_reference():
     out = sample(logits, batch)
     assert torch.equal(out.sampled_token_ids, want.argmax(-1))
     raw = torch.log_softmax(logits, -1)
-    torch.testing.assert_close(
-        out.sampled_logprobs, raw.gather(1, out.sampled_token_ids[:, None])[:, 0]
-    )
+    torch.testing.assert_close(out.sampled_logprobs, raw.gather(1, out.sampled_token_ids[:, None])[:, 0])
 
 
 def test_banned_pairs_are_never_sampled():
@@ -337,15 +318,11 @@ def test_banned_pairs_are_never_sampled():
     rows = np.repeat(np.arange(s), 3)
     # ban each row's three likeliest tokens: an unmasked sampler would pick them most often
     banned = logits.topk(3, -1).indices.flatten().numpy()
-    out = sample(
-        logits, make_batch(s, rng, banned_rows=rows, banned_token_ids=banned)
-    ).sampled_token_ids
+    out = sample(logits, make_batch(s, rng, banned_rows=rows, banned_token_ids=banned)).sampled_token_ids
     assert not (out[:, None] == logits.topk(3, -1).indices).any()
     greedy = sample(
         logits,
-        make_batch(
-            s, rng, temperature=np.zeros(s), banned_rows=rows, banned_token_ids=banned
-        ),
+        make_batch(s, rng, temperature=np.zeros(s), banned_rows=rows, banned_token_ids=banned),
     ).sampled_token_ids
     assert torch.equal(greedy, logits.topk(4, -1).indices[:, 3])
 
@@ -383,9 +360,7 @@ def test_same_seed_and_step_give_same_token_in_any_batch():
             if isinstance(a, np.ndarray) and a.shape == (8,):
                 merged[name] = np.concatenate([a, b])[perm]
         big = make_batch(8 + extra, rng, **merged)
-        logits = torch.cat([base_logits, torch.randn(extra, v, generator=gen)])[
-            torch.from_numpy(perm)
-        ]
+        logits = torch.cat([base_logits, torch.randn(extra, v, generator=gen)])[torch.from_numpy(perm)]
         out = sample(logits, big).sampled_token_ids
         where = np.argsort(perm)[:8]  # position of each base row in the merged batch
         assert torch.equal(out[torch.from_numpy(where)], first), trial
@@ -401,15 +376,9 @@ def test_cpu_and_cuda_sample_the_same_tokens():
     gen = torch.Generator().manual_seed(14)
     s, v = 64, 32000
     logits = torch.randn(s, v, generator=gen) * 2
-    batch = make_batch(
-        s, rng, temperature=rng.uniform(0.5, 1.5, s), top_k=rng.choice([0, 40], s)
-    )
-    cpu = Sampler()(
-        logits.clone(), SamplingTensors.from_batch(batch, "cpu", v)
-    ).sampled_token_ids
-    gpu = Sampler()(
-        logits.cuda(), SamplingTensors.from_batch(batch, "cuda", v)
-    ).sampled_token_ids
+    batch = make_batch(s, rng, temperature=rng.uniform(0.5, 1.5, s), top_k=rng.choice([0, 40], s))
+    cpu = Sampler()(logits.clone(), SamplingTensors.from_batch(batch, "cpu", v)).sampled_token_ids
+    gpu = Sampler()(logits.cuda(), SamplingTensors.from_batch(batch, "cuda", v)).sampled_token_ids
     assert torch.equal(cpu, gpu.cpu())
 
 
@@ -423,9 +392,7 @@ def test_logprobs_topk_and_ranks_equal_log_softmax():
     logits = torch.randn(s, v, generator=gen) * 2
     nlp = rng.choice([-1, 0, 1, 5], s).astype(np.int32)
     nlp[0] = 5
-    out = sample(
-        logits, make_batch(s, rng, num_logprobs=nlp, temperature=np.full(s, 1.0))
-    )
+    out = sample(logits, make_batch(s, rng, num_logprobs=nlp, temperature=np.full(s, 1.0)))
     ref = torch.log_softmax(logits.double(), -1).float()
     assert out.topk_ids.shape == (s, 5) and out.topk_logprobs.shape == (s, 5)
     ref_top = ref.topk(5, -1)
@@ -433,16 +400,12 @@ def test_logprobs_topk_and_ranks_equal_log_softmax():
     torch.testing.assert_close(out.topk_logprobs, ref_top.values)
     tok = out.sampled_token_ids
     torch.testing.assert_close(out.sampled_logprobs, ref.gather(1, tok[:, None])[:, 0])
-    want_rank = torch.tensor(
-        [int((ref[i] > ref[i, tok[i]]).sum()) + 1 for i in range(s)]
-    )
+    want_rank = torch.tensor([int((ref[i] > ref[i, tok[i]]).sum()) + 1 for i in range(s)])
     assert torch.equal(out.sampled_ranks, want_rank)
     # Ranks are skipped when nobody asked for logprobs.
     none = sample(logits, make_batch(s, rng))
     assert none.sampled_ranks is None and none.topk_ids.shape == (s, 0)
-    torch.testing.assert_close(
-        none.sampled_logprobs, ref.gather(1, none.sampled_token_ids[:, None])[:, 0]
-    )
+    torch.testing.assert_close(none.sampled_logprobs, ref.gather(1, none.sampled_token_ids[:, None])[:, 0])
 
 
 def test_forward_leaves_logits_unchanged():
@@ -478,9 +441,7 @@ def test_prompt_logprobs_equal_reference_in_chunks():
     targets = torch.randint(0, v, (p,), generator=gen)
     out = compute_prompt_logprobs(logits, targets, 3, chunk_rows=8)
     ref = torch.log_softmax(logits.float(), -1)
-    torch.testing.assert_close(
-        out.target_logprobs, ref.gather(1, targets[:, None])[:, 0]
-    )
+    torch.testing.assert_close(out.target_logprobs, ref.gather(1, targets[:, None])[:, 0])
     want_rank = (ref >= ref.gather(1, targets[:, None])).sum(-1)
     assert torch.equal(out.target_ranks, want_rank)
     assert torch.equal(out.topk_ids, ref.topk(3, -1).indices)
@@ -489,16 +450,12 @@ def test_prompt_logprobs_equal_reference_in_chunks():
     head = torch.nn.Linear(24, v, bias=False)
     hidden = torch.randn(p, 24, generator=gen)
     with torch.no_grad():
-        via_head = compute_prompt_logprobs(
-            hidden, targets, 3, chunk_rows=5, compute_logits=head
-        )
+        via_head = compute_prompt_logprobs(hidden, targets, 3, chunk_rows=5, compute_logits=head)
         whole = compute_prompt_logprobs(head(hidden), targets, 3)
     torch.testing.assert_close(via_head.target_logprobs, whole.target_logprobs)
     assert torch.equal(via_head.target_ranks, whole.target_ranks)
     assert torch.equal(via_head.topk_ids, whole.topk_ids)
-    empty = compute_prompt_logprobs(
-        torch.zeros(0, v), torch.zeros(0, dtype=torch.int64), 3
-    )
+    empty = compute_prompt_logprobs(torch.zeros(0, v), torch.zeros(0, dtype=torch.int64), 3)
     assert empty.topk_ids.shape == (0, 3) and empty.target_logprobs.shape == (0,)
 
 
@@ -518,9 +475,7 @@ def test_from_batch_accepts_read_only_arrays_without_warnings(recwarn):
 def test_empty_batch_and_out_of_vocab_ids():
     rng = np.random.default_rng(19)
     empty = sample(torch.randn(0, 32), make_batch(0, rng))
-    assert empty.sampled_token_ids.shape == (0,) and empty.sampled_logprobs.shape == (
-        0,
-    )
+    assert empty.sampled_token_ids.shape == (0,) and empty.sampled_logprobs.shape == (0,)
     # Ids the tokenizer has but the model's vocabulary lacks are ignored, not clamped onto
     # the last real token.
     gen = torch.Generator().manual_seed(19)
@@ -572,14 +527,11 @@ def _run(scheduler, vocab):
         state.record(st.count_rows, st.count_vocab_rows, out.sampled_token_ids)
         sampled = out.sampled_token_ids
         # min_tokens keeps EOS out of every row that has a ban row (all here).
-        for row, vrow, active in zip(st.ban_rows.tolist(), st.ban_vocab_rows.tolist(),
-                                     st.min_tokens_active.tolist()):
+        for row, vrow, active in zip(st.ban_rows.tolist(), st.ban_vocab_rows.tolist(), st.min_tokens_active.tolist()):
             flags = int(state.flags[vrow, sampled[row]])
             assert not flags & 2 and not (active and flags & 4)
         for so in scheduler.update(out.sampled_token_ids.numpy()):
-            tokens.setdefault((so.request_id, so.sample_index), []).extend(
-                so.new_token_ids
-            )
+            tokens.setdefault((so.request_id, so.sample_index), []).extend(so.new_token_ids)
     return tokens
 
 
@@ -587,7 +539,6 @@ def test_seeded_request_samples_the_same_tokens_whatever_it_is_batched_with():
     core = pytest.importorskip("fastserve._core")
     if not hasattr(core, "Scheduler"):
         pytest.skip("fastserve._core has no Scheduler yet")
-    from pathlib import Path
 
     from fastserve.sampling_params import SamplingParams
 
@@ -605,9 +556,7 @@ def test_seeded_request_samples_the_same_tokens_whatever_it_is_batched_with():
             eos_token_ids=tok.eos_token_ids,
         )
 
-    seeded = SamplingParams(
-        n=2, temperature=0.9, top_p=0.95, seed=7, max_tokens=6, min_tokens=6
-    )
+    seeded = SamplingParams(n=2, temperature=0.9, top_p=0.95, seed=7, max_tokens=6, min_tokens=6)
     prompt = tok.encode("The quick brown fox")
     alone = scheduler()
     alone.add_request("x", prompt, seeded.to_core(tok))
@@ -664,9 +613,7 @@ def test_top_k_top_p_rows_with_tied_logits_do_not_depend_on_the_batch():
     p = p / p.sum()
     want = {i for i in range(v) if cand[i] and p[x <= x[i]].sum() > 1 - 0.7}
     assert len(want) > 1 and set(a.tolist()) == want
-    assert (
-        len([i for i in range(v) if cand[i]]) > 5
-    )  # the row really has ties at the k-th value
+    assert len([i for i in range(v) if cand[i]]) > 5  # the row really has ties at the k-th value
 
 
 def test_vocab_bias_and_allow_list_from_the_worker_state():
@@ -680,10 +627,14 @@ def test_vocab_bias_and_allow_list_from_the_worker_state():
     gen = torch.Generator().manual_seed(21)
     s = Scheduler(num_blocks=64, max_model_len=64, block_size=4)
     allow = [3, 7, 11, 40]
-    s.add_request("allow", [1, 2, 3], RequestParams(max_tokens=6, temperature=1.0, seed=1, vocab_allow=allow,
-                                                    ignore_eos=True))
-    s.add_request("bias", [4, 5], RequestParams(max_tokens=6, temperature=0.0, vocab_bias=[(9, 100.0), (10, -5.0)],
-                                                ignore_eos=True))
+    s.add_request(
+        "allow", [1, 2, 3], RequestParams(max_tokens=6, temperature=1.0, seed=1, vocab_allow=allow, ignore_eos=True)
+    )
+    s.add_request(
+        "bias",
+        [4, 5],
+        RequestParams(max_tokens=6, temperature=0.0, vocab_bias=[(9, 100.0), (10, -5.0)], ignore_eos=True),
+    )
     s.add_request("plain", [6], RequestParams(max_tokens=6, temperature=0.0, ignore_eos=True))
     state = SamplerState("cpu", v)
     sampler = Sampler()

@@ -4,7 +4,6 @@ field), copying/equality, bad_words tokenization and the hand-off to the Rust co
 import copy
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,9 +113,7 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(
-    "kwargs,field", INVALID, ids=[f"{f}-{i}" for i, (_, f) in enumerate(INVALID)]
-)
+@pytest.mark.parametrize("kwargs,field", INVALID, ids=[f"{f}-{i}" for i, (_, f) in enumerate(INVALID)])
 def test_invalid_value_raises_value_error_naming_field(kwargs, field):
     with pytest.raises(ValueError) as e:
         SamplingParams(**kwargs)
@@ -155,27 +152,19 @@ def test_greedy_normalization_like_vllm():
 
 
 def test_normalizations():
-    p = SamplingParams(
-        stop="###", seed=-1, logprobs=True, stop_token_ids=(7, 9), bad_words="foo"
-    )
+    p = SamplingParams(stop="###", seed=-1, logprobs=True, stop_token_ids=(7, 9), bad_words="foo")
     assert p.stop == ["###"] and p.seed is None and p.logprobs == 1
     assert p.stop_token_ids == [7, 9] and p.bad_words == ["foo"]
     assert p.all_stop_token_ids == {7, 9}
 
 
 def test_from_optional_drops_none():
-    p = SamplingParams.from_optional(
-        temperature=None, max_tokens=None, top_p=0.5, stop=None
-    )
-    assert (
-        p.temperature == 1.0 and p.max_tokens == 16 and p.top_p == 0.5 and p.stop == []
-    )
+    p = SamplingParams.from_optional(temperature=None, max_tokens=None, top_p=0.5, stop=None)
+    assert p.temperature == 1.0 and p.max_tokens == 16 and p.top_p == 0.5 and p.stop == []
 
 
 def test_clone_equality_repr_pickle():
-    p = SamplingParams(
-        n=2, temperature=0.8, stop=["a", "b"], stop_token_ids=[3], seed=5
-    )
+    p = SamplingParams(n=2, temperature=0.8, stop=["a", "b"], stop_token_ids=[3], seed=5)
     q = p.clone()
     assert q == p and q is not p
     q.stop.append("c")
@@ -184,11 +173,7 @@ def test_clone_equality_repr_pickle():
     assert pickle.loads(pickle.dumps(p)) == p
     assert SamplingParams(top_p=0.9) != SamplingParams(top_p=0.8)
     r = repr(p)
-    assert (
-        r.startswith("SamplingParams(")
-        and "temperature=0.8" in r
-        and "stop=['a', 'b']" in r
-    )
+    assert r.startswith("SamplingParams(") and "temperature=0.8" in r and "stop=['a', 'b']" in r
     assert eval(r, {"SamplingParams": SamplingParams}) == p
 
 
@@ -197,9 +182,7 @@ def hf_tokenizer():
     transformers = pytest.importorskip("transformers")
     if not (QWEN3 / "tokenizer.json").exists():
         pytest.skip("qwen3 tokenizer not present")
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_file=str(QWEN3 / "tokenizer.json")
-    )
+    return transformers.PreTrainedTokenizerFast(tokenizer_file=str(QWEN3 / "tokenizer.json"))
 
 
 def test_bad_words_token_ids_like_vllm(hf_tokenizer):
@@ -249,9 +232,7 @@ def test_to_core_fills_request_params():
     assert isinstance(rp, core.RequestParams)
     assert rp.n == 3  # best_of sequences run; the engine returns the best n
     assert rp.max_tokens == 2**31 - 1 and rp.min_tokens == 2
-    assert (rp.temperature, rp.top_p, rp.top_k, rp.min_p) == pytest.approx(
-        (0.7, 0.9, -1, 0.05)
-    )
+    assert (rp.temperature, rp.top_p, rp.top_k, rp.min_p) == pytest.approx((0.7, 0.9, -1, 0.05))
     assert (
         rp.presence_penalty,
         rp.frequency_penalty,
@@ -260,11 +241,7 @@ def test_to_core_fills_request_params():
     assert rp.seed == -1  # 2**64 - 1 as an i64, same bits
     assert list(rp.stop) == ["x"] and list(rp.stop_token_ids) == [5, 6]
     assert rp.ignore_eos and rp.include_stop_str_in_output
-    assert (
-        not rp.skip_special_tokens
-        and not rp.spaces_between_special_tokens
-        and rp.detokenize
-    )
+    assert not rp.skip_special_tokens and not rp.spaces_between_special_tokens and rp.detokenize
     assert rp.logprobs == 3 and rp.prompt_logprobs == 0
     assert list(rp.bad_words_token_ids) == []
     with pytest.raises(ValueError, match="bad_words"):

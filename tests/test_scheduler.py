@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from fastserve import _core
 from fastserve._core import RequestParams, Scheduler
 from tiny_models import SHARED_MODELS
@@ -70,18 +69,42 @@ def test_batch_arrays_dtype_and_shape():
     s.add_request("b", np.array(rand_prompt(rng, 7), dtype=np.int32), RequestParams(max_tokens=4, seed=123))
     b = s.schedule()
     dtypes = {
-        "input_ids": np.int64, "positions": np.int64, "slot_mapping": np.int64, "query_start_loc": np.int32,
-        "seq_lens": np.int32, "block_tables": np.int32, "logits_indices": np.int64,
-        "sample_seq_slots": np.int32, "sample_steps": np.int64, "fork_sample_rows": np.int64,
-        "fork_seeds": np.int64, "banned_rows": np.int64, "banned_token_ids": np.int64,
-        "new_seq_slots": np.int32, "new_temperature": np.float32, "new_top_p": np.float32,
-        "new_top_k": np.int32, "new_min_p": np.float32, "new_presence_penalty": np.float32,
-        "new_frequency_penalty": np.float32, "new_repetition_penalty": np.float32, "new_seeds": np.int64,
-        "new_num_logprobs": np.int32, "new_min_tokens": np.int32, "new_prompt_offsets": np.int32,
-        "new_prompt_token_ids": np.int64, "new_output_offsets": np.int32, "new_output_token_ids": np.int64,
-        "new_ban_offsets": np.int32, "new_ban_token_ids": np.int64, "new_min_ban_offsets": np.int32,
-        "new_min_ban_token_ids": np.int64, "freed_seq_slots": np.int32, "prompt_logprob_indices": np.int64,
-        "prompt_logprob_targets": np.int64, "prompt_logprob_rows": np.int32,
+        "input_ids": np.int64,
+        "positions": np.int64,
+        "slot_mapping": np.int64,
+        "query_start_loc": np.int32,
+        "seq_lens": np.int32,
+        "block_tables": np.int32,
+        "logits_indices": np.int64,
+        "sample_seq_slots": np.int32,
+        "sample_steps": np.int64,
+        "fork_sample_rows": np.int64,
+        "fork_seeds": np.int64,
+        "banned_rows": np.int64,
+        "banned_token_ids": np.int64,
+        "new_seq_slots": np.int32,
+        "new_temperature": np.float32,
+        "new_top_p": np.float32,
+        "new_top_k": np.int32,
+        "new_min_p": np.float32,
+        "new_presence_penalty": np.float32,
+        "new_frequency_penalty": np.float32,
+        "new_repetition_penalty": np.float32,
+        "new_seeds": np.int64,
+        "new_num_logprobs": np.int32,
+        "new_min_tokens": np.int32,
+        "new_prompt_offsets": np.int32,
+        "new_prompt_token_ids": np.int64,
+        "new_output_offsets": np.int32,
+        "new_output_token_ids": np.int64,
+        "new_ban_offsets": np.int32,
+        "new_ban_token_ids": np.int64,
+        "new_min_ban_offsets": np.int32,
+        "new_min_ban_token_ids": np.int64,
+        "freed_seq_slots": np.int32,
+        "prompt_logprob_indices": np.int64,
+        "prompt_logprob_targets": np.int64,
+        "prompt_logprob_rows": np.int32,
     }
     for name, dt in dtypes.items():
         a = getattr(b, name)
@@ -145,8 +168,11 @@ def test_max_num_seqs_and_budget_respected():
     rng = np.random.default_rng(2)
     s = make(num_blocks=400, max_num_seqs=5, max_num_batched_tokens=24)
     for i in range(20):
-        s.add_request(f"r{i}", rand_prompt(rng, int(rng.integers(1, 60))),
-                      RequestParams(max_tokens=int(rng.integers(1, 9)), ignore_eos=True))
+        s.add_request(
+            f"r{i}",
+            rand_prompt(rng, int(rng.integers(1, 60))),
+            RequestParams(max_tokens=int(rng.integers(1, 9)), ignore_eos=True),
+        )
     seen = []
 
     def hook(b):
@@ -232,7 +258,15 @@ def test_abort_frees_all_blocks_at_any_point():
     outs = s.update(np.empty(0, dtype=np.int64))
     # one "abort" per child: r1 (n=2), r2 (n=3), r3 (n=1), r4 (n=2)
     assert sorted((o.request_id, o.sample_index) for o in outs) == [
-        ("r1", 0), ("r1", 1), ("r2", 0), ("r2", 1), ("r2", 2), ("r3", 0), ("r4", 0), ("r4", 1)]
+        ("r1", 0),
+        ("r1", 1),
+        ("r2", 0),
+        ("r2", 1),
+        ("r2", 2),
+        ("r3", 0),
+        ("r4", 0),
+        ("r4", 1),
+    ]
 
 
 def test_abort_outputs_delivered_without_a_batch():
@@ -391,7 +425,6 @@ def test_penalty_state_sent_once_and_counted_on_the_worker():
     """A penalized sequence's prompt tokens travel once; its output counts then live in the
     worker's state, updated from the sampled ids, and equal the outputs at every step."""
     import torch
-
     from fastserve.worker.sampler_state import SamplerState
 
     s = make()
@@ -407,8 +440,7 @@ def test_penalty_state_sent_once_and_counted_on_the_worker():
         state.apply(b)
         r = state.rows(b)
         assert r["penalty_rows"].tolist() == [0]
-        state.record(torch.from_numpy(r["count_rows"]), torch.from_numpy(r["count_vocab_rows"]),
-                     torch.tensor(toks))
+        state.record(torch.from_numpy(r["count_rows"]), torch.from_numpy(r["count_vocab_rows"]), torch.tensor(toks))
         outputs.append(toks[0])
         vrow = int(r["penalty_vocab_rows"][0])
         want = np.bincount(outputs, minlength=100)
@@ -525,8 +557,11 @@ def test_stop_token_text_is_left_out_unless_asked_for(final_only):
     dot = gen[-1]
     prompt = tok.encode("The answer is", add_special_tokens=False)
     s.add_request("cut", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], final_only=final_only))
-    s.add_request("kept", prompt, RequestParams(max_tokens=20, stop_token_ids=[dot], include_stop_str_in_output=True,
-                                                final_only=final_only))
+    s.add_request(
+        "kept",
+        prompt,
+        RequestParams(max_tokens=20, stop_token_ids=[dot], include_stop_str_in_output=True, final_only=final_only),
+    )
     text = {"cut": "", "kept": ""}
     fin = {}
     for t in gen:
@@ -539,5 +574,8 @@ def test_stop_token_text_is_left_out_unless_asked_for(final_only):
             fin[f.request_id] = f
             if final_only:
                 text[f.request_id] = f.text
-    assert {k: (f.finish_reason, f.stop_reason) for k, f in fin.items()} == {"cut": ("stop", dot), "kept": ("stop", dot)}
+    assert {k: (f.finish_reason, f.stop_reason) for k, f in fin.items()} == {
+        "cut": ("stop", dot),
+        "kept": ("stop", dot),
+    }
     assert text == {"cut": " forty two", "kept": " forty two."}

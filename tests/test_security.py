@@ -26,8 +26,10 @@ API_KEY = "sk-" + os.urandom(8).hex()
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 # What README.md promises stays open with --api-key (plus /ping, /health's alias).
 DOCUMENTED_OPEN = {"/health", "/version", "/metrics", "/openapi.json"}
-TEMPLATE = ("{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<<assistant>>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<<{{ m.role }}>> {{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<<assistant>>{% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +46,9 @@ def template_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint, template_file):
-    s = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--api-key", API_KEY,
-                      "--chat-template", str(template_file)]).start()
+    s = ServerThread(
+        ["--model", str(checkpoint), "--device", "cpu", "--api-key", API_KEY, "--chat-template", str(template_file)]
+    ).start()
     yield s
     s.stop()
 
@@ -68,10 +71,12 @@ def _routes(server) -> list[tuple[str, str]]:
 
 
 # A body each POST route would accept, so that "not 401" means "got through the auth".
-_BODIES = {"/v1/completions": {"prompt": "hi", "max_tokens": 2},
-           "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}],
-                                    "max_tokens": 2},
-           "/tokenize": {"prompt": "hi"}, "/detokenize": {"tokens": [100, 200]}}
+_BODIES = {
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    "/tokenize": {"prompt": "hi"},
+    "/detokenize": {"tokens": [100, 200]},
+}
 
 
 def test_api_key_guards_every_route_but_the_open_ones(server):
@@ -82,9 +87,13 @@ def test_api_key_guards_every_route_but_the_open_ones(server):
     for p in DOCUMENTED_OPEN:
         assert f"`{p}`" in readme  # listed as open in the README's API-key paragraph
     open_paths = DOCUMENTED_OPEN | {"/ping"}
-    wrong = [{}, {"Authorization": "Bearer " + API_KEY[:-1]},
-             {"Authorization": "Bearer " + API_KEY + "x"}, {"Authorization": API_KEY},
-             {"Authorization": "Bearer " + "ключ"}]
+    wrong = [
+        {},
+        {"Authorization": "Bearer " + API_KEY[:-1]},
+        {"Authorization": "Bearer " + API_KEY + "x"},
+        {"Authorization": API_KEY},
+        {"Authorization": "Bearer " + "ключ"},
+    ]
 
     async def main():
         results = []
@@ -94,8 +103,7 @@ def test_api_key_guards_every_route_but_the_open_ones(server):
             for headers in wrong:
                 status, data = await _request(method, url, headers, body)
                 results.append((method, path, headers, status, data))
-            status, data = await _request(method, url, {"Authorization": f"Bearer {API_KEY}"},
-                                          body)
+            status, data = await _request(method, url, {"Authorization": f"Bearer {API_KEY}"}, body)
             results.append((method, path, "right", status, data))
         return results
 
@@ -137,18 +145,19 @@ def test_chat_template_read_once(server, template_file):
     messages = [{"role": "user", "content": "What is two plus two?"}]
 
     async def render_and_chat():
-        status, data = await _request("POST", server.base_url + "/tokenize", headers,
-                                      {"messages": messages})
+        status, data = await _request("POST", server.base_url + "/tokenize", headers, {"messages": messages})
         assert status == 200, data
-        status, chat = await _request("POST", server.base_url + "/v1/chat/completions", headers,
-                                      {"messages": messages, "max_tokens": 6, "temperature": 0,
-                                       "ignore_eos": True})
+        status, chat = await _request(
+            "POST",
+            server.base_url + "/v1/chat/completions",
+            headers,
+            {"messages": messages, "max_tokens": 6, "temperature": 0, "ignore_eos": True},
+        )
         assert status == 200, chat
         return json.loads(data)["tokens"], json.loads(chat)["choices"][0]["message"]["content"]
 
     tokens, text = asyncio.run(render_and_chat())
-    status, data = asyncio.run(_request("POST", server.base_url + "/detokenize", headers,
-                                        {"tokens": tokens}))
+    status, data = asyncio.run(_request("POST", server.base_url + "/detokenize", headers, {"tokens": tokens}))
     assert status == 200, data
     assert json.loads(data)["prompt"] == "<<user>> What is two plus two?\n<<assistant>>"
     template_file.write_text("{{ raise_exception('this file must not be read again') }}")
@@ -171,8 +180,13 @@ class _Touch:
 def test_server_refuses_pickled_code_in_checkpoint(tmp_path):
     from tiny_models import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path / "ckpt", save_format="bin",
-                                tokenizer_dir=QWEN_TOKENIZER, max_position_embeddings=128)
+    path = make_tiny_checkpoint(
+        "LlamaForCausalLM",
+        tmp_path / "ckpt",
+        save_format="bin",
+        tokenizer_dir=QWEN_TOKENIZER,
+        max_position_embeddings=128,
+    )
     marker = tmp_path / "pwned"
     weights = torch.load(path / "pytorch_model.bin", weights_only=True)
     weights["model.norm.weight"] = _Touch(marker)

@@ -42,9 +42,24 @@ def _slow_step(batch):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    s = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--served-model-name",
-                      MODEL, "other-name", "--api-key", API_KEY, "--max-request-body-mb",
-                      str(MAX_BODY_MB), "--seed", "7"], step_hook=_slow_step).start()
+    s = ServerThread(
+        [
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--served-model-name",
+            MODEL,
+            "other-name",
+            "--api-key",
+            API_KEY,
+            "--max-request-body-mb",
+            str(MAX_BODY_MB),
+            "--seed",
+            "7",
+        ],
+        step_hook=_slow_step,
+    ).start()
     yield s
     s.stop()
 
@@ -64,9 +79,11 @@ def run(coro):
 
 async def post(url, body, headers=None, raw: bytes | None = None):
     async with aiohttp.ClientSession() as s:
-        async with s.post(url, data=raw if raw is not None else json.dumps(body),
-                          headers={"Content-Type": "application/json",
-                                   **(auth() if headers is None else headers)}) as r:
+        async with s.post(
+            url,
+            data=raw if raw is not None else json.dumps(body),
+            headers={"Content-Type": "application/json", **(auth() if headers is None else headers)},
+        ) as r:
             return r.status, await r.read(), r.headers
 
 
@@ -112,16 +129,18 @@ def test_models_list(client, server):
 
 
 def test_completion(client):
-    r = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=7,
-                                  extra_body=FIXED, **GREEDY)
+    r = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=7, extra_body=FIXED, **GREEDY
+    )
     assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == MODEL
     assert len(r.choices) == 1 and isinstance(r.choices[0].text, str)
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 7
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
     # the second served name is accepted too
-    r2 = client.completions.create(model="other-name", prompt="The capital of France is",
-                                   max_tokens=7, extra_body=FIXED, **GREEDY)
+    r2 = client.completions.create(
+        model="other-name", prompt="The capital of France is", max_tokens=7, extra_body=FIXED, **GREEDY
+    )
     assert r2.choices[0].text == r.choices[0].text and r2.model == "other-name"
 
 
@@ -141,18 +160,16 @@ def test_completion_prompt_forms(client, server):
 
 
 def test_completion_echo(client, server):
-    r = client.completions.create(model=MODEL, prompt="Echo me please", max_tokens=3,
-                                  echo=True, extra_body=FIXED, **GREEDY)
-    plain = client.completions.create(model=MODEL, prompt="Echo me please", max_tokens=3,
-                                      extra_body=FIXED, **GREEDY)
+    r = client.completions.create(
+        model=MODEL, prompt="Echo me please", max_tokens=3, echo=True, extra_body=FIXED, **GREEDY
+    )
+    plain = client.completions.create(model=MODEL, prompt="Echo me please", max_tokens=3, extra_body=FIXED, **GREEDY)
     assert r.choices[0].text == "Echo me please" + plain.choices[0].text
 
 
 def test_chat(client, server):
-    messages = [{"role": "system", "content": "You are terse."},
-                {"role": "user", "content": "Say something."}]
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
-                                       extra_body=FIXED, **GREEDY)
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say something."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, extra_body=FIXED, **GREEDY)
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     assert r.choices[0].message.role == "assistant"
     assert isinstance(r.choices[0].message.content, str)
@@ -160,8 +177,9 @@ def test_chat(client, server):
     assert r.usage.completion_tokens == 6
     assert r.usage.prompt_tokens == len(tokenize(server, messages=messages))
     # max_completion_tokens is the newer name of the same limit
-    r2 = client.chat.completions.create(model=MODEL, messages=messages,
-                                        max_completion_tokens=6, extra_body=FIXED, **GREEDY)
+    r2 = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=6, extra_body=FIXED, **GREEDY
+    )
     assert r2.choices[0].message.content == r.choices[0].message.content
 
 
@@ -170,9 +188,10 @@ def test_chat_template_kwargs(client, server):
     on = tokenize(server, messages=messages)
     off = tokenize(server, messages=messages, chat_template_kwargs={"enable_thinking": False})
     # The Qwen template writes an empty think block when thinking is off.
-    assert len(off) > len(on) and off[:len(on)] == on
-    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
-                                       extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert len(off) > len(on) and off[: len(on)] == on
+    r = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=2, extra_body={"chat_template_kwargs": {"enable_thinking": False}}
+    )
     assert r.usage.prompt_tokens == len(off)
 
 
@@ -188,15 +207,24 @@ def test_stream_equals_non_stream(client):
 
     messages = [{"role": "user", "content": "Tell me a story"}]
     full = client.chat.completions.create(messages=messages, **kw)
-    parts = [c.choices[0].delta.content or "" for c in
-             client.chat.completions.create(messages=messages, stream=True, **kw) if c.choices]
+    parts = [
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(messages=messages, stream=True, **kw)
+        if c.choices
+    ]
     assert "".join(parts) == full.choices[0].message.content
 
 
 def test_n_choices(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                       n=3, max_tokens=8, temperature=1.0, seed=11,
-                                       extra_body=FIXED)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        n=3,
+        max_tokens=8,
+        temperature=1.0,
+        seed=11,
+        extra_body=FIXED,
+    )
     assert sorted(c.index for c in r.choices) == [0, 1, 2]
     assert r.usage.completion_tokens == 24
     texts = [c.message.content for c in r.choices]
@@ -204,22 +232,22 @@ def test_n_choices(client):
 
     got: dict[int, list[str]] = {0: [], 1: []}
     finishes: dict[int, list[str]] = {0: [], 1: []}
-    for chunk in client.completions.create(model=MODEL, prompt="abc", n=2, max_tokens=5,
-                                           temperature=1.0, seed=3, stream=True,
-                                           extra_body=FIXED):
+    for chunk in client.completions.create(
+        model=MODEL, prompt="abc", n=2, max_tokens=5, temperature=1.0, seed=3, stream=True, extra_body=FIXED
+    ):
         c = chunk.choices[0]
         got[c.index].append(c.text)
         if c.finish_reason:
             finishes[c.index].append(c.finish_reason)
-    full = client.completions.create(model=MODEL, prompt="abc", n=2, max_tokens=5,
-                                     temperature=1.0, seed=3, extra_body=FIXED)
+    full = client.completions.create(
+        model=MODEL, prompt="abc", n=2, max_tokens=5, temperature=1.0, seed=3, extra_body=FIXED
+    )
     assert {c.index: c.text for c in full.choices} == {i: "".join(p) for i, p in got.items()}
     assert finishes == {0: ["length"], 1: ["length"]}
 
 
 def test_seed_reproducible(client):
-    kw = dict(model=MODEL, prompt="Random words:", max_tokens=16, temperature=1.0,
-              extra_body=FIXED)
+    kw = dict(model=MODEL, prompt="Random words:", max_tokens=16, temperature=1.0, extra_body=FIXED)
     a = client.completions.create(seed=42, **kw).choices[0].text
     b = client.completions.create(seed=42, **kw).choices[0].text
     c = client.completions.create(seed=43, **kw).choices[0].text
@@ -228,8 +256,9 @@ def test_seed_reproducible(client):
 
 
 def test_logprobs_completions(client):
-    r = client.completions.create(model=MODEL, prompt="Logprobs please", max_tokens=6,
-                                  logprobs=3, extra_body=FIXED, **GREEDY)
+    r = client.completions.create(
+        model=MODEL, prompt="Logprobs please", max_tokens=6, logprobs=3, extra_body=FIXED, **GREEDY
+    )
     lp = r.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert "".join(lp.tokens) == r.choices[0].text or "\ufffd" in "".join(lp.tokens)
@@ -239,17 +268,24 @@ def test_logprobs_completions(client):
         assert chosen == pytest.approx(max(top.values()), abs=1e-5)
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
     # sampled (not greedy): the chosen token is always among top_logprobs (OpenAI's k + 1)
-    r = client.completions.create(model=MODEL, prompt="Logprobs please", max_tokens=8,
-                                  logprobs=1, temperature=1.0, seed=5, extra_body=FIXED)
+    r = client.completions.create(
+        model=MODEL, prompt="Logprobs please", max_tokens=8, logprobs=1, temperature=1.0, seed=5, extra_body=FIXED
+    )
     lp = r.choices[0].logprobs
     for tok, chosen, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
         assert top[tok] == chosen and 1 <= len(top) <= 2
 
 
 def test_logprobs_chat(client):
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=5, logprobs=True, top_logprobs=2,
-                                       extra_body=FIXED, **GREEDY)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=5,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body=FIXED,
+        **GREEDY,
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == 5
     for item in content:
@@ -257,34 +293,49 @@ def test_logprobs_chat(client):
         assert item.top_logprobs[0].logprob >= item.top_logprobs[1].logprob
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob, abs=1e-5)
         assert item.bytes == list(item.token.encode())
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
-                                       max_tokens=3, logprobs=True, extra_body=FIXED, **GREEDY)
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        logprobs=True,
+        extra_body=FIXED,
+        **GREEDY,
+    )
     assert [len(c.top_logprobs) for c in r.choices[0].logprobs.content] == [0, 0, 0]
-    streamed = [c for chunk in client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=5, logprobs=True,
-        top_logprobs=2, stream=True, extra_body=FIXED, **GREEDY)
+    streamed = [
+        c
+        for chunk in client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=5,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            extra_body=FIXED,
+            **GREEDY,
+        )
         if chunk.choices and chunk.choices[0].logprobs
-        for c in chunk.choices[0].logprobs.content]
+        for c in chunk.choices[0].logprobs.content
+    ]
     assert [c.token for c in streamed] == [c.token for c in content]
 
 
 def test_prompt_logprobs_and_best_of(client, server):
     prompt = "Score this prompt please"
     n_prompt = len(tokenize(server, prompt=prompt))
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2,
-                                  extra_body={"prompt_logprobs": 2}, **GREEDY)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, extra_body={"prompt_logprobs": 2}, **GREEDY)
     plp = r.choices[0].model_extra["prompt_logprobs"]
     assert len(plp) == n_prompt and plp[0] is None
     for step in plp[1:]:
         assert 1 <= len(step) <= 3
         assert all(v["logprob"] <= 0 and v["rank"] >= 1 for v in step.values())
     # best_of: 3 sequences run, the most likely one is returned
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, n=1, best_of=3,
-                                  temperature=1.0, seed=1, extra_body=FIXED)
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=4, n=1, best_of=3, temperature=1.0, seed=1, extra_body=FIXED
+    )
     assert len(r.choices) == 1 and r.usage.completion_tokens == 4
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, best_of=3,
-                                  stream=True)
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, best_of=3, stream=True)
     assert e.value.body["param"] == "best_of"
 
 
@@ -292,25 +343,22 @@ def test_stop_strings(client):
     kw = dict(model=MODEL, prompt="The stop test:", max_tokens=24, extra_body=FIXED, **GREEDY)
     text = client.completions.create(**kw).choices[0].text
     # a stop string from the middle of the greedy output (any 2 characters of it)
-    start = next(i for i in range(4, len(text) - 2) if text[i:i + 2].strip())
-    stop = text[start:start + 2]
-    cut = text[:text.index(stop)]
+    start = next(i for i in range(4, len(text) - 2) if text[i : i + 2].strip())
+    stop = text[start : start + 2]
+    cut = text[: text.index(stop)]
     r = client.completions.create(stop=[stop], **kw)
     assert r.choices[0].text == cut
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].model_extra["stop_reason"] == stop
-    r = client.completions.create(stop=stop, **{**kw, "extra_body": {
-        **FIXED, "include_stop_str_in_output": True}})
+    r = client.completions.create(stop=stop, **{**kw, "extra_body": {**FIXED, "include_stop_str_in_output": True}})
     assert r.choices[0].text == cut + stop
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        stop=[stop], stream=True, **kw))
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stop=[stop], stream=True, **kw))
     assert streamed == cut
 
 
 def test_stop_token_ids(client):
     kw = dict(model=MODEL, prompt="Token stop:", max_tokens=12, **GREEDY)
-    r = client.completions.create(logprobs=0, extra_body={**FIXED,
-                                  "return_tokens_as_token_ids": True}, **kw)
+    r = client.completions.create(logprobs=0, extra_body={**FIXED, "return_tokens_as_token_ids": True}, **kw)
     ids = [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
     assert len(ids) == 12
     tid = ids[3]
@@ -324,8 +372,7 @@ def test_tokenize_detokenize(server):
     ids = tokenize(server, prompt="Tokenize this, please: 你好 🙂")
     status, data, _ = run(post(server.base_url + "/detokenize", {"tokens": ids}))
     assert status == 200 and json.loads(data)["prompt"] == "Tokenize this, please: 你好 🙂"
-    status, data, _ = run(post(server.base_url + "/tokenize",
-                               {"prompt": "ab", "return_token_strs": True}))
+    status, data, _ = run(post(server.base_url + "/tokenize", {"prompt": "ab", "return_token_strs": True}))
     body = json.loads(data)
     assert body["count"] == len(body["tokens"]) == len(body["token_strs"])
     assert body["max_model_len"] == 512
@@ -335,12 +382,21 @@ def test_health_version_openapi(server):
     assert run(get(server.base_url + "/health", headers={}))[0] == 200
     status, data, _ = run(get(server.base_url + "/version", headers={}))
     import fastserve
+
     assert status == 200 and json.loads(data)["version"] == fastserve.__version__
     status, data, _ = run(get(server.base_url + "/openapi.json", headers={}))
     spec = json.loads(data)
     assert status == 200 and spec["openapi"].startswith("3.")
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize",
-                 "/detokenize", "/health", "/metrics", "/version"):
+    for path in (
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/tokenize",
+        "/detokenize",
+        "/health",
+        "/metrics",
+        "/version",
+    ):
         assert path in spec["paths"]
     schema = spec["components"]["schemas"]["ChatCompletionRequest"]
     assert "messages" in schema["required"] and "top_logprobs" in schema["properties"]
@@ -348,21 +404,32 @@ def test_health_version_openapi(server):
 
 def test_metrics(client, server):
     before = metrics(server)
-    client.completions.create(model=MODEL, prompt="count me", max_tokens=4, extra_body=FIXED,
-                              **GREEDY)
+    client.completions.create(model=MODEL, prompt="count me", max_tokens=4, extra_body=FIXED, **GREEDY)
     after = metrics(server)
     assert after["fastserve:generation_tokens_total"] - before["fastserve:generation_tokens_total"] == 4
     assert after["fastserve:prompt_tokens_total"] > before["fastserve:prompt_tokens_total"]
     key = 'fastserve:request_success_total{finished_reason="length"}'
     assert after[key] == before[key] + 1
-    assert after["fastserve:time_to_first_token_seconds_count"] == \
-        before["fastserve:time_to_first_token_seconds_count"] + 1
-    assert after["fastserve:inter_token_latency_seconds_count"] >= \
-        before["fastserve:inter_token_latency_seconds_count"] + 3
-    assert after['fastserve:e2e_request_latency_seconds_bucket{le="+Inf"}'] == \
-        after["fastserve:e2e_request_latency_seconds_count"]
-    for name in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc",
-                 "prefix_cache_hit_rate", "prefix_cache_queries_total", "num_total_blocks"):
+    assert (
+        after["fastserve:time_to_first_token_seconds_count"]
+        == before["fastserve:time_to_first_token_seconds_count"] + 1
+    )
+    assert (
+        after["fastserve:inter_token_latency_seconds_count"]
+        >= before["fastserve:inter_token_latency_seconds_count"] + 3
+    )
+    assert (
+        after['fastserve:e2e_request_latency_seconds_bucket{le="+Inf"}']
+        == after["fastserve:e2e_request_latency_seconds_count"]
+    )
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prefix_cache_hit_rate",
+        "prefix_cache_queries_total",
+        "num_total_blocks",
+    ):
         assert "fastserve:" + name in after
     assert after["fastserve:num_total_blocks"] > 0
 
@@ -380,19 +447,23 @@ def test_reasoning_parser(checkpoint):
     """--reasoning-parser deepseek_r1: output before </think> is reasoning_content, in both
     the whole answer and the stream's deltas (bad_words keeps the random model from ever
     closing the think block, so the split is known)."""
-    s = ServerThread(["--model", str(checkpoint), "--device", "cpu",
-                      "--reasoning-parser", "deepseek_r1"]).start()
+    s = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--reasoning-parser", "deepseek_r1"]).start()
     try:
         c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0)
-        kw = dict(model=s.state.served_model_names[0], max_tokens=10,
-                  messages=[{"role": "user", "content": "Think about it"}],
-                  extra_body={**FIXED, "bad_words": ["</think>"]}, **GREEDY)
+        kw = dict(
+            model=s.state.served_model_names[0],
+            max_tokens=10,
+            messages=[{"role": "user", "content": "Think about it"}],
+            extra_body={**FIXED, "bad_words": ["</think>"]},
+            **GREEDY,
+        )
         whole = c.chat.completions.create(**kw).choices[0].message
         assert whole.content is None and whole.model_extra["reasoning_content"]
-        deltas = [chunk.choices[0].delta for chunk in c.chat.completions.create(stream=True, **kw)
-                  if chunk.choices]
-        assert "".join(d.model_extra.get("reasoning_content") or "" for d in deltas) == \
-            whole.model_extra["reasoning_content"]
+        deltas = [chunk.choices[0].delta for chunk in c.chat.completions.create(stream=True, **kw) if chunk.choices]
+        assert (
+            "".join(d.model_extra.get("reasoning_content") or "" for d in deltas)
+            == whole.model_extra["reasoning_content"]
+        )
         assert not any(d.content for d in deltas)
     finally:
         s.stop()
@@ -406,12 +477,12 @@ def test_demo_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSERVE_CACHE", str(tmp_path))
     path = demo_checkpoint()
     assert path.is_relative_to(tmp_path) and demo_checkpoint() == path
-    s = ServerThread(["--model", str(path), "--device", "cpu", "--served-model-name",
-                      DEMO_MODEL_NAME]).start()
+    s = ServerThread(["--model", str(path), "--device", "cpu", "--served-model-name", DEMO_MODEL_NAME]).start()
     try:
         c = openai.OpenAI(base_url=s.base_url + "/v1", api_key="unused", max_retries=0)
-        r = c.chat.completions.create(model=DEMO_MODEL_NAME, max_tokens=4, extra_body=FIXED,
-                                      messages=[{"role": "user", "content": "hello"}])
+        r = c.chat.completions.create(
+            model=DEMO_MODEL_NAME, max_tokens=4, extra_body=FIXED, messages=[{"role": "user", "content": "hello"}]
+        )
         assert r.usage.completion_tokens == 4 and r.usage.prompt_tokens > 3
     finally:
         s.stop()
@@ -436,22 +507,25 @@ def test_400_malformed_json(server, path):
     assert status == 400
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
-    ({"prompt": "x", "temperature": -1}, "temperature"),
-    ({"prompt": "x", "top_p": 1.5}, "top_p"),
-    ({"prompt": "x", "n": 0}, "n"),
-    ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
-    ({"prompt": "x", "logprobs": 50}, "logprobs"),
-    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
-    ({"prompt": "x", "stop": [""]}, "stop"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": [[1, 2], [999999999]]}, "prompt[1]"),
-    ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
-    ({"prompt": "word " * 600, "max_tokens": 1}, "prompt"),
-    ({}, "prompt"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x", "max_tokens": "ten"}, "max_tokens"),
+        ({"prompt": "x", "temperature": -1}, "temperature"),
+        ({"prompt": "x", "top_p": 1.5}, "top_p"),
+        ({"prompt": "x", "n": 0}, "n"),
+        ({"prompt": "x", "presence_penalty": 3}, "presence_penalty"),
+        ({"prompt": "x", "logprobs": 50}, "logprobs"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+        ({"prompt": "x", "stop": [""]}, "stop"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": [[1, 2], [999999999]]}, "prompt[1]"),
+        ({"prompt": "x", "max_tokens": 600}, "max_tokens"),
+        ({"prompt": "word " * 600, "max_tokens": 1}, "prompt"),
+        ({}, "prompt"),
+    ],
+)
 def test_400_completions_field(server, body, param):
     status, err = error_of(run(post(server.base_url + "/v1/completions", {"model": MODEL, **body})))
     assert status == 400, err
@@ -459,22 +533,24 @@ def test_400_completions_field(server, body, param):
     assert err["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": True},
-     "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": []}, "messages"),
-    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000},
-     "max_completion_tokens"),
-    ({"messages": [{"role": "user", "content": "x"}], "top_k": -5}, "top_k"),
-    ({"messages": [{"role": "user", "content": "x"}],
-      "chat_template": "{{ raise_exception('nope') }}"}, "chat_template"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50, "logprobs": True}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 10_000}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "top_k": -5}, "top_k"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ raise_exception('nope') }}"},
+            "chat_template",
+        ),
+    ],
+)
 def test_400_chat_field(server, body, param):
-    status, err = error_of(run(post(server.base_url + "/v1/chat/completions",
-                                    {"model": MODEL, **body})))
+    status, err = error_of(run(post(server.base_url + "/v1/chat/completions", {"model": MODEL, **body})))
     assert status == 400, err
     assert err["param"] == param, err
 
@@ -485,14 +561,23 @@ def test_400_context_length_message(client):
     assert "maximum context length is 512" in str(e.value)
 
 
-@pytest.mark.parametrize("method,path", [("GET", "/v1/models"), ("POST", "/v1/completions"),
-                                         ("POST", "/v1/chat/completions"), ("POST", "/tokenize"),
-                                         ("POST", "/detokenize")])
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"},
-                                     {"Authorization": API_KEY}])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+    ],
+)
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
 def test_401(server, method, path, headers):
-    fn = get(server.base_url + path, headers=headers) if method == "GET" else \
-        post(server.base_url + path, {"model": MODEL, "prompt": "x"}, headers=headers)
+    fn = (
+        get(server.base_url + path, headers=headers)
+        if method == "GET"
+        else post(server.base_url + path, {"model": MODEL, "prompt": "x"}, headers=headers)
+    )
     status, err = error_of(run(fn))
     assert status == 401 and err["code"] == "invalid_api_key"
 
@@ -504,8 +589,7 @@ def test_401_openai_client(server):
 
 
 def test_404(server, client):
-    status, err = error_of(run(post(server.base_url + "/v1/completions",
-                                    {"model": "no-such-model", "prompt": "x"})))
+    status, err = error_of(run(post(server.base_url + "/v1/completions", {"model": "no-such-model", "prompt": "x"})))
     assert status == 404 and err["param"] == "model" and err["code"] == "model_not_found"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
@@ -528,8 +612,13 @@ def test_503_until_loaded(checkpoint):
     from fastserve.server.state import ServerState
 
     async def main():
-        state = ServerState(served_model_names=[MODEL], model_path=str(checkpoint),
-                            api_key=None, chat_template=None, reasoning_parser=None)
+        state = ServerState(
+            served_model_names=[MODEL],
+            model_path=str(checkpoint),
+            api_key=None,
+            chat_template=None,
+            reasoning_parser=None,
+        )
         runner = aiohttp.web.AppRunner(build_app(state, 1 << 20))
         await runner.setup()
         port = free_port()
@@ -568,15 +657,18 @@ def test_engine_fault_never_a_traceback(checkpoint, stream):
     try:
         if not stream:
             armed["on"] = True
-            status, err = error_of(run(post(s.base_url + "/v1/completions",
-                                            {"prompt": "x", "max_tokens": 3}, headers={})))
+            status, err = error_of(
+                run(post(s.base_url + "/v1/completions", {"prompt": "x", "max_tokens": 3}, headers={}))
+            )
             assert status == 503 and err["code"] == "engine_dead"
         else:
+
             async def main():
                 async with aiohttp.ClientSession() as session:
-                    async with session.post(s.base_url + "/v1/completions", json={
-                            "prompt": "x", "max_tokens": 300, "ignore_eos": True,
-                            "stream": True}) as r:
+                    async with session.post(
+                        s.base_url + "/v1/completions",
+                        json={"prompt": "x", "max_tokens": 300, "ignore_eos": True, "stream": True},
+                    ) as r:
                         events = []
                         async for line in r.content:
                             if line.startswith(b"data: "):
@@ -603,10 +695,20 @@ def test_engine_fault_never_a_traceback(checkpoint, stream):
 def test_sse_framing(server):
     async def main():
         async with aiohttp.ClientSession() as s:
-            async with s.post(server.base_url + "/v1/chat/completions", headers=auth(), json={
-                    "model": MODEL, "messages": [{"role": "user", "content": "hi"}],
-                    "max_tokens": 5, "ignore_eos": True, "stream": True, "n": 2,
-                    "temperature": 1.0, "stream_options": {"include_usage": True}}) as r:
+            async with s.post(
+                server.base_url + "/v1/chat/completions",
+                headers=auth(),
+                json={
+                    "model": MODEL,
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 5,
+                    "ignore_eos": True,
+                    "stream": True,
+                    "n": 2,
+                    "temperature": 1.0,
+                    "stream_options": {"include_usage": True},
+                },
+            ) as r:
                 return r.status, r.headers["Content-Type"], await r.read()
 
     status, ctype, raw = run(main())
@@ -631,11 +733,17 @@ def test_sse_framing(server):
 
 
 def test_continuous_usage_stats(client):
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "count"}], max_tokens=6,
-        stream=True, stream_options={"include_usage": True,
-                                     "continuous_usage_stats": True}, extra_body=FIXED,
-        **GREEDY))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "count"}],
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True},
+            extra_body=FIXED,
+            **GREEDY,
+        )
+    )
     counts = [c.usage.completion_tokens for c in chunks]
     assert counts == sorted(counts) and counts[-1] == 6
     assert len({c.usage.prompt_tokens for c in chunks}) == 1
@@ -645,8 +753,11 @@ def _wait_idle(server, timeout=30.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         m = metrics(server)
-        if m["fastserve:num_requests_running"] == 0 and m["fastserve:num_requests_waiting"] == 0 \
-                and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]:
+        if (
+            m["fastserve:num_requests_running"] == 0
+            and m["fastserve:num_requests_waiting"] == 0
+            and m["fastserve:num_free_blocks"] == m["fastserve:num_total_blocks"]
+        ):
             return m
         time.sleep(0.05)
     raise AssertionError(f"engine not idle after {timeout}s: {metrics(server)}")
@@ -658,9 +769,11 @@ def test_disconnect_frees_blocks(server):
 
     async def stream_then_leave():
         async with aiohttp.ClientSession() as s:
-            async with s.post(server.base_url + "/v1/completions", headers=auth(), json={
-                    "model": MODEL, "prompt": "long " * 50, "max_tokens": 400,
-                    "ignore_eos": True, "stream": True}) as r:
+            async with s.post(
+                server.base_url + "/v1/completions",
+                headers=auth(),
+                json={"model": MODEL, "prompt": "long " * 50, "max_tokens": 400, "ignore_eos": True, "stream": True},
+            ) as r:
                 n = 0
                 async for line in r.content:
                     n += line.startswith(b"data: ")
@@ -672,10 +785,13 @@ def test_disconnect_frees_blocks(server):
         async with aiohttp.ClientSession() as s:
             key = "fastserve:time_to_first_token_seconds_count"
             ttft_before = (await metrics_async(server))[key]
-            task = asyncio.ensure_future(s.post(server.base_url + "/v1/completions",
-                                                headers=auth(), json={
-                "model": MODEL, "prompt": "long " * 50, "max_tokens": 400,
-                "ignore_eos": True}))
+            task = asyncio.ensure_future(
+                s.post(
+                    server.base_url + "/v1/completions",
+                    headers=auth(),
+                    json={"model": MODEL, "prompt": "long " * 50, "max_tokens": 400, "ignore_eos": True},
+                )
+            )
             # leave once the engine is generating for it
             while (await metrics_async(server))[key] == ttft_before:
                 assert not task.done(), "the request finished before the test could leave"
@@ -700,12 +816,20 @@ def test_disconnect_frees_blocks(server):
 def test_200_concurrent(server):
     async def one(s, i):
         prompt = f"Request number {i} says"
-        async with s.post(server.base_url + "/v1/completions", headers=auth(), json={
-                "model": MODEL, "prompt": prompt, "max_tokens": 4, "ignore_eos": True,
-                "echo": True, "temperature": 0}) as r:
+        async with s.post(
+            server.base_url + "/v1/completions",
+            headers=auth(),
+            json={
+                "model": MODEL,
+                "prompt": prompt,
+                "max_tokens": 4,
+                "ignore_eos": True,
+                "echo": True,
+                "temperature": 0,
+            },
+        ) as r:
             body = await r.json()
-        async with s.post(server.base_url + "/tokenize", headers=auth(),
-                          json={"prompt": prompt}) as r:
+        async with s.post(server.base_url + "/tokenize", headers=auth(), json={"prompt": prompt}) as r:
             count = (await r.json())["count"]
         return prompt, count, body
 
@@ -718,8 +842,7 @@ def test_200_concurrent(server):
         assert "error" not in body, body
         # each answer belongs to its own request: it echoes that prompt, counts its tokens
         assert body["choices"][0]["text"].startswith(prompt)
-        assert body["usage"] == {"prompt_tokens": count, "completion_tokens": 4,
-                                 "total_tokens": count + 4}
+        assert body["usage"] == {"prompt_tokens": count, "completion_tokens": 4, "total_tokens": count + 4}
     assert len({b["id"] for _, _, b in results}) == 200
     _wait_idle(server)
 
@@ -733,9 +856,24 @@ def test_sigterm_drains(checkpoint, tmp_path):
     port = free_port()
     env = subprocess_env()
     log = open(tmp_path / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "fastserve", "--model", str(checkpoint),
-                             "--port", str(port), "--device", "cpu", "--shutdown-timeout", "60"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve",
+            "--model",
+            str(checkpoint),
+            "--port",
+            str(port),
+            "--device",
+            "cpu",
+            "--shutdown-timeout",
+            "60",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         seen = []
@@ -764,9 +902,16 @@ def test_sigterm_drains(checkpoint, tmp_path):
             after_refusal = 0
             refused = False
             async with aiohttp.ClientSession() as s:
-                async with s.post(url + "/v1/completions", json={
-                        "prompt": "drain", "max_tokens": 400, "ignore_eos": True,
-                        "stream": True, "stream_options": {"include_usage": True}}) as r:
+                async with s.post(
+                    url + "/v1/completions",
+                    json={
+                        "prompt": "drain",
+                        "max_tokens": 400,
+                        "ignore_eos": True,
+                        "stream": True,
+                        "stream_options": {"include_usage": True},
+                    },
+                ) as r:
                     events = []
                     async for line in r.content:
                         if not line.startswith(b"data: "):

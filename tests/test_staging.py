@@ -4,7 +4,6 @@ their dtypes, sizes (empty ones too) and order, across steps and buffer growth."
 import numpy as np
 import pytest
 import torch
-
 from fastserve.worker.staging import PinnedStaging
 
 DTYPES = [np.int64, np.int32, np.float32, np.float64, np.uint8, np.bool_]
@@ -14,7 +13,9 @@ def random_arrays(rng, count):
     out = []
     for _ in range(count):
         dtype = DTYPES[rng.integers(len(DTYPES))]
-        shape = (int(rng.integers(0, 40)),) if rng.random() < 0.8 else (int(rng.integers(1, 5)), int(rng.integers(1, 9)))
+        shape = (
+            (int(rng.integers(0, 40)),) if rng.random() < 0.8 else (int(rng.integers(1, 5)), int(rng.integers(1, 9)))
+        )
         if dtype == np.bool_:
             a = rng.random(shape) < 0.5
         elif np.issubdtype(dtype, np.integer):
@@ -63,11 +64,28 @@ def test_sampling_tensors_staged_equal_unstaged(device):
     from fastserve.worker.sampler_state import SamplerState
 
     s = Scheduler(num_blocks=64, max_model_len=128, block_size=4, eos_token_ids=[2])
-    s.add_request("a", [5, 6, 7, 8, 9], RequestParams(max_tokens=4, temperature=0.7, top_p=0.9, top_k=5,
-                                                      presence_penalty=0.5, repetition_penalty=1.2, min_tokens=2,
-                                                      seed=3, logprobs=2))
-    s.add_request("b", [11, 12], RequestParams(max_tokens=4, temperature=0.0, frequency_penalty=0.3,
-                                               bad_words_token_ids=[[13], [14, 15]], min_p=0.1))
+    s.add_request(
+        "a",
+        [5, 6, 7, 8, 9],
+        RequestParams(
+            max_tokens=4,
+            temperature=0.7,
+            top_p=0.9,
+            top_k=5,
+            presence_penalty=0.5,
+            repetition_penalty=1.2,
+            min_tokens=2,
+            seed=3,
+            logprobs=2,
+        ),
+    )
+    s.add_request(
+        "b",
+        [11, 12],
+        RequestParams(
+            max_tokens=4, temperature=0.0, frequency_penalty=0.3, bad_words_token_ids=[[13], [14, 15]], min_p=0.1
+        ),
+    )
     staging = PinnedStaging(torch.device(device))
     state = SamplerState(device, 1000)
     for _ in range(3):

@@ -14,7 +14,6 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from fastserve._core import RequestParams, Scheduler
 from fastserve.errors import InternalError, StepLimitError
 from fastserve.layers.attention import PAD_SLOT_ID
@@ -23,8 +22,9 @@ from fastserve.worker.step_buffers import StepBuffers, StepLimits
 
 # Room for 8 decodes plus one n = 32 prompt finishing: more sample rows than 4 x max_num_seqs,
 # the old logits buffer's guessed size.
-LIMITS = StepLimits(max_num_batched_tokens=64, max_num_seqs=8, max_num_sample_rows=8 + 32, max_model_len=96,
-                    block_size=4)
+LIMITS = StepLimits(
+    max_num_batched_tokens=64, max_num_seqs=8, max_num_sample_rows=8 + 32, max_model_len=96, block_size=4
+)
 
 
 def heavy_scheduler(limits: StepLimits, num_blocks: int = 200, seed: int = 0) -> Scheduler:
@@ -34,15 +34,29 @@ def heavy_scheduler(limits: StepLimits, num_blocks: int = 200, seed: int = 0) ->
     rng = np.random.default_rng(seed)
     s = Scheduler(num_blocks=num_blocks, eos_token_ids=[2], **limits.scheduler_kwargs())
     for i in range(9):
-        s.add_request(f"n{i}", rng.integers(3, 900, size=int(rng.integers(3, 20))).tolist(),
-                      RequestParams(n=32, max_tokens=3, ignore_eos=True, temperature=0.8, seed=i))
+        s.add_request(
+            f"n{i}",
+            rng.integers(3, 900, size=int(rng.integers(3, 20))).tolist(),
+            RequestParams(n=32, max_tokens=3, ignore_eos=True, temperature=0.8, seed=i),
+        )
     for i in range(3):
-        s.add_request(f"long{i}", rng.integers(3, 900, size=limits.max_model_len - 1).tolist(),
-                      RequestParams(max_tokens=1, prompt_logprobs=20, logprobs=20))
+        s.add_request(
+            f"long{i}",
+            rng.integers(3, 900, size=limits.max_model_len - 1).tolist(),
+            RequestParams(max_tokens=1, prompt_logprobs=20, logprobs=20),
+        )
     for i in range(12):
-        s.add_request(f"ban{i}", rng.integers(3, 900, size=int(rng.integers(1, 40))).tolist(),
-                      RequestParams(max_tokens=6, min_tokens=3, stop_token_ids=list(range(100, 140)),
-                                    bad_words_token_ids=[[7], [8, 9]], repetition_penalty=1.2))
+        s.add_request(
+            f"ban{i}",
+            rng.integers(3, 900, size=int(rng.integers(1, 40))).tolist(),
+            RequestParams(
+                max_tokens=6,
+                min_tokens=3,
+                stop_token_ids=list(range(100, 140)),
+                bad_words_token_ids=[[7], [8, 9]],
+                repetition_penalty=1.2,
+            ),
+        )
     return s
 
 
@@ -75,8 +89,15 @@ def test_real_batches_fit_and_arrive_intact():
 
     def on_batch(b):
         buffers.check(b)
-        for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                     "logits_indices"):
+        for name in (
+            "input_ids",
+            "positions",
+            "slot_mapping",
+            "query_start_loc",
+            "seq_lens",
+            "block_tables",
+            "logits_indices",
+        ):
             check_loaded(buffers.load(getattr(buffers, name), getattr(b, name)), getattr(b, name))
         seen["max_samples"] = max(seen["max_samples"], b.num_samples)
         seen["max_tokens"] = max(seen["max_tokens"], b.num_tokens)
@@ -104,12 +125,15 @@ def test_real_batches_fit_and_arrive_intact():
     assert seen["decode_only"] > 0 and seen["prompt_lp"] > 0
 
 
-@pytest.mark.parametrize("quantity,shrink", [
-    ("sample rows", {"max_num_sample_rows": 34}),
-    ("tokens", {"max_num_batched_tokens": 40}),
-    ("rows", {"max_num_seqs": 5}),
-    ("blocks per table", {"max_model_len": 40}),
-])
+@pytest.mark.parametrize(
+    "quantity,shrink",
+    [
+        ("sample rows", {"max_num_sample_rows": 34}),
+        ("tokens", {"max_num_batched_tokens": 40}),
+        ("rows", {"max_num_seqs": 5}),
+        ("blocks per table", {"max_model_len": 40}),
+    ],
+)
 def test_buffer_smaller_than_its_limit_is_a_step_limit_error(quantity, shrink):
     s = heavy_scheduler(LIMITS)
     small = StepBuffers(dataclasses.replace(LIMITS, **shrink), torch.device("cpu"))
@@ -186,11 +210,20 @@ def test_engine_names_the_field_past_the_sample_rows(tmp_path, fields, field):
     from tiny_models import SHARED_MODELS, make_tiny_checkpoint
 
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path)
-    llm = LLM(str(path), tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), device="cpu", dtype="float32",
-              max_model_len=64, max_num_seqs=2, max_num_sample_rows=10, cpu_kv_cache_space_gb=0.01)
+    llm = LLM(
+        str(path),
+        tokenizer=str(SHARED_MODELS / "llama3-tokenizer"),
+        device="cpu",
+        dtype="float32",
+        max_model_len=64,
+        max_num_seqs=2,
+        max_num_sample_rows=10,
+        cpu_kv_cache_space_gb=0.01,
+    )
     with pytest.raises(InvalidRequest, match="max_num_sample_rows") as e:
-        llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=1.0, max_tokens=2, **fields),
-                     use_tqdm=False)
+        llm.generate(
+            [{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=1.0, max_tokens=2, **fields), use_tqdm=False
+        )
     assert e.value.field == field
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2  # the engine goes on

@@ -4,7 +4,6 @@ engine routing both kinds to the same RequestOutput."""
 
 import numpy as np
 import pytest
-
 from fastserve import _core
 from fastserve._core import RequestParams, Scheduler
 from tiny_models import SHARED_MODELS, make_tiny_checkpoint
@@ -43,12 +42,12 @@ def check_columns(out):
     views = list(out)
     assert len(views) == len(out)
     rowless = [v for v in views if v.sample_row < 0]
-    rows = views[len(rowless):]
+    rows = views[len(rowless) :]
     assert len(rows) == n
     for j, v in enumerate(rows):
         assert v.request_id == out.request_ids[j] and v.sample_index == out.sample_indices[j]
         assert v.new_token_ids == [int(out.token_ids[j])] and v.sample_row == out.sample_rows[j]
-        assert v.text_delta == out.text[out.text_offsets[j]:out.text_offsets[j + 1]]
+        assert v.text_delta == out.text[out.text_offsets[j] : out.text_offsets[j + 1]]
     finished = {(f.request_id, f.sample_index) for f in out.finished}
     assert {(v.request_id, v.sample_index) for v in views if v.finished} == finished
 
@@ -60,7 +59,7 @@ def collect(results):
         check_columns(out)
         for j, rid in enumerate(out.request_ids):
             key = (rid, int(out.sample_indices[j]))
-            text[key] = text.get(key, "") + out.text[out.text_offsets[j]:out.text_offsets[j + 1]]
+            text[key] = text.get(key, "") + out.text[out.text_offsets[j] : out.text_offsets[j + 1]]
             tokens.setdefault(key, []).append(int(out.token_ids[j]))
         for f in out.finished:
             key = (f.request_id, f.sample_index)
@@ -111,7 +110,7 @@ def test_final_only_n_samples_and_abort(tok):
     seen = []
     for k in range(3):  # prefill (the prompts share their blocks), then two decode steps
         b = s.schedule()
-        out = s.update(np.array(gen[k:k + 1] * b.num_samples, dtype=np.int64))
+        out = s.update(np.array(gen[k : k + 1] * b.num_samples, dtype=np.int64))
         assert out.num_rows == 0 and out.num_new_tokens == b.num_samples
         seen.append(gen[k])
     assert s.abort_request("gone")
@@ -167,12 +166,22 @@ def test_engine_final_only_equals_streamed(tmp_path):
 
     tok_dir = SHARED_MODELS / "llama3-tokenizer"
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, tokenizer_dir=tok_dir, name="llama")
-    engine = Engine(EngineArgs(model=str(path), tokenizer=str(tok_dir), device="cpu", max_model_len=256,
-                               max_num_batched_tokens=64))
+    engine = Engine(
+        EngineArgs(model=str(path), tokenizer=str(tok_dir), device="cpu", max_model_len=256, max_num_batched_tokens=64)
+    )
     tok = engine.tokenizer
     prompts = [tok.encode(p) for p in ("The weather in", "Ein langer Satz über", "東京の", "def f(x):")]
-    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=24, n=2 if i == 1 else 1,
-                             stop=["e", "の"] if i % 2 else [], ignore_eos=True) for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=1.0,
+            seed=i,
+            max_tokens=24,
+            n=2 if i == 1 else 1,
+            stop=["e", "の"] if i % 2 else [],
+            ignore_eos=True,
+        )
+        for i in range(len(prompts))
+    ]
 
     def generate(final_only: bool):
         for i, (p, sp) in enumerate(zip(prompts, params)):
@@ -193,8 +202,12 @@ def test_engine_final_only_equals_streamed(tmp_path):
     for a, b in zip(streamed, final):
         assert len(a.outputs) == len(b.outputs)
         for x, y in zip(a.outputs, b.outputs):
-            assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == \
-                (y.text, y.token_ids, y.finish_reason, y.stop_reason)
+            assert (x.text, x.token_ids, x.finish_reason, x.stop_reason) == (
+                y.text,
+                y.token_ids,
+                y.finish_reason,
+                y.stop_reason,
+            )
             stopped += x.stop_reason is not None
         assert b.metrics.first_token_time is not None
         assert b.metrics.first_token_time <= b.metrics.finished_time

@@ -10,7 +10,6 @@ test_structured_outputs_real.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -19,16 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from server_harness import tiny_qwen_checkpoint
-
 from fastserve.structured_outputs.bitmask import (
     TokenBitmask,
     allowed_tokens,
-    apply_token_bitmask,
     apply_token_bitmask_reference,
 )
 from fastserve.structured_outputs.params import StructuredOutputsError, StructuredOutputsParams
 from fastserve.structured_outputs.request import structured_outputs_from_request
+from server_harness import tiny_qwen_checkpoint
 
 xgr = pytest.importorskip("xgrammar")
 
@@ -40,20 +37,32 @@ pytestmark = pytest.mark.timeout(600)
 PERSON = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
 
 
-@pytest.mark.parametrize("fields,kind,value,param", [
-    ({"response_format": {"type": "json_object"}}, "json_object", True, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON, "strict": True}}},
-     "json", PERSON, "response_format"),
-    ({"structured_outputs": {"json": PERSON}}, "json", PERSON, "structured_outputs.json"),
-    ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+", "structured_outputs.regex"),
-    ({"structured_outputs": {"choice": ["a", "b"]}}, "choice", ["a", "b"], "structured_outputs.choice"),
-    ({"structured_outputs": {"grammar": 'root ::= "x"'}}, "grammar", 'root ::= "x"', "structured_outputs.grammar"),
-    ({"structured_outputs": {"json_object": True}}, "json_object", True, "structured_outputs.json_object"),
-    ({"guided": {"guided_json": PERSON}}, "json", PERSON, "guided_json"),
-    ({"guided": {"guided_regex": "a+", "guided_decoding_backend": "xgrammar"}}, "regex", "a+", "guided_regex"),
-    ({"guided": {"guided_choice": ["x"]}}, "choice", ["x"], "guided_choice"),
-    ({"guided": {"guided_grammar": 'root ::= "y"'}}, "grammar", 'root ::= "y"', "guided_grammar"),
-])
+@pytest.mark.parametrize(
+    "fields,kind,value,param",
+    [
+        ({"response_format": {"type": "json_object"}}, "json_object", True, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "p", "schema": PERSON, "strict": True},
+                }
+            },
+            "json",
+            PERSON,
+            "response_format",
+        ),
+        ({"structured_outputs": {"json": PERSON}}, "json", PERSON, "structured_outputs.json"),
+        ({"structured_outputs": {"regex": "[a-z]+"}}, "regex", "[a-z]+", "structured_outputs.regex"),
+        ({"structured_outputs": {"choice": ["a", "b"]}}, "choice", ["a", "b"], "structured_outputs.choice"),
+        ({"structured_outputs": {"grammar": 'root ::= "x"'}}, "grammar", 'root ::= "x"', "structured_outputs.grammar"),
+        ({"structured_outputs": {"json_object": True}}, "json_object", True, "structured_outputs.json_object"),
+        ({"guided": {"guided_json": PERSON}}, "json", PERSON, "guided_json"),
+        ({"guided": {"guided_regex": "a+", "guided_decoding_backend": "xgrammar"}}, "regex", "a+", "guided_regex"),
+        ({"guided": {"guided_choice": ["x"]}}, "choice", ["x"], "guided_choice"),
+        ({"guided": {"guided_grammar": 'root ::= "y"'}}, "grammar", 'root ::= "y"', "guided_grammar"),
+    ],
+)
 def test_every_spelling_gives_the_constraint(fields, kind, value, param):
     spec = structured_outputs_from_request(**fields)
     assert (spec.kind, getattr(spec, kind), spec.param) == (kind, value, param)
@@ -64,28 +73,32 @@ def test_free_text_and_options():
     assert structured_outputs_from_request(response_format={"type": "text"}) is None
     spec = structured_outputs_from_request(structured_outputs={"json": PERSON, "disable_any_whitespace": True})
     assert spec.disable_any_whitespace
-    spec = structured_outputs_from_request(guided={"guided_json": PERSON,
-                                                   "guided_decoding_backend": "xgrammar:disable-any-whitespace"})
+    spec = structured_outputs_from_request(
+        guided={"guided_json": PERSON, "guided_decoding_backend": "xgrammar:disable-any-whitespace"}
+    )
     assert spec.disable_any_whitespace
     tag = {"type": "structural_tag", "format": {"type": "const_string", "value": "hi"}}
     assert json.loads(structured_outputs_from_request(response_format=tag).structural_tag) == tag
 
 
-@pytest.mark.parametrize("fields,param", [
-    ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
-    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.regex"),
-    ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn"),
-    ({"structured_outputs": {}}, "structured_outputs"),
-    ({"structured_outputs": {"choice": "a"}}, "structured_outputs.choice"),
-    ({"structured_outputs": {"json": PERSON, "whitespace_pattern": " *"}}, "structured_outputs.whitespace_pattern"),
-    ({"structured_outputs": {"json": PERSON}, "response_format": {"type": "json_object"}}, "structured_outputs"),
-    ({"guided": {"guided_json": PERSON, "guided_regex": "a"}}, "guided_regex"),
-    ({"guided": {"guided_json": PERSON, "guided_decoding_backend": "outlines"}}, "guided_decoding_backend"),
-    ({"guided": {"guided_json": PERSON, "guided_whitespace_pattern": " "}}, "guided_whitespace_pattern"),
-    ({"guided": {"guided_regex": "a"}, "response_format": {"type": "json_object"}}, "guided_regex"),
-])
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn"),
+        ({"structured_outputs": {}}, "structured_outputs"),
+        ({"structured_outputs": {"choice": "a"}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": PERSON, "whitespace_pattern": " *"}}, "structured_outputs.whitespace_pattern"),
+        ({"structured_outputs": {"json": PERSON}, "response_format": {"type": "json_object"}}, "structured_outputs"),
+        ({"guided": {"guided_json": PERSON, "guided_regex": "a"}}, "guided_regex"),
+        ({"guided": {"guided_json": PERSON, "guided_decoding_backend": "outlines"}}, "guided_decoding_backend"),
+        ({"guided": {"guided_json": PERSON, "guided_whitespace_pattern": " "}}, "guided_whitespace_pattern"),
+        ({"guided": {"guided_regex": "a"}, "response_format": {"type": "json_object"}}, "guided_regex"),
+    ],
+)
 def test_bad_requests_name_the_field(fields, param):
     with pytest.raises(StructuredOutputsError) as e:
         structured_outputs_from_request(**fields)
@@ -132,28 +145,47 @@ def compiler(checkpoint):
     c.shutdown()
 
 
-@pytest.mark.parametrize("spec,param,message", [
-    (StructuredOutputsParams(json='{"type": "object"'), "structured_outputs.json", "not valid JSON"),
-    (StructuredOutputsParams(json={"type": "objekt"}), "structured_outputs.json", "invalid"),
-    (StructuredOutputsParams(json={"type": "integer", "multipleOf": 3}), "structured_outputs.json", "multipleOf"),
-    (StructuredOutputsParams(json={"type": "array", "uniqueItems": True}), "structured_outputs.json", "uniqueItems"),
-    (StructuredOutputsParams(json={"type": "string", "format": "credit-card"}), "structured_outputs.json",
-     "format"),
-    (StructuredOutputsParams(json={"allOf": [{"type": "string"}, {"enum": ["a"]}]}), "structured_outputs.json",
-     "allOf"),
-    (StructuredOutputsParams(json=[1, 2]), "structured_outputs.json", "JSON object"),
-    (StructuredOutputsParams(regex="[0-9"), "structured_outputs.regex", "invalid"),
-    (StructuredOutputsParams(regex="a\x00b"), "structured_outputs.regex", "NUL"),
-    (StructuredOutputsParams(choice=[]), "structured_outputs.choice", "non-empty"),
-    (StructuredOutputsParams(grammar="root ::= foo"), "structured_outputs.grammar", "invalid"),
-    (StructuredOutputsParams(grammar="start: foo"), "structured_outputs.grammar", "invalid"),
-    (StructuredOutputsParams(structural_tag="{not json"), "structured_outputs.structural_tag", "JSON"),
-    (StructuredOutputsParams(structural_tag='{"type": "structural_tag", "format": {"type": "nope"}}'),
-     "structured_outputs.structural_tag", "invalid"),
-    (StructuredOutputsParams(json=PERSON, whitespace_pattern=" "), "structured_outputs.whitespace_pattern",
-     "whitespace_pattern"),
-    (StructuredOutputsParams(regex="a", _param="guided_regex"), None, None),
-])
+@pytest.mark.parametrize(
+    "spec,param,message",
+    [
+        (StructuredOutputsParams(json='{"type": "object"'), "structured_outputs.json", "not valid JSON"),
+        (StructuredOutputsParams(json={"type": "objekt"}), "structured_outputs.json", "invalid"),
+        (StructuredOutputsParams(json={"type": "integer", "multipleOf": 3}), "structured_outputs.json", "multipleOf"),
+        (
+            StructuredOutputsParams(json={"type": "array", "uniqueItems": True}),
+            "structured_outputs.json",
+            "uniqueItems",
+        ),
+        (
+            StructuredOutputsParams(json={"type": "string", "format": "credit-card"}),
+            "structured_outputs.json",
+            "format",
+        ),
+        (
+            StructuredOutputsParams(json={"allOf": [{"type": "string"}, {"enum": ["a"]}]}),
+            "structured_outputs.json",
+            "allOf",
+        ),
+        (StructuredOutputsParams(json=[1, 2]), "structured_outputs.json", "JSON object"),
+        (StructuredOutputsParams(regex="[0-9"), "structured_outputs.regex", "invalid"),
+        (StructuredOutputsParams(regex="a\x00b"), "structured_outputs.regex", "NUL"),
+        (StructuredOutputsParams(choice=[]), "structured_outputs.choice", "non-empty"),
+        (StructuredOutputsParams(grammar="root ::= foo"), "structured_outputs.grammar", "invalid"),
+        (StructuredOutputsParams(grammar="start: foo"), "structured_outputs.grammar", "invalid"),
+        (StructuredOutputsParams(structural_tag="{not json"), "structured_outputs.structural_tag", "JSON"),
+        (
+            StructuredOutputsParams(structural_tag='{"type": "structural_tag", "format": {"type": "nope"}}'),
+            "structured_outputs.structural_tag",
+            "invalid",
+        ),
+        (
+            StructuredOutputsParams(json=PERSON, whitespace_pattern=" "),
+            "structured_outputs.whitespace_pattern",
+            "whitespace_pattern",
+        ),
+        (StructuredOutputsParams(regex="a", _param="guided_regex"), None, None),
+    ],
+)
 def test_compile_errors_name_the_field(compiler, spec, param, message):
     if param is None:
         assert compiler.compile(spec) is not None
@@ -195,7 +227,7 @@ def test_cache_is_bounded(checkpoint):
 
 def _random_mask(rows: int, vocab: int, gen: torch.Generator) -> torch.Tensor:
     words = (vocab + 31) // 32
-    return torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int64, generator=gen).to(torch.int32)
+    return torch.randint(-(2**31), 2**31 - 1, (rows, words), dtype=torch.int64, generator=gen).to(torch.int32)
 
 
 def test_bitmask_reference_is_xgrammars_layout():
@@ -217,8 +249,9 @@ def test_bitmask_reference_is_xgrammars_layout():
     assert torch.equal(out[[1, 3]], logits[[1, 3]])
     # xgrammar's own CPU kernel agrees
     x = logits.clone()
-    xgr.apply_token_bitmask_inplace(x, torch.zeros(5, mask.shape[1], dtype=torch.int32).index_copy_(0, rows, mask),
-                                    indices=rows.tolist())
+    xgr.apply_token_bitmask_inplace(
+        x, torch.zeros(5, mask.shape[1], dtype=torch.int32).index_copy_(0, rows, mask), indices=rows.tolist()
+    )
     assert torch.equal(torch.isneginf(x), torch.isneginf(out))
 
 
@@ -236,16 +269,21 @@ def check_bitmask_kernel(device: str, rows: int, total: int, vocab: int, dtype) 
     assert torch.equal(out.cpu(), ref.cpu()), "the kernel's mask differs from the reference"
 
 
-_KERNEL_CASES = [(3, 5, 77, torch.float32), (1, 1, 32, torch.float32), (4, 9, 5000, torch.float16),
-                 (2, 2, 4099, torch.bfloat16)]
+_KERNEL_CASES = [
+    (3, 5, 77, torch.float32),
+    (1, 1, 32, torch.float32),
+    (4, 9, 5000, torch.float16),
+    (2, 2, 4099, torch.bfloat16),
+]
 
 
 def test_bitmask_kernel_interpreted():
     from server_harness import subprocess_env
 
     env = dict(subprocess_env(), TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, "kernel"], env=env, cwd=str(ROOT), capture_output=True,
-                          text=True, timeout=500)
+    proc = subprocess.run(
+        [sys.executable, __file__, "kernel"], env=env, cwd=str(ROOT), capture_output=True, text=True, timeout=500
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count("ok ") == len(_KERNEL_CASES), proc.stdout
 
@@ -261,8 +299,11 @@ def test_bitmask_kernel_argument_errors():
 
 @pytest.mark.gpu
 def test_bitmask_kernel_gpu():
-    for rows, total, vocab, dtype in [(256, 256, 128256, torch.float32), (7, 300, 151936, torch.bfloat16),
-                                      *_KERNEL_CASES]:
+    for rows, total, vocab, dtype in [
+        (256, 256, 128256, torch.float32),
+        (7, 300, 151936, torch.bfloat16),
+        *_KERNEL_CASES,
+    ]:
         check_bitmask_kernel("cuda", rows, total, vocab, dtype)
 
 
@@ -347,9 +388,16 @@ def _sp(**kw):
     return SamplingParams(**kw)
 
 
-BOUNDED = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tag": {"enum": ["red", "green", "blue"]},
-                                            "n": {"type": "integer", "minimum": 0, "maximum": 9}},
-           "required": ["ok", "tag", "n"], "additionalProperties": False}
+BOUNDED = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "tag": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["ok", "tag", "n"],
+    "additionalProperties": False,
+}
 
 
 def test_random_weights_follow_every_grammar(llm):
@@ -379,8 +427,9 @@ def test_random_weights_follow_every_grammar(llm):
 
 def test_n_children_each_follow_the_grammar(llm):
     spec = StructuredOutputsParams(regex=r"(ab|cd){1,3}!")
-    (out,) = llm.generate(["Hi"], _sp(n=6, temperature=1.0, seed=3, max_tokens=20, structured_outputs=spec),
-                          use_tqdm=False)
+    (out,) = llm.generate(
+        ["Hi"], _sp(n=6, temperature=1.0, seed=3, max_tokens=20, structured_outputs=spec), use_tqdm=False
+    )
     texts = [o.text for o in out.outputs]
     assert len(texts) == 6 and all(re.fullmatch(r"(ab|cd){1,3}!", t) for t in texts), texts
     assert len(set(texts)) > 1  # independent matchers, independent samples
@@ -418,15 +467,18 @@ def test_preemption_and_prefix_hits_keep_matchers_right(checkpoint):
 
 def test_stop_string_and_min_tokens_with_a_grammar(llm):
     spec = StructuredOutputsParams(regex=r"[a-z]{6}\.")
-    base = llm.generate(["Hi"], _sp(temperature=1.0, seed=5, max_tokens=20, structured_outputs=spec),
-                        use_tqdm=False)[0].outputs[0]
+    base = llm.generate(["Hi"], _sp(temperature=1.0, seed=5, max_tokens=20, structured_outputs=spec), use_tqdm=False)[
+        0
+    ].outputs[0]
     stop = base.text[2:4]
-    cut = llm.generate(["Hi"], _sp(temperature=1.0, seed=5, max_tokens=20, stop=[stop], structured_outputs=spec),
-                       use_tqdm=False)[0].outputs[0]
-    assert cut.text == base.text[:base.text.index(stop)] and cut.stop_reason == stop
+    cut = llm.generate(
+        ["Hi"], _sp(temperature=1.0, seed=5, max_tokens=20, stop=[stop], structured_outputs=spec), use_tqdm=False
+    )[0].outputs[0]
+    assert cut.text == base.text[: base.text.index(stop)] and cut.stop_reason == stop
     # min_tokens past the grammar's end: the grammar wins, the output still matches (vLLM's outcome)
-    out = llm.generate(["Hi"], _sp(temperature=1.0, seed=5, max_tokens=30, min_tokens=25, structured_outputs=spec),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        ["Hi"], _sp(temperature=1.0, seed=5, max_tokens=30, min_tokens=25, structured_outputs=spec), use_tqdm=False
+    )[0].outputs[0]
     assert re.fullmatch(r"[a-z]{6}\.", out.text) and out.finish_reason == "stop"
 
 
@@ -472,20 +524,25 @@ def test_gpu_cuda_graphs_follow_grammars_and_match_cpu(llm, checkpoint):
     sampler): greedy constrained answers equal the CPU's token for token (float32), and
     random ones follow their grammars."""
     import jsonschema
-
     from fastserve import LLM
 
     gpu = LLM(str(checkpoint), device="cuda", max_model_len=256, seed=0)
     assert gpu.engine.runner.graphs is not None
-    specs = [StructuredOutputsParams(json=BOUNDED, disable_any_whitespace=True),
-             StructuredOutputsParams(regex=r"[0-9]{3}-[a-c]{2}"), StructuredOutputsParams(choice=["alpha", "beta"])]
+    specs = [
+        StructuredOutputsParams(json=BOUNDED, disable_any_whitespace=True),
+        StructuredOutputsParams(regex=r"[0-9]{3}-[a-c]{2}"),
+        StructuredOutputsParams(choice=["alpha", "beta"]),
+    ]
     prompts = ["Hello", "One two", "Three"]
     greedy = [_sp(temperature=0.0, max_tokens=60, structured_outputs=s) for s in specs]
     cpu_out = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
     gpu_out = [o.outputs[0].token_ids for o in gpu.generate(prompts, greedy, use_tqdm=False)]
     assert gpu_out == cpu_out
-    sampled = gpu.generate(["Hi"] * 64, [_sp(temperature=1.0, seed=i, max_tokens=60, structured_outputs=specs[i % 3])
-                                         for i in range(64)], use_tqdm=False)
+    sampled = gpu.generate(
+        ["Hi"] * 64,
+        [_sp(temperature=1.0, seed=i, max_tokens=60, structured_outputs=specs[i % 3]) for i in range(64)],
+        use_tqdm=False,
+    )
     for i, o in enumerate(sampled):
         text = o.outputs[0].text
         if i % 3 == 0:

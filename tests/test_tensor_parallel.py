@@ -47,8 +47,16 @@ def _prompts(seed: int, n: int = 5) -> list[list[int]]:
 
 
 def _llm(path, **kw):
-    return LLM(str(path), tokenizer=str(TOKENIZER), device="cpu", dtype="float32", max_model_len=128,
-               cpu_kv_cache_space_gb=0.01, seed=0, **kw)
+    return LLM(
+        str(path),
+        tokenizer=str(TOKENIZER),
+        device="cpu",
+        dtype="float32",
+        max_model_len=128,
+        cpu_kv_cache_space_gb=0.01,
+        seed=0,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama_mqa_tied", "opt_350m", "gpt_neox_sequential"])
@@ -60,11 +68,13 @@ def test_tp2_matches_tp1_greedy_and_workers_exit(variant, tmp_path):
     arch, overrides = TINY_VARIANTS[variant]
     path = make_tiny_checkpoint(arch, tmp_path, vocab_size=1001, **overrides)  # odd: padded vocab shard
     prompts = _prompts(len(variant))
-    params = [SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
-              SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True, logprobs=2),
-              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=1),
-              SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True, n=2),
-              SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3)]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=8, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=1),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=10, ignore_eos=True, n=2),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, repetition_penalty=1.3),
+    ]
 
     def run(tp):
         llm = _llm(path, tensor_parallel_size=tp)
@@ -87,11 +97,15 @@ def test_tp2_matches_tp1_greedy_and_workers_exit(variant, tmp_path):
             if rc.logprobs:
                 for a, b in zip(rc.logprobs, gc_.logprobs):
                     assert a.keys() == b.keys()
-                    np.testing.assert_allclose([x.logprob for x in a.values()], [x.logprob for x in b.values()],
-                                               atol=1e-4)
+                    np.testing.assert_allclose(
+                        [x.logprob for x in a.values()], [x.logprob for x in b.values()], atol=1e-4
+                    )
         if r.prompt_logprobs:
-            np.testing.assert_allclose([next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]],
-                                       [next(iter(d.values())).logprob for d in g.prompt_logprobs[1:]], atol=1e-4)
+            np.testing.assert_allclose(
+                [next(iter(d.values())).logprob for d in r.prompt_logprobs[1:]],
+                [next(iter(d.values())).logprob for d in g.prompt_logprobs[1:]],
+                atol=1e-4,
+            )
 
 
 def test_workers_exit_when_llm_is_deleted(tmp_path):
@@ -104,11 +118,14 @@ def test_workers_exit_when_llm_is_deleted(tmp_path):
     assert _wait_gone(pids) == []
 
 
-@pytest.mark.parametrize("tp,overrides,match", [
-    (3, {}, "num_attention_heads"),
-    (4, {"num_key_value_heads": 4, "intermediate_size": 130}, "intermediate_size"),
-    (2, {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
-])
+@pytest.mark.parametrize(
+    "tp,overrides,match",
+    [
+        (3, {}, "num_attention_heads"),
+        (4, {"num_key_value_heads": 4, "intermediate_size": 130}, "intermediate_size"),
+        (2, {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 48}, "num_key_value_heads"),
+    ],
+)
 def test_invalid_tensor_parallel_size_is_a_clear_error(tp, overrides, match, tmp_path):
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, vocab_size=1000, **overrides)
     with pytest.raises(ValueError, match=f"--tensor-parallel-size.*{match}"):
@@ -123,14 +140,32 @@ def test_batch_pack_roundtrip_keeps_every_model_input(tmp_path):
     from fastserve.sampling_params import SamplingParams as SP
 
     tok = Tokenizer(str(TOKENIZER))
-    sched = Scheduler(num_blocks=64, max_model_len=128, block_size=8, max_num_seqs=8, max_num_batched_tokens=64,
-                      enable_prefix_caching=True, enable_chunked_prefill=True, tokenizer=tok, eos_token_ids=[0], seed=0)
+    sched = Scheduler(
+        num_blocks=64,
+        max_model_len=128,
+        block_size=8,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        tokenizer=tok,
+        eos_token_ids=[0],
+        seed=0,
+    )
     for i, p in enumerate(_prompts(3, 4)):
         sched.add_request(f"r{i}", p, SP(max_tokens=4, prompt_logprobs=1 if i == 1 else None).to_core(tok))
     batch = sched.schedule()
     got = unpack(*pack(batch))
-    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                 "logits_indices", "prompt_logprob_indices"):
+    for name in (
+        "input_ids",
+        "positions",
+        "slot_mapping",
+        "query_start_loc",
+        "seq_lens",
+        "block_tables",
+        "logits_indices",
+        "prompt_logprob_indices",
+    ):
         want = getattr(batch, name)
         np.testing.assert_array_equal(getattr(got, name), want, err_msg=name)
         assert getattr(got, name).dtype == want.dtype, name
@@ -164,8 +199,13 @@ def test_no_orphans_when_the_driver_is_interrupted_or_killed(how, tmp_path):
     # in the worker (which would build the LLM again, recursively).
     script_path = tmp_path / "unguarded.py"
     script_path.write_text(script)
-    proc = subprocess.Popen([sys.executable, str(script_path)], stdout=subprocess.PIPE, env=subprocess_env(),
-                            start_new_session=True, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script_path)],
+        stdout=subprocess.PIPE,
+        env=subprocess_env(),
+        start_new_session=True,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         pids = [int(x) for x in line.split()]
@@ -193,19 +233,45 @@ def test_server_with_tensor_parallel_answers_and_stops_its_workers(tmp_path):
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path, vocab_size=1000)
     prompt = _prompts(9, 1)[0]
     ref_llm = _llm(path)
-    ref = ref_llm.generate(prompt_token_ids=[prompt], sampling_params=SamplingParams(temperature=0.0, max_tokens=8,
-                                                                                    ignore_eos=True),
-                           use_tqdm=False)[0].outputs[0].text
+    ref = (
+        ref_llm.generate(
+            prompt_token_ids=[prompt],
+            sampling_params=SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+            use_tqdm=False,
+        )[0]
+        .outputs[0]
+        .text
+    )
     ref_llm.shutdown()
-    server = ServerThread(["--model", str(path), "--tokenizer", str(TOKENIZER), "--device", "cpu", "--dtype", "float32",
-                           "--max-model-len", "128", "--num-gpu-blocks-override", "64", "-tp", "2",
-                           "--served-model-name", "tiny"]).start()
+    server = ServerThread(
+        [
+            "--model",
+            str(path),
+            "--tokenizer",
+            str(TOKENIZER),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "128",
+            "--num-gpu-blocks-override",
+            "64",
+            "-tp",
+            "2",
+            "--served-model-name",
+            "tiny",
+        ]
+    ).start()
     pids = server.state.engine.engine.executor.worker_pids
     try:
+
         async def ask():
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0.0, "ignore_eos": True}
-            async with aiohttp.ClientSession() as session, \
-                    session.post(server.base_url + "/v1/completions", json=body) as resp:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(server.base_url + "/v1/completions", json=body) as resp,
+            ):
                 assert resp.status == 200, await resp.text()
                 return (await resp.json())["choices"][0]["text"]
 
@@ -231,14 +297,33 @@ def test_two_node_layout_on_one_machine(tmp_path, monkeypatch):
     prompts = _prompts(4, 3)
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     ref_llm = _llm(path)
-    ref = [o.outputs[0].token_ids for o in ref_llm.generate(prompt_token_ids=prompts, sampling_params=params,
-                                                            use_tqdm=False)]
+    ref = [
+        o.outputs[0].token_ids
+        for o in ref_llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    ]
     ref_llm.shutdown()
 
     port = get_open_port()
-    node = subprocess.Popen([sys.executable, "-m", "fastserve.distributed.node", "-tp", "2", "--nnodes", "2",
-                             "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
-                             "--device", "cpu"], env=subprocess_env())
+    node = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastserve.distributed.node",
+            "-tp",
+            "2",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            "1",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "--device",
+            "cpu",
+        ],
+        env=subprocess_env(),
+    )
     try:
         monkeypatch.setenv("FASTSERVE_NNODES", "2")
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -246,8 +331,10 @@ def test_two_node_layout_on_one_machine(tmp_path, monkeypatch):
         llm = _llm(path, tensor_parallel_size=2)
         try:
             assert llm.engine.executor.worker_pids == [] and llm.engine.runner.tp_size == 2
-            got = [o.outputs[0].token_ids for o in llm.generate(prompt_token_ids=prompts, sampling_params=params,
-                                                                use_tqdm=False)]
+            got = [
+                o.outputs[0].token_ids
+                for o in llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+            ]
         finally:
             llm.shutdown()
         assert got == ref

@@ -21,8 +21,9 @@ def test_tp_executor_world_size_one_matches_uniproc(device, tmp_path, monkeypatc
     path = make_tiny_checkpoint("LlamaForCausalLM", tmp_path)
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 17, 40, 9)]
     greedy = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
-    kw = dict(tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), dtype="float32", max_model_len=256, seed=0,
-              device=device)
+    kw = dict(
+        tokenizer=str(SHARED_MODELS / "llama3-tokenizer"), dtype="float32", max_model_len=256, seed=0, device=device
+    )
     if device == "cuda":
         kw["gpu_memory_utilization"] = 0.3
     else:
@@ -43,7 +44,11 @@ def test_tp_executor_world_size_one_matches_uniproc(device, tmp_path, monkeypatc
     monkeypatch.setattr(engine_module, "make_executor", tp_always)
     llm = LLM(str(path), **kw)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
-    assert made and torch.distributed.is_initialized() and torch.distributed.get_backend() == {"cpu": "gloo", "cuda": "nccl"}[device]
+    assert (
+        made
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_backend() == {"cpu": "gloo", "cuda": "nccl"}[device]
+    )
     assert got == want
     made[0].shutdown()
     assert not torch.distributed.is_initialized()

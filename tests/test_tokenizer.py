@@ -5,13 +5,11 @@ import random
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
-
 from fastserve._core import Tokenizer
-
 from tiny_models import SHARED_MODELS as MODELS
+
 LLAMA3 = MODELS / "llama3-tokenizer"
 QWEN3 = MODELS / "qwen3-tokenizer"
 REAL = [pytest.param(LLAMA3, id="llama3"), pytest.param(QWEN3, id="qwen3")]
@@ -23,7 +21,7 @@ TEXTS = [
     "日本語のテキストと中文文本，还有한국어 문장.",
     "Emoji: 🤖🚀👨‍👩‍👧‍👦 🇫🇷 ✨ — and a lone surrogate-free 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 line",
     "def f(x: int) -> int:\n    return x ** 2  # square\n\n\tif x != 0: print(f'{x=}')",
-    "fn main() { let v: Vec<u8> = vec![0xFF, 0x10]; println!(\"{:?}\", v); }",
+    'fn main() { let v: Vec<u8> = vec![0xFF, 0x10]; println!("{:?}", v); }',
     "Line one\r\nLine two\n\n\n    indented\t\ttabs",
     "مرحبا بالعالم — हिन्दी पाठ — ภาษาไทย",
     "<|im_start|>user\nwhat is 2+2?<|im_end|>",

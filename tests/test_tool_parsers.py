@@ -7,16 +7,20 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fastserve.server.errors import APIError
 from fastserve.server.tool_parsers import TOOL_PARSERS, ToolCallStreamer, get_tool_parser
 from fastserve.server.tool_parsers.base import FunctionCall
 from fastserve.server.tool_parsers.request import ToolCalling, check_tools
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-W = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+W = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 T = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 W_STRICT = {"type": "function", "function": {**W["function"], "strict": True}}
 
@@ -27,8 +31,12 @@ CALL_T = FunctionCall("get_time", "{}")
 EXAMPLES = {
     "hermes": [
         ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', None, [CALL_W]),
-        ('Let me check.<tool_call>{"name": "get_weather", "arguments": {"city":"Paris"}}</tool_call>'
-         '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>', "Let me check.", [CALL_W, CALL_T]),
+        (
+            'Let me check.<tool_call>{"name": "get_weather", "arguments": {"city":"Paris"}}</tool_call>'
+            '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>',
+            "Let me check.",
+            [CALL_W, CALL_T],
+        ),
         ('<tool_call>{"name": "get_time", "arguments": {}}', None, [CALL_T]),  # left open at the end
         ("No tools needed.", "No tools needed.", []),
         ('<tool_call>{"name": "get_time", "arguments": {', '<tool_call>{"name": "get_time", "arguments": {', []),
@@ -36,25 +44,39 @@ EXAMPLES = {
     ],
     "llama3_json": [
         ('{"name": "get_weather", "parameters": {"city": "Paris"}}', None, [CALL_W]),
-        ('<|python_tag|>{"name": "get_weather", "arguments": {"city": "Paris"}}; {"name": "get_time", '
-         '"parameters": {}}', None, [CALL_W, CALL_T]),
+        (
+            '<|python_tag|>{"name": "get_weather", "arguments": {"city": "Paris"}}; {"name": "get_time", '
+            '"parameters": {}}',
+            None,
+            [CALL_W, CALL_T],
+        ),
         ("It is sunny.", "It is sunny.", []),
         ('{"city": "Paris"}', '{"city": "Paris"}', []),  # JSON but not a call: content
         ('{"name": "get_time", "parameters": {', '{"name": "get_time", "parameters": {', []),
     ],
     "mistral": [
         ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}]', None, [CALL_W]),
-        ('Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
-         '"arguments": {}}]', "Sure. ", [CALL_W, CALL_T]),
+        (
+            'Sure. [TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", '
+            '"arguments": {}}]',
+            "Sure. ",
+            [CALL_W, CALL_T],
+        ),
         ("Plain answer.", "Plain answer.", []),
         ("[TOOL_CALLS] [not json", "[TOOL_CALLS] [not json", []),
     ],
     "pythonic": [
         ('[get_weather(city="Paris")]', None, [CALL_W]),
         ('[get_weather(city="Paris"), get_time()]', None, [CALL_W, CALL_T]),
-        ("[get_weather(city='Paris', days=3, ok=true, extra=None, opts={'a': [1, -2.5]})]", None,
-         [FunctionCall("get_weather", '{"city": "Paris", "days": 3, "ok": true, "extra": null, '
-                                      '"opts": {"a": [1, -2.5]}}')]),
+        (
+            "[get_weather(city='Paris', days=3, ok=true, extra=None, opts={'a': [1, -2.5]})]",
+            None,
+            [
+                FunctionCall(
+                    "get_weather", '{"city": "Paris", "days": 3, "ok": true, "extra": null, "opts": {"a": [1, -2.5]}}'
+                )
+            ],
+        ),
         ("The weather is nice.", "The weather is nice.", []),
         ("[get_weather('Paris')]", "[get_weather('Paris')]", []),  # positional: not a tool call
         ("[1, 2, 3]", "[1, 2, 3]", []),
@@ -87,8 +109,9 @@ def test_stream_equals_whole(case, cuts):
     bounds = sorted({min(c, len(text)) for c in cuts} | {0, len(text)})
     got_content, got_calls = _stream(parser, [text[a:b] for a, b in zip(bounds, bounds[1:])])
     assert (got_content or None) == content
-    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == \
-        [(c.name, c.arguments) for c in calls]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in got_calls] == [
+        (c.name, c.arguments) for c in calls
+    ]
     assert [c["index"] for c in got_calls] == list(range(len(calls)))
     assert all(c["type"] == "function" and c["id"].startswith("chatcmpl-tool-") for c in got_calls)
 
@@ -96,7 +119,7 @@ def test_stream_equals_whole(case, cuts):
 def test_stream_holds_back_a_possible_marker():
     s = ToolCallStreamer(get_tool_parser("hermes"))
     assert s.feed("Hello <tool") == ("Hello ", [])
-    assert s.feed("_call>{\"name\": \"get_time\", \"arguments\": {}}") == ("", [])
+    assert s.feed('_call>{"name": "get_time", "arguments": {}}') == ("", [])
     content, calls = s.feed("</tool_call>")
     assert content == "" and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
 
@@ -140,14 +163,18 @@ def test_hermes_grammar_is_vllms():
     tag = json.loads(p.grammar([W_STRICT, T], "required", None).structural_tag)["format"]
     assert tag["type"] == "tags_with_separator" and tag["at_least_one"] and not tag["stop_after_first"]
     begins = [t["begin"] for t in tag["tags"]]
-    assert begins == ['<tool_call>\n{"name": "get_weather", "arguments": ', '<tool_call>{"name": "get_weather", '
-                      '"arguments": ', '<tool_call>\n{"name": "get_time", "arguments": ',
-                      '<tool_call>{"name": "get_time", "arguments": ']
+    assert begins == [
+        '<tool_call>\n{"name": "get_weather", "arguments": ',
+        '<tool_call>{"name": "get_weather", "arguments": ',
+        '<tool_call>\n{"name": "get_time", "arguments": ',
+        '<tool_call>{"name": "get_time", "arguments": ',
+    ]
     # strict: the parameters schema; not strict: any JSON
     assert tag["tags"][0]["content"]["json_schema"] == W["function"]["parameters"]
     assert tag["tags"][2]["content"]["json_schema"] is True
-    named = json.loads(p.grammar([W, T], {"type": "function", "function": {"name": "get_time"}}, None)
-                       .structural_tag)["format"]
+    named = json.loads(p.grammar([W, T], {"type": "function", "function": {"name": "get_time"}}, None).structural_tag)[
+        "format"
+    ]
     assert named["stop_after_first"] and {t["begin"].split('"')[3] for t in named["tags"]} == {"get_time"}
     single = json.loads(p.grammar([W, T], "required", False).structural_tag)["format"]
     assert single["stop_after_first"]
@@ -157,8 +184,10 @@ def test_generic_json_form():
     p = get_tool_parser("pythonic")
     schema = p.grammar([W, T], "required", False).json
     assert schema["type"] == "array" and schema["minItems"] == 1 and schema["maxItems"] == 1
-    assert p.grammar([W, T], {"type": "function", "function": {"name": "get_weather"}}, None).json == \
-        W["function"]["parameters"]
+    assert (
+        p.grammar([W, T], {"type": "function", "function": {"name": "get_weather"}}, None).json
+        == W["function"]["parameters"]
+    )
     assert p.parse_constrained('[{"name": "get_weather", "parameters": {"city": "Paris"}}]', "required") == [CALL_W]
     named = {"type": "function", "function": {"name": "get_weather"}}
     assert p.parse_constrained('{"city": "Paris"}', named) == [FunctionCall("get_weather", '{"city": "Paris"}')]
@@ -167,18 +196,21 @@ def test_generic_json_form():
 # -- request checks and answers ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tools,choice,param", [
-    ([], None, "tools"),
-    ([{"type": "code_interpreter"}], None, "tools[0].type"),
-    ([{"type": "function", "function": {}}], None, "tools[0].function.name"),
-    ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "tools[0].function.parameters"),
-    ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], None, "tools[0].function.strict"),
-    (None, "required", "tool_choice"),
-    (None, "auto", "tool_choice"),
-    ([W], "sometimes", "tool_choice"),
-    ([W], {"type": "function"}, "tool_choice.function.name"),
-    ([W], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
-])
+@pytest.mark.parametrize(
+    "tools,choice,param",
+    [
+        ([], None, "tools"),
+        ([{"type": "code_interpreter"}], None, "tools[0].type"),
+        ([{"type": "function", "function": {}}], None, "tools[0].function.name"),
+        ([{"type": "function", "function": {"name": "f", "parameters": []}}], None, "tools[0].function.parameters"),
+        ([{"type": "function", "function": {"name": "f", "strict": "yes"}}], None, "tools[0].function.strict"),
+        (None, "required", "tool_choice"),
+        (None, "auto", "tool_choice"),
+        ([W], "sometimes", "tool_choice"),
+        ([W], {"type": "function"}, "tool_choice.function.name"),
+        ([W], {"type": "function", "function": {"name": "nope"}}, "tool_choice"),
+    ],
+)
 def test_check_tools_names_the_field(tools, choice, param):
     with pytest.raises(APIError) as e:
         check_tools(tools, choice)
@@ -203,8 +235,10 @@ def test_tool_calling_needs_the_server_flags():
 
 def test_answers_follow_vllms_rules():
     pytest.importorskip("xgrammar")
-    text = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' \
-           '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    text = (
+        '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+        '<tool_call>{"name": "get_time", "arguments": {}}</tool_call>'
+    )
     auto = ToolCalling(get_tool_parser("hermes"), [W_STRICT, T], "auto", None)
     content, calls, called = auto.message(text)
     assert content is None and [c["function"]["name"] for c in calls] == ["get_weather", "get_time"] and called
@@ -214,8 +248,9 @@ def test_answers_follow_vllms_rules():
     content, calls, _ = required.message(text)
     assert content == "" and len(calls) == 1  # parallel_tool_calls false keeps the first
     assert required.finish_reason("stop", True) == "tool_calls" and required.finish_reason("length", True) == "length"
-    named = ToolCalling(get_tool_parser("pythonic"), [W, T], {"type": "function", "function": {"name": "get_time"}},
-                        None)
+    named = ToolCalling(
+        get_tool_parser("pythonic"), [W, T], {"type": "function", "function": {"name": "get_time"}}, None
+    )
     content, calls, called = named.message("{}")
     assert content == "" and calls[0]["function"] == {"name": "get_time", "arguments": "{}"}
     assert named.finish_reason("stop", True) == "stop"  # OpenAI: named choice finishes with "stop"

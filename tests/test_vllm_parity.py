@@ -24,8 +24,19 @@ def model():
 def answers(request, model):
     """(parser, fastserve's answers, vLLM's answers) for the cases of one tool-call parser."""
     parser = request.param
-    server = ServerThread(["--model", model, "--dtype", "float32", "--max-model-len", "1024",
-                           "--enable-auto-tool-choice", "--tool-call-parser", parser]).start()
+    server = ServerThread(
+        [
+            "--model",
+            model,
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "1024",
+            "--enable-auto-tool-choice",
+            "--tool-call-parser",
+            parser,
+        ]
+    ).start()
     try:
         got = vp.run_cases(server.base_url, parser, model)
     finally:
@@ -51,7 +62,8 @@ def test_answers_match_vllm(answers):
         if diffs:
             failures[name] = diffs[:5]
     assert not failures, "answers that differ from vLLM's:\n" + "\n".join(
-        f"{name}:\n  " + "\n  ".join(d) for name, d in failures.items())
+        f"{name}:\n  " + "\n  ".join(d) for name, d in failures.items()
+    )
 
 
 def test_comparison_catches_differences():

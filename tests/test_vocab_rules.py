@@ -10,9 +10,8 @@ import asyncio
 
 import aiohttp
 import pytest
-from server_harness import ServerThread, tiny_qwen_checkpoint
-
 from fastserve import LLM, SamplingParams
+from server_harness import ServerThread, tiny_qwen_checkpoint
 
 pytestmark = pytest.mark.timeout(300)
 PROMPT = [1000, 2000, 3000, 4000]
@@ -54,9 +53,11 @@ def test_allowed_token_ids_offline(llm):
     allowed = [5, 77, 901, 12345]
     out = greedy(llm, allowed_token_ids=allowed)
     assert set(out.token_ids) <= set(allowed)
-    sampled = llm.generate([{"prompt_token_ids": PROMPT}],
-                           SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True, n=3,
-                                          allowed_token_ids=allowed), use_tqdm=False)[0]
+    sampled = llm.generate(
+        [{"prompt_token_ids": PROMPT}],
+        SamplingParams(temperature=1.0, seed=3, max_tokens=20, ignore_eos=True, n=3, allowed_token_ids=allowed),
+        use_tqdm=False,
+    )[0]
     assert all(set(c.token_ids) <= set(allowed) for c in sampled.outputs)
     with pytest.raises(ValueError, match="allowed_token_ids"):
         SamplingParams(allowed_token_ids=[])
@@ -65,8 +66,20 @@ def test_allowed_token_ids_offline(llm):
 
 
 def test_server_fields(checkpoint):
-    srv = ServerThread(["--model", str(checkpoint), "--device", "cpu", "--dtype", "float32",
-                        "--served-model-name", "m", "--max-model-len", "256"]).start()
+    srv = ServerThread(
+        [
+            "--model",
+            str(checkpoint),
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--served-model-name",
+            "m",
+            "--max-model-len",
+            "256",
+        ]
+    ).start()
     url = f"{srv.base_url}/v1/completions"
     body = dict(model="m", prompt=PROMPT, max_tokens=5, temperature=0, ignore_eos=True)
 
@@ -76,12 +89,14 @@ def test_server_fields(checkpoint):
 
     async def run():
         async with aiohttp.ClientSession() as s:
-            return [await post(s, logit_bias={"777": 500}),  # clamped to 100: still forced
-                    await post(s, allowed_token_ids=[5, 901]),
-                    await post(s, logit_bias={"abc": 1}),
-                    await post(s, logit_bias={str(10**9): 1}),
-                    await post(s, allowed_token_ids=[]),
-                    await post(s, echo=False)]
+            return [
+                await post(s, logit_bias={"777": 500}),  # clamped to 100: still forced
+                await post(s, allowed_token_ids=[5, 901]),
+                await post(s, logit_bias={"abc": 1}),
+                await post(s, logit_bias={str(10**9): 1}),
+                await post(s, allowed_token_ids=[]),
+                await post(s, echo=False),
+            ]
 
     try:
         (s1, forced), (s2, allowed), (s3, bad_key), (s4, oov), (s5, empty), (s6, plain) = asyncio.run(run())

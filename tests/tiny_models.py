@@ -57,8 +57,10 @@ def unpack_test_tokenizers(cache: str | os.PathLike | None = None) -> Path:
         dst.mkdir(parents=True, exist_ok=True)
         data = lzma.decompress((src / "tokenizer.json.xz").read_bytes())
         if hashlib.sha256(data).hexdigest() != digest:
-            raise RuntimeError(f"{src / 'tokenizer.json.xz'} does not unpack to the recorded tokenizer "
-                               f"(sha256 {digest}): restore it from git")
+            raise RuntimeError(
+                f"{src / 'tokenizer.json.xz'} does not unpack to the recorded tokenizer "
+                f"(sha256 {digest}): restore it from git"
+            )
         _write_atomic(dst / "tokenizer.json", data)
         for extra in extras:
             _write_atomic(dst / extra.name, extra.read_bytes())
@@ -128,10 +130,17 @@ _BASE = dict(
 
 # Architectures whose HF config takes other fields than the Llama family's _BASE.
 _ARCH_BASE = {
-    "OPTForCausalLM": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=512),
-    "GPTNeoXForCausalLM": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                               max_position_embeddings=512, tie_word_embeddings=False),
+    "OPTForCausalLM": dict(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+    ),
+    "GPTNeoXForCausalLM": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    ),
 }
 
 

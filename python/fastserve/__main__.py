@@ -30,8 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     from fastserve.server.cli import parse_args
 
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:  # SmolLM2-135M-Instruct, fetched once; the random demo model offline
         from fastserve.default_model import resolve_default_model
 

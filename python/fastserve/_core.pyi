@@ -6,7 +6,8 @@ everything the engine reports comes back from `Scheduler.update()` as one `StepO
 columns (a list of request ids, numpy arrays, one text buffer), not an object per sequence.
 """
 
-from typing import Iterator, Sequence, final
+from collections.abc import Iterator, Sequence
+from typing import final
 
 import numpy as np
 import numpy.typing as npt
@@ -303,7 +304,6 @@ class Batch:
     def prompt_logprob_targets(self) -> npt.NDArray[np.int64]: ...  # [P]
     @property
     def prompt_logprob_rows(self) -> npt.NDArray[np.int32]: ...  # [P]
-
     def request_id(self, row: int) -> str:
         """Request id of sequence row `row` (for the rare per-request paths: prompt logprobs).
         RuntimeError once this batch's update() has run: rows name request slots, which

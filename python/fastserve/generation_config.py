@@ -49,14 +49,14 @@ def _config_path(model: str, generation_config: str) -> tuple[str | None, bool]:
     return os.path.join(generation_config, "generation_config.json"), True
 
 
-def load_generation_defaults(model: str, generation_config: str = "auto",
-                             override: dict[str, Any] | None = None) -> dict[str, Any]:
+def load_generation_defaults(
+    model: str, generation_config: str = "auto", override: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The SamplingParams fields (by their SamplingParams names) that the generation config
     sets; empty when it sets none or `generation_config == "vllm"`. ValueError names the
     file and field when a value cannot be a sampling parameter."""
     if not isinstance(generation_config, str) or not generation_config:
-        raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, got "
-                         f"{generation_config!r}")
+        raise ValueError(f"generation_config must be 'auto', 'vllm' or a directory, got {generation_config!r}")
     path, required = _config_path(model, generation_config)
     raw: dict[str, Any] = {}
     if path is not None:
@@ -65,14 +65,13 @@ def load_generation_defaults(model: str, generation_config: str = "auto",
                 with open(path, encoding="utf-8") as f:
                     raw = json.load(f)
             except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read {path}: {e}; fix the file or pass "
-                                 "--generation-config vllm to ignore it") from None
+                raise ValueError(
+                    f"cannot read {path}: {e}; fix the file or pass --generation-config vllm to ignore it"
+                ) from None
             if not isinstance(raw, dict):
-                raise ValueError(f"{path} must hold a JSON object; pass --generation-config "
-                                 "vllm to ignore it")
+                raise ValueError(f"{path} must hold a JSON object; pass --generation-config vllm to ignore it")
         elif required:
-            raise ValueError(f"--generation-config {generation_config!r}: no "
-                             f"generation_config.json in that directory")
+            raise ValueError(f"--generation-config {generation_config!r}: no generation_config.json in that directory")
     if override:
         if not isinstance(override, dict):
             raise ValueError(f"override_generation_config must be a JSON object, got {override!r}")
@@ -84,8 +83,10 @@ def load_generation_defaults(model: str, generation_config: str = "auto",
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{path}: {src} must be a number, got {value!r}; fix it or pass "
-                             "--generation-config vllm to ignore the file")
+            raise ValueError(
+                f"{path}: {src} must be a number, got {value!r}; fix it or pass "
+                "--generation-config vllm to ignore the file"
+            )
         if dst in _INT_FIELDS:
             if float(value) != int(value):
                 raise ValueError(f"{path}: {src} must be an integer, got {value!r}")
@@ -99,28 +100,37 @@ def load_generation_defaults(model: str, generation_config: str = "auto",
         try:
             SamplingParams.from_optional(**out)
         except ValueError as e:
-            raise ValueError(f"{path} sets an invalid sampling default: {e} Fix the file or "
-                             "pass --generation-config vllm to ignore it") from None
+            raise ValueError(
+                f"{path} sets an invalid sampling default: {e} Fix the file or "
+                "pass --generation-config vllm to ignore it"
+            ) from None
     return out
 
 
 def log_generation_defaults(defaults: dict[str, Any], model: str, generation_config: str) -> None:
     if defaults:
         where = "generation_config.json" if generation_config == "auto" else generation_config
-        logger.info("default sampling parameters from the model's %s: %s (requests that leave "
-                    "these fields unset get them; --generation-config vllm turns this off)",
-                    where, ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())))
+        logger.info(
+            "default sampling parameters from the model's %s: %s (requests that leave "
+            "these fields unset get them; --generation-config vllm turns this off)",
+            where,
+            ", ".join(f"{k}={v}" for k, v in sorted(defaults.items())),
+        )
     else:
-        logger.info("default sampling parameters: SamplingParams' own (%s)",
-                    "--generation-config vllm" if generation_config == "vllm"
-                    else "the generation config sets no sampling field")
+        logger.info(
+            "default sampling parameters: SamplingParams' own (%s)",
+            "--generation-config vllm"
+            if generation_config == "vllm"
+            else "the generation config sets no sampling field",
+        )
 
 
 def generation_defaults_for(engine_args) -> dict[str, Any]:
     """The defaults for an EngineArgs (its model, generation_config, override), logged."""
     mode = getattr(engine_args, "generation_config", "auto") or "auto"
-    defaults = load_generation_defaults(engine_args.model, mode,
-                                        getattr(engine_args, "override_generation_config", None))
+    defaults = load_generation_defaults(
+        engine_args.model, mode, getattr(engine_args, "override_generation_config", None)
+    )
     log_generation_defaults(defaults, engine_args.model, mode)
     return defaults
 

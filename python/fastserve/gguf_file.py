@@ -22,16 +22,37 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types -> struct format of one scalar.
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 # ggml tensor type id -> (name, elements per block, bytes per block), for the types whose
 # size the loader needs to know; any other id is named through the gguf package if present.
 TENSOR_TYPES = {
-    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
-    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
-    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 30: ("BF16", 1, 2),
+    0: ("F32", 1, 4),
+    1: ("F16", 1, 2),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24),
+    8: ("Q8_0", 32, 34),
+    10: ("Q2_K", 256, 84),
+    11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+    30: ("BF16", 1, 2),
 }
 
 
@@ -115,7 +136,7 @@ class GGUFFile:
         end = pos + 8 + n
         if end > len(self._map):
             raise ValueError("string past the end of the file")
-        return self._map[pos + 8:end].decode("utf-8", errors="replace"), end
+        return self._map[pos + 8 : end].decode("utf-8", errors="replace"), end
 
     def _value(self, kind: int, pos: int) -> tuple[Any, int]:
         if kind == _STRING:
@@ -135,7 +156,7 @@ class GGUFFile:
             buf, unpack = self._map, struct.Struct("<Q").unpack_from
             for _ in range(count):
                 (n,) = unpack(buf, pos)
-                out.append(buf[pos + 8:pos + 8 + n].decode("utf-8", errors="replace"))
+                out.append(buf[pos + 8 : pos + 8 + n].decode("utf-8", errors="replace"))
                 pos += 8 + n
             return out, pos
         values = []

@@ -49,8 +49,7 @@ ARCHITECTURES = {
 
 # Tensor types we load; each is covered by tests/test_gguf.py against transformers' own
 # GGUF loading. The rest of gguf.quants (IQ*, TQ*, MXFP4, ...) is refused by name.
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
-                   "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 # GGUF block-tensor suffix -> HF module path inside `model.layers.{i}.`
 _LAYER_TENSORS = {
@@ -79,8 +78,10 @@ def _require_gguf():
     try:
         import gguf
     except ImportError as e:
-        raise ValueError("dequantizing a quantized .gguf model needs the `gguf` package: "
-                         "pip install 'fastserve[gguf]' (or pip install gguf)") from e
+        raise ValueError(
+            "dequantizing a quantized .gguf model needs the `gguf` package: "
+            "pip install 'fastserve[gguf]' (or pip install gguf)"
+        ) from e
     return gguf
 
 
@@ -127,8 +128,10 @@ def field_value(reader: GGUFFile, key: str, default: Any = None) -> Any:
 def architecture(reader) -> str:
     arch = field_value(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"GGUF architecture {arch!r} is not supported: supported are {sorted(ARCHITECTURES)} "
-                         "(Llama 2/3, Mistral, SmolLM, Qwen2/2.5, Qwen3 files)")
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported: supported are {sorted(ARCHITECTURES)} "
+            "(Llama 2/3, Mistral, SmolLM, Qwen2/2.5, Qwen3 files)"
+        )
     return arch
 
 
@@ -141,8 +144,10 @@ def _hf_layer_name(gguf_name: str) -> str | None:
     parts = gguf_name.split(".")
     if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
         return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{parts[3]}"
-    raise ValueError(f"GGUF tensor {gguf_name!r} has no counterpart in fastserve's models (a mixture-of-experts "
-                     "or otherwise unsupported variant of the architecture)")
+    raise ValueError(
+        f"GGUF tensor {gguf_name!r} has no counterpart in fastserve's models (a mixture-of-experts "
+        "or otherwise unsupported variant of the architecture)"
+    )
 
 
 def _llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
@@ -165,19 +170,29 @@ def _llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float) 
         a_l, b = np.polyfit(1 / wavelen[smooth], s, 1)
         high = 1 - 1 / b  # with lf = 1: b = -1/(hf - 1)
         original = a_l * (high - 1)
-        params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": float(round(high, 4)),
-                  "original_max_position_embeddings": round(float(original))}
+        params = {
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": float(round(high, 4)),
+            "original_max_position_embeddings": round(float(original)),
+        }
     else:  # no smooth band to solve from: the Llama 3.1 values, checked below
-        params = {"factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192}
+        params = {
+            "factor": factor,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
     lo_wl = params["original_max_position_embeddings"] / params["low_freq_factor"]
     hi_wl = params["original_max_position_embeddings"] / params["high_freq_factor"]
     s = (params["original_max_position_embeddings"] / wavelen - params["low_freq_factor"]) / (
-        params["high_freq_factor"] - params["low_freq_factor"])
+        params["high_freq_factor"] - params["low_freq_factor"]
+    )
     expect = np.where(wavelen < hi_wl, 1.0, np.where(wavelen > lo_wl, factor, 1 / ((1 - s) / factor + s)))
     if not np.allclose(expect, factors, rtol=1e-3, atol=1e-4):
-        raise ValueError("the GGUF rope_freqs tensor is not llama3-style rope scaling; this file's rope "
-                         "scaling is not supported")
+        raise ValueError(
+            "the GGUF rope_freqs tensor is not llama3-style rope scaling; this file's rope scaling is not supported"
+        )
     return {"rope_type": "llama3", **params}
 
 
@@ -214,8 +229,10 @@ def hf_config(path: str | os.PathLike) -> dict[str, Any]:
         return value
 
     if key("expert_count", 0):
-        raise ValueError(f"GGUF file {os.fspath(path)!r} is a mixture-of-experts model ({arch}.expert_count="
-                         f"{key('expert_count')}); fastserve supports dense models only")
+        raise ValueError(
+            f"GGUF file {os.fspath(path)!r} is a mixture-of-experts model ({arch}.expert_count="
+            f"{key('expert_count')}); fastserve supports dense models only"
+        )
     if "token_embd.weight" not in tensors:
         raise ValueError(f"GGUF file {os.fspath(path)!r} has no token_embd.weight tensor")
     hidden = int(key("embedding_length"))
@@ -228,14 +245,17 @@ def hf_config(path: str | os.PathLike) -> dict[str, Any]:
     head_dim = int(key("attention.key_length", hidden // heads))
     rope_dim = key("rope.dimension_count", head_dim)
     if rope_dim != head_dim:
-        raise ValueError(f"GGUF file {os.fspath(path)!r} rotates {rope_dim} of {head_dim} head channels "
-                         "(partial rotary), which is not supported")
+        raise ValueError(
+            f"GGUF file {os.fspath(path)!r} rotates {rope_dim} of {head_dim} head channels "
+            "(partial rotary), which is not supported"
+        )
     theta = float(key("rope.freq_base", 10000.0))
     # The embedding's rows are the vocabulary the model was trained with; ggml lists
     # dimensions innermost first, so token_embd is [hidden, vocab].
     vocab = int(tensors["token_embd.weight"].shape[1])
-    tok_ids = {name: field_value(reader, f"tokenizer.ggml.{name}_token_id")
-               for name in ("bos", "eos", "eot", "eom", "padding")}
+    tok_ids = {
+        name: field_value(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "eot", "eom", "padding")
+    }
     from fastserve.gguf_tokenizer import end_of_generation_ids
 
     weight_types = {t.type_name for t in reader.tensors if len(t.shape) >= 2}
@@ -263,8 +283,11 @@ def hf_config(path: str | os.PathLike) -> dict[str, Any]:
         "pad_token_id": tok_ids["padding"],
         "torch_dtype": dtype,
         # Not part of a config.json: where this config came from, for logs and /v1/models.
-        "gguf": {"file": os.path.realpath(os.fspath(path)), "name": field_value(reader, "general.name"),
-                 "tensor_types": dict(Counter(t.type_name for t in reader.tensors))},
+        "gguf": {
+            "file": os.path.realpath(os.fspath(path)),
+            "name": field_value(reader, "general.name"),
+            "tensor_types": dict(Counter(t.type_name for t in reader.tensors)),
+        },
     }
     if config["rope_scaling"] is None:
         del config["rope_scaling"]
@@ -276,8 +299,10 @@ def _to_numpy(reader: GGUFFile, t: TensorInfo) -> np.ndarray:
     float16 and BF16 comes back as its int16 bit patterns."""
     kind = t.type_name
     if kind not in SUPPORTED_TYPES:
-        raise ValueError(f"GGUF tensor {t.name!r} has type {kind}, which fastserve does not load "
-                         f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the file with one of those")
+        raise ValueError(
+            f"GGUF tensor {t.name!r} has type {kind}, which fastserve does not load "
+            f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the file with one of those"
+        )
     raw = reader.tensor_bytes(t)
     if kind == "F32":
         arr = raw.view(np.float32).copy()
@@ -344,6 +369,10 @@ def iterate_gguf_weights(path: str | os.PathLike) -> Iterator[tuple[str, torch.T
                 yield name, tensor
     finally:
         bar.close()
-    logger.info("read %d GGUF tensors (%.0f MB on disk: %s) in %.1f s", len(todo), nbytes / 1e6,
-                ", ".join(f"{k} x{v}" for k, v in Counter(t.type_name for t, _ in todo).most_common()),
-                time.perf_counter() - t0)
+    logger.info(
+        "read %d GGUF tensors (%.0f MB on disk: %s) in %.1f s",
+        len(todo),
+        nbytes / 1e6,
+        ", ".join(f"{k} x{v}" for k, v in Counter(t.type_name for t, _ in todo).most_common()),
+        time.perf_counter() - t0,
+    )

@@ -41,10 +41,14 @@ _CONVERTER_VERSION = 1
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 _GPT2_REGEX = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _byte_level(use_regex: bool) -> dict:
@@ -55,8 +59,10 @@ def _split(regex: str) -> dict:
     return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False}
 
 
-_DIGITS_THEN_GPT2 = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                             _byte_level(True)]}
+_DIGITS_THEN_GPT2 = {
+    "type": "Sequence",
+    "pretokenizers": [{"type": "Digits", "individual_digits": True}, _byte_level(True)],
+}
 _LLAMA3 = {"type": "Sequence", "pretokenizers": [_split(_LLAMA3_REGEX), _byte_level(False)]}
 _QWEN2 = {"type": "Sequence", "pretokenizers": [_split(_QWEN2_REGEX), _byte_level(False)]}
 
@@ -75,21 +81,46 @@ for _name in ("qwen2", "stablelm2", "deepseek-r1-qwen"):
 
 # Control tokens llama.cpp also treats as end of generation when the file's eos id is
 # another one (e.g. a Llama 3 instruct file whose eos is <|end_of_text|>).
-_EOG_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>",
-              "<｜end▁of▁sentence｜>", "<|end_of_text|>")
+_EOG_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<｜end▁of▁sentence｜>",
+    "<|end_of_text|>",
+)
 
 
 def _fields(reader) -> dict[str, Any]:
     from fastserve.gguf_loader import field_value
 
-    names = ("model", "pre", "tokens", "token_type", "scores", "merges", "bos_token_id", "eos_token_id",
-             "eot_token_id", "eom_token_id", "unknown_token_id", "padding_token_id", "add_bos_token",
-             "add_eos_token", "add_space_prefix")
+    names = (
+        "model",
+        "pre",
+        "tokens",
+        "token_type",
+        "scores",
+        "merges",
+        "bos_token_id",
+        "eos_token_id",
+        "eot_token_id",
+        "eom_token_id",
+        "unknown_token_id",
+        "padding_token_id",
+        "add_bos_token",
+        "add_eos_token",
+        "add_space_prefix",
+    )
     out = {n: field_value(reader, f"tokenizer.ggml.{n}") for n in names}
     out["chat_template"] = field_value(reader, "tokenizer.chat_template")
     if not out["tokens"]:
-        raise ValueError("the GGUF file has no tokenizer (tokenizer.ggml.tokens): pass --tokenizer with a "
-                         "Hugging Face tokenizer directory")
+        raise ValueError(
+            "the GGUF file has no tokenizer (tokenizer.ggml.tokens): pass --tokenizer with a "
+            "Hugging Face tokenizer directory"
+        )
     n = len(out["tokens"])
     if out["token_type"] is None:
         out["token_type"] = [_NORMAL] * n
@@ -111,8 +142,17 @@ def _added_tokens(tokens: list[str], types: list[int]) -> list[dict]:
     out = []
     for i, (tok, ty) in enumerate(zip(tokens, types)):
         if ty in (_CONTROL, _UNKNOWN, _USER_DEFINED):
-            out.append({"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
-                        "normalized": False, "special": ty != _USER_DEFINED})
+            out.append(
+                {
+                    "id": i,
+                    "content": tok,
+                    "single_word": False,
+                    "lstrip": False,
+                    "rstrip": False,
+                    "normalized": False,
+                    "special": ty != _USER_DEFINED,
+                }
+            )
     return out
 
 
@@ -139,22 +179,39 @@ def _post_processor(f: dict, add_bos: bool, add_eos: bool) -> dict | None:
             out.append({"SpecialToken": {"id": ends[1], "type_id": type_id}})
         return out
 
-    return {"type": "TemplateProcessing", "single": seq("A", 0), "pair": seq("A", 0) + seq("B", 1),
-            "special_tokens": special}
+    return {
+        "type": "TemplateProcessing",
+        "single": seq("A", 0),
+        "pair": seq("A", 0) + seq("B", 1),
+        "special_tokens": special,
+    }
 
 
-def _bpe_model(vocab: dict[str, int], merges: list[list[str]], *, unk: str | None, byte_fallback: bool,
-               ignore_merges: bool) -> dict:
-    return {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-            "end_of_word_suffix": None, "fuse_unk": byte_fallback, "byte_fallback": byte_fallback,
-            "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges}
+def _bpe_model(
+    vocab: dict[str, int], merges: list[list[str]], *, unk: str | None, byte_fallback: bool, ignore_merges: bool
+) -> dict:
+    return {
+        "type": "BPE",
+        "dropout": None,
+        "unk_token": unk,
+        "continuing_subword_prefix": None,
+        "end_of_word_suffix": None,
+        "fuse_unk": byte_fallback,
+        "byte_fallback": byte_fallback,
+        "ignore_merges": ignore_merges,
+        "vocab": vocab,
+        "merges": merges,
+    }
 
 
 def _gpt2_tokenizer(f: dict) -> tuple[dict, bool]:
     pre = f["pre"] or "default"
     if pre not in _PRE_TOKENIZERS:
-        logger.warning("GGUF tokenizer.ggml.pre=%r is not one fastserve knows; splitting with the GPT-2 regex "
-                       "(as transformers does), which may tokenize some text differently from the original", pre)
+        logger.warning(
+            "GGUF tokenizer.ggml.pre=%r is not one fastserve knows; splitting with the GPT-2 regex "
+            "(as transformers does), which may tokenize some text differently from the original",
+            pre,
+        )
     pre_tokenizer, normalizer, ignore_merges = _PRE_TOKENIZERS.get(pre, (_byte_level(True), None, False))
     merges = []
     for m in f["merges"] or []:
@@ -165,9 +222,12 @@ def _gpt2_tokenizer(f: dict) -> tuple[dict, bool]:
     vocab = {t: i for i, t in enumerate(f["tokens"])}
     # llama.cpp adds BOS for llama-bpe files whatever add_bos_token says; others default off.
     add_bos = f["add_bos_token"] if f["add_bos_token"] is not None else pre in ("llama3", "llama-v3", "llama-bpe")
-    tok = {"normalizer": normalizer, "pre_tokenizer": pre_tokenizer,
-           "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-           "model": _bpe_model(vocab, merges, unk=None, byte_fallback=False, ignore_merges=ignore_merges)}
+    tok = {
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": _bpe_model(vocab, merges, unk=None, byte_fallback=False, ignore_merges=ignore_merges),
+    }
     return tok, bool(add_bos)
 
 
@@ -178,8 +238,11 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[list[str]]:
     score = {t: s for t, s in zip(tokens, scores)}
     merges = []
     for piece, piece_score in score.items():
-        local = [(piece[:i], piece[i:], piece_score) for i in range(1, len(piece))
-                 if piece[:i] in score and piece[i:] in score]
+        local = [
+            (piece[:i], piece[i:], piece_score)
+            for i in range(1, len(piece))
+            if piece[:i] in score and piece[i:] in score
+        ]
         local.sort(key=lambda m: (score[m[0]], score[m[1]]), reverse=True)
         merges.extend(local)
     merges.sort(key=lambda m: m[2], reverse=True)  # stable: keeps each piece's splits in order
@@ -196,14 +259,22 @@ def _spm_tokenizer(f: dict) -> tuple[dict, bool]:
     merges = [m.split(" ") for m in f["merges"]] if f["merges"] else _spm_merges(tokens, scores)
     prefix = True if f["add_space_prefix"] is None else bool(f["add_space_prefix"])
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
-    normalizer = ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]}
-                  if prefix else replace)
-    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"}]
+    normalizer = (
+        {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]} if prefix else replace
+    )
+    decoders = [
+        {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
     if prefix:
         decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
-    tok = {"normalizer": normalizer, "pre_tokenizer": None, "decoder": {"type": "Sequence", "decoders": decoders},
-           "model": _bpe_model(vocab, merges, unk=unk, byte_fallback=True, ignore_merges=False)}
+    tok = {
+        "normalizer": normalizer,
+        "pre_tokenizer": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": _bpe_model(vocab, merges, unk=unk, byte_fallback=True, ignore_merges=False),
+    }
     add_bos = True if f["add_bos_token"] is None else f["add_bos_token"]
     return tok, bool(add_bos)
 
@@ -217,32 +288,45 @@ def tokenizer_files(reader) -> dict[str, dict]:
     elif kind == "llama":
         tok, add_bos = _spm_tokenizer(f)
     else:
-        raise ValueError(f"GGUF tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2' byte-level BPE, "
-                         "'llama' SentencePiece); pass --tokenizer with a Hugging Face tokenizer directory")
+        raise ValueError(
+            f"GGUF tokenizer.ggml.model={kind!r} is not supported (supported: 'gpt2' byte-level BPE, "
+            "'llama' SentencePiece); pass --tokenizer with a Hugging Face tokenizer directory"
+        )
     add_eos = bool(f["add_eos_token"])
     tokens = f["tokens"]
-    tokenizer_json = {"version": "1.0", "truncation": None, "padding": None,
-                      "added_tokens": _added_tokens(tokens, f["token_type"]),
-                      "normalizer": tok["normalizer"], "pre_tokenizer": tok["pre_tokenizer"],
-                      "post_processor": _post_processor(f, add_bos, add_eos),
-                      "decoder": tok["decoder"], "model": tok["model"]}
+    tokenizer_json = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": _added_tokens(tokens, f["token_type"]),
+        "normalizer": tok["normalizer"],
+        "pre_tokenizer": tok["pre_tokenizer"],
+        "post_processor": _post_processor(f, add_bos, add_eos),
+        "decoder": tok["decoder"],
+        "model": tok["model"],
+    }
 
     def name(key: str) -> str | None:
         i = f[key]
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": name("bos_token_id"),
-              "eos_token": name("eos_token_id"), "unk_token": name("unknown_token_id"),
-              "pad_token": name("padding_token_id"), "add_bos_token": add_bos, "add_eos_token": add_eos,
-              "clean_up_tokenization_spaces": False}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name("bos_token_id"),
+        "eos_token": name("eos_token_id"),
+        "unk_token": name("unknown_token_id"),
+        "pad_token": name("padding_token_id"),
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "clean_up_tokenization_spaces": False,
+    }
     if f["chat_template"]:
         config["chat_template"] = f["chat_template"]
     generation = {"eos_token_id": end_of_generation_ids(reader)}
     for key, out in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         if f[key] is not None:
             generation[out] = int(f[key])
-    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config,
-            "generation_config.json": generation}
+    return {"tokenizer.json": tokenizer_json, "tokenizer_config.json": config, "generation_config.json": generation}
 
 
 def _cache_key(path: str) -> str:
@@ -282,7 +366,11 @@ def gguf_tokenizer_dir(path: str | os.PathLike) -> str:
     finally:
         if tmp != target:
             shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("converted the GGUF tokenizer (%s, %d tokens) into %s in %.1f s",
-                files["tokenizer.json"]["model"]["type"], len(files["tokenizer.json"]["model"]["vocab"]),
-                target, time.perf_counter() - t0)
+    logger.info(
+        "converted the GGUF tokenizer (%s, %d tokens) into %s in %.1f s",
+        files["tokenizer.json"]["model"]["type"],
+        len(files["tokenizer.json"]["model"]["vocab"]),
+        target,
+        time.perf_counter() - t0,
+    )
     return str(target)

@@ -33,11 +33,26 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastserve")
 
 # Small files the engine (or the tokenizer, or a quantized loader) may read; exact top-level names.
-CONFIG_FILES = ("config.json", "generation_config.json", "quantize_config.json", "quant_config.json",
-                "hf_quant_config.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                   "generation_config.json", "config.json")
+CONFIG_FILES = (
+    "config.json",
+    "generation_config.json",
+    "quantize_config.json",
+    "quant_config.json",
+    "hf_quant_config.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "config.json",
+)
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PT_INDEX = "pytorch_model.bin.index.json"
 # The loader's own choice (worker/loader.py): safetensors, else pytorch_model*.bin.
@@ -73,7 +88,8 @@ def hf_cache_dir(download_dir: str | None = None) -> str:
     if cache:
         return os.path.expanduser(cache)
     home = os.environ.get("HF_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface"
+    )
     return os.path.join(os.path.expanduser(home), "hub")
 
 
@@ -102,6 +118,7 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 
 # -- which files -------------------------------------------------------------------------------
 
+
 def _weight_files(listing: list[str], load_format: str) -> list[str] | None:
     """Top-level weight files of a repository listing that the loader would read (as
     worker/loader.py chooses them); None when an index json names them, to be read once the
@@ -122,7 +139,7 @@ def _weight_files(listing: list[str], load_format: str) -> list[str] | None:
 
 def _weights_from_index(snapshot: str, listing: list[str], load_format: str) -> list[str]:
     """The shards an index json names (so a consolidated copy beside them is not fetched)."""
-    for index in ((SAFETENSORS_INDEX,) if load_format == "safetensors" else (SAFETENSORS_INDEX, PT_INDEX)):
+    for index in (SAFETENSORS_INDEX,) if load_format == "safetensors" else (SAFETENSORS_INDEX, PT_INDEX):
         path = os.path.join(snapshot, index)
         if index in listing and os.path.isfile(path):
             with open(path, encoding="utf-8") as f:
@@ -134,8 +151,10 @@ def _missing_weights(model_dir: str, load_format: str) -> str | None:
     """What a snapshot lacks for the loader, or None when its weights are all there."""
     if load_format == "dummy":
         return None
-    for index, pattern, formats in ((SAFETENSORS_INDEX, _SAFETENSORS_PATTERN, ("auto", "safetensors")),
-                                    (PT_INDEX, _PT_PATTERN, ("auto", "pt"))):
+    for index, pattern, formats in (
+        (SAFETENSORS_INDEX, _SAFETENSORS_PATTERN, ("auto", "safetensors")),
+        (PT_INDEX, _PT_PATTERN, ("auto", "pt")),
+    ):
         if load_format not in formats:
             continue
         index_path = os.path.join(model_dir, index)
@@ -150,6 +169,7 @@ def _missing_weights(model_dir: str, load_format: str) -> str | None:
 
 
 # -- Hugging Face hub --------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def _online(hub_constants):
@@ -188,29 +208,49 @@ def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
                 info = api.model_info(repo_id, revision=revision, token=token)
                 listing = [s.rfilename for s in (info.siblings or [])]
             except errors.RevisionNotFoundError as e:
-                raise _NotResolved(f"the hub at {endpoint} has {repo_id!r} but no revision {revision!r} "
-                                   f"({_one_line(e, 120)}); pass an existing branch, tag or commit") from e
+                raise _NotResolved(
+                    f"the hub at {endpoint} has {repo_id!r} but no revision {revision!r} "
+                    f"({_one_line(e, 120)}); pass an existing branch, tag or commit"
+                ) from e
             except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
-                raise _NotResolved(f"the hub at {endpoint} refused {repo_id!r} ({_one_line(e, 160)}): check the ID; "
-                                   "for a gated or private model accept its license on the hub and log in "
-                                   "(`hf auth login`, HF_TOKEN or --hf-token)") from e
+                raise _NotResolved(
+                    f"the hub at {endpoint} refused {repo_id!r} ({_one_line(e, 160)}): check the ID; "
+                    "for a gated or private model accept its license on the hub and log in "
+                    "(`hf auth login`, HF_TOKEN or --hf-token)"
+                ) from e
             except Exception as e:  # noqa: BLE001 - connection, DNS, proxy, 5xx: fall back to the cache
                 reason = f"the hub at {endpoint} could not be reached ({_one_line(e, 160)})"
             else:
-                small = [f for f in listing if "/" not in f and f in set(CONFIG_FILES + TOKENIZER_FILES
-                                                                            + (SAFETENSORS_INDEX, PT_INDEX))]
+                small = [
+                    f
+                    for f in listing
+                    if "/" not in f and f in set(CONFIG_FILES + TOKENIZER_FILES + (SAFETENSORS_INDEX, PT_INDEX))
+                ]
                 t0 = time.perf_counter()
-                logger.info("downloading %s %s (revision %s) from %s into %s", kind, repo_id, revision or "main",
-                            endpoint, cache_dir)
+                logger.info(
+                    "downloading %s %s (revision %s) from %s into %s",
+                    kind,
+                    repo_id,
+                    revision or "main",
+                    endpoint,
+                    cache_dir,
+                )
 
                 def fetch(files: list[str]) -> str:
                     try:
                         return huggingface_hub.snapshot_download(
-                            repo_id, revision=revision, cache_dir=cache_dir, token=token, endpoint=endpoint,
-                            allow_patterns=[glob.escape(f) for f in files])
+                            repo_id,
+                            revision=revision,
+                            cache_dir=cache_dir,
+                            token=token,
+                            endpoint=endpoint,
+                            allow_patterns=[glob.escape(f) for f in files],
+                        )
                     except Exception as e:  # noqa: BLE001 - a dropped connection mid-download, a full disk
-                        raise _NotResolved(f"downloading from {endpoint} into {cache_dir} failed "
-                                           f"({_one_line(e, 200)}); running again resumes it") from e
+                        raise _NotResolved(
+                            f"downloading from {endpoint} into {cache_dir} failed "
+                            f"({_one_line(e, 200)}); running again resumes it"
+                        ) from e
 
                 snapshot = fetch(small)
                 extra = wanted(listing, snapshot)
@@ -227,19 +267,24 @@ def _hf_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
     cached = huggingface_hub.try_to_load_from_cache(repo_id, probe, cache_dir=cache_dir, revision=revision)
     if isinstance(cached, str):
         return os.path.dirname(cached)
-    raise _NotResolved(f"no snapshot of it with {probe} (revision {revision or 'main'}) is in the Hugging Face "
-                       f"cache {os.path.join(cache_dir, 'models--' + repo_id.replace('/', '--'))} and {reason}")
+    raise _NotResolved(
+        f"no snapshot of it with {probe} (revision {revision or 'main'}) is in the Hugging Face "
+        f"cache {os.path.join(cache_dir, 'models--' + repo_id.replace('/', '--'))} and {reason}"
+    )
 
 
 # -- ModelScope --------------------------------------------------------------------------------
+
 
 def _ms_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, wanted, kind: str, probe: str) -> str:
     try:
         from modelscope import snapshot_download
         from modelscope.hub.api import HubApi
     except ImportError as e:
-        raise _NotResolved("VLLM_USE_MODELSCOPE is set but the `modelscope` package is not installed "
-                           "(pip install 'fastserve[modelscope]')") from e
+        raise _NotResolved(
+            "VLLM_USE_MODELSCOPE is set but the `modelscope` package is not installed "
+            "(pip install 'fastserve[modelscope]')"
+        ) from e
     endpoint = modelscope_endpoint()
     reason = None
     if hf_offline():  # vLLM's switch for "no network" covers ModelScope too
@@ -254,15 +299,23 @@ def _ms_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
         else:
             small = [f for f in listing if f in set(CONFIG_FILES + TOKENIZER_FILES + (SAFETENSORS_INDEX, PT_INDEX))]
             t0 = time.perf_counter()
-            logger.info("downloading %s %s (revision %s) from %s into %s", kind, repo_id, revision or "master",
-                        endpoint, cache_dir)
+            logger.info(
+                "downloading %s %s (revision %s) from %s into %s",
+                kind,
+                repo_id,
+                revision or "master",
+                endpoint,
+                cache_dir,
+            )
 
             def fetch(files: list[str]) -> str:
                 try:
                     return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=files)
                 except Exception as e:  # noqa: BLE001
-                    raise _NotResolved(f"downloading from {endpoint} into {cache_dir} failed "
-                                       f"({_one_line(e, 200)}); running again resumes it") from e
+                    raise _NotResolved(
+                        f"downloading from {endpoint} into {cache_dir} failed "
+                        f"({_one_line(e, 200)}); running again resumes it"
+                    ) from e
 
             snapshot = fetch(small)
             extra = wanted(listing, snapshot)
@@ -273,11 +326,14 @@ def _ms_snapshot(repo_id: str, revision: str | None, cache_dir: str, token, want
     try:
         return snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - CacheNotFound and friends
-        raise _NotResolved(f"no snapshot of it (revision {revision or 'master'}) is in the ModelScope cache "
-                           f"{os.path.join(cache_dir, 'models', repo_id.replace('/', '--'))} and {reason}") from e
+        raise _NotResolved(
+            f"no snapshot of it (revision {revision or 'master'}) is in the ModelScope cache "
+            f"{os.path.join(cache_dir, 'models', repo_id.replace('/', '--'))} and {reason}"
+        ) from e
 
 
 # -- public ------------------------------------------------------------------------------------
+
 
 def _resolve(name: str, what: str, *, revision, download_dir, token, wanted, required: tuple[str, ...]) -> str:
     if os.path.exists(name):
@@ -285,33 +341,49 @@ def _resolve(name: str, what: str, *, revision, download_dir, token, wanted, req
     modelscope = use_modelscope()
     hub = "ModelScope" if modelscope else "the Hugging Face hub"
     if not looks_like_model_id(name):
-        raise ValueError(f"{what} {name!r} is neither a local directory (no such path: "
-                         f"{os.path.abspath(name)}) nor a model ID of {hub} (org/name): pass a directory with "
-                         "config.json and weights, or an ID like meta-llama/Llama-3.1-8B-Instruct")
+        raise ValueError(
+            f"{what} {name!r} is neither a local directory (no such path: "
+            f"{os.path.abspath(name)}) nor a model ID of {hub} (org/name): pass a directory with "
+            "config.json and weights, or an ID like meta-llama/Llama-3.1-8B-Instruct"
+        )
     cache = modelscope_cache_dir(download_dir) if modelscope else hf_cache_dir(download_dir)
     try:
-        snapshot = (_ms_snapshot if modelscope else _hf_snapshot)(name, revision, cache, token, wanted, what,
-                                                                  required[0])
+        snapshot = (_ms_snapshot if modelscope else _hf_snapshot)(
+            name, revision, cache, token, wanted, what, required[0]
+        )
     except _NotResolved as e:
         if modelscope:
-            todo = ("download it where ModelScope is reachable (`modelscope download --model ID`) and point "
-                    "MODELSCOPE_CACHE (or --download-dir) at that cache, or pass a local directory")
+            todo = (
+                "download it where ModelScope is reachable (`modelscope download --model ID`) and point "
+                "MODELSCOPE_CACHE (or --download-dir) at that cache, or pass a local directory"
+            )
         else:
-            todo = ("download it where the hub is reachable (`hf download ID`) and point HF_HUB_CACHE (or "
-                    "HF_HOME, or --download-dir) at that cache, run with network access (HF_HUB_OFFLINE unset), "
-                    "or pass a local directory")
-        raise ValueError(f"{what} {name!r} could not be resolved: no local directory {os.path.abspath(name)}, "
-                         f"{e}. To fix: {todo}") from e
+            todo = (
+                "download it where the hub is reachable (`hf download ID`) and point HF_HUB_CACHE (or "
+                "HF_HOME, or --download-dir) at that cache, run with network access (HF_HUB_OFFLINE unset), "
+                "or pass a local directory"
+            )
+        raise ValueError(
+            f"{what} {name!r} could not be resolved: no local directory {os.path.abspath(name)}, {e}. To fix: {todo}"
+        ) from e
     for fname in required:
         if not os.path.isfile(os.path.join(snapshot, fname)):
-            raise ValueError(f"{what} {name!r}: the snapshot at {snapshot} has no {fname} (an interrupted or "
-                             "partial download?): run again with network access to complete it, or pass a "
-                             "local directory")
+            raise ValueError(
+                f"{what} {name!r}: the snapshot at {snapshot} has no {fname} (an interrupted or "
+                "partial download?): run again with network access to complete it, or pass a "
+                "local directory"
+            )
     return snapshot
 
 
-def resolve_model(model: str, *, revision: str | None = None, download_dir: str | None = None,
-                  load_format: str = "auto", token: str | bool | None = None) -> str:
+def resolve_model(
+    model: str,
+    *,
+    revision: str | None = None,
+    download_dir: str | None = None,
+    load_format: str = "auto",
+    token: str | bool | None = None,
+) -> str:
     """A local directory holding `model`'s config, tokenizer files and weights (those
     load_format reads). A local path is returned as given."""
 
@@ -319,45 +391,73 @@ def resolve_model(model: str, *, revision: str | None = None, download_dir: str 
         files = _weight_files(listing, load_format)
         return _weights_from_index(snapshot, listing, load_format) if files is None else files
 
-    path = _resolve(model, "model", revision=revision, download_dir=download_dir, token=token,
-                    wanted=wanted, required=("config.json",))
+    path = _resolve(
+        model,
+        "model",
+        revision=revision,
+        download_dir=download_dir,
+        token=token,
+        wanted=wanted,
+        required=("config.json",),
+    )
     if path != model:  # a snapshot: say plainly when it cannot be loaded (a local dir gets the loader's error)
         missing = _missing_weights(path, load_format)
         if missing:
-            raise ValueError(f"model {model!r}: the snapshot at {path} cannot be loaded with "
-                             f"load_format={load_format!r}: {missing}; run again with network access to "
-                             "complete the download, or pass a local directory")
+            raise ValueError(
+                f"model {model!r}: the snapshot at {path} cannot be loaded with "
+                f"load_format={load_format!r}: {missing}; run again with network access to "
+                "complete the download, or pass a local directory"
+            )
     return path
 
 
-def resolve_tokenizer(tokenizer: str, *, revision: str | None = None, download_dir: str | None = None,
-                      token: str | bool | None = None) -> str:
+def resolve_tokenizer(
+    tokenizer: str, *, revision: str | None = None, download_dir: str | None = None, token: str | bool | None = None
+) -> str:
     """A local directory with `tokenizer`'s files (tokenizer.json, its config, the chat
     template); an ID fetches those files only."""
-    return _resolve(tokenizer, "tokenizer", revision=revision, download_dir=download_dir, token=token,
-                    wanted=lambda listing, snapshot: [], required=("tokenizer.json",))
+    return _resolve(
+        tokenizer,
+        "tokenizer",
+        revision=revision,
+        download_dir=download_dir,
+        token=token,
+        wanted=lambda listing, snapshot: [],
+        required=("tokenizer.json",),
+    )
 
 
 def resolve_engine_args(args: EngineArgs) -> EngineArgs:
     """A copy of `args` whose model and tokenizer are local directories, and whose
     served_model_name defaults to the name the user gave (the ID, as vLLM reports it).
     tokenizer=None means the model's files; tokenizer_revision defaults to revision."""
-    model_dir = resolve_model(args.model, revision=args.revision, download_dir=args.download_dir,
-                              load_format=args.load_format, token=args.hf_token)
+    model_dir = resolve_model(
+        args.model,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        load_format=args.load_format,
+        token=args.hf_token,
+    )
     if args.tokenizer is None or args.tokenizer == args.model:
         tokenizer_dir = model_dir
         if args.tokenizer_revision not in (None, args.revision):
-            tokenizer_dir = resolve_tokenizer(args.model, revision=args.tokenizer_revision,
-                                              download_dir=args.download_dir, token=args.hf_token)
+            tokenizer_dir = resolve_tokenizer(
+                args.model, revision=args.tokenizer_revision, download_dir=args.download_dir, token=args.hf_token
+            )
     else:
-        tokenizer_dir = resolve_tokenizer(args.tokenizer, revision=args.tokenizer_revision or args.revision,
-                                          download_dir=args.download_dir, token=args.hf_token)
+        tokenizer_dir = resolve_tokenizer(
+            args.tokenizer,
+            revision=args.tokenizer_revision or args.revision,
+            download_dir=args.download_dir,
+            token=args.hf_token,
+        )
     if args.trust_remote_code:
         check_remote_code(model_dir)
     if model_dir == args.model and tokenizer_dir == (args.tokenizer or args.model):
         return args
-    return dataclasses.replace(args, model=model_dir, tokenizer=tokenizer_dir,
-                               served_model_name=args.served_model_name or [args.model])
+    return dataclasses.replace(
+        args, model=model_dir, tokenizer=tokenizer_dir, served_model_name=args.served_model_name or [args.model]
+    )
 
 
 _remote_code_noted: set[tuple[str, ...]] = set()
@@ -382,9 +482,13 @@ def check_remote_code(model_dir: str) -> None:
         raise ValueError(
             f"trust_remote_code=True: config.json of {model_dir} names architectures {list(archs)}, which "
             f"fastserve does not implement; fastserve never runs code shipped in a checkpoint, it runs its own "
-            f"implementations of {supported}")
+            f"implementations of {supported}"
+        )
     if archs not in _remote_code_noted:
         _remote_code_noted.add(archs)
-        logger.warning("trust_remote_code=True: fastserve runs its own %s implementation and never executes code "
-                    "from the checkpoint%s", ours[0],
-                    " (config.json's auto_map is ignored)" if hf.get("auto_map") else "")
+        logger.warning(
+            "trust_remote_code=True: fastserve runs its own %s implementation and never executes code "
+            "from the checkpoint%s",
+            ours[0],
+            " (config.json's auto_map is ignored)" if hf.get("auto_map") else "",
+        )

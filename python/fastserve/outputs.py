@@ -40,9 +40,7 @@ class CompletionOutput:
     cumulative_logprob: float | None
     logprobs: SampleLogprobs | None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = (
-        None  # the stop string or stop token id; None for EOS/length
-    )
+    stop_reason: int | str | None = None  # the stop string or stop token id; None for EOS/length
 
     def finished(self) -> bool:
         return self.finish_reason is not None

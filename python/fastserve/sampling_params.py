@@ -65,9 +65,7 @@ def _int(name: str, value: Any, *, optional: bool = False) -> int | None:
         except ImportError:  # pragma: no cover - numpy is a dependency
             pass
         kind = "an int or None" if optional else "an int"
-        raise InvalidRequest(
-            f"{name} must be {kind}, got {value!r} of type {type(value).__name__}.", name
-        )
+        raise InvalidRequest(f"{name} must be {kind}, got {value!r} of type {type(value).__name__}.", name)
     return value
 
 
@@ -101,12 +99,8 @@ def _str_list(name: str, value: Any) -> list[str]:
         return []
     if isinstance(value, str):
         return [value]
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(s, str) for s in value
-    ):
-        raise InvalidRequest(
-            f"{name} must be a string or a list of strings, got {value!r}.", name
-        )
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) for s in value):
+        raise InvalidRequest(f"{name} must be a string or a list of strings, got {value!r}.", name)
     return list(value)
 
 
@@ -130,7 +124,7 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise InvalidRequest(f"logit_bias must be a mapping of token id to bias, got {value!r}.", 'logit_bias')
+        raise InvalidRequest(f"logit_bias must be a mapping of token id to bias, got {value!r}.", "logit_bias")
     out = {}
     for k, v in value.items():
         try:
@@ -138,10 +132,10 @@ def _logit_bias(value: Any) -> dict[int, float] | None:
         except (TypeError, ValueError):
             tok = None
         if tok is None or tok < 0 or (isinstance(k, float) and k != tok):
-            raise InvalidRequest(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.", 'logit_bias')
+            raise InvalidRequest(f"logit_bias keys must be token ids (non-negative integers), got {k!r}.", "logit_bias")
         out[tok] = _float(f"logit_bias[{k!r}]", v)
         if not math.isfinite(out[tok]):
-            raise InvalidRequest(f"logit_bias values must be finite, got {v!r} for token {tok}.", 'logit_bias')
+            raise InvalidRequest(f"logit_bias values must be finite, got {v!r} for token {tok}.", "logit_bias")
     return out
 
 
@@ -218,38 +212,27 @@ class SamplingParams:
         self.max_tokens = _int("max_tokens", max_tokens, optional=True)
         self.min_tokens = _int("min_tokens", min_tokens)
         # vLLM accepts logprobs=True as "the sampled token only" (OpenAI's boolean flag).
-        self.logprobs = (
-            1 if logprobs is True else _int("logprobs", logprobs, optional=True)
-        )
-        self.prompt_logprobs = (
-            1
-            if prompt_logprobs is True
-            else _int("prompt_logprobs", prompt_logprobs, optional=True)
-        )
+        self.logprobs = 1 if logprobs is True else _int("logprobs", logprobs, optional=True)
+        self.prompt_logprobs = 1 if prompt_logprobs is True else _int("prompt_logprobs", prompt_logprobs, optional=True)
         self.detokenize = _bool("detokenize", detokenize)
         self.skip_special_tokens = _bool("skip_special_tokens", skip_special_tokens)
-        self.spaces_between_special_tokens = _bool(
-            "spaces_between_special_tokens", spaces_between_special_tokens
-        )
-        self.include_stop_str_in_output = _bool(
-            "include_stop_str_in_output", include_stop_str_in_output
-        )
-        self.truncate_prompt_tokens = _int(
-            "truncate_prompt_tokens", truncate_prompt_tokens, optional=True
-        )
+        self.spaces_between_special_tokens = _bool("spaces_between_special_tokens", spaces_between_special_tokens)
+        self.include_stop_str_in_output = _bool("include_stop_str_in_output", include_stop_str_in_output)
+        self.truncate_prompt_tokens = _int("truncate_prompt_tokens", truncate_prompt_tokens, optional=True)
         self.logit_bias = _logit_bias(logit_bias)
         self.allowed_token_ids = (
             None if allowed_token_ids is None else _int_list("allowed_token_ids", allowed_token_ids)
         )
         if self.allowed_token_ids == []:
-            raise InvalidRequest("allowed_token_ids must not be empty: leave it out to allow every token.", 'allowed_token_ids')
-        if structured_outputs is not None and not isinstance(
-            structured_outputs, StructuredOutputsParams
-        ):
+            raise InvalidRequest(
+                "allowed_token_ids must not be empty: leave it out to allow every token.", "allowed_token_ids"
+            )
+        if structured_outputs is not None and not isinstance(structured_outputs, StructuredOutputsParams):
             raise InvalidRequest(
                 "structured_outputs must be a StructuredOutputsParams (from "
                 "fastserve.sampling_params import StructuredOutputsParams), got "
-                f"{type(structured_outputs).__name__}.", 'structured_outputs'
+                f"{type(structured_outputs).__name__}.",
+                "structured_outputs",
             )
         self.structured_outputs = structured_outputs
 
@@ -273,84 +256,75 @@ class SamplingParams:
 
     def _verify_args(self) -> None:
         if self.n < 1:
-            raise InvalidRequest(f"n must be at least 1, got {self.n}.", 'n')
+            raise InvalidRequest(f"n must be at least 1, got {self.n}.", "n")
         if self.best_of is not None:
             if self.best_of < 1:
-                raise InvalidRequest(f"best_of must be at least 1, got {self.best_of}.", 'best_of')
+                raise InvalidRequest(f"best_of must be at least 1, got {self.best_of}.", "best_of")
             if self.best_of < self.n:
                 raise InvalidRequest(
-                    f"best_of must be greater than or equal to n, got n={self.n} and "
-                    f"best_of={self.best_of}.", 'best_of'
+                    f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.", "best_of"
                 )
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise InvalidRequest(
-                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.", 'presence_penalty'
+                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}.", "presence_penalty"
             )
         if not -2.0 <= self.frequency_penalty <= 2.0:
             raise InvalidRequest(
-                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", 'frequency_penalty'
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}.", "frequency_penalty"
             )
         if not 0.0 < self.repetition_penalty < math.inf:
             raise InvalidRequest(
-                f"repetition_penalty must be greater than zero (1 disables it), got "
-                f"{self.repetition_penalty}.", 'repetition_penalty'
+                f"repetition_penalty must be greater than zero (1 disables it), got {self.repetition_penalty}.",
+                "repetition_penalty",
             )
         if not 0.0 <= self.temperature < math.inf:
             raise InvalidRequest(
-                f"temperature must be non-negative and finite (0 is greedy), got {self.temperature}.", 'temperature'
+                f"temperature must be non-negative and finite (0 is greedy), got {self.temperature}.", "temperature"
             )
         if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}.", 'top_p')
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}.", "top_p")
         if self.top_k < -1:
-            raise InvalidRequest(
-                f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.", 'top_k'
-            )
+            raise InvalidRequest(f"top_k must be 0 or -1 (disable), or at least 1, got {self.top_k}.", "top_k")
         if not 0.0 <= self.min_p <= 1.0:
-            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}.", 'min_p')
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}.", "min_p")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
-            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}.", 'seed')
+            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}.", "seed")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}.", 'max_tokens')
+            raise InvalidRequest(f"max_tokens must be at least 1, got {self.max_tokens}.", "max_tokens")
         if self.min_tokens < 0:
-            raise InvalidRequest(
-                f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.", 'min_tokens'
-            )
+            raise InvalidRequest(f"min_tokens must be greater than or equal to 0, got {self.min_tokens}.", "min_tokens")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise InvalidRequest(
-                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got "
-                f"{self.min_tokens}.", 'min_tokens'
+                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, got {self.min_tokens}.",
+                "min_tokens",
             )
         if self.logprobs is not None and self.logprobs < 0:
-            raise InvalidRequest(f"logprobs must be non-negative, got {self.logprobs}.", 'logprobs')
+            raise InvalidRequest(f"logprobs must be non-negative, got {self.logprobs}.", "logprobs")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise InvalidRequest(
-                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.", 'prompt_logprobs'
+                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}.", "prompt_logprobs"
             )
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise InvalidRequest(
-                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}.", 'truncate_prompt_tokens'
+                f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}.",
+                "truncate_prompt_tokens",
             )
         if any(not s for s in self.stop):
-            raise InvalidRequest("stop cannot contain an empty string.", 'stop')
+            raise InvalidRequest("stop cannot contain an empty string.", "stop")
         if self.stop and not self.detokenize:
             raise InvalidRequest(
-                "stop strings are only supported when detokenize is True. Set detokenize=True "
-                "to use stop.", 'stop'
+                "stop strings are only supported when detokenize is True. Set detokenize=True to use stop.", "stop"
             )
         if any(not w.strip() for w in self.bad_words):
-            raise InvalidRequest(
-                "bad_words cannot contain an empty or whitespace-only string.", 'bad_words'
-            )
+            raise InvalidRequest("bad_words cannot contain an empty or whitespace-only string.", "bad_words")
 
     def _verify_greedy_sampling(self) -> None:
         # n identical greedy sequences are a wasted batch slot each; vLLM refuses them.
         if self.n > 1:
-            raise InvalidRequest(
-                f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.", 'n'
-            )
+            raise InvalidRequest(f"n must be 1 when using greedy sampling (temperature=0), got {self.n}.", "n")
         if self.best_of is not None and self.best_of > 1:
             raise InvalidRequest(
-                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}.", 'best_of'
+                f"best_of must be 1 when using greedy sampling (temperature=0), got {self.best_of}.", "best_of"
             )
 
     @property
@@ -377,13 +351,9 @@ class SamplingParams:
         for word in self.bad_words:
             plain: list[int] | None = None
             for prefix in ("", " "):
-                ids = list(
-                    tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False)
-                )
+                ids = list(tokenizer.encode(prefix + word.lstrip(), add_special_tokens=False))
                 if not ids:
-                    raise InvalidRequest(
-                        f"bad_words entry {word!r} encodes to no tokens; remove it.", 'bad_words'
-                    )
+                    raise InvalidRequest(f"bad_words entry {word!r} encodes to no tokens; remove it.", "bad_words")
                 if plain is None:
                     plain = ids
                     out.append(ids)
@@ -394,7 +364,8 @@ class SamplingParams:
             if invalid:
                 raise InvalidRequest(
                     f"bad_words encode to token ids {invalid} outside the tokenizer's vocabulary "
-                    f"(size {vocab_size}); remove those words.", 'bad_words'
+                    f"(size {vocab_size}); remove those words.",
+                    "bad_words",
                 )
         return out
 
@@ -405,9 +376,7 @@ class SamplingParams:
         from fastserve._core import RequestParams
 
         if self.bad_words and tokenizer is None:
-            raise InvalidRequest(
-                "bad_words needs a tokenizer: pass one to to_core(tokenizer).", 'bad_words'
-            )
+            raise InvalidRequest("bad_words needs a tokenizer: pass one to to_core(tokenizer).", "bad_words")
         bad_words_ids = self.bad_words_token_ids(tokenizer) if self.bad_words else []
         return RequestParams(
             n=self.best_of if self.best_of is not None else self.n,
@@ -422,9 +391,7 @@ class SamplingParams:
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
             # The core holds an i64; seeds up to 2**64 - 1 (torch's range) keep their bits.
-            seed=self.seed - 2**64
-            if self.seed is not None and self.seed >= 2**63
-            else self.seed,
+            seed=self.seed - 2**64 if self.seed is not None and self.seed >= 2**63 else self.seed,
             stop=list(self.stop),
             stop_token_ids=list(self.stop_token_ids),
             bad_words_token_ids=bad_words_ids,

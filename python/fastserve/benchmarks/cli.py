@@ -17,16 +17,22 @@ SUBCOMMANDS = {
 def make_parser() -> argparse.ArgumentParser:
     import importlib
 
-    parser = argparse.ArgumentParser(prog="fastserve bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastserve bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="bench", metavar="{" + ",".join(SUBCOMMANDS) + "}", required=True)
     for name, (module, help_) in SUBCOMMANDS.items():
         mod = importlib.import_module(module)
-        p = sub.add_parser(name, help=help_, description=mod.__doc__,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name, help=help_, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         mod.add_cli_args(p)
-        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
-                       help="Log level of fastserve's messages.")
+        p.add_argument(
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="Log level of fastserve's messages.",
+        )
         p.set_defaults(_main=mod.main)
     return parser
 

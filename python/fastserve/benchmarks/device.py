@@ -40,9 +40,9 @@ def time_cuda(fn, warmup: int = 5, iters: int = 20) -> float:
 def measure_copy_bandwidth_gbps(nbytes: int = 2 << 30) -> float:
     """GB/s (1e9) of one large device-to-device copy, counting bytes read plus bytes written."""
     # Random data, sized far past L2, so neither compression nor the cache flatters the number.
-    src = torch.randint(-(2 ** 31), 2 ** 31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+    src = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
     dst = torch.empty_like(src)
-    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)
+    ms = time_cuda(lambda: dst.copy_(src), warmup=3, iters=20)  # noqa: F821 (deleted after)
     del src, dst
     torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3) / 1e9
@@ -52,10 +52,10 @@ def measure_matmul_tflops(n: int = 8192, dtype: torch.dtype = torch.bfloat16) ->
     """TFLOP/s of an n x n x n matmul on random data (zeros run faster than real data)."""
     a = torch.randn(n, n, dtype=dtype, device="cuda")
     b = torch.randn(n, n, dtype=dtype, device="cuda")
-    ms = time_cuda(lambda: a @ b, warmup=5, iters=20)
+    ms = time_cuda(lambda: a @ b, warmup=5, iters=20)  # noqa: F821 (deleted after)
     del a, b
     torch.cuda.empty_cache()
-    return 2 * n ** 3 / (ms * 1e-3) / 1e12
+    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def git_commit() -> str:
@@ -65,10 +65,12 @@ def git_commit() -> str:
     if not (REPO / ".git").exists():
         return "unknown"
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
         return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -94,7 +96,7 @@ def device_info(measure: bool = True) -> dict:
     info.update(
         gpu=props.name,
         sm_count=props.multi_processor_count,
-        gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
+        gpu_memory_gib=round(props.total_memory / 2**30, 1),
         compute_capability=f"{props.major}.{props.minor}",
     )
     if measure:
@@ -109,8 +111,10 @@ def describe(info: dict) -> str:
         return "Device: CPU (no CUDA GPU): no ceilings measured"
     line = f"Device: {info['gpu']} ({info['gpu_memory_gib']} GiB, {info['sm_count']} SMs)"
     if "copy_bandwidth_gbps" in info:
-        line += (f": measured copy bandwidth {info['copy_bandwidth_gbps']:,.0f} GB/s, "
-                 f"bf16 matmul {info['matmul_bf16_tflops']:,.0f} TFLOP/s")
+        line += (
+            f": measured copy bandwidth {info['copy_bandwidth_gbps']:,.0f} GB/s, "
+            f"bf16 matmul {info['matmul_bf16_tflops']:,.0f} TFLOP/s"
+        )
     return line
 
 

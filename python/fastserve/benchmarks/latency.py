@@ -28,8 +28,9 @@ _PERCENTILES = (10, 25, 50, 75, 90, 99)
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=32, help="Prompt tokens per request.")
     p.add_argument("--output-len", type=int, default=128, help="Tokens generated per request.")
-    p.add_argument("--batch-size", type=int, nargs="+", default=[8],
-                   help="Batch sizes to sweep (one measurement per value).")
+    p.add_argument(
+        "--batch-size", type=int, nargs="+", default=[8], help="Batch sizes to sweep (one measurement per value)."
+    )
     p.add_argument("--n", type=int, default=1, help="Sequences generated per prompt.")
     p.add_argument("--num-iters-warmup", type=int, default=10, help="Untimed iterations per batch size.")
     p.add_argument("--num-iters", type=int, default=30, help="Timed iterations per batch size.")
@@ -93,18 +94,24 @@ def main(args: argparse.Namespace) -> int:
         engine = llm.engine
         limit = engine.model_config.max_model_len
         if args.input_len + args.output_len > limit:
-            raise ValueError(f"--input-len + --output-len ({args.input_len + args.output_len}) exceeds "
-                             f"max_model_len {limit}: raise --max-model-len or shorten them")
+            raise ValueError(
+                f"--input-len + --output-len ({args.input_len + args.output_len}) exceeds "
+                f"max_model_len {limit}: raise --max-model-len or shorten them"
+            )
         params = SamplingParams(n=args.n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=args.output_len)
         vocab = min(engine.tokenizer.vocab_size, engine.model_config.vocab_size)
         results = []
         for b in args.batch_size:
-            prompts = [r.prompt_token_ids for r in sample_random(engine.tokenizer, b, args.input_len, 1,
-                                                                 seed=args.seed, vocab_size=vocab)]
+            prompts = [
+                r.prompt_token_ids
+                for r in sample_random(engine.tokenizer, b, args.input_len, 1, seed=args.seed, vocab_size=vocab)
+            ]
             for i in tqdm(range(args.num_iters_warmup), desc=f"Warmup (batch {b})", leave=False):
                 run_iteration(engine, prompts, params, f"w{b}-{i}")
-            iters = [run_iteration(engine, prompts, params, f"t{b}-{i}")
-                     for i in tqdm(range(args.num_iters), desc=f"Profiling (batch {b})", leave=False)]
+            iters = [
+                run_iteration(engine, prompts, params, f"t{b}-{i}")
+                for i in tqdm(range(args.num_iters), desc=f"Profiling (batch {b})", leave=False)
+            ]
             latencies = [it["total_s"] for it in iters]
             decode = [s for it in iters for s in it["decode_s"]]
             step_ms = _pcts([s * 1000 for s in decode])
@@ -122,19 +129,29 @@ def main(args: argparse.Namespace) -> int:
             print(f"Batch size {b}: Avg latency: {r['avg_latency']:.4f} seconds")
             for p, v in r["percentiles"].items():
                 print(f"  {p}% percentile latency: {v:.4f} seconds")
-        print(f"{'batch':>6} {'prefill ms':>11} {'step p50 ms':>12} {'step p90 ms':>12} {'step p99 ms':>12} "
-              f"{'decode tok/s':>13}")
+        print(
+            f"{'batch':>6} {'prefill ms':>11} {'step p50 ms':>12} {'step p90 ms':>12} {'step p99 ms':>12} "
+            f"{'decode tok/s':>13}"
+        )
         for r in results:
             d = r["decode_step_ms"]
             tps = r["decode_tokens_per_s"]
-            print(f"{r['batch_size']:>6} {r['prefill_latency_s'] * 1000:>11.2f} {d.get('50', float('nan')):>12.3f} "
-                  f"{d.get('90', float('nan')):>12.3f} {d.get('99', float('nan')):>12.3f} "
-                  f"{(tps if tps is not None else float('nan')):>13.1f}")
+            print(
+                f"{r['batch_size']:>6} {r['prefill_latency_s'] * 1000:>11.2f} {d.get('50', float('nan')):>12.3f} "
+                f"{d.get('90', float('nan')):>12.3f} {d.get('99', float('nan')):>12.3f} "
+                f"{(tps if tps is not None else float('nan')):>13.1f}"
+            )
     finally:
         llm.shutdown()
     if args.output_json:
-        out = {"input_len": args.input_len, "output_len": args.output_len, "n": args.n,
-               "num_iters": args.num_iters, "model": args.model, "results": results}
+        out = {
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "n": args.n,
+            "num_iters": args.num_iters,
+            "model": args.model,
+            "results": results,
+        }
         if len(results) == 1:  # vLLM's top-level keys for a single batch size
             out.update({k: results[0][k] for k in ("avg_latency", "latencies", "percentiles")})
         with open(args.output_json, "w", encoding="utf-8") as f:

@@ -48,8 +48,10 @@ def plot_serving(result: dict, path: str) -> None:
         ax.set_xlabel("request rate (req/s)")
         ax.grid(True, alpha=0.3)
     model = result.get("model", "")
-    fig.suptitle(f"fastserve bench serve: {model} ({result.get('dataset', 'random')}, "
-                 f"{result.get('num_prompts')} requests per rate)")
+    fig.suptitle(
+        f"fastserve bench serve: {model} ({result.get('dataset', 'random')}, "
+        f"{result.get('num_prompts')} requests per rate)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

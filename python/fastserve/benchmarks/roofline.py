@@ -16,8 +16,7 @@ def model_shape(cfg: dict) -> dict:
     emb = vocab * h
     params = L * per_layer + emb * (1 if cfg.get("tie_word_embeddings") else 2)
     matmul_params = L * per_layer + vocab * h  # embedding lookup is not a matmul
-    return dict(params=params, matmul_params=matmul_params, layers=L, heads=heads, kv_heads=kv, head_dim=hd,
-                hidden=h)
+    return dict(params=params, matmul_params=matmul_params, layers=L, heads=heads, kv_heads=kv, head_dim=hd, hidden=h)
 
 
 def roofline_seconds(shape, in_lens, out_lens, max_num_seqs, bw_gbps, tflops, bytes_per=2):
@@ -32,7 +31,7 @@ def roofline_seconds(shape, in_lens, out_lens, max_num_seqs, bw_gbps, tflops, by
     # KV of every running sequence.
     order = sorted(range(len(in_lens)), key=lambda i: -out_lens[i])
     for g in range(0, len(order), max_num_seqs):
-        group = order[g:g + max_num_seqs]
+        group = order[g : g + max_num_seqs]
         steps = max(out_lens[i] for i in group)
         for s in range(steps):
             alive = [i for i in group if out_lens[i] > s]

@@ -51,8 +51,7 @@ def percentiles(values: list[float]) -> dict:
 
 
 async def one_request(client: AsyncClient, prompt: list[int] | str, output_len: int, args) -> dict:
-    params = {"max_tokens": output_len, "temperature": args.temperature,
-              "stream_options": {"include_usage": True}}
+    params = {"max_tokens": output_len, "temperature": args.temperature, "stream_options": {"include_usage": True}}
     if args.ignore_eos:
         params["ignore_eos"] = True
     t0 = time.perf_counter()
@@ -73,9 +72,15 @@ async def one_request(client: AsyncClient, prompt: list[int] | str, output_len: 
     e2e = time.perf_counter() - t0
     out_tokens = (usage or {}).get("completion_tokens", len(itl) + (ttft is not None))
     tpot = (e2e - ttft) / (out_tokens - 1) if ttft is not None and out_tokens > 1 else None
-    return {"ok": True, "ttft": ttft, "tpot": tpot, "itl": itl, "e2e": e2e,
-            "prompt_tokens": (usage or {}).get("prompt_tokens", len(prompt)),
-            "output_tokens": out_tokens}
+    return {
+        "ok": True,
+        "ttft": ttft,
+        "tpot": tpot,
+        "itl": itl,
+        "e2e": e2e,
+        "prompt_tokens": (usage or {}).get("prompt_tokens", len(prompt)),
+        "output_tokens": out_tokens,
+    }
 
 
 def arrival_gaps(n: int, rate: float, burstiness: float, seed: int) -> list[float]:
@@ -105,12 +110,16 @@ async def run_rate(client: AsyncClient, workload: list[tuple[list[int] | str, in
     in_tokens = sum(r["prompt_tokens"] for r in ok)
     return {
         "request_rate": "inf" if rate == math.inf else rate,
-        "num_requests": len(results), "completed": len(ok), "errors": len(errors),
-        "error_samples": errors[:5], "duration_s": duration,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "errors": len(errors),
+        "error_samples": errors[:5],
+        "duration_s": duration,
         "request_throughput": len(ok) / duration,
         "output_token_throughput": out_tokens / duration,
         "total_token_throughput": (in_tokens + out_tokens) / duration,
-        "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
+        "total_input_tokens": in_tokens,
+        "total_output_tokens": out_tokens,
         "ttft_s": percentiles([r["ttft"] for r in ok if r["ttft"] is not None]),
         "tpot_s": percentiles([r["tpot"] for r in ok if r["tpot"] is not None]),
         "itl_s": percentiles([x for r in ok for x in r["itl"]]),
@@ -126,8 +135,11 @@ class _ServerTokenizer:
         self.session, self.base_url, self.headers, self.loop = session, base_url, headers, loop
 
     async def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        async with self.session.post(self.base_url + "/tokenize", headers=self.headers,
-                                     json={"prompt": text, "add_special_tokens": add_special_tokens}) as r:
+        async with self.session.post(
+            self.base_url + "/tokenize",
+            headers=self.headers,
+            json={"prompt": text, "add_special_tokens": add_special_tokens},
+        ) as r:
             body = await r.json(content_type=None)
             if r.status != 200:
                 raise ValueError(f"POST /tokenize answered {r.status}: {body}; pass --tokenizer DIR instead")
@@ -148,8 +160,11 @@ async def _sharegpt_workload(client: AsyncClient, args) -> list[tuple[str, int]]
 
         tokenizer = Tokenizer(args.tokenizer)
         samples = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: sample_sharegpt(args.dataset_path, tokenizer, args.num_prompts, seed=args.seed,
-                                          output_len=args.output_len))
+            None,
+            lambda: sample_sharegpt(
+                args.dataset_path, tokenizer, args.num_prompts, seed=args.seed, output_len=args.output_len
+            ),
+        )
     else:
         import aiohttp
 
@@ -158,16 +173,24 @@ async def _sharegpt_workload(client: AsyncClient, args) -> list[tuple[str, int]]
         async with aiohttp.ClientSession() as session:
             tokenizer = _ServerTokenizer(session, args.base_url.rstrip("/"), headers, loop)
             samples = await loop.run_in_executor(
-                None, lambda: sample_sharegpt(args.dataset_path, tokenizer, args.num_prompts, seed=args.seed,
-                                              output_len=args.output_len, chunk=64))
+                None,
+                lambda: sample_sharegpt(
+                    args.dataset_path, tokenizer, args.num_prompts, seed=args.seed, output_len=args.output_len, chunk=64
+                ),
+            )
     return [(s.prompt, s.expected_output_len) for s in samples]
 
 
 async def main_async(args) -> dict:
     rates = [math.inf] if args.arrival == "burst" else args.request_rate
-    async with AsyncClient(args.base_url, api_key=args.api_key, model=args.model,
-                           max_concurrency=args.max_concurrency, timeout=args.timeout,
-                           max_retries=0) as client:
+    async with AsyncClient(
+        args.base_url,
+        api_key=args.api_key,
+        model=args.model,
+        max_concurrency=args.max_concurrency,
+        timeout=args.timeout,
+        max_retries=0,
+    ) as client:
         model = args.model or (await client.models())[0]
         client.model = model
         if args.dataset_name == "sharegpt":
@@ -175,24 +198,37 @@ async def main_async(args) -> dict:
         else:
             rng = random.Random(args.seed)
             # Ids in [1000, 30000) are ordinary tokens in every common BPE vocabulary.
-            workload = [([rng.randrange(1000, 30000) for _ in range(args.input_len)], args.output_len)
-                        for _ in range(args.num_prompts)]
+            workload = [
+                ([rng.randrange(1000, 30000) for _ in range(args.input_len)], args.output_len)
+                for _ in range(args.num_prompts)
+            ]
         if args.warmup:
-            await asyncio.gather(*(one_request(client, p, o, args) for p, o in workload[:args.warmup]))
+            await asyncio.gather(*(one_request(client, p, o, args) for p, o in workload[: args.warmup]))
         runs = []
         for rate in rates:
             r = await run_rate(client, workload, rate, args)
-            print(f"rate {r['request_rate']}: {r['completed']}/{r['num_requests']} ok, "
-                  f"{r['output_token_throughput']:.1f} out tok/s, "
-                  f"TTFT p50 {_ms(r['ttft_s']['p50'])} ms, TPOT p50 {_ms(r['tpot_s']['p50'])} ms",
-                  file=sys.stderr)
+            print(
+                f"rate {r['request_rate']}: {r['completed']}/{r['num_requests']} ok, "
+                f"{r['output_token_throughput']:.1f} out tok/s, "
+                f"TTFT p50 {_ms(r['ttft_s']['p50'])} ms, TPOT p50 {_ms(r['tpot_s']['p50'])} ms",
+                file=sys.stderr,
+            )
             runs.append(r)
-    return {"benchmark": "serving", "base_url": args.base_url, "model": model,
-            "arrival": args.arrival, "num_prompts": args.num_prompts, "input_len": args.input_len,
-            "output_len": args.output_len, "ignore_eos": args.ignore_eos,
-            "temperature": args.temperature, "seed": args.seed,
-            "dataset": args.dataset_path if args.dataset_name == "sharegpt" else "random",
-            "burstiness": args.burstiness, "runs": runs}
+    return {
+        "benchmark": "serving",
+        "base_url": args.base_url,
+        "model": model,
+        "arrival": args.arrival,
+        "num_prompts": args.num_prompts,
+        "input_len": args.input_len,
+        "output_len": args.output_len,
+        "ignore_eos": args.ignore_eos,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "dataset": args.dataset_path if args.dataset_name == "sharegpt" else "random",
+        "burstiness": args.burstiness,
+        "runs": runs,
+    }
 
 
 def _ms(x):
@@ -203,36 +239,71 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="Model name to request. Default: the first of /v1/models.")
-    p.add_argument("--tokenizer", default=None,
-                   help="Tokenizer directory to count ShareGPT tokens (default: the server's /tokenize).")
-    p.add_argument("--dataset-name", choices=["random", "sharegpt"], default=None,
-                   help="Default: sharegpt when --dataset-path is given, else random.")
-    p.add_argument("--dataset-path", "--dataset", dest="dataset_path", default=None,
-                   help="ShareGPT JSON file (sampled as vLLM samples it).")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="Tokenizer directory to count ShareGPT tokens (default: the server's /tokenize).",
+    )
+    p.add_argument(
+        "--dataset-name",
+        choices=["random", "sharegpt"],
+        default=None,
+        help="Default: sharegpt when --dataset-path is given, else random.",
+    )
+    p.add_argument(
+        "--dataset-path",
+        "--dataset",
+        dest="dataset_path",
+        default=None,
+        help="ShareGPT JSON file (sampled as vLLM samples it).",
+    )
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=256)
-    p.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
-                   help="Tokens per request (default 64 for random prompts; ShareGPT: the answer's length).")
-    p.add_argument("--sharegpt-output-len", dest="output_len", type=int,
-                   help="Same as --output-len (vLLM's name).")
-    p.add_argument("--request-rate", type=float, nargs="+", default=[math.inf],
-                   help="Requests per second of the arrivals, one run per value; inf sends all at once.")
-    p.add_argument("--arrival", choices=["poisson", "burst"], default="poisson",
-                   help="burst = every request at t=0 (same as --request-rate inf).")
-    p.add_argument("--burstiness", type=float, default=1.0,
-                   help="Gamma shape of the gaps between arrivals: 1 = Poisson, < 1 burstier, > 1 steadier.")
+    p.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=int,
+        default=None,
+        help="Tokens per request (default 64 for random prompts; ShareGPT: the answer's length).",
+    )
+    p.add_argument("--sharegpt-output-len", dest="output_len", type=int, help="Same as --output-len (vLLM's name).")
+    p.add_argument(
+        "--request-rate",
+        type=float,
+        nargs="+",
+        default=[math.inf],
+        help="Requests per second of the arrivals, one run per value; inf sends all at once.",
+    )
+    p.add_argument(
+        "--arrival",
+        choices=["poisson", "burst"],
+        default="poisson",
+        help="burst = every request at t=0 (same as --request-rate inf).",
+    )
+    p.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="Gamma shape of the gaps between arrivals: 1 = Poisson, < 1 burstier, > 1 steadier.",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--max-concurrency", type=int, default=1024, help="Client-side cap on requests in flight.")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--warmup", type=int, default=2, help="Requests sent before measuring.")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--result", "--save-result", dest="result", default=None,
-                   help="Write the JSON result here (else stdout).")
-    p.add_argument("--plot", default=None,
-                   help="Draw TTFT, TPOT and output throughput against request rate into this PNG.")
-    p.add_argument("--info", default=None,
-                   help="device_info JSON (bench/device_info.py) measured in the same run, embedded in the result.")
+    p.add_argument(
+        "--result", "--save-result", dest="result", default=None, help="Write the JSON result here (else stdout)."
+    )
+    p.add_argument(
+        "--plot", default=None, help="Draw TTFT, TPOT and output throughput against request rate into this PNG."
+    )
+    p.add_argument(
+        "--info",
+        default=None,
+        help="device_info JSON (bench/device_info.py) measured in the same run, embedded in the result.",
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -38,21 +38,38 @@ _HF_BATCH_TOKEN_LIMIT = 2048
 
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", choices=["fastserve", "vllm", "hf"], default="fastserve",
-                   help="fastserve (vllm is accepted as its alias, so vLLM command lines run) or "
-                        "hf (transformers generate, the baseline).")
+    p.add_argument(
+        "--backend",
+        choices=["fastserve", "vllm", "hf"],
+        default="fastserve",
+        help="fastserve (vllm is accepted as its alias, so vLLM command lines run) or "
+        "hf (transformers generate, the baseline).",
+    )
     add_dataset_args(p)
     p.add_argument("--n", type=int, default=1, help="Sequences generated per prompt.")
-    p.add_argument("--hf-max-batch-size", type=int, default=None,
-                   help="Largest batch of the hf backend (required with --backend hf).")
-    p.add_argument("--disable-detokenize", action="store_true",
-                   help="Do not detokenize outputs (leave detokenization out of the timing).")
+    p.add_argument(
+        "--hf-max-batch-size",
+        type=int,
+        default=None,
+        help="Largest batch of the hf backend (required with --backend hf).",
+    )
+    p.add_argument(
+        "--disable-detokenize",
+        action="store_true",
+        help="Do not detokenize outputs (leave detokenization out of the timing).",
+    )
     p.add_argument("--output-json", default=None, help="Write the results here as JSON.")
-    p.add_argument("--no-device-ceilings", action="store_true",
-                   help="On a GPU, skip measuring the copy bandwidth and matmul rate after the run.")
-    p.add_argument("--info", default=None,
-                   help="A device_info JSON measured earlier on this device (python -m "
-                        "fastserve.benchmarks.device > info.json): its ceilings are used instead of measuring.")
+    p.add_argument(
+        "--no-device-ceilings",
+        action="store_true",
+        help="On a GPU, skip measuring the copy bandwidth and matmul rate after the run.",
+    )
+    p.add_argument(
+        "--info",
+        default=None,
+        help="A device_info JSON measured earlier on this device (python -m "
+        "fastserve.benchmarks.device > info.json): its ceilings are used instead of measuring.",
+    )
     add_engine_args(p, exclude=("served_model_name", "chat_template", "reasoning_parser"))
 
 
@@ -66,8 +83,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.hf_max_batch_size is not None and args.hf_max_batch_size < 1:
         raise ValueError("--hf-max-batch-size must be at least 1")
     if args.backend == "hf" and (args.tensor_parallel_size != 1 or args.data_parallel_size != 1):
-        raise ValueError("the hf backend runs on one device: drop --tensor-parallel-size / "
-                         "--data-parallel-size")
+        raise ValueError("the hf backend runs on one device: drop --tensor-parallel-size / --data-parallel-size")
     if args.n < 1:
         raise ValueError("--n must be at least 1")
 
@@ -78,7 +94,8 @@ def _check_fits(requests: list[SampleRequest], max_model_len: int) -> None:
         raise ValueError(
             f"a request needs {worst.prompt_len} prompt + {worst.expected_output_len} output tokens, "
             f"more than max_model_len {max_model_len}: raise --max-model-len or shorten "
-            "--input-len / --output-len")
+            "--input-len / --output-len"
+        )
 
 
 def run_fastserve(requests: list[SampleRequest], n: int, llm, disable_detokenize: bool = False):
@@ -87,8 +104,17 @@ def run_fastserve(requests: list[SampleRequest], n: int, llm, disable_detokenize
 
     _check_fits(requests, llm.engine.model_config.max_model_len)
     prompts = [{"prompt_token_ids": r.prompt_token_ids, "prompt": r.prompt} for r in requests]
-    params = [SamplingParams(n=n, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=r.expected_output_len,
-                             detokenize=not disable_detokenize) for r in requests]
+    params = [
+        SamplingParams(
+            n=n,
+            temperature=1.0,
+            top_p=1.0,
+            ignore_eos=True,
+            max_tokens=r.expected_output_len,
+            detokenize=not disable_detokenize,
+        )
+        for r in requests
+    ]
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=True)
     return time.perf_counter() - start, outputs
@@ -105,9 +131,20 @@ def _hf_dtype(name: str, model_dir: str):
         return _dtype_from_config(json.load(f)) or torch.float32
 
 
-def run_hf(requests: list[SampleRequest], model: str, tokenizer, n: int, max_batch_size: int, *, dtype: str = "auto",
-           device: str = "auto", load_format: str = "auto", seed: int = 0, disable_detokenize: bool = False,
-           use_tqdm: bool = True) -> float:
+def run_hf(
+    requests: list[SampleRequest],
+    model: str,
+    tokenizer,
+    n: int,
+    max_batch_size: int,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    load_format: str = "auto",
+    seed: int = 0,
+    disable_detokenize: bool = False,
+    use_tqdm: bool = True,
+) -> float:
     """Seconds for transformers' generate over every request, in vLLM's batches."""
     try:
         import torch
@@ -116,8 +153,9 @@ def run_hf(requests: list[SampleRequest], model: str, tokenizer, n: int, max_bat
         raise ValueError(f"--backend hf needs transformers ({e}): pip install transformers") from None
     from tqdm.auto import tqdm
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     torch_dtype = _hf_dtype(dtype, model)
     torch.manual_seed(seed)
     if load_format == "dummy":  # random weights, like fastserve's --load-format dummy
@@ -145,12 +183,22 @@ def run_hf(requests: list[SampleRequest], model: str, tokenizer, n: int, max_bat
         ids = torch.full((len(batch), max_prompt), pad, dtype=torch.long)
         mask = torch.zeros((len(batch), max_prompt), dtype=torch.long)
         for row, r in enumerate(batch):
-            ids[row, max_prompt - r.prompt_len:] = torch.tensor(r.prompt_token_ids)
-            mask[row, max_prompt - r.prompt_len:] = 1
+            ids[row, max_prompt - r.prompt_len :] = torch.tensor(r.prompt_token_ids)
+            mask[row, max_prompt - r.prompt_len :] = 1
         with torch.no_grad():
-            out = hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                              num_return_sequences=n, temperature=1.0, top_p=1.0, top_k=0, use_cache=True,
-                              max_new_tokens=max_out, min_new_tokens=max_out, pad_token_id=pad)
+            out = hf.generate(
+                input_ids=ids.to(dev),
+                attention_mask=mask.to(dev),
+                do_sample=True,
+                num_return_sequences=n,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                use_cache=True,
+                max_new_tokens=max_out,
+                min_new_tokens=max_out,
+                pad_token_id=pad,
+            )
         if not disable_detokenize:
             for seq in out[:, max_prompt:].tolist():
                 tokenizer.decode(seq)
@@ -183,12 +231,20 @@ def _device_report(args, requests, backend: str, elapsed: float, max_num_seqs: i
         with open(os.path.join(args.model, "config.json"), encoding="utf-8") as f:
             shape = model_shape(json.load(f))
         bytes_per = 4 if args.dtype in ("float32", "float", "fp32") else 2
-        bound = roofline_seconds(shape, [r.prompt_len for r in requests],
-                                 [r.expected_output_len * args.n for r in requests], max_num_seqs,
-                                 info["copy_bandwidth_gbps"], info["matmul_bf16_tflops"], bytes_per)
+        bound = roofline_seconds(
+            shape,
+            [r.prompt_len for r in requests],
+            [r.expected_output_len * args.n for r in requests],
+            max_num_seqs,
+            info["copy_bandwidth_gbps"],
+            info["matmul_bf16_tflops"],
+            bytes_per,
+        )
         report.update(roofline_s=bound, fraction_of_roofline=bound / elapsed)
-        print(f"Roofline (lower bound) for this workload: {bound:.2f} s; {backend} took {elapsed:.2f} s "
-              f"= {100 * bound / elapsed:.0f}% of it")
+        print(
+            f"Roofline (lower bound) for this workload: {bound:.2f} s; {backend} took {elapsed:.2f} s "
+            f"= {100 * bound / elapsed:.0f}% of it"
+        )
     return report
 
 
@@ -200,8 +256,9 @@ def main(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer(engine_args.tokenizer or engine_args.model)
     with open(os.path.join(engine_args.model, "config.json"), encoding="utf-8") as f:
         model_vocab = json.load(f).get("vocab_size") or tokenizer.vocab_size
-    requests = get_requests(args, tokenizer, max_model_len=args.max_model_len,
-                            vocab_size=min(tokenizer.vocab_size, model_vocab))
+    requests = get_requests(
+        args, tokenizer, max_model_len=args.max_model_len, vocab_size=min(tokenizer.vocab_size, model_vocab)
+    )
 
     outputs = None
     if args.backend == "fastserve":
@@ -213,9 +270,18 @@ def main(args: argparse.Namespace) -> int:
         finally:
             llm.shutdown()
     else:
-        elapsed = run_hf(requests, engine_args.model, tokenizer, args.n, args.hf_max_batch_size, dtype=args.dtype,
-                         device=args.device, load_format=args.load_format, seed=args.seed,
-                         disable_detokenize=args.disable_detokenize)
+        elapsed = run_hf(
+            requests,
+            engine_args.model,
+            tokenizer,
+            args.n,
+            args.hf_max_batch_size,
+            dtype=args.dtype,
+            device=args.device,
+            load_format=args.load_format,
+            seed=args.seed,
+            disable_detokenize=args.disable_detokenize,
+        )
     if outputs is not None:
         prompt_tokens = sum(len(o.prompt_token_ids or ()) for o in outputs)
         output_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -223,8 +289,10 @@ def main(args: argparse.Namespace) -> int:
         prompt_tokens = sum(r.prompt_len for r in requests)
         output_tokens = sum(r.expected_output_len * args.n for r in requests)
     total = prompt_tokens + output_tokens
-    print(f"Throughput: {len(requests) / elapsed:.2f} requests/s, {total / elapsed:.2f} total tokens/s, "
-          f"{output_tokens / elapsed:.2f} output tokens/s")
+    print(
+        f"Throughput: {len(requests) / elapsed:.2f} requests/s, {total / elapsed:.2f} total tokens/s, "
+        f"{output_tokens / elapsed:.2f} output tokens/s"
+    )
     print(f"Total num prompt tokens:  {prompt_tokens}")
     print(f"Total num output tokens:  {output_tokens}")
     report = _device_report(args, requests, args.backend, elapsed, args.max_num_seqs)

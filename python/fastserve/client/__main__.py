@@ -22,19 +22,22 @@ from .async_client import AsyncClient, Result
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m fastserve.client", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base-url", default="http://127.0.0.1:8000",
-                   help="Server root (with or without /v1).")
-    p.add_argument("--api-key", default=os.environ.get("FASTSERVE_API_KEY")
-                   or os.environ.get("OPENAI_API_KEY"),
-                   help="Bearer key (default: $FASTSERVE_API_KEY or $OPENAI_API_KEY).")
+    p = argparse.ArgumentParser(
+        prog="python -m fastserve.client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--base-url", default="http://127.0.0.1:8000", help="Server root (with or without /v1).")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("FASTSERVE_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+        help="Bearer key (default: $FASTSERVE_API_KEY or $OPENAI_API_KEY).",
+    )
     p.add_argument("--model", default=None, help="Default: the first of GET /v1/models.")
     p.add_argument("--input", required=True, help="JSONL file of requests.")
     p.add_argument("--output", required=True, help="JSONL file results are appended to.")
     p.add_argument("--concurrency", type=int, default=64, help="Requests in flight at once.")
-    p.add_argument("--max-retries", type=int, default=3,
-                   help="Retries per request on connection errors, timeouts, 429 and 5xx.")
+    p.add_argument(
+        "--max-retries", type=int, default=3, help="Retries per request on connection errors, timeouts, 429 and 5xx."
+    )
     p.add_argument("--timeout", type=float, default=600.0, help="Seconds per request attempt.")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None)
@@ -53,10 +56,9 @@ def read_requests(path: str) -> list[tuple[str, dict]]:
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e})")
+                raise SystemExit(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(item, dict) or ("messages" in item) == ("prompt" in item):
-                raise SystemExit(f"{path}:{lineno}: each line needs exactly one of "
-                                 "\"messages\" or \"prompt\"")
+                raise SystemExit(f'{path}:{lineno}: each line needs exactly one of "messages" or "prompt"')
             rid = str(item.pop("id", lineno))
             if rid in seen:
                 raise SystemExit(f"{path}:{lineno}: duplicate id {rid!r}")
@@ -85,11 +87,17 @@ async def run(args) -> int:
     requests = read_requests(args.input)
     finished = done_ids(args.output)
     todo = [(rid, item) for rid, item in requests if rid not in finished]
-    print(f"{len(requests)} requests, {len(requests) - len(todo)} already done, "
-          f"{len(todo)} to run", file=sys.stderr)
-    defaults = {k: v for k, v in (("max_tokens", args.max_tokens),
-                                  ("temperature", args.temperature),
-                                  ("top_p", args.top_p), ("seed", args.seed)) if v is not None}
+    print(f"{len(requests)} requests, {len(requests) - len(todo)} already done, {len(todo)} to run", file=sys.stderr)
+    defaults = {
+        k: v
+        for k, v in (
+            ("max_tokens", args.max_tokens),
+            ("temperature", args.temperature),
+            ("top_p", args.top_p),
+            ("seed", args.seed),
+        )
+        if v is not None
+    }
     # A torn last line from an interrupted run must not glue onto the first new record.
     if os.path.exists(args.output) and os.path.getsize(args.output) > 0:
         with open(args.output, "rb") as f:
@@ -106,16 +114,33 @@ async def run(args) -> int:
             nonlocal failures
             failures += r.error is not None
             rid, item = todo[i]
-            out.write(json.dumps({"id": rid, "text": r.text, "texts": r.texts,
-                                  "finish_reason": r.finish_reason,
-                                  "reasoning_content": r.reasoning_content, "usage": r.usage,
-                                  "error": r.error, "latency": round(r.latency, 4)},
-                                 ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "text": r.text,
+                        "texts": r.texts,
+                        "finish_reason": r.finish_reason,
+                        "reasoning_content": r.reasoning_content,
+                        "usage": r.usage,
+                        "error": r.error,
+                        "latency": round(r.latency, 4),
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
             out.flush()
 
-        async with AsyncClient(args.base_url, api_key=args.api_key, model=args.model,
-                               max_concurrency=args.concurrency, timeout=args.timeout,
-                               max_retries=args.max_retries) as client:
+        async with AsyncClient(
+            args.base_url,
+            api_key=args.api_key,
+            model=args.model,
+            max_concurrency=args.concurrency,
+            timeout=args.timeout,
+            max_retries=args.max_retries,
+        ) as client:
+
             def call(pair):
                 _, item = pair
                 item = {**defaults, **item}
@@ -124,8 +149,7 @@ async def run(args) -> int:
                 return client.complete(item.pop("prompt"), **item)
 
             await client._map(todo, call, not args.no_progress, "batch", on_result=write)
-    print(f"done: {len(todo) - failures} ok, {failures} failed (re-run to retry them)",
-          file=sys.stderr)
+    print(f"done: {len(todo) - failures} ok, {failures} failed (re-run to retry them)", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -12,8 +12,9 @@ import asyncio
 import json
 import random
 import time
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterable
+from typing import Any
 
 import aiohttp
 
@@ -54,23 +55,33 @@ class Result:
         return self.error is None
 
     @classmethod
-    def from_chat(cls, resp: dict, latency: float) -> "Result":
+    def from_chat(cls, resp: dict, latency: float) -> Result:
         choices = resp.get("choices") or []
         texts = [(c.get("message") or {}).get("content") or "" for c in choices]
         first = choices[0] if choices else {}
-        return cls(text=texts[0] if texts else "", texts=texts,
-                   finish_reason=first.get("finish_reason"),
-                   reasoning_content=(first.get("message") or {}).get("reasoning_content"),
-                   usage=resp.get("usage"), response=resp, latency=latency)
+        return cls(
+            text=texts[0] if texts else "",
+            texts=texts,
+            finish_reason=first.get("finish_reason"),
+            reasoning_content=(first.get("message") or {}).get("reasoning_content"),
+            usage=resp.get("usage"),
+            response=resp,
+            latency=latency,
+        )
 
     @classmethod
-    def from_completion(cls, resp: dict, latency: float) -> "Result":
+    def from_completion(cls, resp: dict, latency: float) -> Result:
         choices = resp.get("choices") or []
         texts = [c.get("text") or "" for c in choices]
         first = choices[0] if choices else {}
-        return cls(text=texts[0] if texts else "", texts=texts,
-                   finish_reason=first.get("finish_reason"), usage=resp.get("usage"),
-                   response=resp, latency=latency)
+        return cls(
+            text=texts[0] if texts else "",
+            texts=texts,
+            finish_reason=first.get("finish_reason"),
+            usage=resp.get("usage"),
+            response=resp,
+            latency=latency,
+        )
 
 
 def _describe(e: BaseException) -> str:
@@ -82,10 +93,18 @@ def _describe(e: BaseException) -> str:
 
 
 class AsyncClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 model: str | None = None, max_concurrency: int = 64, timeout: float = 600.0,
-                 max_retries: int = 3, backoff_base: float = 0.5, backoff_max: float = 30.0,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        model: str | None = None,
+        max_concurrency: int = 64,
+        timeout: float = 600.0,
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be at least 1, got {max_concurrency}")
         if max_retries < 0:
@@ -109,7 +128,7 @@ class AsyncClient:
         self._sem: asyncio.Semaphore | None = None
         self._model_lock: asyncio.Lock | None = None
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         connector = aiohttp.TCPConnector(limit=self.max_concurrency)
         self._session = aiohttp.ClientSession(connector=connector, headers=self._headers)
         self._sem = asyncio.Semaphore(self.max_concurrency)
@@ -138,10 +157,9 @@ class AsyncClient:
             except ValueError:
                 pass
         # Full jitter: clients that failed together do not retry together.
-        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2 ** attempt))
+        return random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
 
-    async def _request(self, method: str, path: str, body: Any = None,
-                       timeout: float | None = None) -> Any:
+    async def _request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
         session = self._check_open()
         url = self.base_url + path
         data = None if body is None else json.dumps(body)
@@ -151,8 +169,8 @@ class AsyncClient:
             try:
                 async with self._sem:
                     async with session.request(
-                            method, url, data=data,
-                            timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as resp:
+                        method, url, data=data, timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)
+                    ) as resp:
                         if resp.status < 400:
                             return await resp.json(content_type=None)
                         err = await _error_from(resp)
@@ -160,8 +178,7 @@ class AsyncClient:
                 if err.status not in _RETRY_STATUSES:
                     raise err
                 last: BaseException = err
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                    asyncio.TimeoutError) as e:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                 last = e
             if attempt >= self.max_retries:
                 raise last
@@ -181,8 +198,8 @@ class AsyncClient:
             try:
                 async with self._sem:
                     async with session.post(
-                            url, data=data,
-                            timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)) as resp:
+                        url, data=data, timeout=aiohttp.ClientTimeout(total=timeout or self.timeout)
+                    ) as resp:
                         if resp.status >= 400:
                             err = await _error_from(resp)
                             retry_after = resp.headers.get("Retry-After")
@@ -194,8 +211,7 @@ class AsyncClient:
                 if err.status not in _RETRY_STATUSES:
                     raise err
                 last: BaseException = err
-            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError,
-                    asyncio.TimeoutError) as e:
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
                 if started:
                     raise
                 last = e
@@ -241,21 +257,20 @@ class AsyncClient:
         resp = await self.complete_raw(prompt, timeout=timeout, **params)
         return Result.from_completion(resp, time.monotonic() - t0)
 
-    async def stream_chat_events(self, messages: list[dict], timeout: float | None = None,
-                                 **params) -> AsyncIterator[dict]:
+    async def stream_chat_events(
+        self, messages: list[dict], timeout: float | None = None, **params
+    ) -> AsyncIterator[dict]:
         """Every chunk object of a streamed chat completion."""
         body = await self._resolve_model({**params, "messages": messages, "stream": True})
         async for event in self._stream("/v1/chat/completions", body, timeout):
             yield event
 
-    async def stream_complete_events(self, prompt, timeout: float | None = None,
-                                     **params) -> AsyncIterator[dict]:
+    async def stream_complete_events(self, prompt, timeout: float | None = None, **params) -> AsyncIterator[dict]:
         body = await self._resolve_model({**params, "prompt": prompt, "stream": True})
         async for event in self._stream("/v1/completions", body, timeout):
             yield event
 
-    async def stream_chat(self, messages: list[dict], timeout: float | None = None,
-                          **params) -> AsyncIterator[str]:
+    async def stream_chat(self, messages: list[dict], timeout: float | None = None, **params) -> AsyncIterator[str]:
         """Text deltas of the first choice's content."""
         async for event in self.stream_chat_events(messages, timeout, **params):
             for c in event.get("choices") or []:
@@ -264,8 +279,7 @@ class AsyncClient:
                     if text:
                         yield text
 
-    async def stream_complete(self, prompt, timeout: float | None = None,
-                              **params) -> AsyncIterator[str]:
+    async def stream_complete(self, prompt, timeout: float | None = None, **params) -> AsyncIterator[str]:
         async for event in self.stream_complete_events(prompt, timeout, **params):
             for c in event.get("choices") or []:
                 if c.get("index", 0) == 0 and c.get("text"):
@@ -277,26 +291,36 @@ class AsyncClient:
         """Chat completions for many requests, concurrently; results in input order. Each
         request is a list of messages or a dict with "messages" and per-request params
         (overriding **params). A failed request gives a Result with `error` set."""
+
         def call(item):
             if isinstance(item, dict):
                 item = dict(item)
                 messages = item.pop("messages")
                 return self.chat(messages, **{**params, **item})
             return self.chat(item, **params)
+
         return await self._map(list(requests), call, progress, "chat")
 
     async def map_complete(self, prompts: Iterable, progress: bool = True, **params) -> list[Result]:
         """Completions for many prompts (strings, or dicts with "prompt" and params)."""
+
         def call(item):
             if isinstance(item, dict):
                 item = dict(item)
                 prompt = item.pop("prompt")
                 return self.complete(prompt, **{**params, **item})
             return self.complete(item, **params)
+
         return await self._map(list(prompts), call, progress, "complete")
 
-    async def _map(self, items: list, call: Callable, progress: bool, desc: str,
-                   on_result: Callable[[int, Result], None] | None = None) -> list[Result]:
+    async def _map(
+        self,
+        items: list,
+        call: Callable,
+        progress: bool,
+        desc: str,
+        on_result: Callable[[int, Result], None] | None = None,
+    ) -> list[Result]:
         results: list[Result | None] = [None] * len(items)
         bar = _Progress(len(items), desc) if progress else None
         queue: asyncio.Queue = asyncio.Queue()

@@ -126,11 +126,11 @@ class DataParallelAsyncEngine(ReplicaFrontEnd):
         return [dict(s) for s in self._stats]
 
     def _pick(self) -> int:
-        return min(range(len(self.replicas)),
-                   key=lambda i: (self._load[i], self._stats[i].get("kv_cache_usage", 0.0)))
+        return min(range(len(self.replicas)), key=lambda i: (self._load[i], self._stats[i].get("kv_cache_usage", 0.0)))
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead_error!r}")
         if self._loop is None:

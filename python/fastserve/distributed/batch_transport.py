@@ -40,29 +40,49 @@ _ARRAYS = (
 class WorkerBatch:
     """The model-input half of a Batch, as a worker sees it."""
 
-    __slots__ = ("num_seqs", "num_tokens", "num_samples", "num_decodes", "max_query_len", "max_seq_len",
-                 *(name for name, _ in _ARRAYS))
+    __slots__ = (
+        "num_seqs",
+        "num_tokens",
+        "num_samples",
+        "num_decodes",
+        "max_query_len",
+        "max_seq_len",
+        *(name for name, _ in _ARRAYS),
+    )
 
 
 def pack(batch) -> tuple[np.ndarray, np.ndarray]:
     """(header int64[_HEADER], payload int64[n]) for one Batch."""
     arrays = [np.asarray(getattr(batch, name)).reshape(-1) for name, _ in _ARRAYS]
     payload = np.concatenate(arrays).astype(np.int64, copy=False)
-    header = np.array([CMD_STEP, batch.num_seqs, batch.num_tokens, batch.num_samples, batch.num_decodes,
-                       batch.max_query_len, batch.max_seq_len, batch.block_tables.shape[1],
-                       batch.prompt_logprob_indices.shape[0], payload.shape[0]], dtype=np.int64)
+    header = np.array(
+        [
+            CMD_STEP,
+            batch.num_seqs,
+            batch.num_tokens,
+            batch.num_samples,
+            batch.num_decodes,
+            batch.max_query_len,
+            batch.max_seq_len,
+            batch.block_tables.shape[1],
+            batch.prompt_logprob_indices.shape[0],
+            payload.shape[0],
+        ],
+        dtype=np.int64,
+    )
     return header, payload
 
 
 def unpack(header: np.ndarray, payload: np.ndarray) -> WorkerBatch:
     b = WorkerBatch()
-    (_, b.num_seqs, b.num_tokens, b.num_samples, b.num_decodes, b.max_query_len, b.max_seq_len,
-     cols, num_plp, _) = (int(x) for x in header)
+    (_, b.num_seqs, b.num_tokens, b.num_samples, b.num_decodes, b.max_query_len, b.max_seq_len, cols, num_plp, _) = (
+        int(x) for x in header
+    )
     T, B, S = b.num_tokens, b.num_seqs, b.num_samples
     sizes = (T, T, T, B + 1, B, B * cols, S, num_plp)
     offset = 0
     for (name, dtype), n in zip(_ARRAYS, sizes):
-        a = payload[offset:offset + n]
+        a = payload[offset : offset + n]
         setattr(b, name, a if dtype == np.int64 else a.astype(dtype))
         offset += n
     b.block_tables = b.block_tables.reshape(B, cols)

@@ -49,17 +49,23 @@ def check_tensor_parallel_size(model_config, tp: int, ranks_per_node: int | None
     c = model_config
     flag = f"--tensor-parallel-size (tensor_parallel_size={tp})"
     if c.num_attention_heads % tp:
-        raise ValueError(f"{flag} must divide the model's num_attention_heads ({c.num_attention_heads}): "
-                         f"pick a divisor of {c.num_attention_heads}")
+        raise ValueError(
+            f"{flag} must divide the model's num_attention_heads ({c.num_attention_heads}): "
+            f"pick a divisor of {c.num_attention_heads}"
+        )
     if c.num_kv_heads % tp and tp % c.num_kv_heads:
-        raise ValueError(f"{flag} must divide num_key_value_heads ({c.num_kv_heads}) or be a multiple of it "
-                         "(KV heads are split, or replicated when there are fewer than ranks)")
+        raise ValueError(
+            f"{flag} must divide num_key_value_heads ({c.num_kv_heads}) or be a multiple of it "
+            "(KV heads are split, or replicated when there are fewer than ranks)"
+        )
     if c.intermediate_size % tp:
         raise ValueError(f"{flag} must divide the model's intermediate_size ({c.intermediate_size})")
     local = tp if ranks_per_node is None else ranks_per_node
     if c.device.type == "cuda" and local > torch.cuda.device_count():
-        raise ValueError(f"{flag} needs {local} GPUs on this node but {torch.cuda.device_count()} are visible to this "
-                         "process: lower it or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+        raise ValueError(
+            f"{flag} needs {local} GPUs on this node but {torch.cuda.device_count()} are visible to this "
+            "process: lower it or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+        )
 
 
 def node_layout(tp: int) -> tuple[int, int, str]:
@@ -70,8 +76,10 @@ def node_layout(tp: int) -> tuple[int, int, str]:
     if nnodes == 1:
         return 1, 0, f"tcp://127.0.0.1:{ps.get_open_port()}"
     if nnodes < 1 or tp % nnodes:
-        raise ValueError(f"--tensor-parallel-size ({tp}) must be a multiple of FASTSERVE_NNODES ({nnodes}): "
-                         "every node runs the same number of ranks")
+        raise ValueError(
+            f"--tensor-parallel-size ({tp}) must be a multiple of FASTSERVE_NNODES ({nnodes}): "
+            "every node runs the same number of ranks"
+        )
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         raise ValueError("FASTSERVE_NNODES > 1 needs MASTER_ADDR and MASTER_PORT (node 0's address and a free port)")
@@ -115,9 +123,12 @@ def spawn_workers(ranks, world_size: int, init_method: str, device_type: str, ra
     started = []
     for rank in ranks:
         parent_conn, child_conn = ctx.Pipe()
-        proc = ctx.Process(target=worker_main, name=f"fastserve-tp-rank{rank}", daemon=True,
-                           args=(rank, world_size, init_method, local_device(device_type, rank, ranks_per_node),
-                                 child_conn))
+        proc = ctx.Process(
+            target=worker_main,
+            name=f"fastserve-tp-rank{rank}",
+            daemon=True,
+            args=(rank, world_size, init_method, local_device(device_type, rank, ranks_per_node), child_conn),
+        )
         with child_start_context():
             proc.start()
         child_conn.close()
@@ -137,8 +148,10 @@ class TensorParallelExecutor:
         tp = args.tensor_parallel_size
         nnodes, node_rank, init_method = node_layout(tp)
         if node_rank != 0:
-            raise ValueError(f"FASTSERVE_NODE_RANK={node_rank}: the engine (driver) runs on node 0; on the other "
-                             "nodes run `python -m fastserve.distributed.node`")
+            raise ValueError(
+                f"FASTSERVE_NODE_RANK={node_rank}: the engine (driver) runs on node 0; on the other "
+                "nodes run `python -m fastserve.distributed.node`"
+            )
         per_node = tp // nnodes
         check_tensor_parallel_size(model_config, tp, ranks_per_node=per_node)
         device_type = model_config.device.type
@@ -156,8 +169,9 @@ class TensorParallelExecutor:
             ps.init_tensor_parallel(0, tp, init_method, self.model_config.device)
             self._joined = True
             # The test hook runs in the driver only; it need not (and may not) pickle.
-            dist.broadcast_object_list([dataclasses.replace(args, step_hook=None), self.model_config], src=0,
-                                       group=ps.cpu_group())
+            dist.broadcast_object_list(
+                [dataclasses.replace(args, step_hook=None), self.model_config], src=0, group=ps.cpu_group()
+            )
             self.runner = ModelRunner(args, self.model_config)
             self.num_blocks = self.runner.num_blocks
             self.sender = BatchSender(ps.cpu_group())
@@ -167,8 +181,13 @@ class TensorParallelExecutor:
             if errors:
                 raise RuntimeError("tensor-parallel worker failed during start-up:\n" + "\n".join(errors)) from e
             raise
-        logger.info("tensor parallel: %d ranks on %d node(s) (%s), local worker pids %s", tp, nnodes, device_type,
-                    self.worker_pids)
+        logger.info(
+            "tensor parallel: %d ranks on %d node(s) (%s), local worker pids %s",
+            tp,
+            nnodes,
+            device_type,
+            self.worker_pids,
+        )
 
     def execute(self, batch, prompt_logprobs_k: int = 0, grammar=None):
         """The driver's step: checked, sent to every rank, then run here (the only rank

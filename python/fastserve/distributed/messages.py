@@ -122,5 +122,15 @@ class WorkerFailed:
     traceback: str
 
 
-__all__ = ["AbortRequest", "AddRequest", "CallResult", "GenerateCall", "Ready", "RemoteError", "ReplicaDead",
-           "StepOutputs", "WorkerFailed", "WorkerStarted"]
+__all__ = [
+    "AbortRequest",
+    "AddRequest",
+    "CallResult",
+    "GenerateCall",
+    "Ready",
+    "RemoteError",
+    "ReplicaDead",
+    "StepOutputs",
+    "WorkerFailed",
+    "WorkerStarted",
+]

@@ -29,19 +29,41 @@ logger = logging.getLogger("fastserve")
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m fastserve.distributed.node",
-                                description="Run one non-driver node's tensor-parallel ranks.")
-    p.add_argument("--tensor-parallel-size", "-tp", type=int, required=True,
-                   help="The engine's --tensor-parallel-size (ranks on all nodes together).")
-    p.add_argument("--nnodes", type=int, default=int(env("FASTSERVE_NNODES", "0")),
-                   help="Nodes in the group, node 0 included (default: FASTSERVE_NNODES).")
-    p.add_argument("--node-rank", type=int, default=int(env("FASTSERVE_NODE_RANK", "0")),
-                   help="This node's index, 1..nnodes-1 (default: FASTSERVE_NODE_RANK).")
+    p = argparse.ArgumentParser(
+        prog="python -m fastserve.distributed.node", description="Run one non-driver node's tensor-parallel ranks."
+    )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        required=True,
+        help="The engine's --tensor-parallel-size (ranks on all nodes together).",
+    )
+    p.add_argument(
+        "--nnodes",
+        type=int,
+        default=int(env("FASTSERVE_NNODES", "0")),
+        help="Nodes in the group, node 0 included (default: FASTSERVE_NNODES).",
+    )
+    p.add_argument(
+        "--node-rank",
+        type=int,
+        default=int(env("FASTSERVE_NODE_RANK", "0")),
+        help="This node's index, 1..nnodes-1 (default: FASTSERVE_NODE_RANK).",
+    )
     p.add_argument("--master-addr", default=env("MASTER_ADDR"), help="Node 0's address (default: MASTER_ADDR).")
-    p.add_argument("--master-port", type=int, default=int(env("MASTER_PORT", "0")),
-                   help="The port node 0 listens on (default: MASTER_PORT).")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
-                   help="Must match the engine's (NCCL on cuda, gloo on cpu).")
+    p.add_argument(
+        "--master-port",
+        type=int,
+        default=int(env("MASTER_PORT", "0")),
+        help="The port node 0 listens on (default: MASTER_PORT).",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cuda", "cpu"],
+        help="Must match the engine's (NCCL on cuda, gloo on cpu).",
+    )
     return p
 
 
@@ -69,13 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         if per_node > torch.cuda.device_count():
-            parser.error(f"--tensor-parallel-size {a.tensor_parallel_size} over {a.nnodes} nodes needs {per_node} "
-                         f"GPUs here, {torch.cuda.device_count()} are visible")
+            parser.error(
+                f"--tensor-parallel-size {a.tensor_parallel_size} over {a.nnodes} nodes needs {per_node} "
+                f"GPUs here, {torch.cuda.device_count()} are visible"
+            )
     first = a.node_rank * per_node
-    workers = spawn_workers(range(first, first + per_node), a.tensor_parallel_size,
-                            f"tcp://{a.master_addr}:{a.master_port}", device_type, per_node)
-    logger.info("node %d: ranks %d..%d started (pids %s)", a.node_rank, first, first + per_node - 1,
-                [p.pid for p, _ in workers])
+    workers = spawn_workers(
+        range(first, first + per_node),
+        a.tensor_parallel_size,
+        f"tcp://{a.master_addr}:{a.master_port}",
+        device_type,
+        per_node,
+    )
+    logger.info(
+        "node %d: ranks %d..%d started (pids %s)", a.node_rank, first, first + per_node - 1, [p.pid for p, _ in workers]
+    )
     code = 0
     try:
         conns = {c: p for p, c in workers}

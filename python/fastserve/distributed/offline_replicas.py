@@ -83,8 +83,9 @@ class OfflineReplicas(ReplicaFrontEnd):
                     try:
                         res: CallResult = conn.recv()
                     except (EOFError, OSError):
-                        raise RuntimeError(f"data-parallel replica {rep.index} died "
-                                           f"(exit code {rep.proc.exitcode})") from None
+                        raise RuntimeError(
+                            f"data-parallel replica {rep.index} died (exit code {rep.proc.exitcode})"
+                        ) from None
                     if res.call_id != call_id:
                         continue  # a result of an earlier, interrupted call
                     del pending[conn]

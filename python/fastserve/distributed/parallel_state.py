@@ -49,9 +49,14 @@ def init_tensor_parallel(rank: int, world_size: int, init_method: str, device: t
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=_CONTROL_TIMEOUT if backend == "gloo" else None,
-                            **({"device_id": device} if backend == "nccl" else {}))
+    dist.init_process_group(
+        backend,
+        init_method=init_method,
+        rank=rank,
+        world_size=world_size,
+        timeout=_CONTROL_TIMEOUT if backend == "gloo" else None,
+        **({"device_id": device} if backend == "nccl" else {}),
+    )
     _cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=_CONTROL_TIMEOUT)
 
 

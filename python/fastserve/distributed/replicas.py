@@ -52,7 +52,7 @@ def replica_gpu_sets(args, device_type: str) -> list[str | None]:
             f"--data-parallel-size ({dp}) x --tensor-parallel-size ({tp}) needs {dp * tp} GPUs but "
             f"{len(gpus)} are visible: lower one of them or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
         )
-    return [",".join(gpus[i * tp:(i + 1) * tp]) for i in range(dp)]
+    return [",".join(gpus[i * tp : (i + 1) * tp]) for i in range(dp)]
 
 
 class ReplicaProcess:
@@ -60,8 +60,12 @@ class ReplicaProcess:
         self.index = index
         self.lifeline, child_lifeline = ctx.Pipe()
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=target, name=f"fastserve-dp-replica{index}", daemon=False,
-                                args=(index, args, child_lifeline, child_conn))
+        self.proc = ctx.Process(
+            target=target,
+            name=f"fastserve-dp-replica{index}",
+            daemon=False,
+            args=(index, args, child_lifeline, child_conn),
+        )
         with child_start_context({"CUDA_VISIBLE_DEVICES": cuda_visible} if cuda_visible is not None else None):
             self.proc.start()
         child_lifeline.close()
@@ -79,8 +83,9 @@ class ReplicaProcess:
         try:
             msg = self.conn.recv()
         except (EOFError, OSError):
-            raise RuntimeError(f"data-parallel replica {self.index} exited during start-up "
-                               f"(exit code {self.proc.exitcode})") from None
+            raise RuntimeError(
+                f"data-parallel replica {self.index} exited during start-up (exit code {self.proc.exitcode})"
+            ) from None
         if isinstance(msg, RemoteError):
             msg.raise_in(f"data-parallel replica {self.index} failed during start-up")
         return msg
@@ -138,9 +143,15 @@ class ReplicaFrontEnd:
         # Parsed as for the CPU: resolving dtype "auto" for a GPU queries the device, which
         # would give this process, which runs no model, a CUDA context and its memory. The
         # replicas report the dtype they run in.
-        cfg = ModelConfig.from_pretrained(args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                                          device="cpu", seed=args.seed, quantization=args.quantization,
-                                          load_format=args.load_format)
+        cfg = ModelConfig.from_pretrained(
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            device="cpu",
+            seed=args.seed,
+            quantization=args.quantization,
+            load_format=args.load_format,
+        )
         self.model_config = dataclasses.replace(cfg, device=device)
         self.tokenizer = Tokenizer(_tokenizer_dir(args.tokenizer or args.model))
         self.served_model_names = list(args.served_model_name or [args.model])

@@ -67,15 +67,13 @@ class EngineArgs:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError("model must be a Hugging Face model directory, a model ID (org/name) or a .gguf file")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16", "half", "float", "bf16", "fp16", "fp32"):
-            raise ValueError(
-                f"dtype must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})"
-            )
-        if not (isinstance(self.gpu_memory_utilization, (int, float))
-                and math.isfinite(self.gpu_memory_utilization)
-                and 0 < self.gpu_memory_utilization <= 1):
-            raise ValueError(
-                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}"
-            )
+            raise ValueError(f"dtype must be one of auto, float32, float16, bfloat16 (got {self.dtype!r})")
+        if not (
+            isinstance(self.gpu_memory_utilization, (int, float))
+            and math.isfinite(self.gpu_memory_utilization)
+            and 0 < self.gpu_memory_utilization <= 1
+        ):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         _positive("tensor_parallel_size", self.tensor_parallel_size)
         _positive("data_parallel_size", self.data_parallel_size)
         _positive("max_num_seqs", self.max_num_seqs)

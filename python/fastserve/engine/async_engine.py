@@ -70,8 +70,9 @@ class AsyncEngine:
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
         return self.engine.validate_prompt(prompt_token_ids, params)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped after an error: {self.dead_error!r}")
         if self._thread is None:
@@ -136,8 +137,7 @@ class AsyncEngine:
                 self._stats = self.engine.stats()
                 if states:
                     errors = self.engine.request_errors
-                    self._post([(s.request_id, errors.pop(s.request_id, None) or s.to_output())
-                                for s in states])
+                    self._post([(s.request_id, errors.pop(s.request_id, None) or s.to_output()) for s in states])
         except BaseException as e:  # noqa: BLE001 - the loop cannot continue; everyone must know
             logger.exception("engine step loop died")
             self.dead_error = e

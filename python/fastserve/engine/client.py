@@ -44,8 +44,9 @@ class EngineClient(Protocol):
         """The prompt as it will run (after truncate_prompt_tokens); InvalidRequest otherwise."""
         ...
 
-    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """The request's outputs as they grow, the last one finished. Raises InvalidRequest
         before anything runs, RequestError when the engine fails this request alone,
         EngineDeadError when the engine dies. Closing the iterator early aborts it."""

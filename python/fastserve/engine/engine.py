@@ -18,12 +18,12 @@ import torch
 from fastserve._core import Scheduler, Tokenizer
 from fastserve.config import ModelConfig
 from fastserve.engine.arg_utils import EngineArgs
+from fastserve.engine.executor import make_executor
 from fastserve.engine.request_state import RequestState
 from fastserve.errors import InvalidRequest, RequestError, StepLimitError
 from fastserve.model_resolver import resolve_engine_args
 from fastserve.outputs import RequestOutput
 from fastserve.sampling_params import SamplingParams
-from fastserve.engine.executor import make_executor
 from fastserve.structured_outputs.manager import StructuredOutputManager
 from fastserve.worker.model_runner import resolve_device
 from fastserve.worker.step_buffers import StepLimits
@@ -44,8 +44,13 @@ class Engine:
         self.args = args
         device = resolve_device(args.device)
         self.model_config = ModelConfig.from_pretrained(
-            args.model, dtype=args.dtype, max_model_len=args.max_model_len, device=device, seed=args.seed,
-            quantization=args.quantization, load_format=args.load_format,
+            args.model,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            device=device,
+            seed=args.seed,
+            quantization=args.quantization,
+            load_format=args.load_format,
         )
         from fastserve.quantization import check_tensor_parallel
 
@@ -106,8 +111,10 @@ class Engine:
         waits on the JIT."""
         t0 = time.perf_counter()
         # Greedy and random rows both: the random draw's noise is compiled on first use.
-        params = [SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
-                  SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=3, ignore_eos=True, seed=0)]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+            SamplingParams(temperature=1.0, top_p=0.9, top_k=20, max_tokens=3, ignore_eos=True, seed=0),
+        ]
         limit = self.model_config.max_model_len - 4
         lengths = sorted({min(n, limit) for n in (1, 3, 9, 17, 130, 600, 2100)})
         for i, n in enumerate(lengths):
@@ -120,9 +127,12 @@ class Engine:
         # The grammar-mask kernel, so the first structured request does not wait on the JIT.
         dev = self.model_config.device
         words = (self.model_config.vocab_size + 31) // 32
-        apply_token_bitmask(torch.zeros(2, self.model_config.vocab_size, device=dev),
-                            TokenBitmask(torch.full((1, words), -1, dtype=torch.int32, device=dev),
-                                         torch.zeros(1, dtype=torch.int64, device=dev)))
+        apply_token_bitmask(
+            torch.zeros(2, self.model_config.vocab_size, device=dev),
+            TokenBitmask(
+                torch.full((1, words), -1, dtype=torch.int32, device=dev), torch.zeros(1, dtype=torch.int64, device=dev)
+            ),
+        )
         logger.info("warm-up (kernel compilation) took %.1f s", time.perf_counter() - t0)
 
     # -- requests ---------------------------------------------------------------------------
@@ -130,7 +140,7 @@ class Engine:
     def validate_prompt(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt after truncate_prompt_tokens; InvalidRequest when it cannot run."""
         if params.truncate_prompt_tokens is not None:
-            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens:]
+            prompt_token_ids = prompt_token_ids[-params.truncate_prompt_tokens :]
         n = len(prompt_token_ids)
         limit = self.model_config.max_model_len
         if n == 0:
@@ -152,8 +162,14 @@ class Engine:
                 raise InvalidRequest(f"{name} holds token ids outside the vocabulary [0, {vocab}): {bad[:5]}", name)
         return prompt_token_ids
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, final_only: bool = False) -> RequestState:
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        final_only: bool = False,
+    ) -> RequestState:
         """final_only: the caller wants the finished output alone (the offline LLM), so the
         core reports the request once per sequence at its end instead of a row per token.
         Ignored when per-token logprobs or best_of ranking need every step's row."""
@@ -226,8 +242,11 @@ class Engine:
         batch = self.scheduler.schedule()
         if batch is None:
             if self._awaiting_grammar:  # nothing to run until a grammar is ready
-                concurrent.futures.wait([g for g, _, _ in self._awaiting_grammar.values()], timeout=0.05,
-                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                concurrent.futures.wait(
+                    [g for g, _, _ in self._awaiting_grammar.values()],
+                    timeout=0.05,
+                    return_when=concurrent.futures.FIRST_COMPLETED,
+                )
             return list(touched.values())
         if self.step_hook is not None:
             try:
@@ -287,8 +306,9 @@ class Engine:
             if state is None:  # aborted by the caller already, or failed this step
                 continue
             try:
-                state.add_token(indices[j], tokens[j], text[offsets[j]:offsets[j + 1]], logprobs[j], result,
-                                rows[j], now)
+                state.add_token(
+                    indices[j], tokens[j], text[offsets[j] : offsets[j + 1]], logprobs[j], result, rows[j], now
+                )
             except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
                 self._fail(RequestError(rid, f"routing its output failed: {e!r}"), touched, e)
                 continue
@@ -336,8 +356,7 @@ class Engine:
             if state is None:
                 continue
             try:
-                state.add_prompt_logprobs(batch.prompt_logprob_targets[start:end],
-                                          *(a[start:end] for a in arrays))
+                state.add_prompt_logprobs(batch.prompt_logprob_targets[start:end], *(a[start:end] for a in arrays))
             except Exception as e:  # noqa: BLE001 - this request's own output broke: it alone fails
                 self._fail(RequestError(rid, f"routing its prompt logprobs failed: {e!r}"), touched, e)
 

@@ -21,9 +21,20 @@ from fastserve.sampling_params import SamplingParams
 logger = logging.getLogger("fastserve")
 
 # vLLM LLM(...) arguments that change nothing here (accepted so vLLM scripts run unchanged).
-_ACCEPTED_NOOPS = {"swap_space", "cpu_offload_gb", "disable_custom_all_reduce", "disable_async_output_proc",
-                   "hf_overrides", "mm_processor_kwargs", "compilation_config", "use_v2_block_manager",
-                   "enable_lora", "max_logprobs", "kv_cache_dtype", "distributed_executor_backend"}
+_ACCEPTED_NOOPS = {
+    "swap_space",
+    "cpu_offload_gb",
+    "disable_custom_all_reduce",
+    "disable_async_output_proc",
+    "hf_overrides",
+    "mm_processor_kwargs",
+    "compilation_config",
+    "use_v2_block_manager",
+    "enable_lora",
+    "max_logprobs",
+    "kv_cache_dtype",
+    "distributed_executor_backend",
+}
 
 
 class LLM:
@@ -114,10 +125,15 @@ class LLM:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts or a list of such lists")
         conversations = [messages] if isinstance(messages[0], dict) else list(messages)
         texts = [
-            render_chat(self.engine.tokenizer, conv, chat_template=chat_template,
-                        add_generation_prompt=add_generation_prompt and not continue_final_message,
-                        chat_template_kwargs=chat_template_kwargs, tools=tools,
-                        continue_final_message=continue_final_message)
+            render_chat(
+                self.engine.tokenizer,
+                conv,
+                chat_template=chat_template,
+                add_generation_prompt=add_generation_prompt and not continue_final_message,
+                chat_template_kwargs=chat_template_kwargs,
+                tools=tools,
+                continue_final_message=continue_final_message,
+            )
             for conv in conversations
         ]
         # The template already wrote BOS where the model wants it.
@@ -159,7 +175,9 @@ class LLM:
                 texts.append(None)
                 token_lists.append(_token_list(p, i))
             else:
-                raise ValueError(f"prompts[{i}] must be a string, a token-id list or a prompt dict, got {type(p).__name__}")
+                raise ValueError(
+                    f"prompts[{i}] must be a string, a token-id list or a prompt dict, got {type(p).__name__}"
+                )
         if to_encode:
             encoded = self.engine.tokenizer.encode_batch([texts[i] for i in to_encode], add_special_tokens=True)
             for i, ids in zip(to_encode, encoded):
@@ -237,7 +255,8 @@ class LLM:
                         elapsed = max(time.perf_counter() - t0, 1e-9)
                         out_tokens = engine.num_new_tokens - tokens0
                         bar.set_postfix_str(
-                            f"est. speed input: {in_done / elapsed:.2f} toks/s, output: {out_tokens / elapsed:.2f} toks/s",
+                            f"est. speed input: {in_done / elapsed:.2f} toks/s, "
+                            f"output: {out_tokens / elapsed:.2f} toks/s",
                             refresh=False,
                         )
                 if not engine.has_unfinished() and len(results) < len(ids):

@@ -13,13 +13,36 @@ from fastserve.sampling_params import SamplingParams
 
 
 class RequestState:
-    __slots__ = ("request_id", "prompt", "prompt_token_ids", "params", "tokenizer", "num_seqs",
-                 "texts", "token_ids", "cum_logprobs", "logprobs", "finish_reasons", "stop_reasons",
-                 "num_finished", "prompt_logprobs", "num_cached_tokens", "metrics", "finished",
-                 "final_only")
+    __slots__ = (
+        "request_id",
+        "prompt",
+        "prompt_token_ids",
+        "params",
+        "tokenizer",
+        "num_seqs",
+        "texts",
+        "token_ids",
+        "cum_logprobs",
+        "logprobs",
+        "finish_reasons",
+        "stop_reasons",
+        "num_finished",
+        "prompt_logprobs",
+        "num_cached_tokens",
+        "metrics",
+        "finished",
+        "final_only",
+    )
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, tokenizer, final_only: bool = False):
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        tokenizer,
+        final_only: bool = False,
+    ):
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
@@ -43,8 +66,7 @@ class RequestState:
         # The core reports this request only as its sequences finish (no per-step rows).
         self.final_only = final_only
 
-    def add_token(self, i: int, token_id: int, text_delta: str, logprob: float, result, row: int,
-                  now: float) -> None:
+    def add_token(self, i: int, token_id: int, text_delta: str, logprob: float, result, row: int, now: float) -> None:
         """One streamed row: sequence `i` got `token_id` (sample row `row` of `result`)."""
         self.token_ids[i].append(token_id)
         if self.metrics.first_token_time is None:
@@ -80,8 +102,13 @@ class RequestState:
     def _token_logprobs(self, result, row: int, token_id: int) -> dict:
         k = self.params.logprobs
         detok = self.params.detokenize
-        entry = {token_id: Logprob(float(result.sampled_logprobs[row]), int(result.sampled_ranks[row]),
-                                   self._piece(token_id) if detok else None)}
+        entry = {
+            token_id: Logprob(
+                float(result.sampled_logprobs[row]),
+                int(result.sampled_ranks[row]),
+                self._piece(token_id) if detok else None,
+            )
+        }
         if k:
             ids = result.topk_ids[row, :k].tolist()
             lps = result.topk_logprobs[row, :k].tolist()
@@ -93,13 +120,15 @@ class RequestState:
     def _piece(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def add_prompt_logprobs(self, targets: np.ndarray, lps: np.ndarray, ranks: np.ndarray,
-                            top_ids: np.ndarray, top_lps: np.ndarray) -> None:
+    def add_prompt_logprobs(
+        self, targets: np.ndarray, lps: np.ndarray, ranks: np.ndarray, top_ids: np.ndarray, top_lps: np.ndarray
+    ) -> None:
         if self.prompt_logprobs is None:
             return
         k = self.params.prompt_logprobs
-        for t, lp, rank, ids, tl in zip(targets.tolist(), lps.tolist(), ranks.tolist(),
-                                        top_ids[:, :k].tolist(), top_lps[:, :k].tolist()):
+        for t, lp, rank, ids, tl in zip(
+            targets.tolist(), lps.tolist(), ranks.tolist(), top_ids[:, :k].tolist(), top_lps[:, :k].tolist()
+        ):
             entry = {t: Logprob(lp, rank, self._piece(t))}
             for r, (tid, v) in enumerate(zip(ids, tl), start=1):
                 if tid not in entry:
@@ -119,18 +148,22 @@ class RequestState:
             # best_of: keep the n sequences with the highest cumulative logprob (vLLM's rule).
             order = sorted(order, key=lambda i: self.cum_logprobs[i], reverse=True)[:n]
         want_lp = self.params.logprobs is not None
-        outputs = [
-            CompletionOutput(
-                index=j,
-                text=self.texts[i],
-                token_ids=list(self.token_ids[i]),
-                cumulative_logprob=self.cum_logprobs[i] if want_lp else None,
-                logprobs=list(self.logprobs[i]) if want_lp else None,
-                finish_reason=self.finish_reasons[i],
-                stop_reason=self.stop_reasons[i],
-            )
-            for j, i in enumerate(order)
-        ][:n] if self.num_seqs <= n or self.finished else []
+        outputs = (
+            [
+                CompletionOutput(
+                    index=j,
+                    text=self.texts[i],
+                    token_ids=list(self.token_ids[i]),
+                    cumulative_logprob=self.cum_logprobs[i] if want_lp else None,
+                    logprobs=list(self.logprobs[i]) if want_lp else None,
+                    finish_reason=self.finish_reasons[i],
+                    stop_reason=self.stop_reasons[i],
+                )
+                for j, i in enumerate(order)
+            ][:n]
+            if self.num_seqs <= n or self.finished
+            else []
+        )
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,

@@ -33,8 +33,9 @@ def engine_args_from_cli(args: argparse.Namespace, **overrides):
     if getattr(args, "model", None) is None:
         raise ValueError("--model is required: the path of a Hugging Face model directory")
     if getattr(args, "trust_remote_code", False):
-        raise ValueError("--trust-remote-code is refused: fastserve never runs code shipped inside "
-                         "a checkpoint. Drop the flag.")
+        raise ValueError(
+            "--trust-remote-code is refused: fastserve never runs code shipped inside a checkpoint. Drop the flag."
+        )
     engine_args = engine_args_from(args)
     for name, value in overrides.items():
         setattr(engine_args, name, value)

@@ -62,15 +62,23 @@ class BatchRequestInput(msgspec.Struct, kw_only=True, forbid_unknown_fields=Fals
 
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-i", "--input-file", required=True, help="The OpenAI Batch JSONL file to run.")
-    p.add_argument("-o", "--output-file", required=True,
-                   help="JSONL file the results are appended to (ids already there are skipped).")
-    p.add_argument("--summary-file", default=None,
-                   help="Where the run's summary JSON goes. Default: OUTPUT.summary.json.")
-    p.add_argument("--overwrite", action="store_true",
-                   help="Start over: truncate the output file instead of resuming.")
+    p.add_argument(
+        "-o",
+        "--output-file",
+        required=True,
+        help="JSONL file the results are appended to (ids already there are skipped).",
+    )
+    p.add_argument(
+        "--summary-file", default=None, help="Where the run's summary JSON goes. Default: OUTPUT.summary.json."
+    )
+    p.add_argument("--overwrite", action="store_true", help="Start over: truncate the output file instead of resuming.")
     p.add_argument("--response-role", default="assistant", help="Role of the chat completions' message.")
-    p.add_argument("--max-in-flight", type=int, default=None,
-                   help="Requests handed to the engine at once (default 2 x --max-num-seqs x replicas).")
+    p.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=None,
+        help="Requests handed to the engine at once (default 2 x --max-num-seqs x replicas).",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
     add_engine_args(p)
 
@@ -81,15 +89,21 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
 class LineError(Exception):
     """This line cannot run: recorded as its error with the status the server would answer."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type_: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        type_: str | None = None,
+    ) -> None:
         super().__init__(message)
         from fastserve.server.errors import APIError
 
         self.api = APIError(message, status, param=param, code=code, type=type_)
 
     @classmethod
-    def of(cls, err) -> "LineError":
+    def of(cls, err) -> LineError:
         e = cls.__new__(cls)
         Exception.__init__(e, err.message)
         e.api = err
@@ -138,11 +152,15 @@ class Preparer:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.served = list(args.served_model_name or [args.model])
-        self.serving = Serving(tokenizer=engine.tokenizer, max_model_len=engine.model_config.max_model_len,
-                               vocab_size=engine.model_config.vocab_size,
-                               chat_template=load_chat_template(args.chat_template),
-                               reasoning_parser=get_reasoning_parser(args.reasoning_parser),
-                               generation_defaults=llm.default_sampling_params, structured=engine.structured)
+        self.serving = Serving(
+            tokenizer=engine.tokenizer,
+            max_model_len=engine.model_config.max_model_len,
+            vocab_size=engine.model_config.vocab_size,
+            chat_template=load_chat_template(args.chat_template),
+            reasoning_parser=get_reasoning_parser(args.reasoning_parser),
+            generation_defaults=llm.default_sampling_params,
+            structured=engine.structured,
+        )
         # The preparation is the server's coroutine (it may encode a long prompt or compile a
         # grammar off the calling thread); one loop runs it for every line.
         self._loop = asyncio.new_event_loop()
@@ -153,8 +171,12 @@ class Preparer:
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.served:
             return self.served[0] if name is None else name
-        raise LineError(f"The model `{name}` does not exist; this batch runs {', '.join(self.served)}",
-                        404, param="model", code="model_not_found")
+        raise LineError(
+            f"The model `{name}` does not exist; this batch runs {', '.join(self.served)}",
+            404,
+            param="model",
+            code="model_not_found",
+        )
 
     def prepare(self, line_no: int, envelope: BatchRequestInput) -> Job:
         from fastserve.server import protocol, serving_chat, serving_completions
@@ -167,8 +189,9 @@ class Preparer:
         chat = envelope.url == ROUTES[0]
         req = None
         try:
-            req = msgspec.convert(envelope.body, type=protocol.ChatCompletionRequest if chat
-                                  else protocol.CompletionRequest)
+            req = msgspec.convert(
+                envelope.body, type=protocol.ChatCompletionRequest if chat else protocol.CompletionRequest
+            )
             req.check()
             if req.stream:
                 raise LineError("stream must be false in a batch: the result is written whole", param="stream")
@@ -210,11 +233,13 @@ class Preparer:
         return body, sum(len(ids) for ids, _, _ in job.prompts), completion_tokens
 
 
-def _record(custom_id: str | None, status: int, body: dict | None, error: dict | None,
-            line: int | None = None) -> dict:
-    rec = {"id": f"fastserve-{uuid.uuid4().hex}", "custom_id": custom_id,
-           "response": {"status_code": status, "request_id": f"fastserve-batch-{uuid.uuid4().hex}", "body": body},
-           "error": error}
+def _record(custom_id: str | None, status: int, body: dict | None, error: dict | None, line: int | None = None) -> dict:
+    rec = {
+        "id": f"fastserve-{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": f"fastserve-batch-{uuid.uuid4().hex}", "body": body},
+        "error": error,
+    }
     if line is not None:
         rec["line"] = line
     return rec
@@ -233,8 +258,10 @@ def parse_envelope(raw: bytes, line_no: int) -> BatchRequestInput:
     except msgspec.ValidationError as e:
         raise LineError.of(from_validation_error(e)) from None
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
-        raise LineError(f"line {line_no} is not a JSON object ({e}); each line must be one request "
-                        "{\"custom_id\", \"method\", \"url\", \"body\"}") from None
+        raise LineError(
+            f"line {line_no} is not a JSON object ({e}); each line must be one request "
+            '{"custom_id", "method", "url", "body"}'
+        ) from None
 
 
 def _salvage_custom_id(raw: bytes) -> str | None:
@@ -279,8 +306,9 @@ def read_done(path: str) -> tuple[set[str], set[int]]:
             good_end = end
         pos = end
     if good_end < len(data):
-        logger.warning("cutting an incomplete last line (%d bytes) off %s (an interrupted run)",
-                       len(data) - good_end, path)
+        logger.warning(
+            "cutting an incomplete last line (%d bytes) off %s (an interrupted run)", len(data) - good_end, path
+        )
         with open(path, "r+b") as f:
             f.truncate(good_end)
     return done_ids, done_lines
@@ -340,8 +368,9 @@ class ChunkedRunner:
             return []
         batch, self.pending = self.pending, []
         try:
-            outs = self.engine.generate_split([b[3] for b in batch], [b[1] for b in batch], [b[2] for b in batch],
-                                              use_tqdm=False)
+            outs = self.engine.generate_split(
+                [b[3] for b in batch], [b[1] for b in batch], [b[2] for b in batch], use_tqdm=False
+            )
         except Exception as e:  # noqa: BLE001 - this chunk fails; the job records it and goes on
             logger.error("a data-parallel chunk of %d requests failed: %s", len(batch), e)
             return [(b[0], e) for b in batch]
@@ -388,9 +417,15 @@ class BatchRun:
     def _finish_job(self, job: Job) -> None:
         del self.open_jobs[job.line]
         if job.error is not None:
-            err = job.error if isinstance(job.error, LineError) else LineError(
-                f"processing this request failed inside the engine ({job.error}); rerun to retry it", 500,
-                code="request_failed")
+            err = (
+                job.error
+                if isinstance(job.error, LineError)
+                else LineError(
+                    f"processing this request failed inside the engine ({job.error}); rerun to retry it",
+                    500,
+                    code="request_failed",
+                )
+            )
             self.write(error_record(job.custom_id, err))
             self.counts["failed"] += 1
             return
@@ -426,8 +461,11 @@ class BatchRun:
             self._collect(results, bar)
             elapsed = max(time.perf_counter() - t0, 1e-9)
             if results:
-                bar.set_postfix_str(f"input {self.tokens['input'] / elapsed:.1f} tok/s, "
-                                    f"output {self.tokens['output'] / elapsed:.1f} tok/s", refresh=False)
+                bar.set_postfix_str(
+                    f"input {self.tokens['input'] / elapsed:.1f} tok/s, "
+                    f"output {self.tokens['output'] / elapsed:.1f} tok/s",
+                    refresh=False,
+                )
             if exhausted and not self.jobs:
                 break
             if not results and self.jobs and self.runner.idle() and (exhausted or self.runner.in_flight >= self.window):
@@ -451,9 +489,17 @@ class BatchRun:
             bar.update(1)
             return
         if cid in seen:
-            self.write(error_record(cid, LineError(
-                f"custom_id {cid!r} appears more than once in the input (line {line_no}); each request needs "
-                "its own", param="custom_id"), line_no))
+            self.write(
+                error_record(
+                    cid,
+                    LineError(
+                        f"custom_id {cid!r} appears more than once in the input (line {line_no}); each request needs "
+                        "its own",
+                        param="custom_id",
+                    ),
+                    line_no,
+                )
+            )
             self.counts["failed"] += 1
             bar.update(1)
             return
@@ -493,8 +539,9 @@ def _count_requests(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
-    parser = argparse.ArgumentParser(prog="fastserve run-batch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fastserve run-batch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_cli_args(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -520,8 +567,12 @@ def _run(args, tqdm) -> int:
         open(args.output_file, "w").close()
     done_ids, done_lines = read_done(args.output_file)
     if done_ids or done_lines:
-        logger.info("resuming: %d requests of %s already answered in %s", len(done_ids) + len(done_lines),
-                    args.input_file, args.output_file)
+        logger.info(
+            "resuming: %d requests of %s already answered in %s",
+            len(done_ids) + len(done_lines),
+            args.input_file,
+            args.output_file,
+        )
     llm = llm_from_cli(args)
     run = BatchRun(args, llm)
     bar = tqdm(total=total, desc="Running batch", unit="req", dynamic_ncols=True)
@@ -533,12 +584,16 @@ def _run(args, tqdm) -> int:
             try:
                 run.run(total, done_ids, done_lines, bar)
             except KeyboardInterrupt:
-                logger.warning("interrupted: what finished is in %s; run the same command again to resume",
-                               args.output_file)
+                logger.warning(
+                    "interrupted: what finished is in %s; run the same command again to resume", args.output_file
+                )
                 code = 130
             except Exception:  # noqa: BLE001 - the engine failed as a whole: report, keep what finished
-                logger.exception("the batch stopped: the engine failed; what finished is in %s, and running "
-                                 "the same command again resumes after it", args.output_file)
+                logger.exception(
+                    "the batch stopped: the engine failed; what finished is in %s, and running "
+                    "the same command again resumes after it",
+                    args.output_file,
+                )
                 code = 1
             finally:
                 out.flush()

@@ -49,7 +49,9 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     v_flat.index_copy_(0, slots, v[valid].to(kv_cache.dtype))
 
 
-def paged_attention_torch(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention_torch(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Reference paged attention, vectorized over sequences: gather each sequence's K/V via
     its block table into [B, max_seq_len, Hkv, D], pad queries to [B, max_query_len, Hq, D],
     one masked SDPA. Returns [T, Hq, D]."""
@@ -106,8 +108,9 @@ class Attention(nn.Module):
         self.scale = scale
         self.num_kv_heads = num_kv_heads
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         if q.is_cuda:
             out = self._forward_kernels(q, kv_cache, meta)
@@ -125,9 +128,24 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         d = meta.num_decodes
         if d:
-            paged_decode_attention(q[:d], kv_cache, meta.block_tables[:d], meta.seq_lens[:d], self.scale,
-                                   out=out[:d], max_seq_len=meta.max_seq_len)
+            paged_decode_attention(
+                q[:d],
+                kv_cache,
+                meta.block_tables[:d],
+                meta.seq_lens[:d],
+                self.scale,
+                out=out[:d],
+                max_seq_len=meta.max_seq_len,
+            )
         if q.shape[0] > d:
-            paged_prefill_attention(q[d:], kv_cache, meta.query_start_loc[d:] - d, meta.seq_lens[d:],
-                                    meta.block_tables[d:], meta.max_query_len, self.scale, out=out[d:])
+            paged_prefill_attention(
+                q[d:],
+                kv_cache,
+                meta.query_start_loc[d:] - d,
+                meta.seq_lens[d:],
+                meta.block_tables[d:],
+                meta.max_query_len,
+                self.scale,
+                out=out[d:],
+            )
         return out

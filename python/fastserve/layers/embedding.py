@@ -26,7 +26,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None) -> None:
-        if loaded_weight.dim() != 2 or loaded_weight.size(1) != param.size(1) or loaded_weight.size(0) != self.num_embeddings:
+        if (
+            loaded_weight.dim() != 2
+            or loaded_weight.size(1) != param.size(1)
+            or loaded_weight.size(0) != self.num_embeddings
+        ):
             raise ValueError(
                 f"embedding shape mismatch: checkpoint has {tuple(loaded_weight.shape)}, model expects "
                 f"({self.num_embeddings}, {param.size(1)}) (vocab_size, hidden_size) from config.json"

@@ -53,8 +53,9 @@ class LinearBase(nn.Module):
     `tp_dim` is the weight dimension split across ranks (0: output/column, 1: input/row,
     None: replicated)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, *,
-                 quant_config=None, prefix: str = ""):
+    def __init__(
+        self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, *, quant_config=None, prefix: str = ""
+    ):
         super().__init__()
         self.quant_config = quant_config
         self.prefix = prefix
@@ -99,17 +100,24 @@ class LinearBase(nn.Module):
     @staticmethod
     def _load_shard_scalar(param, loaded_weight: torch.Tensor, index: int, name: str) -> None:
         if loaded_weight.numel() != 1:
-            raise ValueError(f"weight shape mismatch for {name}: checkpoint has {tuple(loaded_weight.shape)}, "
-                             "model expects a per-tensor scale (one value)")
+            raise ValueError(
+                f"weight shape mismatch for {name}: checkpoint has {tuple(loaded_weight.shape)}, "
+                "model expects a per-tensor scale (one value)"
+            )
         param.data[index] = loaded_weight.reshape(())
 
     @staticmethod
     def _load_whole_shared(param, loaded_weight: torch.Tensor, name: str) -> None:
         """A tensor every fused part has whole (g_idx): the parts must agree, they share one matmul."""
-        if getattr(param, "loaded", False) and param.data.shape == loaded_weight.shape \
-                and not torch.equal(param.data, loaded_weight.to(param.dtype)):
-            raise ValueError(f"{name}: the fused parts have different {tuple(loaded_weight.shape)} tensors (e.g. "
-                             "act-order g_idx); they must be equal to run as one matmul")
+        if (
+            getattr(param, "loaded", False)
+            and param.data.shape == loaded_weight.shape
+            and not torch.equal(param.data, loaded_weight.to(param.dtype))
+        ):
+            raise ValueError(
+                f"{name}: the fused parts have different {tuple(loaded_weight.shape)} tensors (e.g. "
+                "act-order g_idx); they must be equal to run as one matmul"
+            )
         LinearBase._copy(param.data, loaded_weight, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,8 +138,11 @@ class LinearBase(nn.Module):
     @staticmethod
     def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         if dst.shape != src.shape:
-            raise ValueError(f"weight shape mismatch for {name}: checkpoint has {tuple(src.shape)}, model expects {tuple(dst.shape)}")
+            raise ValueError(
+                f"weight shape mismatch for {name}: checkpoint has {tuple(src.shape)}, model expects {tuple(dst.shape)}"
+            )
         dst.copy_(src)
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
@@ -148,8 +159,14 @@ class ColumnParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
         tp_size = tp_rank_and_size()[1]
-        super().__init__(input_size, _check_divisible(output_size, tp_size, "output size"), bias, 0,
-                         quant_config=quant_config, prefix=prefix)
+        super().__init__(
+            input_size,
+            _check_divisible(output_size, tp_size, "output size"),
+            bias,
+            0,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
 
     def _load(self, param, loaded_weight, shard_id=None):
         name = type(self).__name__
@@ -165,8 +182,9 @@ class ColumnParallelLinear(LinearBase):
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of the same input in one matmul (gate_up_proj)."""
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False, *, quant_config=None,
-                 prefix: str = ""):
+    def __init__(
+        self, input_size: int, output_sizes: list[int], bias: bool = False, *, quant_config=None, prefix: str = ""
+    ):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, quant_config=quant_config, prefix=prefix)
 
@@ -175,7 +193,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def _load(self, param, loaded_weight, shard_id=None):
         if shard_id is None or not 0 <= shard_id < len(self.output_sizes):
-            raise ValueError(f"MergedColumnParallelLinear needs shard_id in 0..{len(self.output_sizes) - 1}, got {shard_id!r}")
+            raise ValueError(
+                f"MergedColumnParallelLinear needs shard_id in 0..{len(self.output_sizes) - 1}, got {shard_id!r}"
+            )
         name = f"gate_up shard {shard_id}"
         if getattr(param, "shard_scalar", False):
             return self._load_shard_scalar(param, loaded_weight, shard_id, name)
@@ -194,8 +214,17 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     KV heads are replicated when there are fewer than ranks (MQA under TP)."""
 
-    def __init__(self, hidden_size: int, head_dim: int, total_num_heads: int, total_num_kv_heads: int, bias: bool = False,
-                 *, quant_config=None, prefix: str = ""):
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        total_num_heads: int,
+        total_num_kv_heads: int,
+        bias: bool = False,
+        *,
+        quant_config=None,
+        prefix: str = "",
+    ):
         tp_rank, tp_size = tp_rank_and_size()
         self.head_dim = head_dim
         self.num_heads = _check_divisible(total_num_heads, tp_size, "num_attention_heads")
@@ -204,7 +233,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             self.kv_replicas = 1
         else:
             self.num_kv_heads = 1
-            self.kv_replicas = _check_divisible(tp_size, total_num_kv_heads, "tensor_parallel_size over num_key_value_heads")
+            self.kv_replicas = _check_divisible(
+                tp_size, total_num_kv_heads, "tensor_parallel_size over num_key_value_heads"
+            )
         output_size = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp_size
         super().__init__(hidden_size, output_size, bias, quant_config=quant_config, prefix=prefix)
 
@@ -240,8 +271,14 @@ class RowParallelLinear(LinearBase):
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False, *, quant_config=None, prefix: str = ""):
         tp_size = tp_rank_and_size()[1]
-        super().__init__(_check_divisible(input_size, tp_size, "input size"), output_size, bias, 1,
-                         quant_config=quant_config, prefix=prefix)
+        super().__init__(
+            _check_divisible(input_size, tp_size, "input size"),
+            output_size,
+            bias,
+            1,
+            quant_config=quant_config,
+            prefix=prefix,
+        )
 
     def _load(self, param, loaded_weight, shard_id=None):
         name = type(self).__name__

@@ -66,14 +66,23 @@ class RotaryEmbedding(nn.Module):
     `needs_seq_lens` is True only for dynamic NTK, whose rotation depends on the length of
     each token's sequence; the model passes those lengths only then."""
 
-    def __init__(self, head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,
-                 max_position_embeddings: int | None = None, rotary_dim: int | None = None):
+    def __init__(
+        self,
+        head_dim: int,
+        max_position: int,
+        base: float,
+        rope_scaling: dict | None = None,
+        max_position_embeddings: int | None = None,
+        rotary_dim: int | None = None,
+    ):
         super().__init__()
         self.head_dim = head_dim
         rotary_dim = head_dim if rotary_dim is None else rotary_dim
         if rotary_dim % 2 or not 0 < rotary_dim <= head_dim:
-            raise ValueError(f"rotary dim {rotary_dim} (head_dim x partial_rotary_factor) must be even and in "
-                             f"(0, head_dim={head_dim}]")
+            raise ValueError(
+                f"rotary dim {rotary_dim} (head_dim x partial_rotary_factor) must be even and in "
+                f"(0, head_dim={head_dim}]"
+            )
         self.rotary_dim = rotary_dim
         self.base = float(base)
         self.rope_type = "default" if rope_scaling is None else rope_scaling["rope_type"]
@@ -87,7 +96,9 @@ class RotaryEmbedding(nn.Module):
         elif self.rope_type == "llama3":
             inv_freq = _llama3_inv_freq(self.base, rotary_dim, self.scaling)
         else:
-            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported: use default, linear, dynamic or llama3")
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported: use default, linear, dynamic or llama3"
+            )
         # The table is float32 whatever the model dtype: HF computes angles in float32 too.
         table_len = max(max_position, self.max_position_embeddings)
         freqs = torch.outer(torch.arange(table_len, dtype=torch.float32), inv_freq)
@@ -114,8 +125,9 @@ class RotaryEmbedding(nn.Module):
             sin = torch.where(stretched.unsqueeze(-1), freqs.sin(), sin)
         return cos, sin
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                token_seq_lens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, token_seq_lens: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if q.is_cuda and not self.needs_seq_lens:
             from fastserve.kernels.rotary import rotary_embedding
 
@@ -125,11 +137,19 @@ class RotaryEmbedding(nn.Module):
             return rotary_embedding(positions, q, k, self.cos_sin_cache, is_neox=True)
         cos, sin = self._cos_sin(positions, token_seq_lens)
         if self.rotary_dim != self.head_dim:
-            return (_rotate_partial(q, cos.to(q.dtype), sin.to(q.dtype), self.rotary_dim),
-                    _rotate_partial(k, cos.to(k.dtype), sin.to(k.dtype), self.rotary_dim))
+            return (
+                _rotate_partial(q, cos.to(q.dtype), sin.to(q.dtype), self.rotary_dim),
+                _rotate_partial(k, cos.to(k.dtype), sin.to(k.dtype), self.rotary_dim),
+            )
         return _rotate(q, cos.to(q.dtype), sin.to(q.dtype)), _rotate(k, cos.to(k.dtype), sin.to(k.dtype))
 
 
-def get_rope(head_dim: int, max_position: int, base: float, rope_scaling: dict | None = None,
-             max_position_embeddings: int | None = None, rotary_dim: int | None = None) -> RotaryEmbedding:
+def get_rope(
+    head_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict | None = None,
+    max_position_embeddings: int | None = None,
+    rotary_dim: int | None = None,
+) -> RotaryEmbedding:
     return RotaryEmbedding(head_dim, max_position, base, rope_scaling, max_position_embeddings, rotary_dim)

@@ -92,8 +92,9 @@ class SamplingTensors:
     any_logprobs: bool  # some row asked for logprobs (ranks are computed only then)
 
     @classmethod
-    def from_rows(cls, rows: dict, device: torch.device | str, vocab_size: int, staging=None,
-                  state=None) -> SamplingTensors:
+    def from_rows(
+        cls, rows: dict, device: torch.device | str, vocab_size: int, staging=None, state=None
+    ) -> SamplingTensors:
         """`rows`: the step's per-sample-row host arrays (SamplerState.rows). `staging` (a
         worker.staging.PinnedStaging) moves every array in one copy; without it each array
         is copied on its own."""
@@ -283,9 +284,7 @@ def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
-def _apply_top_k(
-    logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Masks all but each row's top_k logits; also returns the top max_top_k values (sorted,
     descending) for the top-p step of rows that have both."""
     # Ties with the k-th value are kept, as in vLLM (a threshold, not an index set).
@@ -322,9 +321,7 @@ def _apply_top_p_within_top_k(
     # the value's tie group (searchsorted on the negated, ascending list finds it).
     above = e.cumsum(dim=-1) - e
     neg = (-vals).contiguous()
-    first_of_group = torch.searchsorted(neg, neg, side="left").clamp(
-        max=vals.shape[1] - 1
-    )
+    first_of_group = torch.searchsorted(neg, neg, side="left").clamp(max=vals.shape[1] - 1)
     above = above.gather(1, first_of_group)
     keep = (total - above) > (1 - top_p.index_select(0, rows))[:, None] * total
     keep &= ~beyond_k
@@ -335,9 +332,7 @@ def _apply_top_p_within_top_k(
     return logits.masked_fill_(logits < cutoff[:, None], float("-inf"))
 
 
-def _apply_top_p(
-    logits: torch.Tensor, rows: torch.Tensor, top_p: torch.Tensor
-) -> torch.Tensor:
+def _apply_top_p(logits: torch.Tensor, rows: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     sub = logits.index_select(0, rows)
     sorted_logits, order = sub.sort(dim=-1, descending=False)
     cum = sorted_logits.softmax(dim=-1).cumsum_(dim=-1)
@@ -349,9 +344,7 @@ def _apply_top_p(
     return logits.index_copy_(0, rows, sub)
 
 
-def _gather_logprobs(
-    logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, ranks: bool
-):
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: torch.Tensor, k: int, ranks: bool):
     token_lp = logprobs.gather(1, token_ids[:, None]).squeeze(1)
     rank = (logprobs >= token_lp[:, None]).sum(dim=-1) if ranks else None
     if k > 0:
@@ -411,9 +404,7 @@ class Sampler(torch.nn.Module):
             )
         else:
             # cumulative_logprob only: a log-sum-exp reads the logits once and writes nothing.
-            token_lp = raw.gather(1, sampled[:, None]).squeeze(1) - raw.logsumexp(
-                dim=-1
-            )
+            token_lp = raw.gather(1, sampled[:, None]).squeeze(1) - raw.logsumexp(dim=-1)
             rank = None
             topk_ids = sampled.new_empty((st.num_samples, 0))
             topk_lp = raw.new_empty((st.num_samples, 0))
@@ -427,9 +418,7 @@ class Sampler(torch.nn.Module):
         if st.any_top_k:
             x, top_values = _apply_top_k(x, st.top_k, st.max_top_k)
             if st.top_p_top_k_rows.numel():
-                x = _apply_top_p_within_top_k(
-                    x, top_values, st.top_p_top_k_rows, st.top_k, st.top_p
-                )
+                x = _apply_top_p_within_top_k(x, top_values, st.top_p_top_k_rows, st.top_k, st.top_p)
         if st.top_p_rows.numel():
             x = _apply_top_p(x, st.top_p_rows, st.top_p)
         keys = row_keys(st.seeds, st.sample_steps)
@@ -450,9 +439,7 @@ def _token_ids(vocab_size: int, device: torch.device) -> torch.Tensor:
     return _TOKEN_IDS[key]
 
 
-def _gumbel_argmax(
-    x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor
-) -> torch.Tensor:
+def _gumbel_argmax(x: torch.Tensor, keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """argmax(x - log(-log u)): the exponential race argmax(p / E), E = -log(u) ~ Exp(1), taken
     in log space so that no softmax is needed; it draws token i with probability softmax(x)_i."""
     u = uniform_noise(keys, token_ids)
@@ -492,9 +479,7 @@ def compute_prompt_logprobs(
         if compute_logits is not None:
             rows = compute_logits(rows)
         lp = rows.to(torch.float32).log_softmax(dim=-1)
-        a, b, c, d = _gather_logprobs(
-            lp, targets[start : start + chunk_rows], num_logprobs, True
-        )
+        a, b, c, d = _gather_logprobs(lp, targets[start : start + chunk_rows], num_logprobs, True)
         lps.append(a)
         ranks.append(b)
         ids.append(c)
@@ -506,6 +491,4 @@ def compute_prompt_logprobs(
             targets.new_empty((0, num_logprobs)),
             torch.empty((0, num_logprobs), dtype=torch.float32, device=logits.device),
         )
-    return PromptLogprobsOutput(
-        torch.cat(lps), torch.cat(ranks), torch.cat(ids), torch.cat(tops)
-    )
+    return PromptLogprobsOutput(torch.cat(lps), torch.cat(ranks), torch.cat(ids), torch.cat(tops))

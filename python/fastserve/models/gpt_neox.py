@@ -48,27 +48,37 @@ class GPTNeoXAttention(nn.Module):
         bias = bool(config.hf_config.get("attention_bias", True))
         self.head_dim = config.head_dim
         self.total_num_heads = heads
-        self.query_key_value = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=bias,
-                                                 quant_config=quant, prefix=f"{prefix}.query_key_value")
+        self.query_key_value = QKVParallelLinear(
+            hidden, self.head_dim, heads, heads, bias=bias, quant_config=quant, prefix=f"{prefix}.query_key_value"
+        )
         self.num_heads = self.query_key_value.num_heads
         self.q_size = self.num_heads * self.head_dim
-        self.dense = RowParallelLinear(heads * self.head_dim, hidden, bias=bias, quant_config=quant,
-                                       prefix=f"{prefix}.dense")
-        self.rotary_emb = get_rope(self.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling,
-                                   config.max_position_embeddings,
-                                   rotary_dim=int(self.head_dim * config.partial_rotary_factor))
+        self.dense = RowParallelLinear(
+            heads * self.head_dim, hidden, bias=bias, quant_config=quant, prefix=f"{prefix}.dense"
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            config.max_model_len,
+            config.rope_theta,
+            config.rope_scaling,
+            config.max_position_embeddings,
+            rotary_dim=int(self.head_dim * config.partial_rotary_factor),
+        )
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_heads)
 
     def load_fused_qkv(self, tensor: torch.Tensor) -> None:
         """HF's interleaved [heads * 3 * head_dim, ...] weight or bias -> the q, k, v shards."""
         if tensor.dim() not in (1, 2) or tensor.shape[0] != 3 * self.total_num_heads * self.head_dim:
-            raise ValueError(f"weight shape mismatch for query_key_value: checkpoint has {tuple(tensor.shape)}, "
-                             f"expected {3 * self.total_num_heads * self.head_dim} rows (3 x hidden_size)")
+            raise ValueError(
+                f"weight shape mismatch for query_key_value: checkpoint has {tuple(tensor.shape)}, "
+                f"expected {3 * self.total_num_heads * self.head_dim} rows (3 x hidden_size)"
+            )
         per_head = tensor.view(self.total_num_heads, 3, self.head_dim, *tensor.shape[1:])
         param = self.query_key_value.weight if tensor.dim() == 2 else self.query_key_value.bias
         for i, shard_id in enumerate("qkv"):
-            param.weight_loader(param, per_head[:, i].reshape(self.total_num_heads * self.head_dim,
-                                                              *tensor.shape[1:]), shard_id)
+            param.weight_loader(
+                param, per_head[:, i].reshape(self.total_num_heads * self.head_dim, *tensor.shape[1:]), shard_id
+            )
 
     def forward(self, positions, hidden, kv_cache, meta, token_seq_lens):
         q, k, v = self.query_key_value(hidden).split([self.q_size] * 3, dim=-1)
@@ -81,10 +91,20 @@ class GPTNeoXMLP(nn.Module):
     def __init__(self, config: ModelConfig, prefix: str):
         super().__init__()
         quant = config.quant_config
-        self.dense_h_to_4h = ColumnParallelLinear(config.hidden_size, config.intermediate_size, bias=True,
-                                                  quant_config=quant, prefix=f"{prefix}.dense_h_to_4h")
-        self.dense_4h_to_h = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=True,
-                                               quant_config=quant, prefix=f"{prefix}.dense_4h_to_h")
+        self.dense_h_to_4h = ColumnParallelLinear(
+            config.hidden_size,
+            config.intermediate_size,
+            bias=True,
+            quant_config=quant,
+            prefix=f"{prefix}.dense_h_to_4h",
+        )
+        self.dense_4h_to_h = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            bias=True,
+            quant_config=quant,
+            prefix=f"{prefix}.dense_4h_to_h",
+        )
         self.act = get_act_fn(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,8 +162,13 @@ class GPTNeoXForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.embed_out.weight = self.gpt_neox.embed_in.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         return self.gpt_neox(input_ids, positions, attn_meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -173,5 +198,7 @@ class GPTNeoXForCausalLM(nn.Module):
         # Optional quantization tensors (g_idx, ...) may be absent; their method fills them in.
         missing = {n for n, p in self.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(
+                f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         return loaded

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from fastserve.config import ModelConfig
+from fastserve.distributed.parallel_state import tp_rank_and_size
 from fastserve.layers.activation import get_act_and_mul
 from fastserve.layers.attention import Attention, AttentionMetadata
 from fastserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -27,7 +28,6 @@ from fastserve.layers.linear import (
     default_weight_loader,
 )
 from fastserve.layers.norm import RMSNorm
-from fastserve.distributed.parallel_state import tp_rank_and_size
 from fastserve.layers.rotary import get_rope
 
 
@@ -49,15 +49,25 @@ class LlamaAttention(nn.Module):
         self.head_dim = config.head_dim
         quant = config.quant_config
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_kv_heads, bias=flags["qkv_bias"],
-            quant_config=quant, prefix=f"{prefix}.qkv_proj",
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_kv_heads,
+            bias=flags["qkv_bias"],
+            quant_config=quant,
+            prefix=f"{prefix}.qkv_proj",
         )
         self.num_heads = self.qkv_proj.num_heads
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.o_proj = RowParallelLinear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=flags["o_bias"],
-                                        quant_config=quant, prefix=f"{prefix}.o_proj")
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=flags["o_bias"],
+            quant_config=quant,
+            prefix=f"{prefix}.o_proj",
+        )
         self.rotary_emb = get_rope(
             self.head_dim, config.max_model_len, config.rope_theta, config.rope_scaling, config.max_position_embeddings
         )
@@ -85,10 +95,16 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = config.intermediate_size
         quant = config.quant_config
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter], bias=flags["mlp_bias"],
-                                                       quant_config=quant, prefix=f"{prefix}.gate_up_proj")
-        self.down_proj = RowParallelLinear(inter, config.hidden_size, bias=flags["mlp_bias"],
-                                           quant_config=quant, prefix=f"{prefix}.down_proj")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [inter, inter],
+            bias=flags["mlp_bias"],
+            quant_config=quant,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            inter, config.hidden_size, bias=flags["mlp_bias"], quant_config=quant, prefix=f"{prefix}.down_proj"
+        )
         self.act_fn = get_act_and_mul(config.hidden_act)
 
     def forward(self, x):
@@ -166,8 +182,13 @@ class LlamaForCausalLM(nn.Module):
             if config.tie_word_embeddings:
                 self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         return self.model(input_ids, positions, attn_meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -203,7 +224,9 @@ class LlamaForCausalLM(nn.Module):
         # Optional quantization tensors (g_idx, ...) may be absent; their method fills them in.
         missing = {n for n, p in self.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(
+                f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         return loaded
 
 

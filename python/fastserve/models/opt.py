@@ -69,12 +69,14 @@ class OPTAttention(nn.Module):
         quant = config.quant_config
         hidden, heads = config.hidden_size, config.num_attention_heads
         self.head_dim = config.head_dim
-        self.qkv_proj = QKVParallelLinear(hidden, self.head_dim, heads, heads, bias=flags["bias"],
-                                          quant_config=quant, prefix=f"{prefix}.qkv_proj")
+        self.qkv_proj = QKVParallelLinear(
+            hidden, self.head_dim, heads, heads, bias=flags["bias"], quant_config=quant, prefix=f"{prefix}.qkv_proj"
+        )
         self.num_heads = self.qkv_proj.num_heads
         self.q_size = self.num_heads * self.head_dim
-        self.out_proj = RowParallelLinear(heads * self.head_dim, hidden, bias=flags["bias"],
-                                          quant_config=quant, prefix=f"{prefix}.out_proj")
+        self.out_proj = RowParallelLinear(
+            heads * self.head_dim, hidden, bias=flags["bias"], quant_config=quant, prefix=f"{prefix}.out_proj"
+        )
         # HF scales q before the matmul; folding the scale into attention is the same math.
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_heads)
 
@@ -92,10 +94,12 @@ class OPTDecoderLayer(nn.Module):
         self.pre_ln = flags["pre_ln"]
         self.self_attn = OPTAttention(config, flags, f"{prefix}.self_attn")
         self.self_attn_layer_norm = LayerNorm(hidden, _LN_EPS, elementwise_affine=flags["affine"])
-        self.fc1 = ColumnParallelLinear(hidden, config.intermediate_size, bias=flags["bias"],
-                                        quant_config=quant, prefix=f"{prefix}.fc1")
-        self.fc2 = RowParallelLinear(config.intermediate_size, hidden, bias=flags["bias"],
-                                     quant_config=quant, prefix=f"{prefix}.fc2")
+        self.fc1 = ColumnParallelLinear(
+            hidden, config.intermediate_size, bias=flags["bias"], quant_config=quant, prefix=f"{prefix}.fc1"
+        )
+        self.fc2 = RowParallelLinear(
+            config.intermediate_size, hidden, bias=flags["bias"], quant_config=quant, prefix=f"{prefix}.fc2"
+        )
         self.act = get_act_fn(config.hidden_act, "activation_function")
         self.final_layer_norm = LayerNorm(hidden, _LN_EPS, elementwise_affine=flags["affine"])
 
@@ -115,14 +119,17 @@ class OPTDecoder(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, embed_dim)
         self.embed_positions = OPTLearnedPositionalEmbedding(config.max_position_embeddings, hidden)
         if embed_dim != hidden:
-            self.project_in = ReplicatedLinear(embed_dim, hidden, bias=False, quant_config=quant,
-                                               prefix="model.decoder.project_in")
-            self.project_out = ReplicatedLinear(hidden, embed_dim, bias=False, quant_config=quant,
-                                                prefix="model.decoder.project_out")
+            self.project_in = ReplicatedLinear(
+                embed_dim, hidden, bias=False, quant_config=quant, prefix="model.decoder.project_in"
+            )
+            self.project_out = ReplicatedLinear(
+                hidden, embed_dim, bias=False, quant_config=quant, prefix="model.decoder.project_out"
+            )
         else:
             self.project_in = self.project_out = None
-        self.final_layer_norm = LayerNorm(hidden, _LN_EPS, elementwise_affine=flags["affine"]) \
-            if flags["final_ln"] else None
+        self.final_layer_norm = (
+            LayerNorm(hidden, _LN_EPS, elementwise_affine=flags["affine"]) if flags["final_ln"] else None
+        )
         self.layers = nn.ModuleList(
             OPTDecoderLayer(config, flags, f"model.decoder.layers.{i}") for i in range(config.num_hidden_layers)
         )
@@ -168,8 +175,13 @@ class OPTForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.decoder.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn_meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn_meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor],
+    ) -> torch.Tensor:
         return self.model.decoder(input_ids, positions, attn_meta, kv_caches)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -201,5 +213,7 @@ class OPTForCausalLM(nn.Module):
         # Optional quantization tensors (g_idx, ...) may be absent; their method fills them in.
         missing = {n for n, p in self.named_parameters() if not getattr(p, "optional", False)} - loaded
         if missing:
-            raise ValueError(f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(
+                f"checkpoint is missing weights for: {sorted(missing)[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         return loaded

@@ -24,15 +24,27 @@ QUANTIZATION_METHODS: dict[str, type[QuantConfig]] = {
     "fp8": Fp8Config,
     "compressed-tensors": CompressedTensorsConfig,
 }
-_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq", "compressed_tensors": "compressed-tensors",
-            "compressedtensors": "compressed-tensors"}
+_ALIASES = {
+    "awq_marlin": "awq",
+    "gptq_marlin": "gptq",
+    "compressed_tensors": "compressed-tensors",
+    "compressedtensors": "compressed-tensors",
+}
 # Architectures whose quantized checkpoints are tested to load (GPT-NeoX interleaves its fused
 # QKV by head at load, which the packed layouts do not support; OPT is not tested yet).
 QUANTIZABLE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
-__all__ = ["QuantConfig", "AWQConfig", "GPTQConfig", "Fp8Config", "CompressedTensorsConfig",
-           "QUANTIZATION_METHODS", "normalize_quantization", "checkpoint_quantization_config",
-           "resolve_quant_config"]
+__all__ = [
+    "QuantConfig",
+    "AWQConfig",
+    "GPTQConfig",
+    "Fp8Config",
+    "CompressedTensorsConfig",
+    "QUANTIZATION_METHODS",
+    "normalize_quantization",
+    "checkpoint_quantization_config",
+    "resolve_quant_config",
+]
 
 
 def normalize_quantization(name: str | None) -> str | None:
@@ -48,8 +60,10 @@ def normalize_quantization(name: str | None) -> str | None:
     if key == "gguf":
         return key  # vLLM's name for a .gguf file's own quantization (dequantized at load)
     if key not in QUANTIZATION_METHODS:
-        raise ValueError(f"quantization={name!r} is not supported: use one of {sorted(QUANTIZATION_METHODS)} "
-                         f"(or the aliases {sorted(_ALIASES)}), or leave it unset to follow the checkpoint")
+        raise ValueError(
+            f"quantization={name!r} is not supported: use one of {sorted(QUANTIZATION_METHODS)} "
+            f"(or the aliases {sorted(_ALIASES)}), or leave it unset to follow the checkpoint"
+        )
     return key
 
 
@@ -82,31 +96,46 @@ DUMMY_DEFAULTS = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
     "fp8": {"quant_method": "fp8", "activation_scheme": "dynamic"},
-    "compressed-tensors": {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {
-        "group_0": {"targets": ["Linear"], "input_activations": None, "weights": {
-            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
-        "ignore": ["lm_head"]},
+    "compressed-tensors": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128},
+            }
+        },
+        "ignore": ["lm_head"],
+    },
 }
 
 
-def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: str | None,
-                         dummy: bool = False) -> QuantConfig | None:
+def resolve_quant_config(
+    quantization: str | None, hf_config: dict, model_dir: str | None, dummy: bool = False
+) -> QuantConfig | None:
     """The QuantConfig the model loads with (None: unquantized); ValueError when `quantization`
     contradicts the checkpoint or names a format the checkpoint is not in. dummy (load_format
     "dummy"): a quantization the config does not describe gets DUMMY_DEFAULTS' layout."""
     asked = normalize_quantization(quantization)
     if asked == "gguf":
-        raise ValueError("quantization='gguf' needs a .gguf file as the model; this checkpoint is a Hugging Face "
-                         "directory: leave quantization unset")
+        raise ValueError(
+            "quantization='gguf' needs a .gguf file as the model; this checkpoint is a Hugging Face "
+            "directory: leave quantization unset"
+        )
     cfg = checkpoint_quantization_config(hf_config, model_dir)
     found = cfg["quant_method"] if cfg else None
     if found is not None and found not in QUANTIZATION_METHODS:
-        raise ValueError(f"the checkpoint's quantization_config has quant_method {found!r}, which fastserve does not "
-                         f"load (supported: {sorted(QUANTIZATION_METHODS)}); use an unquantized or a supported "
-                         "checkpoint")
+        raise ValueError(
+            f"the checkpoint's quantization_config has quant_method {found!r}, which fastserve does not "
+            f"load (supported: {sorted(QUANTIZATION_METHODS)}); use an unquantized or a supported "
+            "checkpoint"
+        )
     if asked is not None and found is not None and asked != found:
-        raise ValueError(f"quantization={quantization!r} contradicts the checkpoint, whose quantization_config says "
-                         f"quant_method {found!r}: pass quantization={found!r} or leave it unset")
+        raise ValueError(
+            f"quantization={quantization!r} contradicts the checkpoint, whose quantization_config says "
+            f"quant_method {found!r}: pass quantization={found!r} or leave it unset"
+        )
     if found is None and asked is not None and dummy:
         cfg, found = dict(DUMMY_DEFAULTS[asked]), asked
     if found is None:
@@ -114,13 +143,17 @@ def resolve_quant_config(quantization: str | None, hf_config: dict, model_dir: s
             return None
         if asked == "fp8":
             return Fp8Config.on_load()
-        raise ValueError(f"quantization={quantization!r} was asked for but the checkpoint has no quantization_config "
-                         f"(config.json, quantize_config.json or quant_config.json): it is unquantized; only 'fp8' "
-                         "can quantize an unquantized checkpoint at load")
+        raise ValueError(
+            f"quantization={quantization!r} was asked for but the checkpoint has no quantization_config "
+            f"(config.json, quantize_config.json or quant_config.json): it is unquantized; only 'fp8' "
+            "can quantize an unquantized checkpoint at load"
+        )
     arch = (hf_config.get("architectures") or [""])[0]
     if arch not in QUANTIZABLE_ARCHITECTURES:
-        raise ValueError(f"quantized {arch} checkpoints are not supported yet; quantized checkpoints load for "
-                         f"{', '.join(QUANTIZABLE_ARCHITECTURES)}")
+        raise ValueError(
+            f"quantized {arch} checkpoints are not supported yet; quantized checkpoints load for "
+            f"{', '.join(QUANTIZABLE_ARCHITECTURES)}"
+        )
     qc = QUANTIZATION_METHODS[found].from_config(cfg)
     if isinstance(qc, GPTQConfig) and not qc.lm_head and not dummy and _checkpoint_has(model_dir, "lm_head.qweight"):
         qc.lm_head = True  # some exporters quantize the head without saying so in the config
@@ -154,8 +187,12 @@ def linear_shapes(model_config) -> list[tuple[str, str, int, list[int]]]:
     out = []
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}"
-        out += [(f"{p}.self_attn.qkv_proj", "column", h, [q, kv, kv]), (f"{p}.self_attn.o_proj", "row", q, [h]),
-                (f"{p}.mlp.gate_up_proj", "column", h, [inter, inter]), (f"{p}.mlp.down_proj", "row", inter, [h])]
+        out += [
+            (f"{p}.self_attn.qkv_proj", "column", h, [q, kv, kv]),
+            (f"{p}.self_attn.o_proj", "row", q, [h]),
+            (f"{p}.mlp.gate_up_proj", "column", h, [inter, inter]),
+            (f"{p}.mlp.down_proj", "row", inter, [h]),
+        ]
     return out
 
 

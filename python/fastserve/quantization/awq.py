@@ -17,27 +17,34 @@ from fastserve.quantization.packing import AWQ_ORDER, unpack
 class AWQConfig(QuantConfig):
     name = "awq"
 
-    def __init__(self, bits: int = 4, group_size: int = 128, zero_point: bool = True,
-                 modules_to_not_convert: list[str] | None = None, version: str = "gemm"):
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        zero_point: bool = True,
+        modules_to_not_convert: list[str] | None = None,
+        version: str = "gemm",
+    ):
         if bits != 4:
             raise ValueError(f"AWQ with {bits}-bit weights is not supported (AWQ GEMM checkpoints are 4-bit)")
         if group_size != -1 and (group_size <= 0 or group_size % 8):
             raise ValueError(f"AWQ group_size {group_size} must be -1 or a positive multiple of 8")
         if str(version).lower() != "gemm":
-            raise ValueError(f"AWQ version {version!r} is not supported: only 'gemm' checkpoints load (re-export with "
-                             "AutoAWQ version='GEMM')")
+            raise ValueError(
+                f"AWQ version {version!r} is not supported: only 'gemm' checkpoints load (re-export with "
+                "AutoAWQ version='GEMM')"
+            )
         self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
         self.modules_to_not_convert = list(modules_to_not_convert or [])
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "AWQConfig":
+    def from_config(cls, cfg: dict) -> AWQConfig:
         bits = cfg.get("bits", cfg.get("w_bit", 4))
         group = cfg.get("group_size", cfg.get("q_group_size", 128))
         version = cfg.get("version") or cfg.get("format") or "gemm"
         # GPTQModel's AWQ configs say `sym` instead of `zero_point`.
         zero_point = cfg.get("zero_point", not cfg.get("sym", False))
-        return cls(int(bits), int(group), bool(zero_point), cfg.get("modules_to_not_convert"),
-                   version)
+        return cls(int(bits), int(group), bool(zero_point), cfg.get("modules_to_not_convert"), version)
 
     def describe(self) -> str:
         return f"awq int{self.bits}, group {self.group_size}{'' if self.zero_point else ', no zero point'}"
@@ -59,8 +66,16 @@ class AWQLinearMethod(IntLinearMethod):
         n, pack = layer.output_size, self.pack_n
         gdim = None if replicated else 0
         make_param(layer, "qweight", (k, n // pack), torch.int32, output_dim=1, input_dim=0, pack_out=pack)
-        make_param(layer, "qzeros", (groups, n // pack), torch.int32, output_dim=1, input_dim=gdim, pack_out=pack,
-                   optional=not self.zero_point)
+        make_param(
+            layer,
+            "qzeros",
+            (groups, n // pack),
+            torch.int32,
+            output_dim=1,
+            input_dim=gdim,
+            pack_out=pack,
+            optional=not self.zero_point,
+        )
         make_param(layer, "scales", (groups, n), layer.params_dtype, output_dim=1, input_dim=gdim)
 
     def _drop(self):

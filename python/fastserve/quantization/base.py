@@ -48,9 +48,18 @@ class QuantConfig:
         return 1, 1
 
 
-def make_param(layer: nn.Module, name: str, shape, dtype: torch.dtype, *, output_dim: int | None = None,
-               input_dim: int | None = None, pack_out: int = 1, shard_scalar: bool = False,
-               optional: bool = False) -> nn.Parameter:
+def make_param(
+    layer: nn.Module,
+    name: str,
+    shape,
+    dtype: torch.dtype,
+    *,
+    output_dim: int | None = None,
+    input_dim: int | None = None,
+    pack_out: int = 1,
+    shard_scalar: bool = False,
+    optional: bool = False,
+) -> nn.Parameter:
     """Register a checkpoint tensor on `layer`.
 
     output_dim / input_dim: the tensor dimension that runs along N / K (None: not split in that
@@ -114,8 +123,10 @@ def one_answer(prefix: str, answers: list, what: str):
     """All parts of a fused layer must be quantized alike; the answer they share."""
     first = answers[0]
     if any(a != first for a in answers[1:]):
-        raise ValueError(f"{prefix}: the fused parts {checkpoint_names(prefix)} have different {what} "
-                         f"({answers}); fastserve fuses them into one matmul, so they must agree")
+        raise ValueError(
+            f"{prefix}: the fused parts {checkpoint_names(prefix)} have different {what} "
+            f"({answers}); fastserve fuses them into one matmul, so they must agree"
+        )
     return first
 
 

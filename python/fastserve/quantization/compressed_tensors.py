@@ -13,8 +13,14 @@ import re
 
 import torch
 
-from fastserve.quantization.base import (QuantConfig, checkpoint_names, loaded, make_param, matches_module_list,
-                                         one_answer)
+from fastserve.quantization.base import (
+    QuantConfig,
+    checkpoint_names,
+    loaded,
+    make_param,
+    matches_module_list,
+    one_answer,
+)
 from fastserve.quantization.fp8 import Fp8BlockMethod, Fp8LinearMethod
 from fastserve.quantization.int_weight import IntLinearMethod, dummy_int32, dummy_scales
 from fastserve.quantization.packing import unpack
@@ -28,13 +34,15 @@ class CompressedTensorsConfig(QuantConfig):
         self.format = fmt
         self.ignore = list(ignore or [])
         if not self.config_groups:
-            raise ValueError("compressed-tensors quantization_config has no config_groups: nothing says how the "
-                             "weights are quantized")
+            raise ValueError(
+                "compressed-tensors quantization_config has no config_groups: nothing says how the "
+                "weights are quantized"
+            )
         for name, group in self.config_groups.items():
             self._method_for(group, name)  # refuse an unsupported scheme before any memory is taken
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "CompressedTensorsConfig":
+    def from_config(cls, cfg: dict) -> CompressedTensorsConfig:
         return cls(cfg.get("config_groups"), cfg.get("format"), cfg.get("ignore"))
 
     def describe(self) -> str:
@@ -66,15 +74,20 @@ class CompressedTensorsConfig(QuantConfig):
             return Fp8LinearMethod(strategy or "tensor", static, ignored=("weight_zero_point", "input_zero_point"))
         if kind == "int" and fmt == "pack-quantized" and not act:
             if strategy not in ("group", "channel"):
-                raise ValueError(f"compressed-tensors {where}: int weight strategy {strategy!r} is not supported "
-                                 "(group, channel are)")
+                raise ValueError(
+                    f"compressed-tensors {where}: int weight strategy {strategy!r} is not supported "
+                    "(group, channel are)"
+                )
             gs = int(w.get("group_size") or -1) if strategy == "group" else -1
             actorder = w.get("actorder")
-            return CTIntLinearMethod(int(bits), gs, bool(w.get("symmetric", True)),
-                                     actorder not in (None, False, "weight", "static"))
-        raise ValueError(f"compressed-tensors {where}: scheme format={fmt!r} weights={kind}{bits} "
-                         f"input_activations={act!r} is not supported; supported are pack-quantized W4A16 / "
-                         "W4A16_ASYM / W8A16 and float-quantized FP8 (FP8_DYNAMIC, FP8 static)")
+            return CTIntLinearMethod(
+                int(bits), gs, bool(w.get("symmetric", True)), actorder not in (None, False, "weight", "static")
+            )
+        raise ValueError(
+            f"compressed-tensors {where}: scheme format={fmt!r} weights={kind}{bits} "
+            f"input_activations={act!r} is not supported; supported are pack-quantized W4A16 / "
+            "W4A16_ASYM / W8A16 and float-quantized FP8 (FP8_DYNAMIC, FP8 static)"
+        )
 
     def get_linear_method(self, layer, prefix: str):
         if matches_module_list(prefix, self.ignore):
@@ -101,8 +114,15 @@ class CTIntLinearMethod(IntLinearMethod):
         make_param(layer, "weight_packed", (n, k // pack), torch.int32, output_dim=0, input_dim=1)
         make_param(layer, "weight_scale", (n, groups), layer.params_dtype, output_dim=0, input_dim=gdim)
         if not self.symmetric:
-            make_param(layer, "weight_zero_point", (n // pack, groups), torch.int32, output_dim=0, input_dim=gdim,
-                       pack_out=pack)
+            make_param(
+                layer,
+                "weight_zero_point",
+                (n // pack, groups),
+                torch.int32,
+                output_dim=0,
+                input_dim=gdim,
+                pack_out=pack,
+            )
         else:
             # Some exporters write the (all-zero) zero points of a symmetric scheme too.
             zp = make_param(layer, "weight_zero_point", (0,), torch.int32, optional=True)

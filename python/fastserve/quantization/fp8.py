@@ -20,13 +20,19 @@ from fastserve.quantization.unquantized import UnquantizedLinearMethod
 class Fp8Config(QuantConfig):
     name = "fp8"
 
-    def __init__(self, serialized: bool = True, activation_scheme: str = "dynamic",
-                 weight_block_size: list[int] | None = None, ignored_layers: list[str] | None = None):
+    def __init__(
+        self,
+        serialized: bool = True,
+        activation_scheme: str = "dynamic",
+        weight_block_size: list[int] | None = None,
+        ignored_layers: list[str] | None = None,
+    ):
         if activation_scheme not in ("dynamic", "static"):
             raise ValueError(f"fp8 activation_scheme {activation_scheme!r} must be 'dynamic' or 'static'")
         if weight_block_size is not None and (len(weight_block_size) != 2 or min(weight_block_size) <= 0):
-            raise ValueError(f"fp8 weight_block_size {weight_block_size!r} must be two positive ints "
-                             "[block_n, block_k]")
+            raise ValueError(
+                f"fp8 weight_block_size {weight_block_size!r} must be two positive ints [block_n, block_k]"
+            )
         if weight_block_size is not None and activation_scheme != "dynamic":
             raise ValueError("block-wise fp8 (weight_block_size) needs activation_scheme 'dynamic'")
         self.serialized, self.activation_scheme = serialized, activation_scheme
@@ -34,12 +40,16 @@ class Fp8Config(QuantConfig):
         self.ignored_layers = list(ignored_layers or [])
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "Fp8Config":
-        return cls(True, str(cfg.get("activation_scheme", "dynamic")), cfg.get("weight_block_size"),
-                   cfg.get("ignored_layers") or cfg.get("modules_to_not_convert"))
+    def from_config(cls, cfg: dict) -> Fp8Config:
+        return cls(
+            True,
+            str(cfg.get("activation_scheme", "dynamic")),
+            cfg.get("weight_block_size"),
+            cfg.get("ignored_layers") or cfg.get("modules_to_not_convert"),
+        )
 
     @classmethod
-    def on_load(cls) -> "Fp8Config":
+    def on_load(cls) -> Fp8Config:
         return cls(serialized=False)
 
     def describe(self) -> str:
@@ -120,21 +130,32 @@ class Fp8BlockMethod:
         if len(parts_local) > 1 or (kind == "column" and tp > 1):
             for n in parts_local:
                 if n % bn:
-                    raise ValueError(f"{prefix}: {split}output dimension {n} per rank (per fused part) is not a "
-                                     f"multiple of the fp8 weight block {bn} (weight_block_size {list(self.block)})")
+                    raise ValueError(
+                        f"{prefix}: {split}output dimension {n} per rank (per fused part) is not a "
+                        f"multiple of the fp8 weight block {bn} (weight_block_size {list(self.block)})"
+                    )
         if kind == "row" and tp > 1 and k_local % bk:
-            raise ValueError(f"{prefix}: {split}input dimension K={k_full} / {tp} = {k_local} per rank is not a "
-                             f"multiple of the fp8 weight block {bk} (weight_block_size {list(self.block)})")
+            raise ValueError(
+                f"{prefix}: {split}input dimension K={k_full} / {tp} = {k_local} per rank is not a "
+                f"multiple of the fp8 weight block {bk} (weight_block_size {list(self.block)})"
+            )
 
     def create_weights(self, layer) -> None:
         kind = "row" if layer.tp_dim == 1 else "column"
-        self.check_shapes(layer.prefix, layer.input_size, layer.input_size * layer.tp_size,
-                          layer.output_partition_sizes, kind, layer.tp_size)
+        self.check_shapes(
+            layer.prefix,
+            layer.input_size,
+            layer.input_size * layer.tp_size,
+            layer.output_partition_sizes,
+            kind,
+            layer.tp_size,
+        )
         n, k = layer.output_size, layer.input_size
         bn, bk = self.block
         make_param(layer, "weight", (n, k), FP8_DTYPE, output_dim=0, input_dim=1)
-        make_param(layer, "weight_scale_inv", (-(-n // bn), -(-k // bk)), torch.float32, output_dim=0, input_dim=1,
-                   pack_out=bn)
+        make_param(
+            layer, "weight_scale_inv", (-(-n // bn), -(-k // bk)), torch.float32, output_dim=0, input_dim=1, pack_out=bn
+        )
 
     def process_weights_after_loading(self, layer) -> None:
         replace_with_buffers(layer, [], weight=layer.weight.data, weight_scale_inv=layer.weight_scale_inv.data.float())

@@ -23,28 +23,45 @@ _KEYS = ("bits", "group_size", "desc_act", "sym")
 class GPTQConfig(QuantConfig):
     name = "gptq"
 
-    def __init__(self, bits: int = 4, group_size: int = 128, desc_act: bool = False, sym: bool = True,
-                 checkpoint_format: str = "gptq", dynamic: dict | None = None, lm_head: bool = False):
+    def __init__(
+        self,
+        bits: int = 4,
+        group_size: int = 128,
+        desc_act: bool = False,
+        sym: bool = True,
+        checkpoint_format: str = "gptq",
+        dynamic: dict | None = None,
+        lm_head: bool = False,
+    ):
         self.bits, self.group_size, self.desc_act, self.sym = bits, group_size, desc_act, sym
         self.checkpoint_format = checkpoint_format
         self.dynamic = dynamic or {}
         self.lm_head = lm_head
         _check_int(bits, group_size, "gptq")
         if checkpoint_format not in ("gptq", "gptq_v2"):
-            raise ValueError(f"GPTQ checkpoint_format {checkpoint_format!r} is not supported (gptq, gptq_v2 are): "
-                             "re-save the checkpoint in GPTQ v1/v2 format (GPTQModel `format='gptq'`)")
+            raise ValueError(
+                f"GPTQ checkpoint_format {checkpoint_format!r} is not supported (gptq, gptq_v2 are): "
+                "re-save the checkpoint in GPTQ v1/v2 format (GPTQModel `format='gptq'`)"
+            )
 
     @classmethod
-    def from_config(cls, cfg: dict) -> "GPTQConfig":
+    def from_config(cls, cfg: dict) -> GPTQConfig:
         fmt = cfg.get("checkpoint_format") or cfg.get("format") or "gptq"
         pack_dtype = str(cfg.get("pack_dtype", "int32")).replace("torch.", "")
         if pack_dtype != "int32":
-            raise ValueError(f"GPTQ pack_dtype {pack_dtype!r} is not supported: re-save the checkpoint with "
-                             "GPTQModel's default pack_dtype int32")
-        return cls(bits=int(cfg.get("bits", 4)), group_size=int(cfg.get("group_size", 128)),
-                   desc_act=bool(cfg.get("desc_act", False)), sym=bool(cfg.get("sym", True)),
-                   checkpoint_format=str(fmt).lower(), dynamic=cfg.get("dynamic"),
-                   lm_head=bool(cfg.get("lm_head", False)))
+            raise ValueError(
+                f"GPTQ pack_dtype {pack_dtype!r} is not supported: re-save the checkpoint with "
+                "GPTQModel's default pack_dtype int32"
+            )
+        return cls(
+            bits=int(cfg.get("bits", 4)),
+            group_size=int(cfg.get("group_size", 128)),
+            desc_act=bool(cfg.get("desc_act", False)),
+            sym=bool(cfg.get("sym", True)),
+            checkpoint_format=str(fmt).lower(),
+            dynamic=cfg.get("dynamic"),
+            lm_head=bool(cfg.get("lm_head", False)),
+        )
 
     def describe(self) -> str:
         extra = ", act order" if self.desc_act else ""
@@ -75,8 +92,12 @@ class GPTQConfig(QuantConfig):
         if settings is None:
             return None
         _check_int(int(settings["bits"]), int(settings["group_size"]), prefix)
-        return GPTQLinearMethod(int(settings["bits"]), int(settings["group_size"]), bool(settings["desc_act"]),
-                                self.checkpoint_format == "gptq")
+        return GPTQLinearMethod(
+            int(settings["bits"]),
+            int(settings["group_size"]),
+            bool(settings["desc_act"]),
+            self.checkpoint_format == "gptq",
+        )
 
 
 def _check_int(bits: int, group_size: int, where: str) -> None:

@@ -35,30 +35,38 @@ class IntLinearMethod:
             return k, 1, row_split
         return k, k // self.group_size, False
 
-    def check_shapes(self, prefix: str, k_local: int, k_full: int, parts_local: list[int], kind: str,
-                     tp: int) -> None:
+    def check_shapes(self, prefix: str, k_local: int, k_full: int, parts_local: list[int], kind: str, tp: int) -> None:
         """ValueError naming the module, the dimension and the group size when this rank's slice
         cannot hold whole packed words or whole groups."""
         pack_k = 32 // self.bits
         split = f"tensor_parallel_size={tp}: " if tp > 1 else ""
         if kind == "row" and tp > 1 and self.act_order:
-            raise ValueError(f"{prefix}: {split}act-order (desc_act / actorder) weights cannot be split along "
-                             "their input dimension yet; run this checkpoint with tensor_parallel_size=1")
+            raise ValueError(
+                f"{prefix}: {split}act-order (desc_act / actorder) weights cannot be split along "
+                "their input dimension yet; run this checkpoint with tensor_parallel_size=1"
+            )
         gs = self.group_size
         if gs != -1 and k_local % gs:
-            where = (f"input dimension K={k_full} / {tp} = {k_local} per rank" if tp > 1
-                     else f"input dimension K={k_local}")
-            raise ValueError(f"{prefix}: {split}the {where} is not a multiple of the group size {gs}; use a "
-                             f"tensor_parallel_size that divides {k_full // gs if k_full % gs == 0 else k_full} "
-                             f"({k_full} / group size)")
+            where = (
+                f"input dimension K={k_full} / {tp} = {k_local} per rank" if tp > 1 else f"input dimension K={k_local}"
+            )
+            raise ValueError(
+                f"{prefix}: {split}the {where} is not a multiple of the group size {gs}; use a "
+                f"tensor_parallel_size that divides {k_full // gs if k_full % gs == 0 else k_full} "
+                f"({k_full} / group size)"
+            )
         if k_local % pack_k:
-            raise ValueError(f"{prefix}: {split}input dimension {k_local} per rank is not a multiple of {pack_k} "
-                             f"({self.bits}-bit values per packed word)")
+            raise ValueError(
+                f"{prefix}: {split}input dimension {k_local} per rank is not a multiple of {pack_k} "
+                f"({self.bits}-bit values per packed word)"
+            )
         for n in parts_local:
             if n % max(self.pack_n, 1):
-                raise ValueError(f"{prefix}: {split}output dimension {n} per rank (per fused part) is not a multiple "
-                                 f"of {self.pack_n} ({self.bits}-bit values per packed word along N)"
-                                 + (f" with group size {gs}" if gs != -1 else ""))
+                raise ValueError(
+                    f"{prefix}: {split}output dimension {n} per rank (per fused part) is not a multiple "
+                    f"of {self.pack_n} ({self.bits}-bit values per packed word along N)"
+                    + (f" with group size {gs}" if gs != -1 else "")
+                )
 
     def check_layer(self, layer) -> None:
         kind = "row" if layer.tp_dim == 1 else "column"
@@ -82,20 +90,28 @@ class IntLinearMethod:
         if g_idx is not None and not is_trivial_g_idx(g_idx, k // groups):
             q, perm, per_group = sort_by_group(q, g_idx, groups, layer.prefix)
             if per_group * groups != k:
-                raise ValueError(f"{layer.prefix}: g_idx has {per_group} rows per group for {groups} groups, "
-                                 f"but K is {k}")
+                raise ValueError(
+                    f"{layer.prefix}: g_idx has {per_group} rows per group for {groups} groups, but K is {k}"
+                )
         dtype = torch.get_default_dtype() if not layer.params_dtype else layer.params_dtype
         layer.quant_group_size = -1 if groups == 1 else k // groups
-        replace_with_buffers(layer, self._drop(), qweight=pack(q, self.bits, 0), scales=scales.to(dtype),
-                             zeros=zeros.to(dtype), perm=perm)
+        replace_with_buffers(
+            layer,
+            self._drop(),
+            qweight=pack(q, self.bits, 0),
+            scales=scales.to(dtype),
+            zeros=zeros.to(dtype),
+            perm=perm,
+        )
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return w_int_matmul(x, layer.qweight, layer.scales, layer.zeros, layer.quant_group_size, self.bits,
-                            perm=layer.perm, bias=bias)
+        return w_int_matmul(
+            x, layer.qweight, layer.scales, layer.zeros, layer.quant_group_size, self.bits, perm=layer.perm, bias=bias
+        )
 
 
 def dummy_int32(t: torch.Tensor, generator: torch.Generator) -> None:
-    t.copy_(torch.randint(-(2 ** 31), 2 ** 31 - 1, t.shape, dtype=torch.int32, device=t.device, generator=generator))
+    t.copy_(torch.randint(-(2**31), 2**31 - 1, t.shape, dtype=torch.int32, device=t.device, generator=generator))
 
 
 def dummy_scales(t: torch.Tensor, generator: torch.Generator, bits: int) -> None:

@@ -56,8 +56,10 @@ def sort_by_group(q_kn: torch.Tensor, g_idx: torch.Tensor, num_groups: int, wher
         raise ValueError(f"{where}: g_idx holds groups outside 0..{num_groups - 1}: the checkpoint is corrupt")
     counts = torch.bincount(g_idx, minlength=num_groups)
     if not bool((counts == counts[0]).all()):
-        raise ValueError(f"{where}: g_idx puts {counts.tolist()} rows in its groups; only equal-size groups "
-                         "(what GPTQ / llm-compressor write) are supported")
+        raise ValueError(
+            f"{where}: g_idx puts {counts.tolist()} rows in its groups; only equal-size groups "
+            "(what GPTQ / llm-compressor write) are supported"
+        )
     perm = torch.argsort(g_idx, stable=True)
     return q_kn.index_select(0, perm), perm.to(torch.int32), int(counts[0])
 

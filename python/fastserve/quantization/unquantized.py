@@ -14,8 +14,9 @@ from fastserve.quantization.base import make_param
 
 class UnquantizedLinearMethod:
     def create_weights(self, layer) -> None:
-        make_param(layer, "weight", (layer.output_size, layer.input_size), torch.get_default_dtype(),
-                   output_dim=0, input_dim=1)
+        make_param(
+            layer, "weight", (layer.output_size, layer.input_size), torch.get_default_dtype(), output_dim=0, input_dim=1
+        )
 
     def process_weights_after_loading(self, layer) -> None:
         pass

@@ -58,18 +58,23 @@ async def error_middleware(request: web.Request, handler):
         return e.response(headers)
     except web.HTTPRequestEntityTooLarge:
         status = 413
-        return APIError(f"Request body too large: the limit is {request.app[MAX_BODY]} bytes "
-                        "(--max-request-body-mb).", 413,
-                        code="request_too_large").response()
+        return APIError(
+            f"Request body too large: the limit is {request.app[MAX_BODY]} bytes (--max-request-body-mb).",
+            413,
+            code="request_too_large",
+        ).response()
     except web.HTTPNotFound:
         status = 404
-        return APIError(f"No route {request.method} {request.path}; see GET /openapi.json",
-                        404, code="not_found").response()
+        return APIError(
+            f"No route {request.method} {request.path}; see GET /openapi.json", 404, code="not_found"
+        ).response()
     except web.HTTPMethodNotAllowed as e:
         status = 405
-        return APIError(f"{request.method} is not allowed on {request.path} (allowed: "
-                        f"{', '.join(sorted(e.allowed_methods))})", 405,
-                        code="method_not_allowed").response()
+        return APIError(
+            f"{request.method} is not allowed on {request.path} (allowed: {', '.join(sorted(e.allowed_methods))})",
+            405,
+            code="method_not_allowed",
+        ).response()
     except web.HTTPException as e:
         status = e.status
         return APIError(e.reason or "HTTP error", e.status).response()
@@ -78,8 +83,7 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
-        return APIError("internal server error; see the server log", 500,
-                        code="internal_error").response()
+        return APIError("internal server error; see the server log", 500, code="internal_error").response()
     finally:
         state.metrics.count_http(route, status)
         if state.log_requests and route != "/metrics":
@@ -93,8 +97,7 @@ async def auth_middleware(request: web.Request, handler):
         given = request.headers.get("Authorization", "")
         expected = f"Bearer {state.api_key}"
         if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
-            raise APIError("Missing or wrong API key: send `Authorization: Bearer <key>`.",
-                           401, code="invalid_api_key")
+            raise APIError("Missing or wrong API key: send `Authorization: Bearer <key>`.", 401, code="invalid_api_key")
     return await handler(request)
 
 
@@ -114,18 +117,34 @@ async def metrics(request: web.Request) -> web.Response:
     if state.engine is not None:
         with contextlib.suppress(Exception):
             stats = state.engine.stats()
-    return web.Response(text=state.metrics.render(stats),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return web.Response(
+        text=state.metrics.render(stats),
+        content_type="text/plain",
+        charset="utf-8",
+        headers={"X-Content-Type-Options": "nosniff"},
+    )
 
 
 async def list_models(request: web.Request) -> web.Response:
     state: ServerState = request.app[STATE]
     state.ready_engine()
-    return json_response({"object": "list", "data": [
-        {"id": name, "object": "model", "created": state.created, "owned_by": "fastserve",
-         "root": state.model_path, "parent": None, "max_model_len": state.max_model_len}
-        for name in state.served_model_names]})
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": state.created,
+                    "owned_by": "fastserve",
+                    "root": state.model_path,
+                    "parent": None,
+                    "max_model_len": state.max_model_len,
+                }
+                for name in state.served_model_names
+            ],
+        }
+    )
 
 
 async def tokenize(request: web.Request) -> web.Response:
@@ -135,10 +154,15 @@ async def tokenize(request: web.Request) -> web.Response:
     state.check_model(req.model)
     tok = engine.tokenizer
     if req.messages is not None:
-        text = render_messages(tok, req.messages, chat_template=req.chat_template,
-                               default_template=state.chat_template, chat_template_kwargs=req.chat_template_kwargs,
-                               add_generation_prompt=req.add_generation_prompt,
-                               continue_final_message=req.continue_final_message)
+        text = render_messages(
+            tok,
+            req.messages,
+            chat_template=req.chat_template,
+            default_template=state.chat_template,
+            chat_template_kwargs=req.chat_template_kwargs,
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+        )
         add_special = False if req.add_special_tokens is None else req.add_special_tokens
     else:
         text = req.prompt
@@ -159,8 +183,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
     check_token_ids(req.tokens, engine.model_config.vocab_size, "tokens")
     if len(req.tokens) > _INLINE_DECODE_TOKENS:
-        text = await asyncio.get_running_loop().run_in_executor(
-            None, engine.tokenizer.decode, req.tokens)
+        text = await asyncio.get_running_loop().run_in_executor(None, engine.tokenizer.decode, req.tokens)
     else:
         text = engine.tokenizer.decode(req.tokens)
     return json_response({"prompt": text})
@@ -177,33 +200,56 @@ def openapi_spec() -> dict:
     }
     types = list(bodies.values())
     _, components = msgspec.json.schema_components(types, ref_template="#/components/schemas/{name}")
-    error = {"description": "error", "content": {"application/json": {"schema": {
-        "$ref": "#/components/schemas/ErrorResponse"}}}}
-    components["ErrorResponse"] = {"type": "object", "required": ["error"], "properties": {
-        "error": {"type": "object", "required": ["message", "type", "param", "code"],
-                  "properties": {"message": {"type": "string"}, "type": {"type": "string"},
-                                 "param": {"type": ["string", "null"]},
-                                 "code": {"type": ["string", "null"]}}}}}
+    error = {
+        "description": "error",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+    }
+    components["ErrorResponse"] = {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    }
     errors = {str(s): error for s in (400, 401, 404, 413, 500, 503)}
     paths: dict = {}
     for path, t in bodies.items():
         ok = {"description": "OK", "content": {"application/json": {}}}
         if path.startswith("/v1/"):
             ok["content"]["text/event-stream"] = {}
-        paths[path] = {"post": {
-            "operationId": path.strip("/").replace("/", "_"),
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "$ref": f"#/components/schemas/{t.__name__}"}}}},
-            "responses": {"200": ok, **errors}}}
+        paths[path] = {
+            "post": {
+                "operationId": path.strip("/").replace("/", "_"),
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{t.__name__}"}}},
+                },
+                "responses": {"200": ok, **errors},
+            }
+        }
     for path in ("/v1/models", "/health", "/version", "/metrics"):
-        paths[path] = {"get": {"operationId": path.strip("/").replace("/", "_"),
-                               "responses": {"200": {"description": "OK"}, **errors}}}
-    return {"openapi": "3.1.0",
-            "info": {"title": "fastserve OpenAI-compatible API", "version": fastserve.__version__},
-            "paths": paths, "components": {"schemas": components,
-                                           "securitySchemes": {"bearer": {"type": "http",
-                                                                          "scheme": "bearer"}}},
-            "security": [{"bearer": []}, {}]}
+        paths[path] = {
+            "get": {
+                "operationId": path.strip("/").replace("/", "_"),
+                "responses": {"200": {"description": "OK"}, **errors},
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fastserve OpenAI-compatible API", "version": fastserve.__version__},
+        "paths": paths,
+        "components": {"schemas": components, "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}, {}],
+    }
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -211,8 +257,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
-                          client_max_size=max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, auth_middleware], client_max_size=max_body_bytes)
     app[STATE] = state
     app[OPENAPI] = openapi_spec()
     app[MAX_BODY] = max_body_bytes
@@ -231,24 +276,36 @@ def build_app(state: ServerState, max_body_bytes: int) -> web.Application:
 
 def engine_args_from(args):
     from fastserve.engine.arg_utils import EngineArgs
+
     return EngineArgs(
-        model=args.model, tokenizer=args.tokenizer, dtype=args.dtype,
-        max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
+        model=args.model,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         tensor_parallel_size=args.tensor_parallel_size,
-        data_parallel_size=getattr(args, "data_parallel_size", 1), max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, enforce_eager=args.enforce_eager,
+        data_parallel_size=getattr(args, "data_parallel_size", 1),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enforce_eager=args.enforce_eager,
         max_num_sample_rows=getattr(args, "max_num_sample_rows", None),
-        seed=args.seed, enable_prefix_caching=args.enable_prefix_caching,
-        load_format=args.load_format, block_size=args.block_size,
+        seed=args.seed,
+        enable_prefix_caching=args.enable_prefix_caching,
+        load_format=args.load_format,
+        block_size=args.block_size,
         quantization=getattr(args, "quantization", None),
-        num_gpu_blocks_override=args.num_gpu_blocks_override, device=args.device,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        device=args.device,
         served_model_name=args.served_model_name,
-        trust_remote_code=getattr(args, "trust_remote_code", False), revision=getattr(args, "revision", None),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+        revision=getattr(args, "revision", None),
         tokenizer_revision=getattr(args, "tokenizer_revision", None),
-        code_revision=getattr(args, "code_revision", None), download_dir=getattr(args, "download_dir", None),
+        code_revision=getattr(args, "code_revision", None),
+        download_dir=getattr(args, "download_dir", None),
         hf_token=getattr(args, "hf_token", None),
         generation_config=getattr(args, "generation_config", "auto"),
-        override_generation_config=getattr(args, "override_generation_config", None))
+        override_generation_config=getattr(args, "override_generation_config", None),
+    )
 
 
 def _build_engine(engine_args):
@@ -280,15 +337,18 @@ async def load_engine(state: ServerState, engine_args) -> None:
     state.set_engine(engine)
     state.metrics.labels["model_name"] = state.served_model_names[0]
     state.metrics.set_max_model_len(state.max_model_len)
-    logger.info("engine ready in %.1f s: %s (max_model_len %d)", time.monotonic() - t0,
-                state.served_model_names[0], state.max_model_len)
+    logger.info(
+        "engine ready in %.1f s: %s (max_model_len %d)",
+        time.monotonic() - t0,
+        state.served_model_names[0],
+        state.max_model_len,
+    )
 
 
 class RunningServer:
     """A listening server whose engine loads in the background (`loaded` is that task)."""
 
-    def __init__(self, state: ServerState, runner: web.AppRunner, loaded: asyncio.Future,
-                 port: int) -> None:
+    def __init__(self, state: ServerState, runner: web.AppRunner, loaded: asyncio.Future, port: int) -> None:
         self.state = state
         self.runner = runner
         self.loaded = loaded
@@ -316,19 +376,23 @@ async def start_server(args, engine_args=None) -> RunningServer:
 
     from .reasoning import get_reasoning_parser
 
-    state = ServerState(served_model_names=list(args.served_model_name or [args.model]),
-                        model_path=args.model, api_key=args.api_key,
-                        chat_template=load_chat_template(args.chat_template),
-                        reasoning_parser=get_reasoning_parser(args.reasoning_parser),
-                        log_requests=not args.disable_log_requests,
-                        tool_call_parser=getattr(args, "tool_call_parser", None),
-                        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False))
+    state = ServerState(
+        served_model_names=list(args.served_model_name or [args.model]),
+        model_path=args.model,
+        api_key=args.api_key,
+        chat_template=load_chat_template(args.chat_template),
+        reasoning_parser=get_reasoning_parser(args.reasoning_parser),
+        log_requests=not args.disable_log_requests,
+        tool_call_parser=getattr(args, "tool_call_parser", None),
+        enable_auto_tool_choice=getattr(args, "enable_auto_tool_choice", False),
+    )
     engine_args = engine_args or engine_args_from(args)
     app = build_app(state, int(args.max_request_body_mb * 1024 * 1024))
     # handler_cancellation: a client that disconnects cancels its handler, whose finally
     # aborts the engine request and frees its KV blocks at once.
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           access_log=None, shutdown_timeout=args.shutdown_timeout)
+    runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, access_log=None, shutdown_timeout=args.shutdown_timeout
+    )
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -353,8 +417,7 @@ async def serve(args, engine_args=None) -> int:
         if server.loaded.done() and server.loaded.exception() is not None:
             err = server.loaded.exception()
             # A ValueError is a bad flag or model directory: its message says what to fix.
-            logger.error("failed to load the model: %s", err,
-                         exc_info=None if isinstance(err, ValueError) else err)
+            logger.error("failed to load the model: %s", err, exc_info=None if isinstance(err, ValueError) else err)
             code = 1
         else:
             died = server.state.engine.died
@@ -365,8 +428,9 @@ async def serve(args, engine_args=None) -> int:
                 logger.error("the engine died (%r): exiting with code 1", died.result())
                 code = 1
             else:
-                logger.info("shutting down: no new requests; waiting up to %.0f s for "
-                            "running ones", args.shutdown_timeout)
+                logger.info(
+                    "shutting down: no new requests; waiting up to %.0f s for running ones", args.shutdown_timeout
+                )
     finally:
         stopper.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -33,8 +33,15 @@ _TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, message: str, status: int = 400, *, param: str | None = None,
-                 code: str | None = None, type: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.status = status
@@ -43,12 +50,12 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "invalid_request_error")
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type,
-                          "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self, headers: dict | None = None) -> web.Response:
-        return web.Response(status=self.status, body=msgspec.json.encode(self.body()),
-                            content_type="application/json", headers=headers)
+        return web.Response(
+            status=self.status, body=msgspec.json.encode(self.body()), content_type="application/json", headers=headers
+        )
 
 
 def bad_request(message: str, param: str | None = None) -> APIError:
@@ -92,9 +99,16 @@ def api_error(exc: BaseException, req=None) -> APIError | None:
     if isinstance(exc, ValueError):
         return APIError(str(exc), 400)
     if isinstance(exc, RequestError):
-        return APIError("processing this request failed inside the engine (see the server log); "
-                        "the server keeps serving other requests", 500, code="request_failed")
+        return APIError(
+            "processing this request failed inside the engine (see the server log); "
+            "the server keeps serving other requests",
+            500,
+            code="request_failed",
+        )
     if isinstance(exc, EngineDeadError):
-        return APIError("the engine stopped after an internal error (see the server log); restart the server",
-                        503, code="engine_dead")
+        return APIError(
+            "the engine stopped after an internal error (see the server log); restart the server",
+            503,
+            code="engine_dead",
+        )
     return None

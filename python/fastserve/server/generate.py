@@ -18,8 +18,9 @@ if TYPE_CHECKING:
     from .metrics import ServerMetrics
 
 
-async def generate(engine: EngineClient, metrics: ServerMetrics, request_id: str, prompt_ids: list[int], params,
-                   prompt: str | None) -> AsyncIterator[Any]:
+async def generate(
+    engine: EngineClient, metrics: ServerMetrics, request_id: str, prompt_ids: list[int], params, prompt: str | None
+) -> AsyncIterator[Any]:
     """engine.generate with the request's metrics; aborts the request (freeing its KV blocks
     at once) when the consumer goes away before it finished: a client disconnect cancels the
     handler, and the cancellation unwinds through here."""
@@ -68,9 +69,14 @@ async def generate(engine: EngineClient, metrics: ServerMetrics, request_id: str
                 await engine.abort(request_id)
         with contextlib.suppress(Exception):
             await stream.aclose()
-        m.finished(reason, time.monotonic() - start, prompt_tokens=len(prompt_ids),
-                   generation_tokens=seen_tokens, params=params,
-                   decode_seconds=None if first_at is None else last - first_at)
+        m.finished(
+            reason,
+            time.monotonic() - start,
+            prompt_tokens=len(prompt_ids),
+            generation_tokens=seen_tokens,
+            params=params,
+            decode_seconds=None if first_at is None else last - first_at,
+        )
 
 
 async def _chain(first, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:

@@ -15,21 +15,140 @@ import math
 
 PREFIX = "fastserve:"
 
-_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
-                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-                0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-_E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                40.0, 50.0, 60.0, 120.0, 240.0)
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+)
+_E2E_BUCKETS = (
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+)
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so histogram_quantile over them agrees.
 VLLM_PREFIX = "vllm:"
-VLLM_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                     2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
-VLLM_ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-                    5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-VLLM_REQUEST_LATENCY_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0,
-                                40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+VLLM_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+VLLM_ITL_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+VLLM_REQUEST_LATENCY_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 VLLM_N_BUCKETS = (1, 2, 5, 10, 20)
 # vLLM's FinishReason strings (the `finished_reason` label values it exports).
 VLLM_FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -40,7 +159,7 @@ def build_1_2_5_buckets(max_value: int) -> tuple[int, ...]:
     out, exponent = [], 0
     while True:
         for m in (1, 2, 5):
-            value = m * 10 ** exponent
+            value = m * 10**exponent
             if value > max_value:
                 return tuple(out)
             out.append(value)
@@ -63,7 +182,7 @@ def go_float(v: float) -> str:
     s = repr(f)
     dot = s.find(".")
     if f > 0 and dot > 6:  # Go switches to exponents sooner than Python
-        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1 :]}".rstrip("0.")
         return f"{mantissa}e+0{dot - 1}"
     return s
 
@@ -146,9 +265,16 @@ class ServerMetrics:
         key = (route, status)
         self.http_requests[key] = self.http_requests.get(key, 0) + 1
 
-    def finished(self, reason: str | None, e2e_seconds: float, *, prompt_tokens: int | None = None,
-                 generation_tokens: int | None = None, params=None,
-                 decode_seconds: float | None = None) -> None:
+    def finished(
+        self,
+        reason: str | None,
+        e2e_seconds: float,
+        *,
+        prompt_tokens: int | None = None,
+        generation_tokens: int | None = None,
+        params=None,
+        decode_seconds: float | None = None,
+    ) -> None:
         """A request ended (reason "stop"/"length"/"abort", or "error" when the engine failed
         it). The keyword arguments feed vLLM's per-request histograms when known."""
         self.vllm_request_success[reason if reason in VLLM_FINISH_REASONS else "abort"] += 1
@@ -187,40 +313,71 @@ class ServerMetrics:
             out.extend(h.render(full, lab, le=go_float))
 
         s = stats or {}
-        metric("num_requests_running", "gauge", "Number of requests in model execution batches.",
-               [({}, s.get("num_running", 0))])
-        metric("num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               [({}, s.get("num_waiting", 0))])
-        metric("kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
-               [({}, s.get("kv_cache_usage", 0.0))])
-        metric("prefix_cache_queries_total", "counter",
-               "Prefix cache queries, in terms of number of queried tokens.",
-               [({}, s.get("prefix_cache_queried_tokens", 0))])
-        metric("prefix_cache_hits_total", "counter",
-               "Prefix cache hits, in terms of number of cached tokens.",
-               [({}, s.get("prefix_cache_hit_tokens", 0))])
-        metric("num_preemptions_total", "counter", "Cumulative number of preemption from the engine.",
-               [({}, s.get("num_preemptions", 0))])
-        metric("prompt_tokens_total", "counter", "Number of prefill tokens processed.",
-               [({}, self.prompt_tokens)])
-        metric("generation_tokens_total", "counter", "Number of generation tokens processed.",
-               [({}, self.generation_tokens)])
-        metric("request_success_total", "counter", "Count of successfully processed requests.",
-               [({"finished_reason": r}, c) for r, c in self.vllm_request_success.items()])
+        metric(
+            "num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            [({}, s.get("num_running", 0))],
+        )
+        metric(
+            "num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            [({}, s.get("num_waiting", 0))],
+        )
+        metric(
+            "kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [({}, s.get("kv_cache_usage", 0.0))],
+        )
+        metric(
+            "prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            [({}, s.get("prefix_cache_queried_tokens", 0))],
+        )
+        metric(
+            "prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            [({}, s.get("prefix_cache_hit_tokens", 0))],
+        )
+        metric(
+            "num_preemptions_total",
+            "counter",
+            "Cumulative number of preemption from the engine.",
+            [({}, s.get("num_preemptions", 0))],
+        )
+        metric("prompt_tokens_total", "counter", "Number of prefill tokens processed.", [({}, self.prompt_tokens)])
+        metric(
+            "generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            [({}, self.generation_tokens)],
+        )
+        metric(
+            "request_success_total",
+            "counter",
+            "Count of successfully processed requests.",
+            [({"finished_reason": r}, c) for r, c in self.vllm_request_success.items()],
+        )
         hist("request_prompt_tokens", "Number of prefill tokens processed.", self.request_prompt_tokens)
-        hist("request_generation_tokens", "Number of generation tokens processed.",
-             self.request_generation_tokens)
+        hist("request_generation_tokens", "Number of generation tokens processed.", self.request_generation_tokens)
         hist("request_params_n", "Histogram of the n request parameter.", self.request_params_n)
-        hist("request_params_max_tokens", "Histogram of the max_tokens request parameter.",
-             self.request_params_max_tokens)
-        hist("time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-             self.ttft.vllm)
-        hist("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-             self.itl.vllm)
-        hist("request_time_per_output_token_seconds",
-             "Histogram of time_per_output_token_seconds per request.", self.request_tpot)
-        hist("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-             self.e2e.vllm)
+        hist(
+            "request_params_max_tokens",
+            "Histogram of the max_tokens request parameter.",
+            self.request_params_max_tokens,
+        )
+        hist("time_to_first_token_seconds", "Histogram of time to first token in seconds.", self.ttft.vllm)
+        hist("inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", self.itl.vllm)
+        hist(
+            "request_time_per_output_token_seconds",
+            "Histogram of time_per_output_token_seconds per request.",
+            self.request_tpot,
+        )
+        hist("e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", self.e2e.vllm)
         return "\n".join(out) + "\n"
 
     def _render_own(self, stats: dict | None) -> str:
@@ -243,37 +400,47 @@ class ServerMetrics:
         s = stats or {}
         queried = s.get("prefix_cache_queried_tokens", 0)
         hits = s.get("prefix_cache_hit_tokens", 0)
-        metric("num_requests_running", "gauge", "Requests in the engine's running set.",
-               [({}, s.get("num_running", 0))])
-        metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.",
-               [({}, s.get("num_waiting", 0))])
-        metric("kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (0 to 1).",
-               [({}, s.get("kv_cache_usage", 0.0))])
-        metric("num_free_blocks", "gauge", "Free KV-cache blocks.",
-               [({}, s.get("num_free_blocks", 0))])
-        metric("num_total_blocks", "gauge", "KV-cache blocks in the pool.",
-               [({}, s.get("num_total_blocks", 0))])
-        metric("num_preemptions_total", "counter", "Requests preempted for lack of KV blocks.",
-               [({}, s.get("num_preemptions", 0))])
-        metric("prefix_cache_queries_total", "counter",
-               "Prompt tokens looked up in the prefix cache.", [({}, queried)])
-        metric("prefix_cache_hits_total", "counter",
-               "Prompt tokens served from the prefix cache.", [({}, hits)])
-        metric("prefix_cache_hit_rate", "gauge",
-               "Prefix-cache hits over queries since start (0 when nothing was queried).",
-               [({}, hits / queried if queried else 0.0)])
-        metric("request_success_total", "counter", "Finished requests by finish reason.",
-               [({"finished_reason": r}, c) for r, c in self.request_success.items()])
-        metric("prompt_tokens_total", "counter", "Prompt tokens processed.",
-               [({}, self.prompt_tokens)])
-        metric("generation_tokens_total", "counter", "Tokens generated.",
-               [({}, self.generation_tokens)])
-        hist("time_to_first_token_seconds", "Time from request arrival to its first token.",
-             self.ttft.own)
+        metric(
+            "num_requests_running", "gauge", "Requests in the engine's running set.", [({}, s.get("num_running", 0))]
+        )
+        metric("num_requests_waiting", "gauge", "Requests waiting to be scheduled.", [({}, s.get("num_waiting", 0))])
+        metric(
+            "kv_cache_usage_perc",
+            "gauge",
+            "Fraction of KV-cache blocks in use (0 to 1).",
+            [({}, s.get("kv_cache_usage", 0.0))],
+        )
+        metric("num_free_blocks", "gauge", "Free KV-cache blocks.", [({}, s.get("num_free_blocks", 0))])
+        metric("num_total_blocks", "gauge", "KV-cache blocks in the pool.", [({}, s.get("num_total_blocks", 0))])
+        metric(
+            "num_preemptions_total",
+            "counter",
+            "Requests preempted for lack of KV blocks.",
+            [({}, s.get("num_preemptions", 0))],
+        )
+        metric("prefix_cache_queries_total", "counter", "Prompt tokens looked up in the prefix cache.", [({}, queried)])
+        metric("prefix_cache_hits_total", "counter", "Prompt tokens served from the prefix cache.", [({}, hits)])
+        metric(
+            "prefix_cache_hit_rate",
+            "gauge",
+            "Prefix-cache hits over queries since start (0 when nothing was queried).",
+            [({}, hits / queried if queried else 0.0)],
+        )
+        metric(
+            "request_success_total",
+            "counter",
+            "Finished requests by finish reason.",
+            [({"finished_reason": r}, c) for r, c in self.request_success.items()],
+        )
+        metric("prompt_tokens_total", "counter", "Prompt tokens processed.", [({}, self.prompt_tokens)])
+        metric("generation_tokens_total", "counter", "Tokens generated.", [({}, self.generation_tokens)])
+        hist("time_to_first_token_seconds", "Time from request arrival to its first token.", self.ttft.own)
         hist("inter_token_latency_seconds", "Time between successive output tokens.", self.itl.own)
-        hist("e2e_request_latency_seconds", "Time from request arrival to its last token.",
-             self.e2e.own)
-        metric("http_requests_total", "counter", "HTTP requests by route and status.",
-               [({"route": r, "status": str(st)}, c)
-                for (r, st), c in sorted(self.http_requests.items())])
+        hist("e2e_request_latency_seconds", "Time from request arrival to its last token.", self.e2e.own)
+        metric(
+            "http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+            [({"route": r, "status": str(st)}, c) for (r, st), c in sorted(self.http_requests.items())],
+        )
         return "\n".join(out) + "\n"

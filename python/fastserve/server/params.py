@@ -18,10 +18,26 @@ from .errors import bad_request
 COMPILE_TIMEOUT_S = 30.0
 
 # Request fields passed to SamplingParams as they are, when the client set them.
-_PASSED = ("best_of", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty", "frequency_penalty",
-           "repetition_penalty", "min_tokens", "ignore_eos", "stop_token_ids", "skip_special_tokens",
-           "spaces_between_special_tokens", "include_stop_str_in_output", "bad_words", "prompt_logprobs",
-           "allowed_token_ids")
+_PASSED = (
+    "best_of",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "include_stop_str_in_output",
+    "bad_words",
+    "prompt_logprobs",
+    "allowed_token_ids",
+)
 
 
 def structured_outputs_spec(req):
@@ -43,12 +59,14 @@ async def compile_constraint(structured, spec) -> None:
         # shield: a timed-out wait must not cancel the shared (cached) compile.
         await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), COMPILE_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise InvalidRequest(f"compiling the {spec.kind} constraint took longer than {COMPILE_TIMEOUT_S:.0f} s; "
-                             "simplify it", spec.param) from None
+        raise InvalidRequest(
+            f"compiling the {spec.kind} constraint took longer than {COMPILE_TIMEOUT_S:.0f} s; simplify it", spec.param
+        ) from None
 
 
-def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int,
-                       prompt_field: str, max_tokens_field: str) -> int:
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, prompt_field: str, max_tokens_field: str
+) -> int:
     """vLLM's rule: the prompt must leave room, and prompt + max_tokens may not exceed
     max_model_len (400); no max_tokens means "up to the context length". (max_tokens < 1 is
     SamplingParams' rule.)"""
@@ -56,7 +74,9 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
         raise bad_request(
             f"This model's maximum context length is {max_model_len} tokens. However, your "
             f"{prompt_field} has {prompt_len} tokens. Please shorten it (or set "
-            f"truncate_prompt_tokens).", prompt_field)
+            f"truncate_prompt_tokens).",
+            prompt_field,
+        )
     if requested is None:
         return max_model_len - prompt_len
     if prompt_len + requested > max_model_len:
@@ -64,13 +84,22 @@ def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: in
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {prompt_len + requested} tokens ({prompt_len} in the {prompt_field}, "
             f"{requested} in the completion). Please reduce the length of the {prompt_field} "
-            f"or {max_tokens_field}.", max_tokens_field)
+            f"or {max_tokens_field}.",
+            max_tokens_field,
+        )
     return requested
 
 
-def sampling_params(req, *, max_tokens: int, logprobs: int | None, defaults: dict[str, Any] | None = None,
-                    structured_outputs=None, prompt_logprobs: int | None = None,
-                    skip_special_tokens: bool | None = None):
+def sampling_params(
+    req,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    defaults: dict[str, Any] | None = None,
+    structured_outputs=None,
+    prompt_logprobs: int | None = None,
+    skip_special_tokens: bool | None = None,
+):
     """SamplingParams from the request's fields (only those the client set), the fields it
     left unset taken from `defaults` (the model's generation_config.json, see
     fastserve.generation_config), then SamplingParams' own."""

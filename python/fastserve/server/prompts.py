@@ -28,12 +28,12 @@ async def encode(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
 def check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise bad_request(f"{field} holds token id {bad}, outside the vocabulary "
-                          f"[0, {vocab_size})", field)
+        raise bad_request(f"{field} holds token id {bad}, outside the vocabulary [0, {vocab_size})", field)
 
 
-def truncate(ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int,
-             side: str | None = None) -> list[int]:
+def truncate(
+    ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int, side: str | None = None
+) -> list[int]:
     """vLLM's truncate_prompt_tokens: keep the last tokens ("left" truncation, the default) or
     the first ("right")."""
     if truncate_prompt_tokens is None:
@@ -42,17 +42,29 @@ def truncate(ids: list[int], truncate_prompt_tokens: int | None, max_model_len: 
     return ids[:keep] if side == "right" else ids[-keep:]
 
 
-def render_messages(tokenizer, messages, *, chat_template: str | None, default_template: str | None,
-                    chat_template_kwargs, add_generation_prompt: bool, continue_final_message: bool,
-                    tools=None) -> str:
+def render_messages(
+    tokenizer,
+    messages,
+    *,
+    chat_template: str | None,
+    default_template: str | None,
+    chat_template_kwargs,
+    add_generation_prompt: bool,
+    continue_final_message: bool,
+    tools=None,
+) -> str:
     """The conversation as the model's prompt text (the request's own template, else the
     server's, else the tokenizer's)."""
     try:
-        return render_chat(tokenizer, messages_to_dicts(messages),
-                           chat_template=chat_template or default_template,
-                           add_generation_prompt=add_generation_prompt,
-                           chat_template_kwargs=chat_template_kwargs, tools=tools,
-                           continue_final_message=continue_final_message)
+        return render_chat(
+            tokenizer,
+            messages_to_dicts(messages),
+            chat_template=chat_template or default_template,
+            add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs,
+            tools=tools,
+            continue_final_message=continue_final_message,
+        )
     except ValueError as e:
         param = "chat_template" if "chat_template" in str(e) or "template" in str(e) else "messages"
         raise bad_request(str(e), param) from None
@@ -60,8 +72,7 @@ def render_messages(tokenizer, messages, *, chat_template: str | None, default_t
         # Rendering depends only on the request (its messages, maybe its own template): a
         # template that breaks on them is the request's fault, never a 500.
         param = "chat_template" if chat_template else "messages"
-        raise bad_request(f"the chat template failed to render: {type(e).__name__}: {e}",
-                          param) from None
+        raise bad_request(f"the chat template failed to render: {type(e).__name__}: {e}", param) from None
 
 
 def chat_template_kwargs(req) -> dict | None:
@@ -70,8 +81,7 @@ def chat_template_kwargs(req) -> dict | None:
     kw = dict(req.chat_template_kwargs or {})
     if req.reasoning_effort is not None:
         if req.reasoning_effort not in REASONING_EFFORTS:
-            raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}",
-                              "reasoning_effort")
+            raise bad_request(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}", "reasoning_effort")
         kw.setdefault("reasoning_effort", req.reasoning_effort)
         kw.setdefault("enable_thinking", req.reasoning_effort != "none")
     if req.documents is not None:
@@ -81,10 +91,16 @@ def chat_template_kwargs(req) -> dict | None:
 
 async def chat_prompt(serving, req, template_kwargs: dict | None) -> tuple[str, list[int]]:
     """(prompt text, token ids) of a chat request."""
-    text = render_messages(serving.tokenizer, req.messages, chat_template=req.chat_template,
-                           default_template=serving.chat_template, chat_template_kwargs=template_kwargs,
-                           add_generation_prompt=req.add_generation_prompt,
-                           continue_final_message=req.continue_final_message, tools=req.tools)
+    text = render_messages(
+        serving.tokenizer,
+        req.messages,
+        chat_template=req.chat_template,
+        default_template=serving.chat_template,
+        chat_template_kwargs=template_kwargs,
+        add_generation_prompt=req.add_generation_prompt,
+        continue_final_message=req.continue_final_message,
+        tools=req.tools,
+    )
     # The template already wrote BOS where the model wants it (vLLM's chat default).
     add_special = False if req.add_special_tokens is None else req.add_special_tokens
     ids = await encode(serving.tokenizer, text, add_special)

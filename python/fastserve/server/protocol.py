@@ -7,11 +7,9 @@ sending newer fields keep working."""
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import msgspec
-
-from .errors import bad_request
 
 from ..limits import (  # noqa: F401 - the request limits, re-exported for the server
     MAX_LOGPROBS,
@@ -21,6 +19,7 @@ from ..limits import (  # noqa: F401 - the request limits, re-exported for the s
     MAX_STOP_STRINGS,
     MAX_TOKEN_ID_LIST,
 )
+from .errors import bad_request
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -37,7 +36,7 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: Union[str, list[str], None] = None
+    stop: str | list[str] | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -89,8 +88,11 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
     modalities: Any = None
 
     def structured_output_fields(self) -> dict[str, Any]:
-        return {"response_format": self.response_format, "structured_outputs": self.structured_outputs,
-                "guided": {f: getattr(self, f) for f in _GUIDED}}
+        return {
+            "response_format": self.response_format,
+            "structured_outputs": self.structured_outputs,
+            "guided": {f: getattr(self, f) for f in _GUIDED},
+        }
 
     def check_common(self) -> None:
         for name, is_set, why in _UNSUPPORTED:
@@ -102,40 +104,47 @@ class _SamplingFields(msgspec.Struct, kw_only=True):
         for name in ("n", "best_of"):
             value = getattr(self, name)
             if value is not None and value > MAX_N:
-                raise bad_request(f"{name} is {value}; the most one request may ask for is "
-                                  f"{MAX_N}: send several requests instead", name)
+                raise bad_request(
+                    f"{name} is {value}; the most one request may ask for is {MAX_N}: send several requests instead",
+                    name,
+                )
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if len(stop) > MAX_STOP_STRINGS:
-            raise bad_request(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are "
-                              "allowed", "stop")
+            raise bad_request(f"stop holds {len(stop)} strings; at most {MAX_STOP_STRINGS} are allowed", "stop")
         if any(len(x) > MAX_STOP_STRING_CHARS for x in stop):
-            raise bad_request(f"a stop string is longer than {MAX_STOP_STRING_CHARS} "
-                              "characters; shorten it", "stop")
+            raise bad_request(f"a stop string is longer than {MAX_STOP_STRING_CHARS} characters; shorten it", "stop")
         for name in ("stop_token_ids", "bad_words"):
             value = getattr(self, name)
             if value is not None and len(value) > MAX_TOKEN_ID_LIST:
-                raise bad_request(f"{name} holds {len(value)} entries; at most "
-                                  f"{MAX_TOKEN_ID_LIST} are allowed", name)
+                raise bad_request(f"{name} holds {len(value)} entries; at most {MAX_TOKEN_ID_LIST} are allowed", name)
         if self.stream_options is not None and not self.stream:
-            raise bad_request("stream_options is only allowed when stream is true",
-                              "stream_options")
+            raise bad_request("stream_options is only allowed when stream is true", "stream_options")
         if self.truncate_prompt_tokens is not None and (
-                self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1):
-            raise bad_request("truncate_prompt_tokens must be a positive number of tokens "
-                              "(or -1 for the model's maximum length)", "truncate_prompt_tokens")
+            self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1
+        ):
+            raise bad_request(
+                "truncate_prompt_tokens must be a positive number of tokens (or -1 for the model's maximum length)",
+                "truncate_prompt_tokens",
+            )
         # best_of picks the n best only once all are finished: nothing to stream before.
         if self.stream and self.best_of is not None and self.best_of != self.n:
             raise bad_request("best_of must equal n when streaming", "best_of")
         if self.stream and self.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs is only returned without streaming",
-                              "prompt_logprobs")
+            raise bad_request("prompt_logprobs is only returned without streaming", "prompt_logprobs")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got "
-                              f"{self.prompt_logprobs}", "prompt_logprobs")
+            raise bad_request(
+                f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}", "prompt_logprobs"
+            )
 
 
-_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_decoding_backend",
-           "guided_whitespace_pattern")
+_GUIDED = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_decoding_backend",
+    "guided_whitespace_pattern",
+)
 # (field, is it set, why it cannot be honoured)
 _UNSUPPORTED = (
     ("use_beam_search", lambda v: v is True, "no beam search"),
@@ -150,11 +159,11 @@ _UNSUPPORTED = (
     ("modalities", lambda v: v is not None and list(v) != ["text"], "text output only"),
 )
 
-PromptItem = Union[str, int, list[int]]
+PromptItem = str | int | list[int]
 
 
 class CompletionRequest(_SamplingFields, kw_only=True):
-    prompt: Union[str, list[PromptItem]]
+    prompt: str | list[PromptItem]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
@@ -165,8 +174,7 @@ class CompletionRequest(_SamplingFields, kw_only=True):
         if self.suffix:
             raise bad_request("suffix is not supported; leave it out", "suffix")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got "
-                              f"{self.logprobs}", "logprobs")
+            raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}", "logprobs")
 
     def prompts(self) -> list[str | list[int]]:
         """One entry per prompt: text, or token ids. The four OpenAI forms: a string, a list
@@ -177,8 +185,9 @@ class CompletionRequest(_SamplingFields, kw_only=True):
         if not p:
             raise bad_request("prompt must not be empty", "prompt")
         if len(p) > MAX_PROMPTS and not all(isinstance(x, int) for x in p):
-            raise bad_request(f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS} go in one "
-                              "request: split the batch", "prompt")
+            raise bad_request(
+                f"prompt holds {len(p)} prompts; at most {MAX_PROMPTS} go in one request: split the batch", "prompt"
+            )
         if all(isinstance(x, int) and not isinstance(x, bool) for x in p):
             return [list(p)]
         if all(isinstance(x, str) for x in p):
@@ -188,8 +197,10 @@ class CompletionRequest(_SamplingFields, kw_only=True):
                 if not ids:
                     raise bad_request(f"prompt[{i}] is an empty list of token ids", f"prompt[{i}]")
             return [list(x) for x in p]
-        raise bad_request("prompt must be a string, a list of strings, a list of token ids, "
-                          "or a list of token-id lists (not a mix)", "prompt")
+        raise bad_request(
+            "prompt must be a string, a list of strings, a list of token ids, or a list of token-id lists (not a mix)",
+            "prompt",
+        )
 
 
 class ContentPart(msgspec.Struct, kw_only=True):
@@ -199,7 +210,7 @@ class ContentPart(msgspec.Struct, kw_only=True):
 
 class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
     role: str
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -212,14 +223,17 @@ def check_messages(messages: list[ChatMessage]) -> None:
         raise bad_request("messages must hold at least one message", "messages")
     for i, m in enumerate(messages):
         if m.role not in ("system", "developer", "user", "assistant", "tool"):
-            raise bad_request(f"messages[{i}].role must be one of system, developer, user, "
-                              f"assistant, tool (got {m.role!r})", f"messages[{i}].role")
+            raise bad_request(
+                f"messages[{i}].role must be one of system, developer, user, assistant, tool (got {m.role!r})",
+                f"messages[{i}].role",
+            )
         if isinstance(m.content, list):
             for j, part in enumerate(m.content):
                 if part.type != "text" or part.text is None:
                     raise bad_request(
-                        f"messages[{i}].content[{j}]: only text parts are supported "
-                        f"(got type {part.type!r})", f"messages[{i}].content[{j}].type")
+                        f"messages[{i}].content[{j}]: only text parts are supported (got type {part.type!r})",
+                        f"messages[{i}].content[{j}].type",
+                    )
 
 
 def messages_to_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -261,7 +275,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Union[str, dict[str, Any], None] = None
+    tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -284,27 +298,34 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
         check_messages(self.messages)
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
-                raise bad_request(f"{name} (OpenAI's deprecated function calling) is not supported; use tools "
-                                  "and tool_choice", name)
+                raise bad_request(
+                    f"{name} (OpenAI's deprecated function calling) is not supported; use tools and tool_choice", name
+                )
         if self.thinking_token_budget is not None:
-            raise bad_request("thinking_token_budget is not supported by fastserve; leave it out",
-                              "thinking_token_budget")
+            raise bad_request(
+                "thinking_token_budget is not supported by fastserve; leave it out", "thinking_token_budget"
+            )
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
             if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
-                raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got "
-                                  f"{self.top_logprobs}", "top_logprobs")
+                raise bad_request(
+                    f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {self.top_logprobs}", "top_logprobs"
+                )
         if self.add_generation_prompt and self.continue_final_message:
-            raise bad_request("continue_final_message needs add_generation_prompt set to false",
-                              "continue_final_message")
+            raise bad_request(
+                "continue_final_message needs add_generation_prompt set to false", "continue_final_message"
+            )
         if self.continue_final_message and self.messages[-1].role != "assistant":
-            raise bad_request("continue_final_message needs the last message to be the "
-                              "assistant's", "continue_final_message")
-        if self.max_tokens is not None and self.max_completion_tokens is not None \
-                and self.max_tokens != self.max_completion_tokens:
-            raise bad_request("give max_completion_tokens or max_tokens, not both",
-                              "max_completion_tokens")
+            raise bad_request(
+                "continue_final_message needs the last message to be the assistant's", "continue_final_message"
+            )
+        if (
+            self.max_tokens is not None
+            and self.max_completion_tokens is not None
+            and self.max_tokens != self.max_completion_tokens
+        ):
+            raise bad_request("give max_completion_tokens or max_tokens, not both", "max_completion_tokens")
 
     def wire_name(self, field: str) -> str:
         """The request field an offline (SamplingParams / engine) name stands for in this
@@ -320,8 +341,7 @@ class ChatCompletionRequest(_SamplingFields, kw_only=True):
 
     @property
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None \
-            else self.max_tokens
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -361,8 +381,9 @@ def decode(body: bytes, type_):
     except msgspec.DecodeError as e:
         raise bad_request(f"The request body is not valid JSON ({e}); send a JSON object.") from None
     except UnicodeDecodeError as e:  # msgspec checks strings' UTF-8 only as it decodes them
-        raise bad_request(f"The request body is not valid UTF-8 ({e.reason} at byte {e.start}); "
-                          "send UTF-8 JSON.") from None
+        raise bad_request(
+            f"The request body is not valid UTF-8 ({e.reason} at byte {e.start}); send UTF-8 JSON."
+        ) from None
     except RecursionError:
         raise bad_request("The request body nests JSON too deeply; flatten it.") from None
     return req

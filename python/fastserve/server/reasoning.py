@@ -38,7 +38,7 @@ class ReasoningParser:
             if self._state == "start":
                 stripped = self._buf.lstrip()
                 if stripped.startswith(THINK_START):
-                    self._buf = stripped[len(THINK_START):]
+                    self._buf = stripped[len(THINK_START) :]
                     self._state = "reasoning"
                 elif THINK_START.startswith(stripped):
                     break  # could still become <think>
@@ -48,12 +48,12 @@ class ReasoningParser:
                 i = self._buf.find(THINK_END)
                 if i >= 0:
                     reasoning.append(self._buf[:i])
-                    self._buf = self._buf[i + len(THINK_END):]
+                    self._buf = self._buf[i + len(THINK_END) :]
                     self._state = "content"
                 else:
                     keep = _partial_suffix(self._buf, THINK_END)
-                    reasoning.append(self._buf[:len(self._buf) - keep])
-                    self._buf = self._buf[len(self._buf) - keep:]
+                    reasoning.append(self._buf[: len(self._buf) - keep])
+                    self._buf = self._buf[len(self._buf) - keep :]
                     break
             else:
                 content.append(self._buf)
@@ -94,5 +94,4 @@ def get_reasoning_parser(name: str | None) -> type[ReasoningParser] | None:
     try:
         return REASONING_PARSERS[name]
     except KeyError:
-        raise ValueError(f"reasoning_parser must be one of {sorted(REASONING_PARSERS)}, "
-                         f"got {name!r}") from None
+        raise ValueError(f"reasoning_parser must be one of {sorted(REASONING_PARSERS)}, got {name!r}") from None

@@ -20,8 +20,11 @@ def random_id(prefix: str, request_id: str | None = None) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict:
-    u = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-         "total_tokens": prompt_tokens + completion_tokens}
+    u = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if cached_tokens:
         u["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     return u
@@ -41,15 +44,20 @@ def prompt_logprobs_json(out) -> list | None:
     decoded_token}} of the token and the top alternatives (None for the first token)."""
     if out.prompt_logprobs is None:
         return None
-    return [None if step is None else {
-        str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
-        for tid, lp in step.items()} for step in out.prompt_logprobs]
+    return [
+        None
+        if step is None
+        else {
+            str(tid): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for tid, lp in step.items()
+        }
+        for step in out.prompt_logprobs
+    ]
 
 
 def top_entries(step: dict, k: int) -> list[tuple[int, Any]]:
     """The k most likely (token id, Logprob) of one step, best first."""
-    ranked = sorted(step.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 1 << 30,
-                                                  -kv[1].logprob))
+    ranked = sorted(step.items(), key=lambda kv: (getattr(kv[1], "rank", None) or 1 << 30, -kv[1].logprob))
     return ranked[:k]
 
 
@@ -58,8 +66,11 @@ def top_entries(step: dict, k: int) -> list[tuple[int, Any]]:
 
 def _chat_entry(tokenizer, token_id: int, lp, as_id: bool) -> dict:
     s = token_str(tokenizer, token_id, lp, as_id)
-    return {"token": s, "logprob": max(lp.logprob, MIN_LOGPROB) if lp is not None else None,
-            "bytes": list(s.encode("utf-8"))}
+    return {
+        "token": s,
+        "logprob": max(lp.logprob, MIN_LOGPROB) if lp is not None else None,
+        "bytes": list(s.encode("utf-8")),
+    }
 
 
 def chat_logprobs(tokenizer, steps: list[dict], token_ids: list[int], k: int, as_ids: bool) -> dict:
@@ -119,8 +130,14 @@ class Chat:
         return chat_logprobs(self.tokenizer, steps, token_ids, self.top_k, self.req.return_tokens_as_token_ids)
 
     def _message(self, content, reasoning, tool_calls: list[dict]) -> dict:
-        m = {"role": self.role, "content": content, "refusal": None, "annotations": None, "audio": None,
-             "function_call": None}
+        m = {
+            "role": self.role,
+            "content": content,
+            "refusal": None,
+            "annotations": None,
+            "audio": None,
+            "function_call": None,
+        }
         if tool_calls:
             m["tool_calls"] = tool_calls
         m["reasoning"] = reasoning
@@ -146,19 +163,32 @@ class Chat:
                 finish_reason = self.tools.finish_reason(o.finish_reason, called)
             if echo:
                 content = echo + (content or "")
-            choices.append({
-                "index": o.index,
-                "message": self._message(content, reasoning, tool_calls),
-                "logprobs": self._logprobs(o.logprobs or [], o.token_ids) if self.top_k is not None else None,
-                "finish_reason": finish_reason, "stop_reason": o.stop_reason,
-                "token_ids": list(o.token_ids) if req.return_token_ids else None})
-        return ({
-            "id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
-            "choices": choices, "service_tier": None, "system_fingerprint": None,
-            "usage": usage(len(self.prompt_ids), completion_tokens, getattr(final, "num_cached_tokens", None)),
-            "prompt_logprobs": prompt_logprobs_json(final),
-            "prompt_token_ids": list(self.prompt_ids) if req.return_token_ids else None,
-            "prompt_text": self.prompt_text if req.return_prompt_text else None}, completion_tokens)
+            choices.append(
+                {
+                    "index": o.index,
+                    "message": self._message(content, reasoning, tool_calls),
+                    "logprobs": self._logprobs(o.logprobs or [], o.token_ids) if self.top_k is not None else None,
+                    "finish_reason": finish_reason,
+                    "stop_reason": o.stop_reason,
+                    "token_ids": list(o.token_ids) if req.return_token_ids else None,
+                }
+            )
+        return (
+            {
+                "id": self.request_id,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage(len(self.prompt_ids), completion_tokens, getattr(final, "num_cached_tokens", None)),
+                "prompt_logprobs": prompt_logprobs_json(final),
+                "prompt_token_ids": list(self.prompt_ids) if req.return_token_ids else None,
+                "prompt_text": self.prompt_text if req.return_prompt_text else None,
+            },
+            completion_tokens,
+        )
 
     # -- streaming --
 
@@ -167,11 +197,11 @@ class Chat:
         return bool(self.req.stream_options and self.req.stream_options.include_usage)
 
     def _base(self) -> dict:
-        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model}
+        return {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created, "model": self.model}
 
-    def _chunk(self, index: int, delta: dict, finish_reason=None, stop_reason=None, logprobs=None,
-               token_ids=None) -> dict:
+    def _chunk(
+        self, index: int, delta: dict, finish_reason=None, stop_reason=None, logprobs=None, token_ids=None
+    ) -> dict:
         req = self.req
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         if finish_reason:
@@ -185,8 +215,11 @@ class Chat:
             c["prompt_text"] = self.prompt_text
         self._first_chunk = False
         if self._include_usage:  # OpenAI: null on every chunk but the last, unless continuous
-            c["usage"] = usage(len(self.prompt_ids), sum(self._sent_tokens.values())) \
-                if self.req.stream_options.continuous_usage_stats else None
+            c["usage"] = (
+                usage(len(self.prompt_ids), sum(self._sent_tokens.values()))
+                if self.req.stream_options.continuous_usage_stats
+                else None
+            )
         return c
 
     def _split(self, index: int, delta_text: str, final: bool) -> dict:
@@ -328,15 +361,17 @@ class Completions:
         return text if text is not None else self.tokenizer.decode(self.prompt_ids[i])
 
     def _logprobs(self, steps, token_ids, offset: int) -> dict:
-        return completion_logprobs(self.tokenizer, steps, token_ids, self.req.logprobs, offset,
-                                   self.req.return_tokens_as_token_ids)
+        return completion_logprobs(
+            self.tokenizer, steps, token_ids, self.req.logprobs, offset, self.req.return_tokens_as_token_ids
+        )
 
     def _echo_logprobs(self, i: int, out) -> dict | None:
         """The prompt's entries of an echoed choice's logprobs (first prompt token: null)."""
         if self.echo_k is None or out.prompt_logprobs is None:
             return None
-        return completion_logprobs(self.tokenizer, out.prompt_logprobs, self.prompt_ids[i], self.echo_k, 0,
-                                   self.req.return_tokens_as_token_ids)
+        return completion_logprobs(
+            self.tokenizer, out.prompt_logprobs, self.prompt_ids[i], self.echo_k, 0, self.req.return_tokens_as_token_ids
+        )
 
     def body(self, finals: dict[int, Any]) -> tuple[dict, int]:
         """The whole answer from each prompt's final output, and its completion tokens."""
@@ -351,14 +386,28 @@ class Completions:
                     lp = self._logprobs(o.logprobs or [], o.token_ids, len(prefix))
                     if (echoed := self._echo_logprobs(i, finals[i])) is not None:
                         lp = _merge_logprobs(echoed, lp)
-                choices.append({
-                    "index": i * req.n + o.index, "text": prefix + o.text, "logprobs": lp,
-                    "finish_reason": o.finish_reason, "stop_reason": o.stop_reason,
-                    "token_ids": list(o.token_ids) if req.return_token_ids else None,
-                    "prompt_logprobs": prompt_logprobs_json(finals[i]),
-                    "prompt_token_ids": list(self.prompt_ids[i]) if req.return_token_ids else None})
-        return ({**self._base(), "choices": choices, "service_tier": None, "system_fingerprint": None,
-                 "usage": usage(self.num_prompt_tokens, completion_tokens)}, completion_tokens)
+                choices.append(
+                    {
+                        "index": i * req.n + o.index,
+                        "text": prefix + o.text,
+                        "logprobs": lp,
+                        "finish_reason": o.finish_reason,
+                        "stop_reason": o.stop_reason,
+                        "token_ids": list(o.token_ids) if req.return_token_ids else None,
+                        "prompt_logprobs": prompt_logprobs_json(finals[i]),
+                        "prompt_token_ids": list(self.prompt_ids[i]) if req.return_token_ids else None,
+                    }
+                )
+        return (
+            {
+                **self._base(),
+                "choices": choices,
+                "service_tier": None,
+                "system_fingerprint": None,
+                "usage": usage(self.num_prompt_tokens, completion_tokens),
+            },
+            completion_tokens,
+        )
 
     # -- streaming --
 
@@ -378,8 +427,13 @@ class Completions:
             if not delta and not new_ids and o.finish_reason is None and not first:
                 continue
             prefix = self.echo_text(i) if first else ""
-            chunk = {"index": idx, "text": prefix + delta, "logprobs": None,
-                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            chunk = {
+                "index": idx,
+                "text": prefix + delta,
+                "logprobs": None,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
             if req.return_token_ids:
                 chunk["token_ids"] = list(new_ids)
                 if first:
@@ -394,8 +448,11 @@ class Completions:
                 self._completion_tokens += len(o.token_ids)
             extra = {}
             if include_usage:  # OpenAI: null on every chunk but the last, unless continuous
-                extra["usage"] = usage(self.num_prompt_tokens, sum(self._sent_tokens.values())) \
-                    if req.stream_options.continuous_usage_stats else None
+                extra["usage"] = (
+                    usage(self.num_prompt_tokens, sum(self._sent_tokens.values()))
+                    if req.stream_options.continuous_usage_stats
+                    else None
+                )
             chunks.append({**self._base(), "choices": [chunk], **extra})
         return chunks
 

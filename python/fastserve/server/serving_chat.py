@@ -39,9 +39,19 @@ class ChatPlan:
     with_reasoning_content: bool
 
     def formatter(self, tokenizer, request_id: str, created: int, model: str, role: str = "assistant") -> Chat:
-        return Chat(self.req, tokenizer, request_id, created, model, self.prompt_ids, self.text,
-                    reasoning_parser=self.reasoning_parser, reasoning_content=self.with_reasoning_content,
-                    tools=self.tools, role=role)
+        return Chat(
+            self.req,
+            tokenizer,
+            request_id,
+            created,
+            model,
+            self.prompt_ids,
+            self.text,
+            reasoning_parser=self.reasoning_parser,
+            reasoning_content=self.with_reasoning_content,
+            tools=self.tools,
+            role=role,
+        )
 
 
 async def prepare(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
@@ -57,15 +67,27 @@ async def prepare(serving: Serving, req: ChatCompletionRequest) -> ChatPlan:
     max_tokens = resolve_max_tokens(req.requested_max_tokens, len(ids), serving.max_model_len, "messages", max_field)
     # A parser whose markers may be special tokens needs them in the text (vLLM does the same).
     keep_special = False if tools is not None and tools.parser.keep_special_tokens else None
-    params = sampling_params(req, max_tokens=max_tokens, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                             defaults=serving.generation_defaults, structured_outputs=constraint,
-                             skip_special_tokens=keep_special,
-                             prompt_logprobs=(req.top_logprobs or 0) if req.echo else None)
+    params = sampling_params(
+        req,
+        max_tokens=max_tokens,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        defaults=serving.generation_defaults,
+        structured_outputs=constraint,
+        skip_special_tokens=keep_special,
+        prompt_logprobs=(req.top_logprobs or 0) if req.echo else None,
+    )
     await compile_constraint(serving.structured, constraint)
     # No reasoning parser when thinking is switched off: the answer is then content.
     thinking_off = (template_kwargs or {}).get("enable_thinking") is False
-    return ChatPlan(req, text, ids, params, tools, None if thinking_off else serving.reasoning_parser,
-                    serving.reasoning_parser is not None)
+    return ChatPlan(
+        req,
+        text,
+        ids,
+        params,
+        tools,
+        None if thinking_off else serving.reasoning_parser,
+        serving.reasoning_parser is not None,
+    )
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:

@@ -35,8 +35,9 @@ class CompletionPlan:
     echo_k: int | None
 
     def formatter(self, tokenizer, request_id: str, created: int, model: str) -> Completions:
-        return Completions(self.req, tokenizer, request_id, created, model, self.prompt_ids, self.texts,
-                           echo_k=self.echo_k)
+        return Completions(
+            self.req, tokenizer, request_id, created, model, self.prompt_ids, self.texts, echo_k=self.echo_k
+        )
 
 
 async def prepare(serving: Serving, req: CompletionRequest) -> CompletionPlan:
@@ -48,9 +49,16 @@ async def prepare(serving: Serving, req: CompletionRequest) -> CompletionPlan:
     fields, texts, all_ids, params = [], [], [], []
     for field, text, ids in await completion_prompts(serving, req):
         max_tokens = resolve_max_tokens(req.max_tokens, len(ids), serving.max_model_len, field, "max_tokens")
-        params.append(sampling_params(req, max_tokens=max_tokens, logprobs=req.logprobs,
-                                      defaults=serving.generation_defaults, structured_outputs=constraint,
-                                      prompt_logprobs=echo_k))
+        params.append(
+            sampling_params(
+                req,
+                max_tokens=max_tokens,
+                logprobs=req.logprobs,
+                defaults=serving.generation_defaults,
+                structured_outputs=constraint,
+                prompt_logprobs=echo_k,
+            )
+        )
         fields.append(field)
         texts.append(text)
         all_ids.append(ids)
@@ -66,8 +74,10 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     plan = await prepare(state.serving(), req)
     request_id = random_id("cmpl", req.request_id)
     fmt = plan.formatter(engine.tokenizer, request_id, int(time.time()), model)
-    streams = [generate(engine, state.metrics, f"{request_id}-{i}", ids, sp, text)
-               for i, (ids, sp, text) in enumerate(zip(plan.prompt_ids, plan.params, plan.texts))]
+    streams = [
+        generate(engine, state.metrics, f"{request_id}-{i}", ids, sp, text)
+        for i, (ids, sp, text) in enumerate(zip(plan.prompt_ids, plan.params, plan.texts))
+    ]
     async with contextlib.aclosing(merge(streams)) as merged:
         outputs = await primed(merged)
         if req.stream:

@@ -17,8 +17,7 @@ logger = logging.getLogger("fastserve.server")
 
 
 def json_response(obj: Any, status: int = 200) -> web.Response:
-    return web.Response(body=msgspec.json.encode(obj), status=status,
-                        content_type="application/json")
+    return web.Response(body=msgspec.json.encode(obj), status=status, content_type="application/json")
 
 
 class SSE:
@@ -27,9 +26,9 @@ class SSE:
 
     def __init__(self, request: web.Request) -> None:
         self.request = request
-        self.response = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no"})
+        self.response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
 
     async def __aenter__(self) -> SSE:
         await self.response.prepare(self.request)
@@ -55,8 +54,7 @@ class SSE:
         err = api_error(exc, self.request.get(REQUEST))
         if err is None:
             logger.error("error while streaming %s", self.request.path, exc_info=exc)
-            err = APIError("internal error while generating; see the server log", 500,
-                           code="internal_error")
+            err = APIError("internal error while generating; see the server log", 500, code="internal_error")
         with contextlib.suppress(Exception):
             await self.response.write(b"data: " + msgspec.json.encode(err.body()) + b"\n\n")
             await self.response.write(b"data: [DONE]\n\n")

@@ -37,10 +37,19 @@ class Serving:
 class ServerState:
     """Everything the handlers share. `engine` is None until the background load finishes."""
 
-    def __init__(self, *, served_model_names: list[str], model_path: str, api_key: str | None,
-                 chat_template: str | None, reasoning_parser, max_model_len: int | None = None,
-                 log_requests: bool = True, tool_call_parser: str | None = None,
-                 enable_auto_tool_choice: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        served_model_names: list[str],
+        model_path: str,
+        api_key: str | None,
+        chat_template: str | None,
+        reasoning_parser,
+        max_model_len: int | None = None,
+        log_requests: bool = True,
+        tool_call_parser: str | None = None,
+        enable_auto_tool_choice: bool = False,
+    ) -> None:
         self.engine: EngineClient | None = None
         self.load_error: BaseException | None = None
         self.draining = False
@@ -69,29 +78,39 @@ class ServerState:
             raise APIError("the server is shutting down", 503, code="shutting_down")
         if self.engine is None:
             if self.load_error is not None:
-                raise APIError(f"the model failed to load: {self.load_error}", 503,
-                               code="model_load_failed")
-            raise APIError("the model is still loading; retry when GET /health returns 200",
-                           503, code="model_loading")
+                raise APIError(f"the model failed to load: {self.load_error}", 503, code="model_load_failed")
+            raise APIError("the model is still loading; retry when GET /health returns 200", 503, code="model_loading")
         if self.engine.errored:
-            raise APIError("the engine stopped after an internal error (see the server log); "
-                           "restart the server", 503, code="engine_dead")
+            raise APIError(
+                "the engine stopped after an internal error (see the server log); restart the server",
+                503,
+                code="engine_dead",
+            )
         return self.engine
 
     def serving(self) -> Serving:
         engine = self.ready_engine()
-        return Serving(tokenizer=engine.tokenizer, max_model_len=engine.model_config.max_model_len,
-                       vocab_size=engine.model_config.vocab_size, chat_template=self.chat_template,
-                       reasoning_parser=self.reasoning_parser, tool_call_parser=self.tool_call_parser,
-                       enable_auto_tool_choice=self.enable_auto_tool_choice,
-                       generation_defaults=self.generation_defaults, structured=engine.structured)
+        return Serving(
+            tokenizer=engine.tokenizer,
+            max_model_len=engine.model_config.max_model_len,
+            vocab_size=engine.model_config.vocab_size,
+            chat_template=self.chat_template,
+            reasoning_parser=self.reasoning_parser,
+            tool_call_parser=self.tool_call_parser,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
+            generation_defaults=self.generation_defaults,
+            structured=engine.structured,
+        )
 
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.served_model_names:
             return self.served_model_names[0] if name is None else name
-        raise APIError(f"The model `{name}` does not exist; this server serves "
-                       f"{', '.join(self.served_model_names)}", 404, param="model",
-                       code="model_not_found")
+        raise APIError(
+            f"The model `{name}` does not exist; this server serves {', '.join(self.served_model_names)}",
+            404,
+            param="model",
+            code="model_not_found",
+        )
 
 
 STATE: web.AppKey[ServerState] = web.AppKey("state", ServerState)

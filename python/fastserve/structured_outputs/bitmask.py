@@ -60,5 +60,4 @@ def apply_token_bitmask(logits: torch.Tensor, mask: TokenBitmask) -> None:
     # xgrammar's C++ CPU kernel (5x the torch definition) reads bitmask row = logits row.
     full = torch.full((logits.shape[0], mask.bitmask.shape[1]), -1, dtype=torch.int32)
     full.index_copy_(0, mask.rows, mask.bitmask)
-    xgr.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=mask.rows.tolist(),
-                                    backend="cpu")
+    xgr.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=mask.rows.tolist(), backend="cpu")

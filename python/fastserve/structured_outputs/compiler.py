@@ -33,7 +33,9 @@ def xgrammar():
     except ImportError:
         raise StructuredOutputsError(
             "structured outputs need the xgrammar package: pip install 'fastserve[structured]' "
-            "(or pip install xgrammar)", "structured_outputs") from None
+            "(or pip install xgrammar)",
+            "structured_outputs",
+        ) from None
     return xgrammar
 
 
@@ -52,8 +54,7 @@ def choice_grammar(choices: list[str]) -> str:
     escapes = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
     def esc(s: str) -> str:
-        return "".join(escapes.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
-                       for c in s)
+        return "".join(escapes.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in s)
 
     return "root ::= " + " | ".join(f'"{esc(c)}"' for c in choices)
 
@@ -72,8 +73,22 @@ def looks_like_lark(grammar: str) -> bool:
 
 
 # xgrammar accepts these string formats; other formats would be silently unconstrained.
-_STRING_FORMATS = {"email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid",
-                   "uri", "uri-reference", "uri-template", "json-pointer", "relative-json-pointer"}
+_STRING_FORMATS = {
+    "email",
+    "date",
+    "time",
+    "date-time",
+    "duration",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "uuid",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+}
 
 
 def unsupported_json_feature(schema: Any) -> str | None:
@@ -114,15 +129,23 @@ class GrammarCompiler:
     """Compiles StructuredOutputsParams to xgrammar CompiledGrammars in a thread pool, cached
     by `StructuredOutputsParams.cache_key()`."""
 
-    def __init__(self, tokenizer_dir: str, vocab_size: int, stop_token_ids: list[int], *,
-                 max_workers: int | None = None, cache_bytes: int = DEFAULT_CACHE_BYTES,
-                 cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        vocab_size: int,
+        stop_token_ids: list[int],
+        *,
+        max_workers: int | None = None,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        cache_entries: int = DEFAULT_CACHE_ENTRIES,
+    ) -> None:
         self.tokenizer_dir = tokenizer_dir
         self.vocab_size = vocab_size
         self.stop_token_ids = list(stop_token_ids)
         cpus = os.cpu_count() or 2
-        self._pool = ThreadPoolExecutor(max_workers=max_workers or max(1, min(4, (cpus + 1) // 2)),
-                                        thread_name_prefix="fastserve-grammar")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max_workers or max(1, min(4, (cpus + 1) // 2)), thread_name_prefix="fastserve-grammar"
+        )
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict[tuple, Future] = collections.OrderedDict()
         self._cache_bytes = cache_bytes
@@ -161,8 +184,8 @@ class GrammarCompiler:
             return fut.result(timeout)
         except TimeoutError:
             raise StructuredOutputsError(
-                f"compiling the {spec.kind} constraint took longer than {timeout:.0f} s; simplify it",
-                spec.param) from None
+                f"compiling the {spec.kind} constraint took longer than {timeout:.0f} s; simplify it", spec.param
+            ) from None
 
     def _evict(self) -> None:
         with self._lock:
@@ -190,10 +213,15 @@ class GrammarCompiler:
                 self.tokenizer_info_seconds = time.perf_counter() - t0
                 # The cache is ours (keyed by the constraint, bounded): xgrammar's would hold a
                 # second copy of every grammar.
-                self._compiler = xgr.GrammarCompiler(self._info, max_threads=min(8, os.cpu_count() or 2),
-                                                     cache_enabled=False)
-                logger.info("structured outputs: xgrammar tokenizer info built in %.2f s (vocab %d, %s)",
-                            self.tokenizer_info_seconds, self.vocab_size, self._info.vocab_type)
+                self._compiler = xgr.GrammarCompiler(
+                    self._info, max_threads=min(8, os.cpu_count() or 2), cache_enabled=False
+                )
+                logger.info(
+                    "structured outputs: xgrammar tokenizer info built in %.2f s (vocab %d, %s)",
+                    self.tokenizer_info_seconds,
+                    self.vocab_size,
+                    self._info.vocab_type,
+                )
             return self._compiler
 
     def _compile(self, spec: StructuredOutputsParams):
@@ -215,12 +243,15 @@ class GrammarCompiler:
     def _build(self, compiler, spec: StructuredOutputsParams):
         kind, param = spec.kind, spec.param
         if spec.whitespace_pattern is not None:
-            raise StructuredOutputsError("whitespace_pattern is not supported by the xgrammar backend; "
-                                         "use disable_any_whitespace", "structured_outputs.whitespace_pattern")
+            raise StructuredOutputsError(
+                "whitespace_pattern is not supported by the xgrammar backend; use disable_any_whitespace",
+                "structured_outputs.whitespace_pattern",
+            )
         text = spec.spec_text()
         if len(text) > MAX_SPEC_CHARS:
-            raise StructuredOutputsError(f"the {kind} constraint is {len(text)} characters long; at most "
-                                         f"{MAX_SPEC_CHARS} are allowed", param)
+            raise StructuredOutputsError(
+                f"the {kind} constraint is {len(text)} characters long; at most {MAX_SPEC_CHARS} are allowed", param
+            )
         if kind in ("json", "json_object"):
             if kind == "json_object":
                 if spec.json_object is not True:
@@ -237,11 +268,15 @@ class GrammarCompiler:
                 raise StructuredOutputsError("a JSON schema must be a JSON object (or true/false)", param)
             check_nesting(schema, param)
             if (feature := unsupported_json_feature(schema)) is not None:
-                raise StructuredOutputsError(f"the JSON schema uses {feature}, which the xgrammar backend cannot "
-                                             "enforce; remove it", param)
+                raise StructuredOutputsError(
+                    f"the JSON schema uses {feature}, which the xgrammar backend cannot enforce; remove it", param
+                )
             compact = spec.disable_any_whitespace
-            return compiler.compile_json_schema(json.dumps(schema, ensure_ascii=False), any_whitespace=not compact,
-                                                separators=(",", ":") if compact else None)
+            return compiler.compile_json_schema(
+                json.dumps(schema, ensure_ascii=False),
+                any_whitespace=not compact,
+                separators=(",", ":") if compact else None,
+            )
         if kind == "regex":
             if not isinstance(spec.regex, str) or not spec.regex:
                 raise StructuredOutputsError("regex must be a non-empty string", param)
@@ -268,12 +303,15 @@ class GrammarCompiler:
         if isinstance(tag, dict) and "structures" in tag:
             xgr = xgrammar()
             try:
-                items = [xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
-                         for s in tag["structures"]]
+                items = [
+                    xgr.StructuralTagItem(begin=s["begin"], schema=json.dumps(s["schema"]), end=s["end"])
+                    for s in tag["structures"]
+                ]
                 triggers = list(tag["triggers"])
             except (KeyError, TypeError) as e:
-                raise StructuredOutputsError(f"structural_tag's structures need begin, schema and end, and "
-                                             f"triggers a list: {e!r}", param) from None
+                raise StructuredOutputsError(
+                    f"structural_tag's structures need begin, schema and end, and triggers a list: {e!r}", param
+                ) from None
             return compiler.compile_structural_tag(items, triggers)
         return compiler.compile_structural_tag(spec.structural_tag)
 
@@ -281,9 +319,14 @@ class GrammarCompiler:
 
     def stats(self) -> dict:
         with self._lock:
-            return {"num_compiled": self.num_compiled, "num_cache_hits": self.num_cache_hits,
-                    "compile_seconds": self.compile_seconds, "max_compile_seconds": self.max_compile_seconds,
-                    "tokenizer_info_seconds": self.tokenizer_info_seconds, "cache_entries": len(self._cache)}
+            return {
+                "num_compiled": self.num_compiled,
+                "num_cache_hits": self.num_cache_hits,
+                "compile_seconds": self.compile_seconds,
+                "max_compile_seconds": self.max_compile_seconds,
+                "tokenizer_info_seconds": self.tokenizer_info_seconds,
+                "cache_entries": len(self._cache),
+            }
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

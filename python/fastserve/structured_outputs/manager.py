@@ -103,8 +103,13 @@ class StepGrammar:
                 continue
             if not m.accept_token(tok):
                 rg.broken[i] = True
-                logger.warning("request %s (sequence %d): its grammar refused sampled token %d; the sequence "
-                               "continues unconstrained", rg.request_id, i, tok)
+                logger.warning(
+                    "request %s (sequence %d): its grammar refused sampled token %d; the sequence "
+                    "continues unconstrained",
+                    rg.request_id,
+                    i,
+                    tok,
+                )
 
 
 class StructuredOutputManager:
@@ -198,10 +203,15 @@ class StructuredOutputManager:
 
     def stats(self) -> dict:
         s = self.compiler.stats()
-        s.update(num_constrained_requests=len(self.requests), mask_steps=self.mask_steps, mask_rows=self.mask_rows,
-                 mask_seconds=self.mask_seconds, max_mask_seconds=self.max_mask_seconds,
-                 advance_seconds=self.advance_seconds,
-                 mean_mask_ms_per_step=1e3 * self.mask_seconds / self.mask_steps if self.mask_steps else 0.0)
+        s.update(
+            num_constrained_requests=len(self.requests),
+            mask_steps=self.mask_steps,
+            mask_rows=self.mask_rows,
+            mask_seconds=self.mask_seconds,
+            max_mask_seconds=self.max_mask_seconds,
+            advance_seconds=self.advance_seconds,
+            mean_mask_ms_per_step=1e3 * self.mask_seconds / self.mask_steps if self.mask_steps else 0.0,
+        )
         return s
 
     def shutdown(self) -> None:

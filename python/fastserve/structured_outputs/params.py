@@ -52,11 +52,13 @@ class StructuredOutputsParams:
         if len(given) > 1:
             raise StructuredOutputsError(
                 f"give one kind of structured-outputs constraint, not {' and '.join(given)}",
-                self._param or "structured_outputs")
+                self._param or "structured_outputs",
+            )
         if not given:
             raise StructuredOutputsError(
                 f"structured_outputs needs one constraint: one of {', '.join(CONSTRAINTS)}",
-                self._param or "structured_outputs")
+                self._param or "structured_outputs",
+            )
 
     @property
     def kind(self) -> str:
@@ -86,8 +88,10 @@ class StructuredOutputsParams:
 
     def __reduce__(self):
         # Pickled to data-parallel replicas with the param hint kept.
-        state = {name: getattr(self, name) for name in (*CONSTRAINTS, "disable_any_whitespace",
-                                                        "disable_additional_properties", "whitespace_pattern")}
+        state = {
+            name: getattr(self, name)
+            for name in (*CONSTRAINTS, "disable_any_whitespace", "disable_additional_properties", "whitespace_pattern")
+        }
         return (_rebuild, (state, self._param))
 
 
@@ -98,8 +102,7 @@ def _rebuild(state: dict, param: str | None) -> StructuredOutputsParams:
 def check_nesting(value: Any, param: str, depth: int = 0) -> None:
     """A JSON value nested deeper than MAX_SCHEMA_DEPTH is refused (vLLM's rule)."""
     if depth > MAX_SCHEMA_DEPTH:
-        raise StructuredOutputsError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels; "
-                                     "flatten it", param)
+        raise StructuredOutputsError(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels; flatten it", param)
     if isinstance(value, dict):
         for v in value.values():
             check_nesting(v, param, depth + 1)

@@ -30,8 +30,9 @@ class GraphInputs:
     0..bs and pads bs..g: token 0, position 0, slot PAD_SLOT_ID (no KV write), length 1,
     block table 0 (a valid block id, read but never used past length 1)."""
 
-    def __init__(self, max_bs: int, max_blocks: int, max_seq_len: int, device: torch.device,
-                 pin_memory: bool | None = None):
+    def __init__(
+        self, max_bs: int, max_blocks: int, max_seq_len: int, device: torch.device, pin_memory: bool | None = None
+    ):
         pin = torch.device(device).type == "cuda" if pin_memory is None else pin_memory
 
         def pair(shape, dtype):
@@ -50,9 +51,13 @@ class GraphInputs:
 
     def meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
-            slot_mapping=self.slot_mapping[1][:bs], query_start_loc=self.query_start_loc[: bs + 1],
-            seq_lens=self.seq_lens[1][:bs], block_tables=self.block_tables[1][:bs],
-            num_decodes=bs, max_query_len=1, max_seq_len=self.max_seq_len,
+            slot_mapping=self.slot_mapping[1][:bs],
+            query_start_loc=self.query_start_loc[: bs + 1],
+            seq_lens=self.seq_lens[1][:bs],
+            block_tables=self.block_tables[1][:bs],
+            num_decodes=bs,
+            max_query_len=1,
+            max_seq_len=self.max_seq_len,
         )
 
     def args(self, bs: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -63,8 +68,10 @@ class GraphInputs:
         """Copies a decode-only batch's rows into 0..num_seqs and pads up to g."""
         bs = batch.num_seqs
         if not bs <= g <= self.max_bs or batch.num_decodes != bs:
-            raise ValueError(f"GraphInputs.load: {bs} rows ({batch.num_decodes} decodes) into a graph of {g} "
-                             f"(at most {self.max_bs}, decode-only)")
+            raise ValueError(
+                f"GraphInputs.load: {bs} rows ({batch.num_decodes} decodes) into a graph of {g} "
+                f"(at most {self.max_bs}, decode-only)"
+            )
         mb = batch.block_tables.shape[1]
         for (host, dev), arr, pad in (
             (self.input_ids, batch.input_ids, 0),
@@ -87,8 +94,7 @@ class DecodeGraphs:
     def __init__(self, runner, capture: bool = True):
         self.runner = runner
         self.sizes = capture_sizes(runner.max_num_seqs)
-        self.inputs = GraphInputs(self.sizes[-1], runner.max_blocks_per_seq, runner.config.max_model_len,
-                                  runner.device)
+        self.inputs = GraphInputs(self.sizes[-1], runner.max_blocks_per_seq, runner.config.max_model_len, runner.device)
         self.captured = capture
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}

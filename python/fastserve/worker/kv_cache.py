@@ -53,8 +53,15 @@ def check_fits(num_blocks: int, block_size: int, max_model_len: int) -> None:
         )
 
 
-def allocate(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-             dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+def allocate(
+    num_layers: int,
+    num_blocks: int,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> list[torch.Tensor]:
     return [
         torch.empty(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
         for _ in range(num_layers)

@@ -70,8 +70,14 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.model = load_model(model_config, args.load_format)
         cpu_barrier()
-        logger.info("loaded %s (%s, %s) in %.1f s; %s", model_config.architecture, model_config.dtype,
-                    self.device, time.perf_counter() - t0, describe_weights(self.model, model_config))
+        logger.info(
+            "loaded %s (%s, %s) in %.1f s; %s",
+            model_config.architecture,
+            model_config.dtype,
+            self.device,
+            time.perf_counter() - t0,
+            describe_weights(self.model, model_config),
+        )
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         # Per-sequence sampling state, sent once per sequence by the scheduler (driver only:
@@ -85,13 +91,21 @@ class ModelRunner:
         self.num_blocks = all_reduce_min(self._determine_num_blocks())
         kvc.check_fits(self.num_blocks, self.block_size, model_config.max_model_len)
         self.kv_caches = kvc.allocate(
-            model_config.num_hidden_layers, self.num_blocks, self.block_size,
-            self.num_kv_heads, model_config.head_dim, model_config.dtype, self.device,
+            model_config.num_hidden_layers,
+            self.num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            model_config.head_dim,
+            model_config.dtype,
+            self.device,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB); %.1f sequences of max_model_len=%d fit",
-            self.num_blocks, self.block_size, self.num_blocks * self._block_bytes() / (1 << 30),
-            self.num_blocks * self.block_size / model_config.max_model_len, model_config.max_model_len,
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self._block_bytes() / (1 << 30),
+            self.num_blocks * self.block_size / model_config.max_model_len,
+            model_config.max_model_len,
         )
         self.graphs = None
         if self.is_cuda and not args.enforce_eager:
@@ -99,8 +113,9 @@ class ModelRunner:
 
             t0 = time.perf_counter()
             self.graphs = DecodeGraphs(self)
-            logger.info("captured CUDA graphs for decode batch sizes %s in %.1f s",
-                        self.graphs.sizes, time.perf_counter() - t0)
+            logger.info(
+                "captured CUDA graphs for decode batch sizes %s in %.1f s", self.graphs.sizes, time.perf_counter() - t0
+            )
         elif not self.is_cuda and args.emulate_decode_graphs:
             from fastserve.worker.cuda_graphs import DecodeGraphs
 
@@ -115,8 +130,9 @@ class ModelRunner:
             return self.args.num_gpu_blocks_override
         if not self.is_cuda:
             return kvc.cpu_num_blocks(self._block_bytes(), self.args.cpu_kv_cache_space_gb)
-        return kvc.gpu_num_blocks(self._block_bytes(), self.args.gpu_memory_utilization,
-                                  self._profile_peak_bytes(), self.device)
+        return kvc.gpu_num_blocks(
+            self._block_bytes(), self.args.gpu_memory_utilization, self._profile_peak_bytes(), self.device
+        )
 
     @torch.inference_mode()
     def _profile_peak_bytes(self) -> int:
@@ -133,27 +149,35 @@ class ModelRunner:
         blocks_per_seq = math.ceil(int(seq_lens.max()) / self.block_size)
         num_blocks = seqs * blocks_per_seq
         c = self.config
-        scratch = kvc.allocate(c.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads,
-                               c.head_dim, c.dtype, self.device)
+        scratch = kvc.allocate(
+            c.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, c.head_dim, c.dtype, self.device
+        )
         block_tables = np.arange(num_blocks, dtype=np.int32).reshape(seqs, blocks_per_seq)
         qsl = np.zeros(seqs + 1, dtype=np.int32)
         qsl[1:] = np.cumsum(seq_lens)
         positions = np.concatenate([np.arange(n) for n in seq_lens]).astype(np.int64)
         rows = np.repeat(np.arange(seqs), seq_lens)
-        slots = block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size + positions % self.block_size
+        slots = (
+            block_tables[rows, positions // self.block_size].astype(np.int64) * self.block_size
+            + positions % self.block_size
+        )
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(slots).to(self.device),
             query_start_loc=torch.from_numpy(qsl).to(self.device),
             seq_lens=torch.from_numpy(seq_lens).to(self.device),
             block_tables=torch.from_numpy(block_tables).to(self.device),
-            num_decodes=0, max_query_len=int(seq_lens.max()), max_seq_len=int(seq_lens.max()),
+            num_decodes=0,
+            max_query_len=int(seq_lens.max()),
+            max_seq_len=int(seq_lens.max()),
         )
         input_ids = torch.randint(0, self.vocab_size, (tokens,), device=self.device)
         hidden = self.model(input_ids, torch.from_numpy(positions).to(self.device), meta, scratch)
         rows = self.max_num_sample_rows
         logits = self.model.compute_logits(hidden[qsl[1:] - 1].repeat(math.ceil(rows / seqs), 1)[:rows])
-        self.sampler(logits, SamplingTensors.from_batch(_heaviest_sampling(rows), self.device, self.vocab_size,
-                                                        self.sampling_staging))
+        self.sampler(
+            logits,
+            SamplingTensors.from_batch(_heaviest_sampling(rows), self.device, self.vocab_size, self.sampling_staging),
+        )
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         scratch_bytes = sum(t.numel() * t.element_size() for t in scratch)
@@ -170,10 +194,16 @@ class ModelRunner:
             query_start_loc=b.load(b.query_start_loc, batch.query_start_loc),
             seq_lens=b.load(b.seq_lens, batch.seq_lens),
             block_tables=b.load(b.block_tables, batch.block_tables),
-            num_decodes=batch.num_decodes, max_query_len=batch.max_query_len, max_seq_len=batch.max_seq_len,
+            num_decodes=batch.num_decodes,
+            max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len,
         )
-        return (b.load(b.input_ids, batch.input_ids), b.load(b.positions, batch.positions), meta,
-                b.load(b.logits_indices, batch.logits_indices))
+        return (
+            b.load(b.input_ids, batch.input_ids),
+            b.load(b.positions, batch.positions),
+            meta,
+            b.load(b.logits_indices, batch.logits_indices),
+        )
 
     def _forward(self, batch):
         """(hidden states, hidden states prompt logprobs may read or None, logits row
@@ -203,7 +233,7 @@ class ModelRunner:
             # The driver's chunks, in its order: each one all-gathers the LM head's slices.
             rows = self._prompt_hidden_rows(prompt_hidden, batch)
             for start in range(0, rows.shape[0], self.max_num_sample_rows):
-                self.model.compute_logits(rows[start:start + self.max_num_sample_rows])
+                self.model.compute_logits(rows[start : start + self.max_num_sample_rows])
         if self.is_cuda:
             # The next step refills the pinned host buffers this step's copies read from.
             # The driver cannot send it before this rank's last collective anyway, so the
@@ -234,11 +264,19 @@ class ModelRunner:
         prompt_lp = None
         if batch.prompt_logprob_indices.shape[0] and prompt_hidden is not None:
             targets = torch.from_numpy(batch.prompt_logprob_targets).to(self.device)
-            plp = compute_prompt_logprobs(self._prompt_hidden_rows(prompt_hidden, batch), targets,
-                                          max(1, prompt_logprobs_k), chunk_rows=self.max_num_sample_rows,
-                                          compute_logits=self.model.compute_logits)
-            prompt_lp = (plp.target_logprobs.cpu().numpy(), plp.target_ranks.cpu().numpy(),
-                         plp.topk_ids.cpu().numpy(), plp.topk_logprobs.cpu().numpy())
+            plp = compute_prompt_logprobs(
+                self._prompt_hidden_rows(prompt_hidden, batch),
+                targets,
+                max(1, prompt_logprobs_k),
+                chunk_rows=self.max_num_sample_rows,
+                compute_logits=self.model.compute_logits,
+            )
+            prompt_lp = (
+                plp.target_logprobs.cpu().numpy(),
+                plp.target_ranks.cpu().numpy(),
+                plp.topk_ids.cpu().numpy(),
+                plp.topk_logprobs.cpu().numpy(),
+            )
 
         want_top = out.sampled_ranks is not None
         result = StepResult(
@@ -261,13 +299,23 @@ def _heaviest_sampling(rows: int):
     f32 = lambda v: np.full(rows, v, dtype=np.float32)  # noqa: E731
     one = np.arange(rows + 1, dtype=np.int32)
     return SimpleNamespace(
-        temperature=f32(1.0), top_p=f32(0.9), top_k=np.zeros(rows, dtype=np.int32), min_p=f32(0.05),
-        presence_penalty=f32(0.5), frequency_penalty=f32(0.5), repetition_penalty=f32(1.1),
-        seeds=np.arange(rows, dtype=np.int64), sample_steps=np.zeros(rows, dtype=np.int64),
-        num_logprobs=np.full(rows, 20, dtype=np.int32), any_penalties=True,
-        prompt_token_ids=np.arange(rows, dtype=np.int64), prompt_offsets=one,
-        output_token_ids=np.arange(rows, dtype=np.int64), output_offsets=one,
-        banned_rows=np.zeros(0, dtype=np.int64), banned_token_ids=np.zeros(0, dtype=np.int64),
+        temperature=f32(1.0),
+        top_p=f32(0.9),
+        top_k=np.zeros(rows, dtype=np.int32),
+        min_p=f32(0.05),
+        presence_penalty=f32(0.5),
+        frequency_penalty=f32(0.5),
+        repetition_penalty=f32(1.1),
+        seeds=np.arange(rows, dtype=np.int64),
+        sample_steps=np.zeros(rows, dtype=np.int64),
+        num_logprobs=np.full(rows, 20, dtype=np.int32),
+        any_penalties=True,
+        prompt_token_ids=np.arange(rows, dtype=np.int64),
+        prompt_offsets=one,
+        output_token_ids=np.arange(rows, dtype=np.int64),
+        output_offsets=one,
+        banned_rows=np.zeros(0, dtype=np.int64),
+        banned_token_ids=np.zeros(0, dtype=np.int64),
     )
 
 

@@ -117,8 +117,11 @@ class SamplerState:
         self._grow_slots(int(slots.max()) + 1)
         for column, name, dtype, _ in _SCALARS:
             getattr(self, name)[slots] = np.asarray(getattr(batch, column), dtype=dtype)
-        pen = ((self.presence_penalty[slots] != 0) | (self.frequency_penalty[slots] != 0)
-               | (self.repetition_penalty[slots] != 1))
+        pen = (
+            (self.presence_penalty[slots] != 0)
+            | (self.frequency_penalty[slots] != 0)
+            | (self.repetition_penalty[slots] != 1)
+        )
         self.has_penalties[slots] = pen
         bans = np.diff(batch.new_ban_offsets) + np.diff(batch.new_min_ban_offsets) > 0
         bias = np.diff(batch.new_bias_offsets) > 0
@@ -206,8 +209,7 @@ class SamplerState:
         """Adds each penalized row's sampled token to its output counts (on the device)."""
         if count_rows.numel():
             toks = sampled.index_select(0, count_rows)
-            self.counts.index_put_((count_vocab_rows, toks), torch.ones_like(toks, dtype=torch.int32),
-                                   accumulate=True)
+            self.counts.index_put_((count_vocab_rows, toks), torch.ones_like(toks, dtype=torch.int32), accumulate=True)
 
     @classmethod
     def for_rows(cls, rows, device, vocab_size: int) -> tuple[SamplerState, dict]:
@@ -220,22 +222,37 @@ class SamplerState:
         pen = bool(getattr(rows, "any_penalties", False))
         empty = np.zeros(0, dtype=np.int64)
         new = dict(
-            new_seq_slots=np.arange(s, dtype=np.int32), new_temperature=rows.temperature, new_top_p=rows.top_p,
-            new_top_k=rows.top_k, new_min_p=rows.min_p, new_presence_penalty=rows.presence_penalty,
-            new_frequency_penalty=rows.frequency_penalty, new_repetition_penalty=rows.repetition_penalty,
-            new_seeds=rows.seeds, new_num_logprobs=rows.num_logprobs,
+            new_seq_slots=np.arange(s, dtype=np.int32),
+            new_temperature=rows.temperature,
+            new_top_p=rows.top_p,
+            new_top_k=rows.top_k,
+            new_min_p=rows.min_p,
+            new_presence_penalty=rows.presence_penalty,
+            new_frequency_penalty=rows.frequency_penalty,
+            new_repetition_penalty=rows.repetition_penalty,
+            new_seeds=rows.seeds,
+            new_num_logprobs=rows.num_logprobs,
             new_min_tokens=np.zeros(s, dtype=np.int32),
             new_prompt_offsets=rows.prompt_offsets if pen else zeros,
             new_prompt_token_ids=rows.prompt_token_ids if pen else empty,
             new_output_offsets=rows.output_offsets if pen else zeros,
             new_output_token_ids=rows.output_token_ids if pen else empty,
-            new_ban_offsets=zeros, new_ban_token_ids=empty, new_min_ban_offsets=zeros,
-            new_min_ban_token_ids=empty, new_bias_offsets=zeros, new_bias_token_ids=empty,
-            new_bias_values=np.zeros(0, dtype=np.float32), new_allow_offsets=zeros, new_allow_token_ids=empty,
+            new_ban_offsets=zeros,
+            new_ban_token_ids=empty,
+            new_min_ban_offsets=zeros,
+            new_min_ban_token_ids=empty,
+            new_bias_offsets=zeros,
+            new_bias_token_ids=empty,
+            new_bias_values=np.zeros(0, dtype=np.float32),
+            new_allow_offsets=zeros,
+            new_allow_token_ids=empty,
             freed_seq_slots=np.zeros(0, dtype=np.int32),
-            sample_seq_slots=np.arange(s, dtype=np.int32), sample_steps=rows.sample_steps,
-            fork_sample_rows=empty, fork_seeds=empty,
-            banned_rows=rows.banned_rows, banned_token_ids=rows.banned_token_ids,
+            sample_seq_slots=np.arange(s, dtype=np.int32),
+            sample_steps=rows.sample_steps,
+            fork_sample_rows=empty,
+            fork_seeds=empty,
+            banned_rows=rows.banned_rows,
+            banned_token_ids=rows.banned_token_ids,
         )
         from types import SimpleNamespace
 
@@ -243,9 +260,16 @@ class SamplerState:
         state = cls(device, vocab_size, capacity=max(s, 1), rows=max(s, 1))
         if not pen:
             # No penalty lists were given: the rows' penalty values, if any, apply to nothing.
-            state.apply(SimpleNamespace(**{**new, "new_presence_penalty": np.zeros(s, np.float32),
-                                           "new_frequency_penalty": np.zeros(s, np.float32),
-                                           "new_repetition_penalty": np.ones(s, np.float32)}))
+            state.apply(
+                SimpleNamespace(
+                    **{
+                        **new,
+                        "new_presence_penalty": np.zeros(s, np.float32),
+                        "new_frequency_penalty": np.zeros(s, np.float32),
+                        "new_repetition_penalty": np.ones(s, np.float32),
+                    }
+                )
+            )
         else:
             state.apply(step)
         return state, state.rows(step)

@@ -60,8 +60,9 @@ class PinnedStaging:
             self._allocate(1 << (total - 1).bit_length())
         for a, off in zip(arrays, offsets):
             if a.nbytes:
-                self._host_np[off:off + a.nbytes] = a.reshape(-1).view(np.uint8)
+                self._host_np[off : off + a.nbytes] = a.reshape(-1).view(np.uint8)
         if total:
             self.dev[:total].copy_(self.host[:total], non_blocking=True)
-        return [self.dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape)
-                for a, off in zip(arrays, offsets)]
+        return [
+            self.dev[off : off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)
+        ]

@@ -60,15 +60,24 @@ class StepLimits:
         return cls(args.max_num_batched_tokens, args.max_num_seqs, rows, max_model_len, args.block_size)
 
     def scheduler_kwargs(self) -> dict:
-        return dict(max_num_batched_tokens=self.max_num_batched_tokens, max_num_seqs=self.max_num_seqs,
-                    max_num_sample_rows=self.max_num_sample_rows, max_model_len=self.max_model_len,
-                    block_size=self.block_size)
+        return dict(
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            max_num_seqs=self.max_num_seqs,
+            max_num_sample_rows=self.max_num_sample_rows,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+        )
 
 
 def batch_shapes(batch) -> dict:
-    return {"num_seqs": batch.num_seqs, "num_tokens": batch.num_tokens, "num_samples": batch.num_samples,
-            "num_decodes": batch.num_decodes, "block_tables": tuple(batch.block_tables.shape),
-            "max_seq_len": batch.max_seq_len}
+    return {
+        "num_seqs": batch.num_seqs,
+        "num_tokens": batch.num_tokens,
+        "num_samples": batch.num_samples,
+        "num_decodes": batch.num_decodes,
+        "block_tables": tuple(batch.block_tables.shape),
+        "max_seq_len": batch.max_seq_len,
+    }
 
 
 def check_batch(batch, limits: StepLimits) -> None:
@@ -83,8 +92,9 @@ def check_batch(batch, limits: StepLimits) -> None:
         raise StepLimitError("sample rows", batch.num_samples, limits.max_num_sample_rows, row, batch_shapes(batch))
     if batch.block_tables.shape[1] > limits.max_blocks_per_seq:
         row = int(np.argmax(batch.seq_lens))
-        raise StepLimitError("blocks per table", batch.block_tables.shape[1], limits.max_blocks_per_seq, row,
-                             batch_shapes(batch))
+        raise StepLimitError(
+            "blocks per table", batch.block_tables.shape[1], limits.max_blocks_per_seq, row, batch_shapes(batch)
+        )
 
 
 def _row_of_sample(batch, sample: int) -> int:

@@ -33,5 +33,12 @@ def get_tool_parser(name: str | None) -> ToolParser | None:
         raise ValueError(f"tool_call_parser must be one of {sorted(TOOL_PARSERS)}, got {name!r}") from None
 
 
-__all__ = ["TOOL_PARSERS", "FunctionCall", "ToolCallStreamer", "ToolParser", "get_tool_parser",
-           "make_tool_call_id", "tool_call_json"]
+__all__ = [
+    "TOOL_PARSERS",
+    "FunctionCall",
+    "ToolCallStreamer",
+    "ToolParser",
+    "get_tool_parser",
+    "make_tool_call_id",
+    "tool_call_json",
+]

@@ -61,7 +61,7 @@ def named_choice(tool_choice: Any) -> str | None:
 
 
 def choice_mode(tool_choice: Any) -> str:
-    """"auto", "required", "forced" (a named function) or "none"."""
+    """ "auto", "required", "forced" (a named function) or "none"."""
     if named_choice(tool_choice) is not None:
         return "forced"
     return tool_choice or "auto"
@@ -100,8 +100,7 @@ def structural_tag_spec(fmt, single_call: bool) -> StructuredOutputsParams:
     tag = fmt if isinstance(fmt, StructuralTag) else StructuralTag(format=fmt)
     if single_call:
         _stop_after_first(tag.format)
-    return StructuredOutputsParams(structural_tag=json.dumps(tag.model_dump(), ensure_ascii=False),
-                                   _param="tools")
+    return StructuredOutputsParams(structural_tag=json.dumps(tag.model_dump(), ensure_ascii=False), _param="tools")
 
 
 def _stop_after_first(node) -> None:
@@ -142,9 +141,15 @@ def json_tool_call_schema(tools: list[dict], tool_choice: Any, parallel_tool_cal
                 if k in defs and defs[k] != v:
                     raise ValueError(f"tools: definition {k!r} has different schemas in different tools")
                 defs[k] = v
-        any_of.append({"properties": {"name": {"type": "string", "enum": [tool_name(t)]},
-                                      "parameters": _params_or_empty(params)},
-                       "required": ["name", "parameters"]})
+        any_of.append(
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [tool_name(t)]},
+                    "parameters": _params_or_empty(params),
+                },
+                "required": ["name", "parameters"],
+            }
+        )
     schema: dict = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": any_of}}
     if parallel_tool_calls is False:
         schema["maxItems"] = 1
@@ -186,8 +191,9 @@ class ToolParser:
         already complete). Both only grow as text grows."""
         raise NotImplementedError
 
-    def grammar(self, tools: list[dict], tool_choice: Any,
-                parallel_tool_calls: bool | None) -> StructuredOutputsParams | None:
+    def grammar(
+        self, tools: list[dict], tool_choice: Any, parallel_tool_calls: bool | None
+    ) -> StructuredOutputsParams | None:
         """The constraint that makes the model call tools in this parser's format (None: no
         constraint, e.g. tool_choice auto without strict tools)."""
         schema = json_tool_call_schema(tools, tool_choice, parallel_tool_calls)
@@ -216,14 +222,14 @@ class ToolCallStreamer:
 
     def _delta(self, content: str | None, calls: list[FunctionCall]) -> tuple[str, list[dict]]:
         out = []
-        for call in calls[self.sent_calls:]:
+        for call in calls[self.sent_calls :]:
             cid = make_tool_call_id()
             self.ids.append(cid)
             self.calls.append(call)
             out.append({"index": self.sent_calls, **tool_call_json(call, cid)})
             self.sent_calls += 1
         content = content or ""
-        delta = content[self.sent_content:] if len(content) > self.sent_content else ""
+        delta = content[self.sent_content :] if len(content) > self.sent_content else ""
         self.sent_content = max(self.sent_content, len(content))
         return delta, out
 

@@ -45,13 +45,13 @@ class HermesToolParser(ToolParser):
             calls = [_call(a or b) for a, b in _BLOCKS.findall(text)]
         except (ValueError, KeyError, TypeError):
             return text, []
-        content = text[:text.find(START)]
+        content = text[: text.find(START)]
         return content or None, calls
 
     def extract_partial(self, text: str) -> tuple[str, list[FunctionCall]]:
         i = text.find(START)
         if i < 0:
-            return text[:len(text) - partial_suffix(text, START)], []
+            return text[: len(text) - partial_suffix(text, START)], []
         calls = []
         for body in re.findall(r"<tool_call>(.*?)</tool_call>", text[i:], re.DOTALL):
             try:
@@ -67,16 +67,20 @@ class HermesToolParser(ToolParser):
             return None
         from xgrammar.structural_tag import JSONSchemaFormat, TagFormat, TagsWithSeparatorFormat, TriggeredTagsFormat
 
-        tags = [TagFormat(begin=begin + tool_name(t) + '", "arguments": ',
-                          content=JSONSchemaFormat(json_schema=arguments_schema(t["function"])), end=end)
-                for t in resolved
-                for begin, end in ((START + '\n{"name": "', "}\n" + END), (START + '{"name": "', "}" + END))]
+        tags = [
+            TagFormat(
+                begin=begin + tool_name(t) + '", "arguments": ',
+                content=JSONSchemaFormat(json_schema=arguments_schema(t["function"])),
+                end=end,
+            )
+            for t in resolved
+            for begin, end in ((START + '\n{"name": "', "}\n" + END), (START + '{"name": "', "}" + END))
+        ]
         mode = choice_mode(tool_choice)
         if mode == "auto":
             fmt = TriggeredTagsFormat(triggers=[START], tags=tags)
         else:
-            fmt = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True,
-                                          stop_after_first=mode == "forced")
+            fmt = TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True, stop_after_first=mode == "forced")
         return structural_tag_spec(fmt, single_call=parallel_tool_calls is False)
 
     def parse_constrained(self, text: str, tool_choice: Any) -> list[FunctionCall] | None:

@@ -60,8 +60,8 @@ class MistralToolParser(ToolParser):
     def extract_partial(self, text: str) -> tuple[str, list[FunctionCall]]:
         i = text.find(BOT)
         if i < 0:
-            return text[:len(text) - partial_suffix(text, BOT)], []
-        body = text[i + len(BOT):].strip()
+            return text[: len(text) - partial_suffix(text, BOT)], []
+        body = text[i + len(BOT) :].strip()
         try:
             _DECODER.raw_decode(body)
         except ValueError:
@@ -73,10 +73,17 @@ class MistralToolParser(ToolParser):
         if mode not in ("required", "forced"):
             return None
         chosen = tools if mode == "required" else [t for t in tools if tool_name(t) == named_choice(tool_choice)]
-        any_of = [{"type": "object",
-                   "properties": {"name": {"type": "string", "enum": [tool_name(t)]},
-                                  "arguments": t["function"].get("parameters") or {"type": "object"}},
-                   "required": ["name", "arguments"]} for t in chosen]
+        any_of = [
+            {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "enum": [tool_name(t)]},
+                    "arguments": t["function"].get("parameters") or {"type": "object"},
+                },
+                "required": ["name", "arguments"],
+            }
+            for t in chosen
+        ]
         schema: dict = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": any_of}}
         if mode == "forced":
             schema["maxItems"] = 1

@@ -32,17 +32,20 @@ def check_tools(tools: Any, tool_choice: Any) -> None:
             raise bad_request("tools must be a non-empty list of tools; leave it out for none", "tools")
         for i, t in enumerate(tools):
             if not isinstance(t, dict) or t.get("type", "function") != "function":
-                raise bad_request(f"tools[{i}] must be a {{\"type\": \"function\", \"function\": {{...}}}} tool "
-                                  "(only function tools are supported)", f"tools[{i}].type")
+                raise bad_request(
+                    f'tools[{i}] must be a {{"type": "function", "function": {{...}}}} tool '
+                    "(only function tools are supported)",
+                    f"tools[{i}].type",
+                )
             f = t.get("function")
             if not isinstance(f, dict) or not isinstance(f.get("name"), str) or not f["name"]:
                 raise bad_request(f"tools[{i}].function needs a non-empty `name`", f"tools[{i}].function.name")
             if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-                raise bad_request(f"tools[{i}].function.parameters must be a JSON Schema object",
-                                  f"tools[{i}].function.parameters")
+                raise bad_request(
+                    f"tools[{i}].function.parameters must be a JSON Schema object", f"tools[{i}].function.parameters"
+                )
             if f.get("strict") is not None and not isinstance(f["strict"], bool):
-                raise bad_request(f"tools[{i}].function.strict must be true or false",
-                                  f"tools[{i}].function.strict")
+                raise bad_request(f"tools[{i}].function.strict must be true or false", f"tools[{i}].function.strict")
     if tool_choice is None or tool_choice == "none":
         return
     if tools is None:
@@ -62,8 +65,9 @@ class ToolCalling:
     """Built by `for_request`; None when the request calls no tools (no tools, or
     tool_choice none)."""
 
-    def __init__(self, parser: ToolParser, tools: list[dict], tool_choice: Any,
-                 parallel_tool_calls: bool | None) -> None:
+    def __init__(
+        self, parser: ToolParser, tools: list[dict], tool_choice: Any, parallel_tool_calls: bool | None
+    ) -> None:
         self.parser = parser
         self.tools = tools
         self.tool_choice = tool_choice
@@ -80,10 +84,13 @@ class ToolCalling:
         if req.tools is None or tool_choice == "none":
             return None
         if parser_name is None or (tool_choice == "auto" and not enable_auto_tool_choice):
-            flags = "--enable-auto-tool-choice and --tool-call-parser" if tool_choice == "auto" \
-                else "--tool-call-parser"
-            raise bad_request(f"tool_choice {tool_choice!r} needs the server started with {flags} (or send "
-                              "tool_choice \"none\")", "tool_choice")
+            flags = (
+                "--enable-auto-tool-choice and --tool-call-parser" if tool_choice == "auto" else "--tool-call-parser"
+            )
+            raise bad_request(
+                f'tool_choice {tool_choice!r} needs the server started with {flags} (or send tool_choice "none")',
+                "tool_choice",
+            )
         from . import get_tool_parser
 
         return cls(get_tool_parser(parser_name), req.tools, tool_choice, req.parallel_tool_calls)
@@ -106,8 +113,10 @@ class ToolCalling:
             return requested
         if self.forces_call or requested is None:
             return self.spec
-        logger.warning("tool_choice auto with strict tools and a response format: the response format applies, "
-                       "tool calls are not constrained")
+        logger.warning(
+            "tool_choice auto with strict tools and a response format: the response format applies, "
+            "tool calls are not constrained"
+        )
         return requested
 
     # -- answers ----------------------------------------------------------------------------
@@ -137,6 +146,7 @@ class ToolCalling:
         return finish_reason
 
     def streamer(self) -> ToolCallStreamer:
-        constrained = self.tool_choice if self.forces_call and self.spec is not None and self.spec.json is not None \
-            else None
+        constrained = (
+            self.tool_choice if self.forces_call and self.spec is not None and self.spec.json is not None else None
+        )
         return ToolCallStreamer(self.parser, constrained)
