@@ -31,8 +31,9 @@ def tile_bytes(cfg: dict, rows_m: int, d_pad: int, elt: int) -> int:
     return (cfg["num_stages"] * 2 * cfg["BLOCK_N"] + rows_m) * d_pad * elt
 
 
-def fit_shared_memory(cfg: dict, d_pad: int, elt: int, limit: int, rows_m: int | None = None,
-                      min_rows_m: int = 16) -> dict:
+def fit_shared_memory(
+    cfg: dict, d_pad: int, elt: int, limit: int, rows_m: int | None = None, min_rows_m: int = 16
+) -> dict:
     """cfg (BLOCK_N, num_stages, optionally BLOCK_M) shrunk until its tiles fit `limit` bytes.
 
     rows_m: the query rows of a program when it is not cfg["BLOCK_M"] (decode: the padded group).

@@ -14,8 +14,11 @@ def require(cond: bool, name: str, message: str) -> None:
 def require_cuda_or_interpret(t: torch.Tensor, name: str) -> None:
     import os
 
-    require(t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1", name,
-            f"must be a CUDA tensor (got device {t.device}); use kernels.reference on the CPU")
+    require(
+        t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1",
+        name,
+        f"must be a CUDA tensor (got device {t.device}); use kernels.reference on the CPU",
+    )
 
 
 def require_last_dim_contiguous(t: torch.Tensor, name: str) -> None:

@@ -37,5 +37,6 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
         return out
     block = min(triton.next_power_of_2(inter), 2048)
     _silu_and_mul_kernel[(rows, triton.cdiv(inter, block))](
-        x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        x2, out2, x2.stride(0), out2.stride(0), inter, BLOCK=block, num_warps=4 if block <= 1024 else 8
+    )
     return out

@@ -28,15 +28,34 @@ MIN_SPLIT_TOKENS = 256
 # batch shape would recompile mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "split_len", "scale_log2"])
 def _decode_partial_kernel(
-    q_ptr, kv_ptr, bt_ptr, seq_lens_ptr, out_ptr, part_out_ptr, part_lse_ptr,
-    scale_log2, split_len,
-    stride_qb, stride_qh,
-    stride_kv, stride_blk, stride_slot, stride_kvh,
+    q_ptr,
+    kv_ptr,
+    bt_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    scale_log2,
+    split_len,
+    stride_qb,
+    stride_qh,
+    stride_kv,
+    stride_blk,
+    stride_slot,
+    stride_kvh,
     stride_bt,
-    stride_ob, stride_oh,
-    stride_pb, stride_ph, stride_ps,
-    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -51,8 +70,11 @@ def _decode_partial_kernel(
     heads = kvh * G + offs_g
     gmask = offs_g < G
     dmask = offs_d < D
-    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -81,24 +103,36 @@ def _decode_partial_kernel(
     out = acc / l_safe[:, None]
     omask = gmask[:, None] & dmask[None, :]
     if SINGLE_SPLIT:
-        tl.store(out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=omask)
+        tl.store(
+            out_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=omask,
+        )
     else:
         # Splits past the end of this sequence write nothing; the merge never reads them.
         # Compared as a block, not as a scalar: Triton 3.7+'s interpreter (TRITON_INTERPRET=1)
         # broadcasts a scalar comparison as int32, which its masked store refuses.
         gvalid = gmask & (start + offs_g * 0 < seq_len)
         base = b.to(tl.int64) * stride_pb + heads * stride_ph + split * stride_ps
-        tl.store(part_out_ptr + base[:, None] * D_PAD + offs_d[None, :], out,
-                 mask=omask & gvalid[:, None])
+        tl.store(part_out_ptr + base[:, None] * D_PAD + offs_d[None, :], out, mask=omask & gvalid[:, None])
         tl.store(part_lse_ptr + base, m_i + tl.log2(l_safe), mask=gvalid)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    part_out_ptr, part_lse_ptr, seq_lens_ptr, out_ptr, split_len,
-    stride_pb, stride_ph, stride_ps, stride_ob, stride_oh,
-    D: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
+    part_out_ptr,
+    part_lse_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    split_len,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    S_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -112,13 +146,13 @@ def _decode_merge_kernel(
     m = tl.max(lse, axis=0)
     m = tl.where(num_valid > 0, m, 0.0)
     w = tl.where(smask, tl.exp2(lse - m), 0.0)
-    parts = tl.load(part_out_ptr + base[:, None] * D_PAD + offs_d[None, :],
-                    mask=smask[:, None], other=0.0)
+    parts = tl.load(part_out_ptr + base[:, None] * D_PAD + offs_d[None, :], mask=smask[:, None], other=0.0)
     denom = tl.sum(w, axis=0)
     denom = tl.where(denom > 0, denom, 1.0)
     out = tl.sum(parts * w[:, None], axis=0) / denom
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    tl.store(
+        out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D
+    )
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -143,10 +177,17 @@ def _default_config(head_dim_pad: int, device: torch.device) -> dict:
     return dict(BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float, out: torch.Tensor | None = None,
-                           max_seq_len: int | None = None, num_splits: int | None = None,
-                           config: dict | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    max_seq_len: int | None = None,
+    num_splits: int | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Attention of q [B, Hq, D] over each sequence's seq_lens[b] cached tokens -> [B, Hq, D].
 
     kv_cache [2, num_blocks, block_size, Hkv, D] (Hq a multiple of Hkv: MHA, GQA, MQA);
@@ -156,8 +197,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     num_splits and config override the heuristics (tests and benchmarks).
     """
     require(q.dim() == 3, "q", f"must be [B, Hq, D], got {tuple(q.shape)}")
-    require(kv_cache.dim() == 5 and kv_cache.shape[0] == 2, "kv_cache",
-            f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    require(
+        kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+        "kv_cache",
+        f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}",
+    )
     batch, hq, d = q.shape
     _, _, block_size, hkv, dk = kv_cache.shape
     require(dk == d, "kv_cache", f"head_dim {dk} differs from q's {d}")
@@ -165,8 +209,11 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     require(q.stride(-1) == 1 and kv_cache.stride(-1) == 1, "q", "q and kv_cache need a contiguous last dim")
     require_int_dtype(block_tables, "block_tables", (torch.int32,))
     require_int_dtype(seq_lens, "seq_lens", (torch.int32,))
-    require(block_tables.dim() == 2 and block_tables.shape[0] == batch, "block_tables",
-            f"must be [B={batch}, max_blocks], got {tuple(block_tables.shape)}")
+    require(
+        block_tables.dim() == 2 and block_tables.shape[0] == batch,
+        "block_tables",
+        f"must be [B={batch}, max_blocks], got {tuple(block_tables.shape)}",
+    )
     require(block_tables.stride(-1) == 1, "block_tables", "last dimension must be contiguous")
     require(seq_lens.shape == (batch,), "seq_lens", f"must be [B={batch}], got {tuple(seq_lens.shape)}")
     require(scale > 0, "scale", f"must be > 0, got {scale}")
@@ -197,14 +244,41 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     num_splits = triton.cdiv(max_seq_len, split_len)
 
     scale_log2 = float(scale) * LOG2E
-    common = dict(G=group, G_PAD=g_pad, D=d, D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=block_n,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], DOT_PREC=dot_precision(q.dtype))
+    common = dict(
+        G=group,
+        G_PAD=g_pad,
+        D=d,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_N=block_n,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        DOT_PREC=dot_precision(q.dtype),
+    )
     kv_strides = (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
     if num_splits == 1:
         _decode_partial_kernel[(batch, hkv, 1)](
-            q, kv_cache, block_tables, seq_lens, out, out, out, scale_log2, split_len,
-            q.stride(0), q.stride(1), *kv_strides, block_tables.stride(0),
-            out.stride(0), out.stride(1), 0, 0, 0, SINGLE_SPLIT=True, **common)
+            q,
+            kv_cache,
+            block_tables,
+            seq_lens,
+            out,
+            out,
+            out,
+            scale_log2,
+            split_len,
+            q.stride(0),
+            q.stride(1),
+            *kv_strides,
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+            0,
+            0,
+            0,
+            SINGLE_SPLIT=True,
+            **common,
+        )
         return out
 
     part_out = torch.empty(batch, hq, num_splits, d_pad, dtype=torch.float32, device=q.device)
@@ -212,10 +286,37 @@ def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables
     # part_lse strides equal part_out's divided by d_pad; the kernels index both with them.
     ps = (hq * num_splits, num_splits, 1)
     _decode_partial_kernel[(batch, hkv, num_splits)](
-        q, kv_cache, block_tables, seq_lens, out, part_out, part_lse, scale_log2, split_len,
-        q.stride(0), q.stride(1), *kv_strides, block_tables.stride(0),
-        out.stride(0), out.stride(1), *ps, SINGLE_SPLIT=False, **common)
+        q,
+        kv_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale_log2,
+        split_len,
+        q.stride(0),
+        q.stride(1),
+        *kv_strides,
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        *ps,
+        SINGLE_SPLIT=False,
+        **common,
+    )
     _decode_merge_kernel[(batch, hq)](
-        part_out, part_lse, seq_lens, out, split_len, *ps, out.stride(0), out.stride(1),
-        D=d, D_PAD=d_pad, S_PAD=max(2, triton.next_power_of_2(num_splits)), num_warps=4)
+        part_out,
+        part_lse,
+        seq_lens,
+        out,
+        split_len,
+        *ps,
+        out.stride(0),
+        out.stride(1),
+        D=d,
+        D_PAD=d_pad,
+        S_PAD=max(2, triton.next_power_of_2(num_splits)),
+        num_warps=4,
+    )
     return out

@@ -23,9 +23,27 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, offs_d, dmask,
-                 q_pos, seq_len, BLOCK_SIZE: tl.constexpr, stride_blk, stride_slot,
-                 MASKED: tl.constexpr, scale_log2, DOT_PREC: tl.constexpr):
+def _attend_tile(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    stride_kv,
+    bt_row,
+    n0,
+    offs_n_base,
+    offs_d,
+    dmask,
+    q_pos,
+    seq_len,
+    BLOCK_SIZE: tl.constexpr,
+    stride_blk,
+    stride_slot,
+    MASKED: tl.constexpr,
+    scale_log2,
+    DOT_PREC: tl.constexpr,
+):
     offs_n = n0 + offs_n_base
     blk = tl.load(bt_row + offs_n // BLOCK_SIZE, mask=offs_n < seq_len, other=0).to(tl.int64)
     rows = blk * stride_blk + (offs_n % BLOCK_SIZE).to(tl.int64) * stride_slot
@@ -53,12 +71,31 @@ def _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0, offs_n_base, o
 # batch shape would recompile mid-run.
 @triton.jit(do_not_specialize=["stride_bt", "NUM_M_BLOCKS", "scale_log2"])
 def _prefill_kernel(
-    q_ptr, kv_ptr, out_ptr, qsl_ptr, seq_lens_ptr, bt_ptr, scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh,
-    stride_kv, stride_blk, stride_slot, stride_kvh, stride_bt,
-    NUM_M_BLOCKS, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACK: tl.constexpr, DOT_PREC: tl.constexpr,
+    q_ptr,
+    kv_ptr,
+    out_ptr,
+    qsl_ptr,
+    seq_lens_ptr,
+    bt_ptr,
+    scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kv,
+    stride_blk,
+    stride_slot,
+    stride_kvh,
+    stride_bt,
+    NUM_M_BLOCKS,
+    G: tl.constexpr,
+    D: tl.constexpr,
+    D_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACK: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # PACK query heads of one KV group share a program (rows head-major: BLOCK_M // PACK tokens
     # of each), so every K/V tile fetched serves PACK times the rows.
@@ -84,8 +121,11 @@ def _prefill_kernel(
     mmask = offs_m < q_len
     dmask = offs_d < D
     tok = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=mmask[:, None] & dmask[None, :],
+        other=0.0,
+    )
     q_pos = ctx + offs_m
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -97,23 +137,61 @@ def _prefill_kernel(
     # Keys below the first query's position are visible to every row of this block.
     full_end = ((ctx + m_start) // BLOCK_N) * BLOCK_N
     for n0 in range(0, full_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0,
-                                     offs_n_base, offs_d, dmask, q_pos, seq_len, BLOCK_SIZE,
-                                     stride_blk, stride_slot, False, scale_log2, DOT_PREC)
+        acc, l_i, m_i = _attend_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            stride_kv,
+            bt_row,
+            n0,
+            offs_n_base,
+            offs_d,
+            dmask,
+            q_pos,
+            seq_len,
+            BLOCK_SIZE,
+            stride_blk,
+            stride_slot,
+            False,
+            scale_log2,
+            DOT_PREC,
+        )
     kv_end = tl.minimum(seq_len, ctx + m_start + TOK_M)
     for n0 in range(full_end, kv_end, BLOCK_N):
-        acc, l_i, m_i = _attend_tile(acc, l_i, m_i, q, k_base, stride_kv, bt_row, n0,
-                                     offs_n_base, offs_d, dmask, q_pos, seq_len, BLOCK_SIZE,
-                                     stride_blk, stride_slot, True, scale_log2, DOT_PREC)
+        acc, l_i, m_i = _attend_tile(
+            acc,
+            l_i,
+            m_i,
+            q,
+            k_base,
+            stride_kv,
+            bt_row,
+            n0,
+            offs_n_base,
+            offs_d,
+            dmask,
+            q_pos,
+            seq_len,
+            BLOCK_SIZE,
+            stride_blk,
+            stride_slot,
+            True,
+            scale_log2,
+            DOT_PREC,
+        )
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & dmask[None, :])
+    tl.store(
+        out_ptr + tok[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=mmask[:, None] & dmask[None, :],
+    )
 
 
-def _default_config(head_dim_pad: int, device: torch.device, max_query_len: int,
-                    group: int) -> dict:
+def _default_config(head_dim_pad: int, device: torch.device, max_query_len: int, group: int) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
     if max_query_len <= 16:
@@ -133,11 +211,17 @@ def _default_config(head_dim_pad: int, device: torch.device, max_query_len: int,
     return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
 
 
-def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
-                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                            block_tables: torch.Tensor, max_query_len: int, scale: float,
-                            out: torch.Tensor | None = None,
-                            config: dict | None = None) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
     """Causal attention of packed queries q [T, Hq, D] over their sequences' paged K/V -> [T, Hq, D].
 
     query_start_loc int32 [B+1] packs the queries; seq_lens int32 [B] counts each sequence's
@@ -152,8 +236,11 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
     them to paged_decode_attention when the batch allows.
     """
     require(q.dim() == 3, "q", f"must be [T, Hq, D], got {tuple(q.shape)}")
-    require(kv_cache.dim() == 5 and kv_cache.shape[0] == 2, "kv_cache",
-            f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    require(
+        kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+        "kv_cache",
+        f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}",
+    )
     num_tokens, hq, d = q.shape
     _, _, block_size, hkv, dk = kv_cache.shape
     require(dk == d, "kv_cache", f"head_dim {dk} differs from q's {d}")
@@ -163,10 +250,16 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
     require_int_dtype(seq_lens, "seq_lens", (torch.int32,))
     require_int_dtype(block_tables, "block_tables", (torch.int32,))
     batch = seq_lens.shape[0]
-    require(query_start_loc.shape == (batch + 1,), "query_start_loc",
-            f"must be [B+1={batch + 1}], got {tuple(query_start_loc.shape)}")
-    require(block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(-1) == 1,
-            "block_tables", f"must be a contiguous [B={batch}, max_blocks] tensor, got {tuple(block_tables.shape)}")
+    require(
+        query_start_loc.shape == (batch + 1,),
+        "query_start_loc",
+        f"must be [B+1={batch + 1}], got {tuple(query_start_loc.shape)}",
+    )
+    require(
+        block_tables.dim() == 2 and block_tables.shape[0] == batch and block_tables.stride(-1) == 1,
+        "block_tables",
+        f"must be a contiguous [B={batch}, max_blocks] tensor, got {tuple(block_tables.shape)}",
+    )
     require(max_query_len >= 0, "max_query_len", f"must be >= 0, got {max_query_len}")
     require(scale > 0, "scale", f"must be > 0, got {scale}")
     require_cuda_or_interpret(q, "q")
@@ -179,20 +272,44 @@ def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
     d_pad = max(16, triton.next_power_of_2(d))
     cfg = _default_config(d_pad, q.device, int(max_query_len), hq // hkv)
     if q.is_cuda:
-        cfg = fit_shared_memory(cfg, d_pad, kv_cache.element_size(), shared_memory_bytes(q.device),
-                                min_rows_m=max(16, cfg.get("PACK", 1)))
+        cfg = fit_shared_memory(
+            cfg, d_pad, kv_cache.element_size(), shared_memory_bytes(q.device), min_rows_m=max(16, cfg.get("PACK", 1))
+        )
     cfg.update(config or {})
     pack = min(cfg.get("PACK", 1), hq // hkv)
-    require(hq // hkv % pack == 0 and cfg["BLOCK_M"] % pack == 0, "config",
-            f"PACK {pack} must divide the group size {hq // hkv} and BLOCK_M {cfg['BLOCK_M']}")
+    require(
+        hq // hkv % pack == 0 and cfg["BLOCK_M"] % pack == 0,
+        "config",
+        f"PACK {pack} must divide the group size {hq // hkv} and BLOCK_M {cfg['BLOCK_M']}",
+    )
     num_m_blocks = triton.cdiv(int(max_query_len), cfg["BLOCK_M"] // pack)
     _prefill_kernel[(num_m_blocks, hq // pack, batch)](
-        q, kv_cache, out, query_start_loc, seq_lens, block_tables, float(scale) * LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-        block_tables.stride(0), num_m_blocks,
-        G=hq // hkv, D=d, D_PAD=d_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PACK=pack, DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        q,
+        kv_cache,
+        out,
+        query_start_loc,
+        seq_lens,
+        block_tables,
+        float(scale) * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(1),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        block_tables.stride(0),
+        num_m_blocks,
+        G=hq // hkv,
+        D=d,
+        D_PAD=d_pad,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        PACK=pack,
+        DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out

@@ -10,11 +10,23 @@ from ._validate import require, require_cuda_or_interpret, require_int_dtype
 
 
 @triton.jit
-def _write_kv_cache_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
-                           stride_kt, stride_kh, stride_vt, stride_vh,
-                           stride_kv, stride_slot, stride_ch,
-                           H: tl.constexpr, D: tl.constexpr,
-                           H_PAD: tl.constexpr, D_PAD: tl.constexpr):
+def _write_kv_cache_kernel(
+    k_ptr,
+    v_ptr,
+    cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kv,
+    stride_slot,
+    stride_ch,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    H_PAD: tl.constexpr,
+    D_PAD: tl.constexpr,
+):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     # Padded tokens (CUDA-graph batches) carry slot -1 and must not touch the cache.
@@ -30,31 +42,53 @@ def _write_kv_cache_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr,
         tl.store(dst + stride_kv, v.to(ty), mask=mask)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache[0/1] at slot_mapping[t] = k/v[t] for k, v [T, Hkv, D]; slots < 0 are skipped.
 
     kv_cache is [2, num_blocks, block_size, Hkv, D] and slot = block_id * block_size + offset.
     """
-    require(kv_cache.dim() == 5 and kv_cache.shape[0] == 2, "kv_cache",
-            f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+    require(
+        kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
+        "kv_cache",
+        f"must be [2, num_blocks, block_size, num_kv_heads, head_dim], got {tuple(kv_cache.shape)}",
+    )
     _, _, block_size, hkv, d = kv_cache.shape
-    require(k.dim() == 3 and tuple(k.shape[1:]) == (hkv, d), "k",
-            f"must be [T, {hkv}, {d}] to match kv_cache, got {tuple(k.shape)}")
+    require(
+        k.dim() == 3 and tuple(k.shape[1:]) == (hkv, d),
+        "k",
+        f"must be [T, {hkv}, {d}] to match kv_cache, got {tuple(k.shape)}",
+    )
     require(v.shape == k.shape, "v", f"must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     require_int_dtype(slot_mapping, "slot_mapping")
-    require(slot_mapping.shape == (k.shape[0],), "slot_mapping",
-            f"must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}")
+    require(
+        slot_mapping.shape == (k.shape[0],),
+        "slot_mapping",
+        f"must be [T={k.shape[0]}], got {tuple(slot_mapping.shape)}",
+    )
     require(k.stride(-1) == 1 and v.stride(-1) == 1, "k", "k and v need a contiguous last dim")
-    require(kv_cache.stride(-1) == 1 and kv_cache.stride(1) == block_size * kv_cache.stride(2),
-            "kv_cache", "blocks must be laid out contiguously (slot indexing); allocate it with torch.empty")
+    require(
+        kv_cache.stride(-1) == 1 and kv_cache.stride(1) == block_size * kv_cache.stride(2),
+        "kv_cache",
+        "blocks must be laid out contiguously (slot indexing); allocate it with torch.empty",
+    )
     require_cuda_or_interpret(kv_cache, "kv_cache")
     if k.shape[0] == 0:
         return
     _write_kv_cache_kernel[(k.shape[0],)](
-        k, v, kv_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        kv_cache.stride(0), kv_cache.stride(2), kv_cache.stride(3),
-        H=hkv, D=d, H_PAD=triton.next_power_of_2(hkv), D_PAD=triton.next_power_of_2(d),
+        k,
+        v,
+        kv_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        kv_cache.stride(0),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        H=hkv,
+        D=d,
+        H_PAD=triton.next_power_of_2(hkv),
+        D_PAD=triton.next_power_of_2(d),
         num_warps=4,
     )

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import triton
@@ -48,8 +49,16 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-def plan_split_k(programs: int, k_tiles: int, device: torch.device, *, waves: float = 2.0,
-                 min_tiles: int = 2, max_split: int = 16, split: int | None = None) -> tuple[int, int]:
+def plan_split_k(
+    programs: int,
+    k_tiles: int,
+    device: torch.device,
+    *,
+    waves: float = 2.0,
+    min_tiles: int = 2,
+    max_split: int = 16,
+    split: int | None = None,
+) -> tuple[int, int]:
     """(splits, k tiles per split) so that programs * splits fills about `waves` waves of SMs.
 
     A split keeps at least `min_tiles` K tiles (below that the per-program setup and the
@@ -76,8 +85,11 @@ def partial_buffer(split: int, m: int, n: int, device: torch.device) -> torch.Te
 def output_buffer(out: torch.Tensor | None, m: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if out is None:
         return torch.empty(m, n, dtype=dtype, device=device)
-    require(out.shape == (m, n) and out.dtype == dtype and out.stride(-1) == 1, "out",
-            f"must be {dtype} [{m}, {n}] with a contiguous last dim, got {out.dtype} {tuple(out.shape)}")
+    require(
+        out.shape == (m, n) and out.dtype == dtype and out.stride(-1) == 1,
+        "out",
+        f"must be {dtype} [{m}, {n}] with a contiguous last dim, got {out.dtype} {tuple(out.shape)}",
+    )
     return out
 
 
@@ -112,14 +124,32 @@ def store_output(acc, offs_m, offs_n, M, N, bias_ptr, out_ptr, stride_om, HAS_BI
     mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
-def splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tile_id, part_ptr, counter_ptr,
-                    bias_ptr, out_ptr, stride_om,
-                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr):
+def splitk_epilogue(
+    acc,
+    offs_m,
+    offs_n,
+    M,
+    N,
+    pid_k,
+    num_splits,
+    tile_id,
+    part_ptr,
+    counter_ptr,
+    bias_ptr,
+    out_ptr,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+):
     """Write acc [BLOCK_M, BLOCK_N] (float32): directly, as split pid_k's partial, or as the
     partial of the split that finishes the tile and then the reduced output (FIXUP)."""
     if SPLIT:
@@ -157,8 +187,9 @@ def split_setup(split: int, tiles: int, m: int, n: int, out: torch.Tensor, want_
 
 
 @triton.jit(do_not_specialize=["M", "SPLIT"])
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_reduce_kernel(
+    part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     total = M.to(tl.int64) * N
@@ -178,8 +209,17 @@ def splitk_reduce(part: torch.Tensor, bias: torch.Tensor | None, out: torch.Tens
     s, m, n = part.shape
     block = 1024
     _splitk_reduce_kernel[(triton.cdiv(m * n, block),)](
-        part, bias if bias is not None else part, out, m, n, out.stride(0), s,
-        HAS_BIAS=bias is not None, BLOCK=block, num_warps=4)
+        part,
+        bias if bias is not None else part,
+        out,
+        m,
+        n,
+        out.stride(0),
+        s,
+        HAS_BIAS=bias is not None,
+        BLOCK=block,
+        num_warps=4,
+    )
     return out
 
 
@@ -215,12 +255,16 @@ def run_with_fallback(key: str, fast: Callable[[], T], safe: Callable[[], T]) ->
         if _sticky_cuda_error(e) or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
             raise
         _FAILED[key] = f"{type(e).__name__}: {str(e)[:400]}"
-        logger.warning("quantized GEMM variant %s failed (%s); using the fallback from now on",
-                       key, _FAILED[key].splitlines()[0][:200])
+        logger.warning(
+            "quantized GEMM variant %s failed (%s); using the fallback from now on",
+            key,
+            _FAILED[key].splitlines()[0][:200],
+        )
         return safe()
 
 
 # ---------------------------------------------------------------- thresholds from the environment
+
 
 def apply_overrides(obj, spec: str, what: str) -> None:
     """Set dataclass fields from "name=value,name=value" (ints, floats, true/false, strings)."""

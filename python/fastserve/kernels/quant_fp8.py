@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -35,20 +35,29 @@ import triton
 import triton.language as tl
 
 from ._validate import require
-from .quant_common import (apply_overrides, finish_split, interpret_dispatch, output_buffer, plan_split_k,
-                           run_with_fallback, split_setup, splitk_epilogue, use_triton)
+from .quant_common import (
+    apply_overrides,
+    finish_split,
+    interpret_dispatch,
+    output_buffer,
+    plan_split_k,
+    run_with_fallback,
+    split_setup,
+    splitk_epilogue,
+    use_triton,
+)
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 MIN_SCALE_AMAX = 1e-12  # an all-zero row gets a tiny scale, not a division by zero
-NEVER = 10 ** 9  # an M threshold no batch reaches
+NEVER = 10**9  # an M threshold no batch reaches
 
 
 @dataclasses.dataclass
 class Fp8Dispatch:
-    backend: str = "scaled_mm"      # "scaled_mm" | "triton": the GEMM above triton_max_m
-    triton_max_m: int = 0           # M <= this runs the Triton kernel whatever the backend
-    use_fast_accum: bool = False    # _scaled_mm's fast accumulation (less exact over long K)
+    backend: str = "scaled_mm"  # "scaled_mm" | "triton": the GEMM above triton_max_m
+    triton_max_m: int = 0  # M <= this runs the Triton kernel whatever the backend
+    use_fast_accum: bool = False  # _scaled_mm's fast accumulation (less exact over long K)
     block_dequant_min_m: int = NEVER  # block-wise: M >= this dequantizes + cuBLAS
 
 
@@ -70,8 +79,11 @@ FP8_BLOCK_CONFIGS: list[tuple[int, dict]] = [
 
 def set_fp8_dispatch(**settings) -> Fp8Dispatch:
     for name, value in settings.items():
-        require(hasattr(FP8_DISPATCH, name), name, f"unknown dispatch setting; known: "
-                f"{[f.name for f in dataclasses.fields(FP8_DISPATCH)]}")
+        require(
+            hasattr(FP8_DISPATCH, name),
+            name,
+            f"unknown dispatch setting; known: {[f.name for f in dataclasses.fields(FP8_DISPATCH)]}",
+        )
         setattr(FP8_DISPATCH, name, value)
     return FP8_DISPATCH
 
@@ -98,6 +110,7 @@ def fp8_supported(device: torch.device) -> bool:
 
 # ---------------------------------------------------------------- Triton kernels
 
+
 @triton.jit
 def _round_e4m3(v):
     """v (float32, |v| <= 448) rounded to the nearest e4m3 value, ties to even, as float32."""
@@ -117,8 +130,18 @@ def _quantize(x, scale):
 
 
 @triton.jit
-def _per_token_quant_kernel(x_ptr, xq_ptr, scale_ptr, static_ptr, K, stride_x, stride_q,
-                            STATIC: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK: tl.constexpr):
+def _per_token_quant_kernel(
+    x_ptr,
+    xq_ptr,
+    scale_ptr,
+    static_ptr,
+    K,
+    stride_x,
+    stride_q,
+    STATIC: tl.constexpr,
+    ONE_PASS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     q_row = xq_ptr + row * stride_q
@@ -169,10 +192,34 @@ def _grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
-def _fp8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-                     M, N, K, stride_am, stride_bn, stride_om, tiles_per_split, num_tiles, num_splits,
-                     A_ROW: tl.constexpr, B_COL: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-                     FIXUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _fp8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    as_ptr,
+    bs_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_om,
+    tiles_per_split,
+    num_tiles,
+    num_splits,
+    A_ROW: tl.constexpr,
+    B_COL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """y = (xq @ wq^T) * a_scale (per row or scalar) * b_scale (per column or scalar) + bias."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
@@ -201,17 +248,57 @@ def _fp8_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr, 
         acc *= tl.load(bs_ptr + offs_n, mask=nmask, other=0.0)[None, :]
     else:
         acc *= tl.load(bs_ptr)
-    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tl.program_id(0), part_ptr, counter_ptr,
-                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
+    splitk_epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        pid_k,
+        num_splits,
+        tl.program_id(0),
+        part_ptr,
+        counter_ptr,
+        bias_ptr,
+        out_ptr,
+        stride_om,
+        HAS_BIAS,
+        SPLIT,
+        FIXUP,
+    )
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
-def _fp8_block_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-                           M, N, K, SBN, SBK, stride_am, stride_bn, stride_asm, stride_bsn, stride_om,
-                           tiles_per_split, num_tiles, num_splits,
-                           HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr):
+def _fp8_block_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    as_ptr,
+    bs_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    SBN,
+    SBK,
+    stride_am,
+    stride_bn,
+    stride_asm,
+    stride_bsn,
+    stride_om,
+    tiles_per_split,
+    num_tiles,
+    num_splits,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     """Block-wise: every K tile lies in one scale block (SBK % BLOCK_K == 0); its dot is scaled
     by the activations' per-(row, K block) and the weight's per-(N block, K block) scales."""
     pid_m, pid_n = _grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -237,24 +324,46 @@ def _fp8_block_gemm_kernel(a_ptr, b_ptr, as_ptr, bs_ptr, bias_ptr, out_ptr, part
         a_s = tl.load(as_row + kb, mask=mmask, other=0.0)
         b_s = tl.load(bs_row + kb, mask=nmask, other=0.0)
         acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, tl.program_id(0), part_ptr, counter_ptr,
-                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
+    splitk_epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        pid_k,
+        num_splits,
+        tl.program_id(0),
+        part_ptr,
+        counter_ptr,
+        bias_ptr,
+        out_ptr,
+        stride_om,
+        HAS_BIAS,
+        SPLIT,
+        FIXUP,
+    )
 
 
 @triton.jit
-def _fp8_block_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, SBN, SBK, stride_w, stride_s, stride_o,
-                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _fp8_block_dequant_kernel(
+    w_ptr, s_ptr, out_ptr, N, K, SBN, SBK, stride_w, stride_s, stride_o, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
     w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_w + offs_k[None, :], mask=mask, other=0.0)
-    s = tl.load(s_ptr + (offs_n // SBN).to(tl.int64)[:, None] * stride_s + (offs_k // SBK)[None, :],
-                mask=mask, other=0.0)
-    tl.store(out_ptr + offs_n.to(tl.int64)[:, None] * stride_o + offs_k[None, :],
-             (w.to(tl.float32) * s).to(out_ptr.dtype.element_ty), mask=mask)
+    s = tl.load(
+        s_ptr + (offs_n // SBN).to(tl.int64)[:, None] * stride_s + (offs_k // SBK)[None, :], mask=mask, other=0.0
+    )
+    tl.store(
+        out_ptr + offs_n.to(tl.int64)[:, None] * stride_o + offs_k[None, :],
+        (w.to(tl.float32) * s).to(out_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ---------------------------------------------------------------- argument checks
+
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
@@ -262,13 +371,19 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _check_act(x: torch.Tensor) -> None:
-    require(x.dim() >= 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32), "x",
-            f"must be float16, bfloat16 or float32 [..., K], got {x.dtype} {tuple(x.shape)}")
+    require(
+        x.dim() >= 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        "x",
+        f"must be float16, bfloat16 or float32 [..., K], got {x.dtype} {tuple(x.shape)}",
+    )
 
 
 def _check_weight(x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
-    require(weight.dtype == FP8_DTYPE and weight.dim() == 2, "weight",
-            f"must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    require(
+        weight.dtype == FP8_DTYPE and weight.dim() == 2,
+        "weight",
+        f"must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}",
+    )
     n, k = weight.shape
     require(x.shape[-1] == k, "x", f"last dim {x.shape[-1]} must equal the weight's K = {k}")
     require(weight.device == x.device, "weight", f"is on {weight.device}, x on {x.device}")
@@ -283,21 +398,31 @@ def _check_bias(bias, n: int, x: torch.Tensor) -> None:
 
 
 def _weight_scale(weight_scale: torch.Tensor, n: int) -> torch.Tensor:
-    require(isinstance(weight_scale, torch.Tensor) and weight_scale.is_floating_point(), "weight_scale",
-            "must be a float tensor")
-    require(weight_scale.numel() in (1, n), "weight_scale",
-            f"must hold 1 (per tensor) or N={n} (per channel) values, got shape {tuple(weight_scale.shape)}")
+    require(
+        isinstance(weight_scale, torch.Tensor) and weight_scale.is_floating_point(),
+        "weight_scale",
+        "must be a float tensor",
+    )
+    require(
+        weight_scale.numel() in (1, n),
+        "weight_scale",
+        f"must hold 1 (per tensor) or N={n} (per channel) values, got shape {tuple(weight_scale.shape)}",
+    )
     return weight_scale.reshape(-1).float()
 
 
 def prepare_fp8_weight(weight: torch.Tensor, weight_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Once at load: the [N, K] weight K-contiguous and its scale float32 [1] or [N]."""
-    require(weight.dtype == FP8_DTYPE and weight.dim() == 2, "weight",
-            f"must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}")
+    require(
+        weight.dtype == FP8_DTYPE and weight.dim() == 2,
+        "weight",
+        f"must be float8_e4m3fn [N, K], got {weight.dtype} {tuple(weight.shape)}",
+    )
     return weight.contiguous(), _weight_scale(weight_scale, weight.shape[0]).contiguous()
 
 
 # ---------------------------------------------------------------- torch path (CPU; emulates the GPU)
+
 
 def _per_token_quant_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xf = x2.float()
@@ -352,6 +477,7 @@ def _dequant_linear(x2, weight, ws, bias, out_dtype):
 
 # ---------------------------------------------------------------- launchers (CUDA or interpreter)
 
+
 def per_token_quant_fp8_triton(x2: torch.Tensor, input_scale: torch.Tensor | None = None):
     m, k = x2.shape
     xq = torch.empty(m, k, dtype=FP8_DTYPE, device=x2.device)
@@ -360,9 +486,18 @@ def per_token_quant_fp8_triton(x2: torch.Tensor, input_scale: torch.Tensor | Non
         return xq, scale
     block = min(triton.next_power_of_2(max(k, 16)), 8192)
     _per_token_quant_kernel[(m,)](
-        x2, xq, scale, input_scale if input_scale is not None else scale, k, x2.stride(0), xq.stride(0),
-        STATIC=input_scale is not None, ONE_PASS=k <= block, BLOCK=block,
-        num_warps=4 if block <= 2048 else 8)
+        x2,
+        xq,
+        scale,
+        input_scale if input_scale is not None else scale,
+        k,
+        x2.stride(0),
+        xq.stride(0),
+        STATIC=input_scale is not None,
+        ONE_PASS=k <= block,
+        BLOCK=block,
+        num_warps=4 if block <= 2048 else 8,
+    )
     return xq, scale
 
 
@@ -374,8 +509,18 @@ def per_token_group_quant_fp8_triton(x2: torch.Tensor, group: int):
     if m == 0:
         return xq, scale
     block = triton.next_power_of_2(group)
-    _group_quant_kernel[(m, g)](x2, xq, scale, k, group, x2.stride(0), xq.stride(0), scale.stride(0),
-                                BLOCK=block, num_warps=1 if block <= 256 else 4)
+    _group_quant_kernel[(m, g)](
+        x2,
+        xq,
+        scale,
+        k,
+        group,
+        x2.stride(0),
+        xq.stride(0),
+        scale.stride(0),
+        BLOCK=block,
+        num_warps=1 if block <= 256 else 4,
+    )
     return xq, scale
 
 
@@ -383,14 +528,28 @@ def _split_for(m: int, n: int, k: int, block_m: int, block_n: int, block_k: int,
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     num_tiles = triton.cdiv(k, block_k)
     max_split = max(1, min(16, (n * k) // max(1, 2 * m * n * 4)))  # partials under half the weight bytes
-    split, per = plan_split_k(programs, num_tiles, device, waves=cfg.get("waves", 2.0),
-                              min_tiles=cfg.get("min_tiles", 2), max_split=max_split, split=cfg.get("split"))
+    split, per = plan_split_k(
+        programs,
+        num_tiles,
+        device,
+        waves=cfg.get("waves", 2.0),
+        min_tiles=cfg.get("min_tiles", 2),
+        max_split=max_split,
+        split=cfg.get("split"),
+    )
     return split, per, num_tiles
 
 
-def fp8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor,
-                    bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_gemm_triton(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """xq fp8 [M, K], x_scale float32 [M, 1] or [1]; weight fp8 [N, K], ws float32 [N] or [1]."""
     m, k = xq.shape
     n = weight.shape[0]
@@ -403,18 +562,49 @@ def fp8_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tenso
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _fp8_gemm_kernel[(programs, split)](
-        xq, weight, x_scale, ws, bias if bias is not None else out, out, part, counters,
-        m, n, k, xq.stride(0), weight.stride(0), out.stride(0), per, num_tiles, split,
-        A_ROW=x_scale.numel() != 1, B_COL=ws.numel() != 1, HAS_BIAS=bias is not None, SPLIT=split > 1,
-        FIXUP=fixup, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+        xq,
+        weight,
+        x_scale,
+        ws,
+        bias if bias is not None else out,
+        out,
+        part,
+        counters,
+        m,
+        n,
+        k,
+        xq.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        per,
+        num_tiles,
+        split,
+        A_ROW=x_scale.numel() != 1,
+        B_COL=ws.numel() != 1,
+        HAS_BIAS=bias is not None,
+        SPLIT=split > 1,
+        FIXUP=fixup,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=int(cfg["GROUP_M"]),
+        num_warps=int(cfg["num_warps"]),
+        num_stages=int(cfg["num_stages"]),
+    )
     return finish_split(part, bias, out, fixup)
 
 
-def fp8_block_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-                          weight_scale_inv: torch.Tensor, block_size: tuple[int, int],
-                          bias: torch.Tensor | None, out_dtype: torch.dtype, config: dict | None = None,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def fp8_block_gemm_triton(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """xq fp8 [M, K] with x_scale [M, ceil(K / bk)]; weight fp8 [N, K] with weight_scale_inv
     [ceil(N / bn), ceil(K / bk)]."""
     m, k = xq.shape
@@ -430,34 +620,86 @@ def fp8_block_gemm_triton(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _fp8_block_gemm_kernel[(programs, split)](
-        xq, weight, x_scale, weight_scale_inv, bias if bias is not None else out, out, part, counters,
-        m, n, k, bn, bk, xq.stride(0), weight.stride(0), x_scale.stride(0), weight_scale_inv.stride(0),
-        out.stride(0), per, num_tiles, split, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+        xq,
+        weight,
+        x_scale,
+        weight_scale_inv,
+        bias if bias is not None else out,
+        out,
+        part,
+        counters,
+        m,
+        n,
+        k,
+        bn,
+        bk,
+        xq.stride(0),
+        weight.stride(0),
+        x_scale.stride(0),
+        weight_scale_inv.stride(0),
+        out.stride(0),
+        per,
+        num_tiles,
+        split,
+        HAS_BIAS=bias is not None,
+        SPLIT=split > 1,
+        FIXUP=fixup,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=int(cfg["GROUP_M"]),
+        num_warps=int(cfg["num_warps"]),
+        num_stages=int(cfg["num_stages"]),
+    )
     return finish_split(part, bias, out, fixup)
 
 
-def fp8_block_dequant_triton(weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int],
-                             dtype: torch.dtype) -> torch.Tensor:
+def fp8_block_dequant_triton(
+    weight: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
     n, k = weight.shape
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
     bn_, bk_ = 64, 128
     _fp8_block_dequant_kernel[(triton.cdiv(n, bn_), triton.cdiv(k, bk_))](
-        weight, weight_scale_inv, out, n, k, block_size[0], block_size[1], weight.stride(0),
-        weight_scale_inv.stride(0), out.stride(0), BLOCK_N=bn_, BLOCK_K=bk_, num_warps=4)
+        weight,
+        weight_scale_inv,
+        out,
+        n,
+        k,
+        block_size[0],
+        block_size[1],
+        weight.stride(0),
+        weight_scale_inv.stride(0),
+        out.stride(0),
+        BLOCK_N=bn_,
+        BLOCK_K=bk_,
+        num_warps=4,
+    )
     return out
 
 
-def scaled_mm_linear(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, ws: torch.Tensor,
-                     bias: torch.Tensor | None, out_dtype: torch.dtype, use_fast_accum: bool = False) -> torch.Tensor:
+def scaled_mm_linear(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    weight: torch.Tensor,
+    ws: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
     """torch._scaled_mm: tensor-wise scales when both are scalars, else row-wise ([M, 1] x [1, N])."""
     m = xq.shape[0]
     n = weight.shape[0]
     if x_scale.numel() == 1 and ws.numel() == 1:
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale.reshape(()), scale_b=ws.reshape(()),
-                             bias=bias.to(out_dtype) if bias is not None else None, out_dtype=out_dtype,
-                             use_fast_accum=use_fast_accum)
+        y = torch._scaled_mm(
+            xq,
+            weight.t(),
+            scale_a=x_scale.reshape(()),
+            scale_b=ws.reshape(()),
+            bias=bias.to(out_dtype) if bias is not None else None,
+            out_dtype=out_dtype,
+            use_fast_accum=use_fast_accum,
+        )
         return y
     sa = x_scale.reshape(-1, 1) if x_scale.numel() == m else x_scale.reshape(1, 1).expand(m, 1).contiguous()
     sb = ws.reshape(1, -1) if ws.numel() == n else ws.reshape(1, 1).expand(1, n).contiguous()
@@ -468,6 +710,7 @@ def scaled_mm_linear(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tens
 
 
 # ---------------------------------------------------------------- entry points
+
 
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token quantization: x [M, K] -> (xq float8_e4m3fn [M, K], scale float32 [M, 1])
@@ -496,9 +739,14 @@ def choose_fp8_backend(m: int) -> str:
     return "triton" if m <= d.triton_max_m or d.backend == "triton" else "scaled_mm"
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """y [..., N] = quant(x) @ weight^T * scales (+ bias) in out_dtype (default x's dtype).
 
     weight float8_e4m3fn [N, K]; weight_scale float32 [1] / [N] / [N, 1]; input_scale None
@@ -507,8 +755,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     n, k = _check_weight(x, weight)
     ws = _weight_scale(weight_scale, n)
     if input_scale is not None:
-        require(isinstance(input_scale, torch.Tensor) and input_scale.numel() == 1, "input_scale",
-                f"must be a 1-element tensor (static per-tensor scale), got {getattr(input_scale, 'shape', input_scale)}")
+        require(
+            isinstance(input_scale, torch.Tensor) and input_scale.numel() == 1,
+            "input_scale",
+            f"must be a 1-element tensor (static per-tensor scale), got {getattr(input_scale, 'shape', input_scale)}",
+        )
         input_scale = input_scale.reshape(1).float()
     _check_bias(bias, n, x)
     out_dtype = out_dtype or x.dtype
@@ -532,15 +783,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         return fp8_gemm_triton(xq, xs, weight, ws, bias, out_dtype)
 
     def safe():
-        return run_with_fallback(f"fp8_triton/{out_dtype}", triton_gemm,
-                                 lambda: _dequant_linear(x2, weight, ws, bias, out_dtype))
+        return run_with_fallback(
+            f"fp8_triton/{out_dtype}", triton_gemm, lambda: _dequant_linear(x2, weight, ws, bias, out_dtype)
+        )
 
     if choose_fp8_backend(m) == "triton":
         y = safe()
     else:
+
         def scaled():
             xq, xs = quant()
             return scaled_mm_linear(xq, xs, weight, ws, bias, out_dtype, FP8_DISPATCH.use_fast_accum)
+
         kind = "tensorwise" if input_scale is not None and ws.numel() == 1 else "rowwise"
         y = run_with_fallback(f"scaled_mm/{kind}/{out_dtype}", scaled, safe)
     return y.view(*lead, n)
@@ -548,22 +802,36 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
 
 def _check_block(x, weight, weight_scale_inv, block_size) -> tuple[int, int, int, int]:
     n, k = _check_weight(x, weight)
-    require(len(tuple(block_size)) == 2 and all(isinstance(b, int) and b > 0 for b in block_size), "block_size",
-            f"must be two positive ints (block_n, block_k), got {block_size}")
+    require(
+        len(tuple(block_size)) == 2 and all(isinstance(b, int) and b > 0 for b in block_size),
+        "block_size",
+        f"must be two positive ints (block_n, block_k), got {block_size}",
+    )
     bn, bk = block_size
     shape = (-(-n // bn), -(-k // bk))
-    require(isinstance(weight_scale_inv, torch.Tensor) and tuple(weight_scale_inv.shape) == shape
-            and weight_scale_inv.dtype == torch.float32, "weight_scale_inv",
-            f"must be float32 {list(shape)} for weight {tuple(weight.shape)} and block {tuple(block_size)}, got "
-            f"{getattr(weight_scale_inv, 'dtype', None)} {tuple(getattr(weight_scale_inv, 'shape', ()))}")
-    require(weight_scale_inv.device == x.device, "weight_scale_inv", f"is on {weight_scale_inv.device}, x on {x.device}")
+    require(
+        isinstance(weight_scale_inv, torch.Tensor)
+        and tuple(weight_scale_inv.shape) == shape
+        and weight_scale_inv.dtype == torch.float32,
+        "weight_scale_inv",
+        f"must be float32 {list(shape)} for weight {tuple(weight.shape)} and block {tuple(block_size)}, got "
+        f"{getattr(weight_scale_inv, 'dtype', None)} {tuple(getattr(weight_scale_inv, 'shape', ()))}",
+    )
+    require(
+        weight_scale_inv.device == x.device, "weight_scale_inv", f"is on {weight_scale_inv.device}, x on {x.device}"
+    )
     require(weight_scale_inv.stride(-1) == 1, "weight_scale_inv", "last dimension must be contiguous")
     return n, k, bn, bk
 
 
-def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                     block_size: tuple[int, int], bias: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fp8_block_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    block_size: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Block-wise FP8: y [..., N] = sum over K blocks of (xq_b @ wq_b^T) * x_scale * w_scale.
 
     weight float8_e4m3fn [N, K]; weight_scale_inv float32 [ceil(N/bn), ceil(K/bk)] (a dequant
@@ -603,14 +871,31 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: to
 
 # ---------------------------------------------------------------- warm-up (engine start)
 
-def warmup(shapes: Iterable[tuple], dtype: torch.dtype = torch.bfloat16, max_m: int = 256,
-           block_size: tuple[int, int] | None = None, per_channel: bool = True,
-           static_input: bool = False, device: str | torch.device = "cuda") -> dict:
+
+def warmup(
+    shapes: Iterable[tuple],
+    dtype: torch.dtype = torch.bfloat16,
+    max_m: int = 256,
+    block_size: tuple[int, int] | None = None,
+    per_channel: bool = True,
+    static_input: bool = False,
+    device: str | torch.device = "cuda",
+) -> dict:
     """Compile every FP8 variant the dispatcher can choose for these (K, N[, has_bias]) layer
     shapes up to max_m rows (block_size: the block-wise kernels instead)."""
     t0 = time.perf_counter()
-    ms = sorted({1, min(max_m, 16), min(max_m, 17), min(max_m, 64), min(max_m, 65), max_m,
-                 min(max_m, max(1, FP8_DISPATCH.triton_max_m)), min(max_m, FP8_DISPATCH.triton_max_m + 1)})
+    ms = sorted(
+        {
+            1,
+            min(max_m, 16),
+            min(max_m, 17),
+            min(max_m, 64),
+            min(max_m, 65),
+            max_m,
+            min(max_m, max(1, FP8_DISPATCH.triton_max_m)),
+            min(max_m, FP8_DISPATCH.triton_max_m + 1),
+        }
+    )
     for shape in shapes:
         k, n = int(shape[0]), int(shape[1])
         bias = torch.randn(n, dtype=dtype, device=device) if len(shape) > 2 and shape[2] else None

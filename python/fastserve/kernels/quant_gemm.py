@@ -37,15 +37,23 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import triton
 import triton.language as tl
 
 from ._validate import dot_precision, require
-from .quant_common import (apply_overrides, finish_split, output_buffer, plan_split_k, run_with_fallback,
-                           split_setup, splitk_epilogue, use_triton)
+from .quant_common import (
+    apply_overrides,
+    finish_split,
+    output_buffer,
+    plan_split_k,
+    run_with_fallback,
+    split_setup,
+    splitk_epilogue,
+    use_triton,
+)
 
 # A group size that no K reaches: every row is in group 0 (group_size -1 / == K).
 _ONE_GROUP = 1 << 30
@@ -53,6 +61,7 @@ _MAGIC = 0x4B000000  # float32 2**23
 
 
 # ---------------------------------------------------------------- dispatch settings
+
 
 @dataclasses.dataclass
 class WIntDispatch:
@@ -86,17 +95,25 @@ GEMV_CONFIG: dict = dict(BLOCK_N=256, BLOCK_R=16, num_warps=4, num_stages=2)
 # (ptxas): none spills; BLOCK_M >= 64 issues wgmma, smaller tiles mma.sync. 128 x 256 tiles and
 # 64 x 256 tiles spilled (255 registers), so none is offered.
 TUNE_CANDIDATES: dict[str, list[dict]] = {
-    "gemv": [dict(BLOCK_N=128, BLOCK_R=16, num_warps=4, num_stages=2),
-             dict(BLOCK_N=512, BLOCK_R=8, num_warps=4, num_stages=2),
-             dict(BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2),  # tiles span groups: per-row scales
-             dict(BLOCK_N=32, BLOCK_R=128, num_warps=8, num_stages=2, split=1)],  # many narrow programs, no split
-    "dot16": [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=4),
-              dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3),
-              dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3)],
-    "dot64": [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=4, num_warps=4, num_stages=4),
-              dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=4, num_stages=3)],
-    "dot256": [dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4),
-               dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=4, num_stages=4)],
+    "gemv": [
+        dict(BLOCK_N=128, BLOCK_R=16, num_warps=4, num_stages=2),
+        dict(BLOCK_N=512, BLOCK_R=8, num_warps=4, num_stages=2),
+        dict(BLOCK_N=64, BLOCK_R=64, num_warps=4, num_stages=2),  # tiles span groups: per-row scales
+        dict(BLOCK_N=32, BLOCK_R=128, num_warps=8, num_stages=2, split=1),
+    ],  # many narrow programs, no split
+    "dot16": [
+        dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=4),
+        dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3),
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3),
+    ],
+    "dot64": [
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=4, num_warps=4, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=4, num_stages=3),
+    ],
+    "dot256": [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4),
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=4, num_stages=4),
+    ],
 }
 
 # Configs picked by warmup(tune=True) / set_tuned_config: (bits, K, N, bucket max M, dtype) -> config.
@@ -125,8 +142,11 @@ _load_env_dispatch()
 def set_w_int_dispatch(**settings) -> WIntDispatch:
     """Change thresholds at run time (the engine or a benchmark), e.g. fused_max_m=128."""
     for name, value in settings.items():
-        require(hasattr(W_INT_DISPATCH, name), name, f"unknown dispatch setting; known: "
-                f"{[f.name for f in dataclasses.fields(W_INT_DISPATCH)]}")
+        require(
+            hasattr(W_INT_DISPATCH, name),
+            name,
+            f"unknown dispatch setting; known: {[f.name for f in dataclasses.fields(W_INT_DISPATCH)]}",
+        )
         setattr(W_INT_DISPATCH, name, value)
     return W_INT_DISPATCH
 
@@ -143,6 +163,7 @@ def _dot_bucket(m: int) -> tuple[int, dict]:
 
 
 # ---------------------------------------------------------------- Triton kernels
+
 
 @triton.jit
 def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr, magic):
@@ -165,10 +186,35 @@ def _unpack(q, q_hi, J: tl.constexpr, BITS: tl.constexpr, magic):
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_gemv_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits, magic,
-    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ROW_SCALES: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    perm_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    GS,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_om,
+    tiles_per_split,
+    num_tiles,
+    num_splits,
+    magic,
+    BITS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    ROW_SCALES: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     """One row of x per program (axis 2) against BLOCK_N columns over one split of K, in tiles
@@ -223,18 +269,60 @@ def _w_int_gemv_kernel(
             acc += s * (tl.sum(t, axis=0) - z * tl.sum(xs, axis=0))
     if ROW_SCALES:
         acc = tl.sum(acc_rows, axis=0)
-    splitk_epilogue(acc[None, :], m + tl.arange(0, 1), offs_n, M, N, pid_k, num_splits,
-                    m * tl.num_programs(0) + pid_n, part_ptr, counter_ptr, bias_ptr, out_ptr, stride_om,
-                    HAS_BIAS, SPLIT, FIXUP)
+    splitk_epilogue(
+        acc[None, :],
+        m + tl.arange(0, 1),
+        offs_n,
+        M,
+        N,
+        pid_k,
+        num_splits,
+        m * tl.num_programs(0) + pid_n,
+        part_ptr,
+        counter_ptr,
+        bias_ptr,
+        out_ptr,
+        stride_om,
+        HAS_BIAS,
+        SPLIT,
+        FIXUP,
+    )
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "num_splits"])
 def _w_int_dot_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, perm_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
-    M, N, K, GS, stride_xm, stride_qk, stride_sg, stride_om, tiles_per_split, num_tiles, num_splits, magic,
-    BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, JMAJOR: tl.constexpr, TILE_SCALE: tl.constexpr,
-    HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, FIXUP: tl.constexpr,
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    perm_ptr,
+    bias_ptr,
+    out_ptr,
+    part_ptr,
+    counter_ptr,
+    M,
+    N,
+    K,
+    GS,
+    stride_xm,
+    stride_qk,
+    stride_sg,
+    stride_om,
+    tiles_per_split,
+    num_tiles,
+    num_splits,
+    magic,
+    BITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    JMAJOR: tl.constexpr,
+    TILE_SCALE: tl.constexpr,
+    HAS_PERM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    FIXUP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """[BLOCK_M, BLOCK_N] of y over one split of K with tl.dot on weights unpacked in registers.
@@ -297,8 +385,11 @@ def _w_int_dot_kernel(
                     acc = tl.dot(xj, ((v - z_r) * s_r).to(dtype), acc, input_precision=DOT_PREC)
         else:
             rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
-            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
-                        mask=(rows < kp)[:, None] & nmask[None, :], other=0)
+            q = tl.load(
+                q_ptr + rows.to(tl.int64)[:, None] * stride_qk + offs_n[None, :],
+                mask=(rows < kp)[:, None] & nmask[None, :],
+                other=0,
+            )
             # [R, N] words -> [R * PACK, N] rows (row r * PACK + j holds word r), then shift.
             qk = tl.reshape(tl.broadcast_to(q[:, None, :], (BLOCK_R, PACK, BLOCK_N)), (BLOCK_K, BLOCK_N))
             offs_k = tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -321,13 +412,43 @@ def _w_int_dot_kernel(
         if TILE_SCALE:
             s = tl.load(s_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
             acc += s[None, :] * t
-    splitk_epilogue(acc, offs_m, offs_n, M, N, pid_k, num_splits, pid, part_ptr, counter_ptr,
-                    bias_ptr, out_ptr, stride_om, HAS_BIAS, SPLIT, FIXUP)
+    splitk_epilogue(
+        acc,
+        offs_m,
+        offs_n,
+        M,
+        N,
+        pid_k,
+        num_splits,
+        pid,
+        part_ptr,
+        counter_ptr,
+        bias_ptr,
+        out_ptr,
+        stride_om,
+        HAS_BIAS,
+        SPLIT,
+        FIXUP,
+    )
 
 
 @triton.jit
-def _dequant_int_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, GS, stride_qk, stride_sg, stride_ok, magic,
-                        BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dequant_int_kernel(
+    q_ptr,
+    s_ptr,
+    z_ptr,
+    out_ptr,
+    N,
+    K,
+    GS,
+    stride_qk,
+    stride_sg,
+    stride_ok,
+    magic,
+    BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     PACK: tl.constexpr = 32 // BITS
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -345,24 +466,38 @@ def _dequant_int_kernel(q_ptr, s_ptr, z_ptr, out_ptr, N, K, GS, stride_qk, strid
 
 # ---------------------------------------------------------------- argument checks
 
-def _check_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   bits: int) -> tuple[int, int, int]:
+
+def _check_weights(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int
+) -> tuple[int, int, int]:
     """(K, N, group size with -1 resolved) after checking the weights against the layout."""
     require(bits in (4, 8), "bits", f"must be 4 or 8, got {bits}")
     pack = 32 // bits
-    require(qweight.dtype == torch.int32 and qweight.dim() == 2, "qweight",
-            f"must be int32 [K // {pack}, N], got {qweight.dtype} {tuple(qweight.shape)}")
+    require(
+        qweight.dtype == torch.int32 and qweight.dim() == 2,
+        "qweight",
+        f"must be int32 [K // {pack}, N], got {qweight.dtype} {tuple(qweight.shape)}",
+    )
     k = qweight.shape[0] * pack
     n = qweight.shape[1]
     require(isinstance(group_size, int), "group_size", f"must be an int, got {type(group_size).__name__}")
     gs = k if group_size in (-1, k) else int(group_size)
-    require(gs > 0 and k % gs == 0 and gs % pack == 0, "group_size",
-            f"{group_size} must be -1 or a positive divisor of K={k} that is a multiple of {pack}")
+    require(
+        gs > 0 and k % gs == 0 and gs % pack == 0,
+        "group_size",
+        f"{group_size} must be -1 or a positive divisor of K={k} that is a multiple of {pack}",
+    )
     g = k // gs
-    require(scales.shape == (g, n) and scales.is_floating_point(), "scales",
-            f"must be floating [G={g}, N={n}] for group_size {group_size}, got {scales.dtype} {tuple(scales.shape)}")
-    require(zeros.shape == (g, n) and zeros.is_floating_point(), "zeros",
-            f"must be floating [G={g}, N={n}] (unpacked real zero points), got {zeros.dtype} {tuple(zeros.shape)}")
+    require(
+        scales.shape == (g, n) and scales.is_floating_point(),
+        "scales",
+        f"must be floating [G={g}, N={n}] for group_size {group_size}, got {scales.dtype} {tuple(scales.shape)}",
+    )
+    require(
+        zeros.shape == (g, n) and zeros.is_floating_point(),
+        "zeros",
+        f"must be floating [G={g}, N={n}] (unpacked real zero points), got {zeros.dtype} {tuple(zeros.shape)}",
+    )
     for name, t in (("scales", scales), ("zeros", zeros)):
         require(t.device == qweight.device, name, f"is on {t.device}, qweight on {qweight.device}")
     for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
@@ -370,17 +505,31 @@ def _check_weights(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return k, n, gs
 
 
-def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-           group_size: int, bits: int, perm: torch.Tensor | None, bias: torch.Tensor | None) -> tuple[int, int, int]:
+def _check(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int,
+    perm: torch.Tensor | None,
+    bias: torch.Tensor | None,
+) -> tuple[int, int, int]:
     """_check_weights plus the activations, perm and bias."""
     k, n, gs = _check_weights(qweight, scales, zeros, group_size, bits)
     require(x.shape[-1] == k, "x", f"last dim {x.shape[-1]} must equal K = qweight.shape[0] * {32 // bits} = {k}")
-    require(x.dtype in (torch.float16, torch.bfloat16, torch.float32), "x",
-            f"must be float16, bfloat16 or float32, got {x.dtype}")
+    require(
+        x.dtype in (torch.float16, torch.bfloat16, torch.float32),
+        "x",
+        f"must be float16, bfloat16 or float32, got {x.dtype}",
+    )
     require(qweight.device == x.device, "qweight", f"is on {qweight.device}, x on {x.device}")
     if perm is not None:
-        require(perm.dtype in (torch.int32, torch.int64) and perm.shape == (k,), "perm",
-                f"must be int32/int64 [K={k}], got {perm.dtype} {tuple(perm.shape)}")
+        require(
+            perm.dtype in (torch.int32, torch.int64) and perm.shape == (k,),
+            "perm",
+            f"must be int32/int64 [K={k}], got {perm.dtype} {tuple(perm.shape)}",
+        )
         require(perm.device == x.device, "perm", f"is on {perm.device}, x on {x.device}")
     if bias is not None:
         require(bias.shape == (n,), "bias", f"must be [N={n}], got {tuple(bias.shape)}")
@@ -395,8 +544,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- torch path (CPU, fallback)
 
-def _dequantize_torch(qweight, scales, zeros, gs: int, bits: int, dtype: torch.dtype,
-                      chunk_elems: int = 1 << 24) -> torch.Tensor:
+
+def _dequantize_torch(
+    qweight, scales, zeros, gs: int, bits: int, dtype: torch.dtype, chunk_elems: int = 1 << 24
+) -> torch.Tensor:
     pack = 32 // bits
     kp, n = qweight.shape
     k = kp * pack
@@ -409,7 +560,7 @@ def _dequantize_torch(qweight, scales, zeros, gs: int, bits: int, dtype: torch.d
         rows = slice(g0 * gs // pack, g1 * gs // pack)
         q = ((qweight[rows].unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(g1 - g0, gs, n)
         w = (q.float() - zeros[g0:g1].float().unsqueeze(1)) * scales[g0:g1].float().unsqueeze(1)
-        out[g0 * gs:g1 * gs] = w.reshape(-1, n).to(dtype)
+        out[g0 * gs : g1 * gs] = w.reshape(-1, n).to(dtype)
     return out
 
 
@@ -421,8 +572,10 @@ def _matmul_dequantized(x2, w, bias):
 
 # ---------------------------------------------------------------- launchers (CUDA or interpreter)
 
-def dequantize_int_triton(qweight, scales, zeros, gs: int, bits: int, dtype: torch.dtype,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+
+def dequantize_int_triton(
+    qweight, scales, zeros, gs: int, bits: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
     pack = 32 // bits
     kp, n = qweight.shape
     k = kp * pack
@@ -430,9 +583,22 @@ def dequantize_int_triton(qweight, scales, zeros, gs: int, bits: int, dtype: tor
         out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     block_r, block_n = 16, min(256, max(16, triton.next_power_of_2(n)))
     _dequant_int_kernel[(triton.cdiv(kp, block_r), triton.cdiv(n, block_n))](
-        qweight, scales, zeros, out, n, k, gs if gs < k else _ONE_GROUP,
-        qweight.stride(0), scales.stride(0), out.stride(0), _MAGIC,
-        BITS=bits, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4)
+        qweight,
+        scales,
+        zeros,
+        out,
+        n,
+        k,
+        gs if gs < k else _ONE_GROUP,
+        qweight.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        _MAGIC,
+        BITS=bits,
+        BLOCK_R=block_r,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
     return out
 
 
@@ -440,8 +606,18 @@ def _largest_pow2_divisor(v: int) -> int:
     return v & -v
 
 
-def w_int_gemv(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None,
-               config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def w_int_gemv(
+    x2,
+    qweight,
+    scales,
+    zeros,
+    gs: int,
+    bits: int,
+    perm=None,
+    bias=None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The GEMV kernel on x2 [M, K] (meant for M of 1 or 2: each row re-reads the weights)."""
     cfg = dict(GEMV_CONFIG, **(config or {}))
     pack = 32 // bits
@@ -452,23 +628,65 @@ def w_int_gemv(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=N
     row_scales = gs < k and gs % (block_r * pack) != 0
     num_tiles = triton.cdiv(kp, block_r)
     n_blocks = triton.cdiv(n, block_n)
-    split, per = plan_split_k(n_blocks * m, num_tiles, x2.device, waves=cfg.get("waves", 4.0),
-                              min_tiles=cfg.get("min_tiles", 2), split=cfg.get("split"))
+    split, per = plan_split_k(
+        n_blocks * m,
+        num_tiles,
+        x2.device,
+        waves=cfg.get("waves", 4.0),
+        min_tiles=cfg.get("min_tiles", 2),
+        split=cfg.get("split"),
+    )
     out = output_buffer(out, m, n, x2.dtype, x2.device)
     part, counters, fixup = split_setup(split, n_blocks * m, m, n, out, cfg.get("fixup"))
     _w_int_gemv_kernel[(n_blocks, split, m)](
-        x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
-        out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split, _MAGIC,
-        BITS=bits, BLOCK_N=block_n, BLOCK_R=block_r, ROW_SCALES=row_scales,
-        HAS_PERM=perm is not None, HAS_BIAS=bias is not None, SPLIT=split > 1, FIXUP=fixup,
+        x2,
+        qweight,
+        scales,
+        zeros,
+        perm if perm is not None else qweight,
+        bias if bias is not None else out,
+        out,
+        part,
+        counters,
+        m,
+        n,
+        k,
+        gs if gs < k else _ONE_GROUP,
+        x2.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        per,
+        num_tiles,
+        split,
+        _MAGIC,
+        BITS=bits,
+        BLOCK_N=block_n,
+        BLOCK_R=block_r,
+        ROW_SCALES=row_scales,
+        HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None,
+        SPLIT=split > 1,
+        FIXUP=fixup,
         EVEN_K=kp % block_r == 0,
-        num_warps=int(cfg["num_warps"]), num_stages=int(cfg["num_stages"]))
+        num_warps=int(cfg["num_warps"]),
+        num_stages=int(cfg["num_stages"]),
+    )
     return finish_split(part, bias, out, fixup)
 
 
-def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None,
-              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def w_int_dot(
+    x2,
+    qweight,
+    scales,
+    zeros,
+    gs: int,
+    bits: int,
+    perm=None,
+    bias=None,
+    config: dict | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The fused unpack + tl.dot kernel on x2 [M, K] with the config of M's bucket (or `config`)."""
     m, k = x2.shape
     cfg = dict(_dot_bucket(m)[1], **(config or {}))
@@ -490,23 +708,60 @@ def w_int_dot(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=No
     # keep them under half the weight bytes.
     weight_bytes = kp * n * 4
     max_split = max(1, min(16, weight_bytes // max(1, 2 * m * n * 4)))
-    split, per = plan_split_k(programs, num_tiles, x2.device, waves=cfg.get("waves", 2.0),
-                              min_tiles=cfg.get("min_tiles", 2), max_split=max_split, split=cfg.get("split"))
+    split, per = plan_split_k(
+        programs,
+        num_tiles,
+        x2.device,
+        waves=cfg.get("waves", 2.0),
+        min_tiles=cfg.get("min_tiles", 2),
+        max_split=max_split,
+        split=cfg.get("split"),
+    )
     out = output_buffer(out, m, n, x2.dtype, x2.device)
     part, counters, fixup = split_setup(split, programs, m, n, out, cfg.get("fixup"))
     _w_int_dot_kernel[(programs, split)](
-        x2, qweight, scales, zeros, perm if perm is not None else qweight, bias if bias is not None else out,
-        out, part, counters, m, n, k, gs if gs < k else _ONE_GROUP,
-        x2.stride(0), qweight.stride(0), scales.stride(0), out.stride(0), per, num_tiles, split, _MAGIC,
-        BITS=bits, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=int(cfg["GROUP_M"]),
-        JMAJOR=jmajor, TILE_SCALE=tile_scale, HAS_PERM=perm is not None, HAS_BIAS=bias is not None,
-        SPLIT=split > 1, FIXUP=fixup, DOT_PREC=dot_precision(x2.dtype),
-        num_warps=int(cfg["num_warps"]), num_stages=num_stages)
+        x2,
+        qweight,
+        scales,
+        zeros,
+        perm if perm is not None else qweight,
+        bias if bias is not None else out,
+        out,
+        part,
+        counters,
+        m,
+        n,
+        k,
+        gs if gs < k else _ONE_GROUP,
+        x2.stride(0),
+        qweight.stride(0),
+        scales.stride(0),
+        out.stride(0),
+        per,
+        num_tiles,
+        split,
+        _MAGIC,
+        BITS=bits,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        GROUP_M=int(cfg["GROUP_M"]),
+        JMAJOR=jmajor,
+        TILE_SCALE=tile_scale,
+        HAS_PERM=perm is not None,
+        HAS_BIAS=bias is not None,
+        SPLIT=split > 1,
+        FIXUP=fixup,
+        DOT_PREC=dot_precision(x2.dtype),
+        num_warps=int(cfg["num_warps"]),
+        num_stages=num_stages,
+    )
     return finish_split(part, bias, out, fixup)
 
 
-def w_int_dequant_matmul(x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None,
-                         triton_dequant: bool = True) -> torch.Tensor:
+def w_int_dequant_matmul(
+    x2, qweight, scales, zeros, gs: int, bits: int, perm=None, bias=None, triton_dequant: bool = True
+) -> torch.Tensor:
     """Dequantize into an activation-dtype [K, N] buffer, then cuBLAS (or torch on CPU)."""
     if perm is not None:
         x2 = x2.index_select(1, perm)
@@ -536,21 +791,32 @@ def choose_path(m: int, k: int, n: int, bits: int, dtype: torch.dtype) -> tuple[
 
 # ---------------------------------------------------------------- entry points
 
-def dequantize_int(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                   bits: int) -> torch.Tensor:
+
+def dequantize_int(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int, bits: int
+) -> torch.Tensor:
     """W [K, N] in scales' dtype: (q - zeros) * scales, computed in float32 then rounded."""
     k, n, gs = _check_weights(qweight, scales, zeros, group_size, bits)
     dtype = scales.dtype if scales.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     if not use_triton(qweight):
         return _dequantize_torch(qweight, scales, zeros, gs, bits, dtype)
-    return run_with_fallback(f"dequant_int/b{bits}/{dtype}",
-                             lambda: dequantize_int_triton(qweight, scales, zeros, gs, bits, dtype),
-                             lambda: _dequantize_torch(qweight, scales, zeros, gs, bits, dtype))
+    return run_with_fallback(
+        f"dequant_int/b{bits}/{dtype}",
+        lambda: dequantize_int_triton(qweight, scales, zeros, gs, bits, dtype),
+        lambda: _dequantize_torch(qweight, scales, zeros, gs, bits, dtype),
+    )
 
 
-def w_int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, bits: int, perm: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
+def w_int_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    bits: int,
+    perm: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """y [..., N] = x[..., perm] @ W (+ bias) in x's dtype; x [..., K] float16/bfloat16/float32.
 
     W [K, N] = (q - zeros) * scales per group of group_size rows (-1: one group), q unpacked
@@ -562,8 +828,9 @@ def w_int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return x.new_empty(*lead, n)
     if not use_triton(x2):
-        y = w_int_dequant_matmul(x2, qweight, scales, zeros, gs, bits, perm.long() if perm is not None else None,
-                                 bias, triton_dequant=False)
+        y = w_int_dequant_matmul(
+            x2, qweight, scales, zeros, gs, bits, perm.long() if perm is not None else None, bias, triton_dequant=False
+        )
         return y.view(*lead, n)
     path, cfg = choose_path(m, k, n, bits, x2.dtype)
     if perm is not None and m > W_INT_DISPATCH.fuse_perm_max_m:
@@ -571,21 +838,27 @@ def w_int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     args = (x2, qweight, scales, zeros, gs, bits, perm, bias)
 
     def deq():
-        return run_with_fallback(f"deq/b{bits}/{x2.dtype}", lambda: w_int_dequant_matmul(*args),
-                                 lambda: w_int_dequant_matmul(*args, triton_dequant=False))
+        return run_with_fallback(
+            f"deq/b{bits}/{x2.dtype}",
+            lambda: w_int_dequant_matmul(*args),
+            lambda: w_int_dequant_matmul(*args, triton_dequant=False),
+        )
 
     if path == "gemv":
-        y = run_with_fallback(f"gemv/b{bits}/{x2.dtype}/p{perm is not None}/{_cfg_key(cfg)}",
-                              lambda: w_int_gemv(*args, config=cfg), deq)
+        y = run_with_fallback(
+            f"gemv/b{bits}/{x2.dtype}/p{perm is not None}/{_cfg_key(cfg)}", lambda: w_int_gemv(*args, config=cfg), deq
+        )
     elif path == "fused":
-        y = run_with_fallback(f"fused/b{bits}/{x2.dtype}/p{perm is not None}/{_cfg_key(cfg)}",
-                              lambda: w_int_dot(*args, config=cfg), deq)
+        y = run_with_fallback(
+            f"fused/b{bits}/{x2.dtype}/p{perm is not None}/{_cfg_key(cfg)}", lambda: w_int_dot(*args, config=cfg), deq
+        )
     else:
         y = deq()
     return y.view(*lead, n)
 
 
 # ---------------------------------------------------------------- warm-up (engine start)
+
 
 def _warmup_ms(max_m: int) -> list[int]:
     """One M per (path, bucket, split-or-not) the dispatcher can pick up to max_m."""
@@ -602,22 +875,36 @@ def _warmup_ms(max_m: int) -> list[int]:
     return sorted(m for m in ms if 1 <= m <= max_m)
 
 
-def random_int_weights(k: int, n: int, bits: int, group_size: int, dtype: torch.dtype, device,
-                       act_order: bool = False, generator: torch.Generator | None = None):
+def random_int_weights(
+    k: int,
+    n: int,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    device,
+    act_order: bool = False,
+    generator: torch.Generator | None = None,
+):
     """Random (qweight, scales, zeros, perm) in the contract's layout (tests, benchmarks, warm-up)."""
     pack = 32 // bits
     gs = k if group_size == -1 else group_size
-    qweight = torch.randint(-(2 ** 31), 2 ** 31 - 1, (k // pack, n), dtype=torch.int32, device=device,
-                            generator=generator)
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k // pack, n), dtype=torch.int32, device=device, generator=generator)
     scales = (torch.rand(k // gs, n, device=device, generator=generator) * 0.02 + 0.005).to(dtype)
-    zeros = torch.randint(0, 2 ** bits, (k // gs, n), device=device, generator=generator).to(dtype)
+    zeros = torch.randint(0, 2**bits, (k // gs, n), device=device, generator=generator).to(dtype)
     perm = torch.randperm(k, device=device, generator=generator).to(torch.int32) if act_order else None
     return qweight, scales, zeros, perm
 
 
-def warmup(shapes: Iterable[tuple], dtype: torch.dtype = torch.bfloat16, bits: int = 4, group_size: int = 128,
-           max_m: int = 256, act_order: bool = False, device: str | torch.device = "cuda",
-           tune: bool | None = None) -> dict:
+def warmup(
+    shapes: Iterable[tuple],
+    dtype: torch.dtype = torch.bfloat16,
+    bits: int = 4,
+    group_size: int = 128,
+    max_m: int = 256,
+    act_order: bool = False,
+    device: str | torch.device = "cuda",
+    tune: bool | None = None,
+) -> dict:
     """Compile (and with tune=True, pick among TUNE_CANDIDATES for) every kernel variant the
     dispatcher can choose for these layer shapes up to max_m rows, before serving.
 

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter k/v [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D]; slot -1 is skipped."""
     _, num_blocks, block_size, hkv, d = kv_cache.shape
     keep = slot_mapping >= 0
@@ -30,15 +29,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * rstd).to(x.dtype) * weight
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Out-of-place reference: returns (rms_norm(x + residual) * weight, x + residual)."""
     new_residual = (x.float() + residual.float()).to(residual.dtype)
     return rms_norm(new_residual, weight, eps), new_residual
 
 
-def rotary_embedding(positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
-                     is_neox: bool) -> torch.Tensor:
+def rotary_embedding(
+    positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> torch.Tensor:
     """Rotate the first rot_dim features of x [T, H, D]; cache rows are [cos(rot/2) | sin(rot/2)]."""
     rot = cos_sin_cache.shape[-1]
     cos, sin = cos_sin_cache[positions].float().chunk(2, dim=-1)  # [T, rot/2]
@@ -59,8 +60,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate) * up).to(x.dtype)
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor,
-              max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous K, V [B, max_len, Hkv, D] read through the block tables (positions past a
     sequence's length hold whatever its table points at; callers mask them)."""
     block_size = kv_cache.shape[2]
@@ -70,8 +70,7 @@ def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor,
     return kv_cache[0][blocks, offs], kv_cache[1][blocks, offs]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-            scale: float) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, Hq, M, D], k/v [B, Hkv, L, D], mask [B, 1, M, L] (True = attend); float32 math."""
     group = q.shape[1] // k.shape[1]
     k = k.float().repeat_interleave(group, dim=1)
@@ -82,20 +81,25 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     return torch.einsum("bhml,bhld->bhmd", probs, v)
 
 
-def paged_decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float
+) -> torch.Tensor:
     """q [B, Hq, D], one new token per sequence that sees all seq_lens[b] cached tokens."""
     max_len = int(seq_lens.max())
     k, v = gather_kv(kv_cache, block_tables, max_len)
     mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None].long()
-    out = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2),
-                  mask[:, None, None, :], scale)
+    out = _attend(q[:, :, None, :], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], scale)
     return out[:, :, 0, :].to(q.dtype)
 
 
-def paged_prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor,
-                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-                            block_tables: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_prefill_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """q [T, Hq, D] packed by query_start_loc; query i of sequence b sits at position
     seq_lens[b] - query_len[b] + i and sees cached keys at positions <= its own."""
     qsl = query_start_loc.long()

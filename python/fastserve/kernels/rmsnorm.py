@@ -10,8 +10,19 @@ from ._validate import require, require_cuda_or_interpret
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_o, N, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    N,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -19,7 +30,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
     if HAS_RESIDUAL:
         # Round the sum to the residual dtype before normalizing: that rounded value is what
         # the next layer adds to, and what HF computes the norm from.
-        s = (x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32))
+        s = x + tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0).to(tl.float32)
         s = s.to(res_ptr.dtype.element_ty)
         tl.store(res_ptr + row * stride_r + offs, s, mask=mask)
         x = s.to(tl.float32)
@@ -31,8 +42,11 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, stride_x, stride_r, stride_
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     flat = t.view(-1, t.shape[-1]) if t.is_contiguous() else None
-    require(flat is not None or (t.dim() == 2 and t.stride(-1) == 1), name,
-            "must be contiguous or a 2-D tensor with a contiguous last dim")
+    require(
+        flat is not None or (t.dim() == 2 and t.stride(-1) == 1),
+        name,
+        "must be contiguous or a 2-D tensor with a contiguous last dim",
+    )
     return flat if flat is not None else t
 
 
@@ -47,13 +61,22 @@ def _launch(x, residual, weight, out, eps):
         return
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(x2.shape[0],)](
-        x2, r2, weight, o2, x2.stride(0), r2.stride(0), o2.stride(0), n, eps,
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 16))
+        x2,
+        r2,
+        weight,
+        o2,
+        x2.stride(0),
+        r2.stride(0),
+        o2.stride(0),
+        n,
+        eps,
+        HAS_RESIDUAL=residual is not None,
+        BLOCK=block,
+        num_warps=min(max(block // 256, 1), 16),
+    )
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     """rmsnorm(x) * weight over the last dim, computed in float32."""
     if out is None:
         out = torch.empty_like(x)
@@ -62,12 +85,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     return out
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """In place, as vLLM's: residual += x, then x = rmsnorm(residual) * weight.
 
     Returns (x, residual), the same tensors that were passed in.
     """
-    require(residual.shape == x.shape, "residual", f"must match x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    require(
+        residual.shape == x.shape, "residual", f"must match x's shape {tuple(x.shape)}, got {tuple(residual.shape)}"
+    )
     _launch(x, residual, weight, x, eps)
     return x, residual
