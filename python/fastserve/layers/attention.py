@@ -12,7 +12,7 @@ so one code path serves prefill, chunked prefill over a cached prefix, and decod
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,13 @@ class AttentionMetadata:
     num_decodes: int  # rows 0..num_decodes have query length 1
     max_query_len: int
     max_seq_len: int
+    # The torch (CPU) path's per-step indices, built by the first layer that needs them.
+    torch_plan: TorchPlan | None = field(default=None, repr=False, compare=False)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor, plan: TorchPlan | None = None
+) -> None:
     """Scatter this step's K/V [T, Hkv, D] into their cache slots."""
     if kv_cache.is_cuda:
         # The kernel skips PAD_SLOT_ID on the device: no host sync, so CUDA graphs can hold it.
@@ -43,14 +47,70 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     k_flat = kv_cache[0].view(-1, num_kv_heads, head_dim)
     v_flat = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    valid = slot_mapping >= 0
-    slots = slot_mapping[valid]
-    k_flat.index_copy_(0, slots, k[valid].to(kv_cache.dtype))
-    v_flat.index_copy_(0, slots, v[valid].to(kv_cache.dtype))
+    if plan is None:
+        plan = TorchPlan.of(slot_mapping)
+    if plan.valid_tokens is not None:
+        k, v = k[plan.valid_tokens], v[plan.valid_tokens]
+    k_flat.index_copy_(0, plan.write_slots, k.to(kv_cache.dtype))
+    v_flat.index_copy_(0, plan.write_slots, v.to(kv_cache.dtype))
+
+
+class TorchPlan:
+    """The index work of the torch attention path, done once per step instead of once per layer:
+    every layer of a step shares the batch's shape (30 layers of SmolLM2 rebuilt the same
+    gathers, masks and padding indices 30 times). Built on the first layer, kept on the step's
+    AttentionMetadata."""
+
+    __slots__ = ("write_slots", "valid_tokens", "gather", "mask", "token_seq", "token_local", "decode_only")
+
+    @classmethod
+    def of(cls, slot_mapping: torch.Tensor) -> TorchPlan:
+        plan = cls.__new__(cls)
+        plan._set_writes(slot_mapping)
+        return plan
+
+    def _set_writes(self, slot_mapping: torch.Tensor) -> None:
+        valid = slot_mapping >= 0
+        # The CPU path pads no token (no CUDA graphs), so the mask is usually all true: skip it.
+        if bool(valid.all()):
+            self.write_slots, self.valid_tokens = slot_mapping, None
+        else:
+            self.write_slots, self.valid_tokens = slot_mapping[valid], valid
+
+    def __init__(self, meta: AttentionMetadata, block_size: int):
+        self._set_writes(meta.slot_mapping)
+        num_seqs = meta.seq_lens.shape[0]
+        device = meta.seq_lens.device
+        max_q, max_s = meta.max_query_len, meta.max_seq_len
+        qsl = meta.query_start_loc.to(torch.int64)
+        query_lens = qsl[1:] - qsl[:-1]
+        seq_lens = meta.seq_lens.to(torch.int64)
+        num_tokens = meta.slot_mapping.shape[0]
+        self.decode_only = max_q == 1 and num_tokens == num_seqs
+        if self.decode_only:
+            self.token_seq = self.token_local = None
+        else:
+            self.token_seq = torch.repeat_interleave(
+                torch.arange(num_seqs, device=device), query_lens, output_size=num_tokens
+            )
+            self.token_local = torch.arange(num_tokens, device=device) - qsl[self.token_seq]
+        # Cache slot of each sequence's key positions. Positions past a sequence's length would
+        # read other sequences' data or never-written memory (possibly NaN: a masked NaN still
+        # poisons P @ V, since 0 * NaN is NaN), so they read the sequence's own position 0
+        # instead: written, finite, and masked out.
+        key_pos = torch.arange(max_s, device=device)
+        key_valid = key_pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [B, max_s]
+        pos = torch.where(key_valid, key_pos.unsqueeze(0), 0)
+        tables = meta.block_tables.to(torch.int64)
+        self.gather = torch.gather(tables, 1, pos // block_size) * block_size + pos % block_size  # [B, max_s]
+        # Padded query rows get positions >= seq_len, so they still see key 0 and never make an
+        # all-masked (NaN) softmax row; their outputs are dropped.
+        q_pos = (seq_lens - query_lens).unsqueeze(1) + torch.arange(max_q, device=device).unsqueeze(0)
+        self.mask = key_pos.view(1, 1, max_s) <= q_pos.unsqueeze(-1)  # [B, max_q, max_s]
 
 
 def paged_attention_torch(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, plan: TorchPlan | None = None
 ) -> torch.Tensor:
     """Reference paged attention, vectorized over sequences: gather each sequence's K/V via
     its block table into [B, max_seq_len, Hkv, D], pad queries to [B, max_query_len, Hq, D],
@@ -58,42 +118,35 @@ def paged_attention_torch(
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     num_seqs = meta.seq_lens.shape[0]
-    device = q.device
     max_q, max_s = meta.max_query_len, meta.max_seq_len
+    if plan is None:
+        plan = TorchPlan(meta, block_size)
 
-    qsl = meta.query_start_loc.to(torch.int64)
-    query_lens = qsl[1:] - qsl[:-1]
-    seq_lens = meta.seq_lens.to(torch.int64)
-    token_seq = torch.repeat_interleave(torch.arange(num_seqs, device=device), query_lens, output_size=num_tokens)
-    token_local = torch.arange(num_tokens, device=device) - qsl[token_seq]
+    if plan.decode_only:
+        q_pad = q.view(num_seqs, 1, num_heads, head_dim)
+    else:
+        q_pad = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
+        q_pad[plan.token_seq, plan.token_local] = q
+    flat = plan.gather.view(-1)
+    k = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
+    v = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
+    k = k.view(num_seqs, max_s, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+    v = v.view(num_seqs, max_s, num_kv_heads, head_dim).transpose(1, 2)
 
-    q_pad = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
-    q_pad[token_seq, token_local] = q
-
-    num_blocks = -(-max_s // block_size)
-    tables = meta.block_tables[:, :num_blocks].to(torch.int64)
-    k = kv_cache[0][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_s]
-    v = kv_cache[1][tables].reshape(num_seqs, num_blocks * block_size, num_kv_heads, head_dim)[:, :max_s]
-    key_pos = torch.arange(max_s, device=device)
-    # Slots past a sequence's length hold other sequences' data or never-written memory
-    # (possibly NaN); zero them, since a masked NaN still poisons P @ V (0 * NaN).
-    key_valid = (key_pos.unsqueeze(0) < seq_lens.unsqueeze(1)).view(num_seqs, max_s, 1, 1)
-    k = torch.where(key_valid, k, 0).to(q.dtype)
-    v = torch.where(key_valid, v, 0).to(q.dtype)
-
-    # Padded query rows get positions >= seq_len, so they still see key 0 and never make an
-    # all-masked (NaN) softmax row; their outputs are dropped below.
-    q_pos = (seq_lens - query_lens).unsqueeze(1) + torch.arange(max_q, device=device).unsqueeze(0)
-    mask = key_pos.view(1, 1, max_s) <= q_pos.unsqueeze(-1)  # [B, max_q, max_s]
-
+    # The query heads of a KV group become extra query rows of one SDPA over that group's
+    # keys: no repeated K/V, and longer matmuls (half the time of enable_gqa on CPU).
     group = num_heads // num_kv_heads
-    if group > 1:
-        k = k.repeat_interleave(group, dim=2)
-        v = v.repeat_interleave(group, dim=2)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask.unsqueeze(1), scale=scale
-    )  # [B, Hq, max_q, D]
-    return out.transpose(1, 2)[token_seq, token_local]
+    qg = q_pad.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
+    mask = plan.mask.unsqueeze(1)  # [B, 1, max_q, S]
+    if group > 1 and max_q > 1:
+        mask = mask.repeat(1, 1, group, 1)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G * max_q, D]
+    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(num_seqs, max_q, num_heads, head_dim)
+    if plan.decode_only:
+        return out.view(num_tokens, num_heads, head_dim)
+    return out[plan.token_seq, plan.token_local]
 
 
 class Attention(nn.Module):
@@ -111,11 +164,14 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
         if q.is_cuda:
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping)
             out = self._forward_kernels(q, kv_cache, meta)
         else:
-            out = paged_attention_torch(q, kv_cache, meta, self.scale)
+            if meta.torch_plan is None:
+                meta.torch_plan = TorchPlan(meta, kv_cache.shape[2])
+            write_kv_cache(k, v, kv_cache, meta.slot_mapping, meta.torch_plan)
+            out = paged_attention_torch(q, kv_cache, meta, self.scale, meta.torch_plan)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _forward_kernels(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
