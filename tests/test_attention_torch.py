@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-
 from fastserve.layers.attention import PAD_SLOT_ID, Attention, AttentionMetadata, write_kv_cache
 
 
