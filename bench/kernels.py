@@ -28,12 +28,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-try:
-    import fastserve.kernels as K
-except ImportError:  # a bare checkout without the Rust extension built
-    sys.path.insert(0, str(ROOT))
-    import kernels as K
-
+import fastserve.kernels as K  # noqa: E402
 from device_info import device_info, time_cuda  # noqa: E402
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16

@@ -23,13 +23,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    import fastserve.kernels as K
-    from fastserve.kernels import reference as R
-except ImportError:  # a bare checkout (e.g. the GPU box without the Rust extension)
-    sys.path.insert(0, str(ROOT))
-    import kernels as K
-    from kernels import reference as R
+import fastserve.kernels as K  # noqa: E402
+from fastserve.kernels import reference as R  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -32,15 +32,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-try:
-    from fastserve.kernels import quant_common as QC
-    from fastserve.kernels import quant_fp8 as QF
-    from fastserve.kernels import quant_gemm as QG
-except ImportError:  # a bare checkout (e.g. the GPU box without the Rust extension)
-    sys.path.insert(0, str(ROOT))
-    from kernels import quant_common as QC
-    from kernels import quant_fp8 as QF
-    from kernels import quant_gemm as QG
+from fastserve.kernels import quant_common as QC  # noqa: E402
+from fastserve.kernels import quant_fp8 as QF  # noqa: E402
+from fastserve.kernels import quant_gemm as QG  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

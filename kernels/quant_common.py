@@ -1,0 +1,1 @@
+../python/fastserve/kernels/quant_common.py
