@@ -61,18 +61,18 @@ if __name__ == "__main__":  # vLLM's offline LLM spawns processes
 """
 
 
-def run_once(python_dir: str, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": python_dir, "TOKENIZERS_PARALLELISM": "false"}
-    r = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(args.num_prompts), str(args.input_len), str(args.output_len)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
+def run_once(build: tuple[str, str, str], args) -> dict:
+    engine, python, path = build
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    if engine == "fastserve":
+        env["PYTHONPATH"] = path
+    script = Path(args.scratch) / "cpu_offline_child.py"
+    script.write_text(_CHILD)
+    cmd = [python, str(script), str(args.num_prompts), str(args.input_len), str(args.output_len), engine, args.model]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        raise SystemExit(f"run with PYTHONPATH={python_dir} failed:\n{r.stderr[-3000:]}")
+        raise SystemExit(f"{engine} run ({python}, {path}) failed:\n{r.stderr[-3000:]}")
     return json.loads(line[len("RESULT ") :])
 
 
@@ -99,6 +99,7 @@ def main() -> None:
     }
     if args.vllm_python:
         builds["vllm"] = ("vllm", args.vllm_python, "")
+    load_start = os.getloadavg()[0]
     runs: dict[str, list[dict]] = {k: [] for k in builds}
     for i in range(args.repeats):
         for name, path in builds.items():
@@ -117,6 +118,9 @@ def main() -> None:
             "processor": platform.processor(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            # another job on the machine slows every side; read the columns against each other
+            "loadavg_1m_start": load_start,
+            "loadavg_1m_end": os.getloadavg()[0],
         },
         "commit": subprocess.run(
             ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -130,6 +134,9 @@ def main() -> None:
         "same_tokens": len({r["digest"] for v in runs.values() for r in v}) == 1,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if "vllm" in best:
+        res["vs_vllm_best"] = best["this"] / best["vllm"]
+        print(f"this {best['this']:.1f} vs vLLM {best['vllm']:.1f} out tok/s: {res['vs_vllm_best']:.2f}x")
     print(
         f"this {best['this']:.1f} vs baseline {best['baseline']:.1f} out tok/s (best of {args.repeats}): "
         f"{res['speedup_best']:.2f}x, same tokens: {res['same_tokens']}"

@@ -449,7 +449,14 @@ def test_sentencepiece_tokenizer_equals_sentencepiece_and_transformers(tmp_path)
     # SentencePiece itself does not do: kept out of the SentencePiece comparison.
     plain = [t for t in TEXTS if "<|" not in t]
     assert _ids(ours, plain, special=True) == [[sp.bos_id()] + sp.encode(t) for t in plain]
-    assert _ids(ours, TEXTS) == [hf.encode(t, add_special_tokens=False) for t in TEXTS]
+    # transformers is the reference for control-token texts, and for plain text wherever it
+    # agrees with SentencePiece itself: 5.25's conversion splits runs of spaces differently from
+    # SentencePiece (" ", "  two leading spaces", indented lines; 5.17 agreed), and there
+    # SentencePiece, checked above, is the truth.
+    judged = [t for t in TEXTS if "<|" in t or hf.encode(t, add_special_tokens=False) == sp.encode(t)]
+    disagree = [t for t in TEXTS if t not in judged]
+    assert all(t.strip() == "" or "  " in t for t in disagree), f"transformers differs beyond space runs: {disagree}"
+    assert _ids(ours, judged) == [hf.encode(t, add_special_tokens=False) for t in judged]
     for t in plain:
         assert ours.decode(ours.encode(t, add_special_tokens=True), skip_special_tokens=True) == sp.decode(sp.encode(t))
     assert ours.encode("<s> x", add_special_tokens=False)[0] == sp.bos_id()
