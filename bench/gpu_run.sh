@@ -3,7 +3,7 @@
 # Expects python/fastserve/_core.abi3.so (an abi3 build made on the dev machine), .whl/ with
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
-#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench quant-e2e crash throughput
+#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench quant-e2e qwen32b-awq crash throughput
 #                                    penalties structured
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -14,7 +14,7 @@ if [ -d .whl ]; then
 fi
 # The bench configs need the real tokenizers: the test assets, unpacked once.
 tok=$(python3 -c "import tiny_models; print(tiny_models.SHARED_MODELS)")
-for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer; do
+for m in llama3-8b:llama3-tokenizer qwen3-0.6b:qwen3-tokenizer qwen2.5-32b:qwen3-tokenizer; do
   for d in bench/configs/${m%%:*}*/; do cp "$tok/${m#*:}"/* "$d"; done
 done
 [ -f "$OUT/device.json" ] || python3 bench/device_info.py > "$OUT/device.json"
@@ -45,6 +45,11 @@ for stage in "$@"; do
       run timeout 200 $tp --model $L8 --num-prompts 1000 --input-len 512 --output-len 256 --backends fastserve \
         "${qa[@]}" --out "$OUT/quant-e2e-1000x512x256-$q-$gpu.json"
     done ;;
+  qwen32b-awq)
+    # Qwen2.5-32B-Instruct-AWQ's own config (its quantization_config included), random weights
+    # in the AWQ GEMM layout, fp16 as the checkpoint: it must load on one GPU; 256 x 512/256.
+    run timeout 400 $tp --model bench/configs/qwen2.5-32b-awq --dtype float16 --num-prompts 256 --input-len 512 \
+      --output-len 256 --backends fastserve --out "$OUT/throughput-qwen2.5-32b-awq-256x512x256-$gpu.json" ;;
   crash)
     TAIL=12 run timeout 500 python3 bench/crash_matrix.py --model $L8 --info "$OUT/device.json" \
       --out "$OUT/crash-matrix-$gpu.json" --log "$OUT/crash-server.log" ;;
