@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve.distributed.parallel_state import tp_rank_and_size
+from fastserve.layers import cpu_gemm
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -52,8 +53,14 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """hidden[S, H] -> float32 logits[S, vocab_size]."""
 
+    # Set by layers/cpu_gemm.py on a float32 CPU model: the weight in oneDNN's packed layout.
+    onednn_weight: torch.Tensor | None = None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        if self.onednn_weight is not None:
+            logits = cpu_gemm.linear(hidden, self.onednn_weight, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp_size > 1:
             parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
             dist.all_gather(parts, logits)

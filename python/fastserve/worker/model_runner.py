@@ -24,6 +24,7 @@ from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
+from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.worker.loader import describe_weights, load_model
 from fastserve.worker.sampler_state import SamplerState
 from fastserve.worker.staging import PinnedStaging
@@ -78,6 +79,10 @@ class ModelRunner:
             time.perf_counter() - t0,
             describe_weights(self.model, model_config),
         )
+        if self.device.type == "cpu":
+            t0 = time.perf_counter()
+            if n := pack_cpu_linears(self.model):
+                logger.info("packed %d float32 weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         # Per-sequence sampling state, sent once per sequence by the scheduler (driver only:

@@ -1,0 +1,86 @@
+"""float32 matmuls on the CPU through oneDNN, each weight reordered once into oneDNN's blocked
+layout.
+
+torch's `F.linear` runs float32 through MKL's sgemm, which on AMD processors takes a slow path:
+on the 2-core EPYC development machine it reaches 65-180 GFLOP/s on SmolLM2's layer shapes,
+oneDNN with the weight packed once 150-430 (bench/cpu_gemm.py, bench/results/cpu-gemm-*.json).
+vLLM's CPU build does the same (a oneDNN matmul over a pre-packed weight). bfloat16 stays on
+`F.linear`: torch already sends it through oneDNN, and a packed bf16 weight measured slower.
+
+The packed tensor replaces the dense weight, so the model is not held twice; a weight another
+module shares (tied embeddings: the lookup reads rows of it) is kept and packed beside it.
+`FASTSERVE_CPU_GEMM=torch` keeps every layer on `F.linear` (A/B measurements, a CPU without
+oneDNN's kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+# The batch size oneDNN tunes the packed layout for. Every size is correct with any hint; 256
+# measured best or within noise of the best for M = 1 ... 2048 on the shapes above.
+PACK_HINT_ROWS = 256
+
+
+def onednn_usable(weight: torch.Tensor | None) -> bool:
+    return (
+        weight is not None
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and torch.backends.mkldnn.is_available()
+        and os.environ.get("FASTSERVE_CPU_GEMM", "onednn") != "torch"
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_HINT_ROWS)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class OneDNNLinearMethod:
+    """The linear method of a packed unquantized layer (layers/linear.py dispatches to it)."""
+
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return linear(x, layer.onednn_weight, bias)
+
+    def process_weights_after_loading(self, layer) -> None:
+        pass
+
+
+def pack_cpu_linears(model: nn.Module) -> int:
+    """Packs every unquantized float32 linear weight (and the LM head) of a CPU model; returns
+    how many. Run once, after loading: the dense weights of packed layers are gone after it."""
+    from fastserve.layers.embedding import ParallelLMHead
+    from fastserve.layers.linear import LinearBase
+
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LinearBase) and module.quant_method is None:
+            kind = "linear"
+        elif isinstance(module, ParallelLMHead):
+            kind = "lm_head"
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if not onednn_usable(weight):
+            continue
+        module.onednn_weight = pack(weight.data)
+        shared = uses.get(weight.data_ptr(), 0) > 1
+        if kind == "linear":
+            module.quant_method = OneDNNLinearMethod()
+            if not shared:
+                module.weight = None
+        elif not shared:
+            module.weight = None
+        n += 1
+    return n
