@@ -22,9 +22,9 @@ from fastserve.config import ModelConfig
 from fastserve.distributed.parallel_state import all_reduce_min, cpu_barrier, tp_rank_and_size
 from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
+from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.worker import kv_cache as kvc
-from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.worker.loader import describe_weights, load_model
 from fastserve.worker.sampler_state import SamplerState
 from fastserve.worker.staging import PinnedStaging
