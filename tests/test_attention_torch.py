@@ -27,12 +27,17 @@ def naive(q, k_ctx, v_ctx, scale):
 
 
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (6, 2), (9, 3)])
-@pytest.mark.parametrize("shape", ["decodes", "mixed"])
+@pytest.mark.parametrize("shape", ["decodes", "mixed", "prefills"])
 def test_torch_paged_attention_matches_the_definition(hq, hkv, shape):
     torch.manual_seed(hq * 10 + hkv)
     d, bs = 16, 4
     # (cached context, new tokens) per sequence; decodes first, as batches order them
-    seqs = [(5, 1), (11, 1), (0, 1)] if shape == "decodes" else [(7, 1), (0, 9), (6, 3), (13, 5)]
+    seqs = {
+        "decodes": [(5, 1), (11, 1), (0, 1)],
+        # decodes of different lengths, then chunks (one of a single token), as a serving step
+        "mixed": [(7, 1), (2, 1), (18, 1), (0, 9), (6, 3), (4, 1), (13, 5)],
+        "prefills": [(0, 9), (6, 3), (13, 5)],
+    }[shape]
     num_blocks = sum(math.ceil((c + n) / bs) for c, n in seqs) + 3
     cache = torch.full((2, num_blocks, bs, hkv, d), float("nan"))
     perm = torch.randperm(num_blocks).tolist()
@@ -63,7 +68,7 @@ def test_torch_paged_attention_matches_the_definition(hq, hkv, shape):
         query_start_loc=torch.tensor(qsl, dtype=torch.int32),
         seq_lens=torch.tensor([c + n for c, n in seqs], dtype=torch.int32),
         block_tables=tables,
-        num_decodes=sum(1 for _, n in seqs if n == 1),
+        num_decodes=next((i for i, (_, n) in enumerate(seqs) if n != 1), len(seqs)),
         max_query_len=max(qsl[i + 1] - qsl[i] for i in range(len(seqs))),
         max_seq_len=max(c + n for c, n in seqs),
     )

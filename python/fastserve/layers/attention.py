@@ -59,9 +59,13 @@ class TorchPlan:
     """The index work of the torch attention path, done once per step instead of once per layer:
     every layer of a step shares the batch's shape (30 layers of SmolLM2 rebuilt the same
     gathers, masks and padding indices 30 times). Built on the first layer, kept on the step's
-    AttentionMetadata."""
+    AttentionMetadata.
 
-    __slots__ = ("write_slots", "valid_tokens", "gather", "mask", "token_seq", "token_local", "decode_only")
+    The step's decodes and its prefill chunks are two groups, one SDPA each: padding every
+    decode's single query to the longest chunk of the step (a 128-token prompt beside 63
+    decodes) made the serving steps' attention 64x the work."""
+
+    __slots__ = ("write_slots", "valid_tokens", "groups", "num_tokens")
 
     @classmethod
     def of(cls, slot_mapping: torch.Tensor) -> TorchPlan:
@@ -79,21 +83,39 @@ class TorchPlan:
 
     def __init__(self, meta: AttentionMetadata, block_size: int):
         self._set_writes(meta.slot_mapping)
-        num_seqs = meta.seq_lens.shape[0]
-        device = meta.seq_lens.device
-        max_q, max_s = meta.max_query_len, meta.max_seq_len
+        self.num_tokens = meta.slot_mapping.shape[0]
+        num_seqs, d = meta.seq_lens.shape[0], meta.num_decodes
         qsl = meta.query_start_loc.to(torch.int64)
-        query_lens = qsl[1:] - qsl[:-1]
         seq_lens = meta.seq_lens.to(torch.int64)
-        num_tokens = meta.slot_mapping.shape[0]
-        self.decode_only = max_q == 1 and num_tokens == num_seqs
-        if self.decode_only:
+        tables = meta.block_tables.to(torch.int64)
+        self.groups = []
+        if d:
+            self.groups.append(_SeqGroup(qsl[: d + 1], seq_lens[:d], tables[:d], block_size, decode=True))
+        if num_seqs > d:
+            self.groups.append(_SeqGroup(qsl[d:], seq_lens[d:], tables[d:], block_size, decode=False))
+
+
+class _SeqGroup:
+    """Consecutive sequences of a step attended by one SDPA: the K/V gather [B, max_s], the
+    causal mask [B, max_q, max_s] and, for prefill chunks, where each token sits in the padded
+    query block."""
+
+    __slots__ = ("tokens", "num_seqs", "max_q", "max_s", "gather", "mask", "token_seq", "token_local")
+
+    def __init__(self, qsl: torch.Tensor, seq_lens: torch.Tensor, tables: torch.Tensor, block_size: int, decode: bool):
+        device = seq_lens.device
+        first, last = int(qsl[0]), int(qsl[-1])
+        self.tokens = slice(first, last)
+        self.num_seqs = b = seq_lens.shape[0]
+        query_lens = qsl[1:] - qsl[:-1]
+        self.max_q = 1 if decode else int(query_lens.max())
+        self.max_s = max_s = int(seq_lens.max())
+        if decode:
             self.token_seq = self.token_local = None
         else:
-            self.token_seq = torch.repeat_interleave(
-                torch.arange(num_seqs, device=device), query_lens, output_size=num_tokens
-            )
-            self.token_local = torch.arange(num_tokens, device=device) - qsl[self.token_seq]
+            n = last - first
+            self.token_seq = torch.repeat_interleave(torch.arange(b, device=device), query_lens, output_size=n)
+            self.token_local = torch.arange(n, device=device) - (qsl[self.token_seq] - first)
         # Cache slot of each sequence's key positions. Positions past a sequence's length would
         # read other sequences' data or never-written memory (possibly NaN: a masked NaN still
         # poisons P @ V, since 0 * NaN is NaN), so they read the sequence's own position 0
@@ -101,52 +123,59 @@ class TorchPlan:
         key_pos = torch.arange(max_s, device=device)
         key_valid = key_pos.unsqueeze(0) < seq_lens.unsqueeze(1)  # [B, max_s]
         pos = torch.where(key_valid, key_pos.unsqueeze(0), 0)
-        tables = meta.block_tables.to(torch.int64)
         self.gather = torch.gather(tables, 1, pos // block_size) * block_size + pos % block_size  # [B, max_s]
         # Padded query rows get positions >= seq_len, so they still see key 0 and never make an
         # all-masked (NaN) softmax row; their outputs are dropped.
-        q_pos = (seq_lens - query_lens).unsqueeze(1) + torch.arange(max_q, device=device).unsqueeze(0)
+        q_pos = (seq_lens - query_lens).unsqueeze(1) + torch.arange(self.max_q, device=device).unsqueeze(0)
         self.mask = key_pos.view(1, 1, max_s) <= q_pos.unsqueeze(-1)  # [B, max_q, max_s]
 
 
 def paged_attention_torch(
     q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, plan: TorchPlan | None = None
 ) -> torch.Tensor:
-    """Reference paged attention, vectorized over sequences: gather each sequence's K/V via
-    its block table into [B, max_seq_len, Hkv, D], pad queries to [B, max_query_len, Hq, D],
-    one masked SDPA. Returns [T, Hq, D]."""
-    num_tokens, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
-    num_seqs = meta.seq_lens.shape[0]
-    max_q, max_s = meta.max_query_len, meta.max_seq_len
+    """Reference paged attention, vectorized over sequences: per group (the step's decodes, its
+    prefill chunks), gather each sequence's K/V via its block table into [B, max_s, Hkv, D],
+    pad queries to [B, max_q, Hq, D], one masked SDPA. Returns [T, Hq, D]."""
     if plan is None:
-        plan = TorchPlan(meta, block_size)
+        plan = TorchPlan(meta, kv_cache.shape[2])
+    groups = plan.groups
+    if len(groups) == 1 and groups[0].tokens.stop == q.shape[0]:
+        return _attend_group(q, kv_cache, groups[0], scale)
+    out = q.new_zeros(q.shape)  # rows past the last sequence (padding) stay zero
+    for g in groups:  # at most two: decodes, then prefill chunks
+        out[g.tokens] = _attend_group(q[g.tokens], kv_cache, g, scale)
+    return out
 
-    if plan.decode_only:
-        q_pad = q.view(num_seqs, 1, num_heads, head_dim)
+
+def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, g: _SeqGroup, scale: float) -> torch.Tensor:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    b, max_q, max_s = g.num_seqs, g.max_q, g.max_s
+    if g.token_seq is None:
+        q_pad = q.view(b, 1, num_heads, head_dim)
     else:
-        q_pad = q.new_zeros(num_seqs, max_q, num_heads, head_dim)
-        q_pad[plan.token_seq, plan.token_local] = q
-    flat = plan.gather.view(-1)
+        q_pad = q.new_zeros(b, max_q, num_heads, head_dim)
+        q_pad[g.token_seq, g.token_local] = q
+    flat = g.gather.view(-1)
     k = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
     v = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
-    k = k.view(num_seqs, max_s, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-    v = v.view(num_seqs, max_s, num_kv_heads, head_dim).transpose(1, 2)
+    k = k.view(b, max_s, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+    v = v.view(b, max_s, num_kv_heads, head_dim).transpose(1, 2)
 
     # The query heads of a KV group become extra query rows of one SDPA over that group's
     # keys: no repeated K/V, and longer matmuls (half the time of enable_gqa on CPU).
     group = num_heads // num_kv_heads
-    qg = q_pad.view(num_seqs, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-    qg = qg.reshape(num_seqs, num_kv_heads, group * max_q, head_dim)
-    mask = plan.mask.unsqueeze(1)  # [B, 1, max_q, S]
+    qg = q_pad.view(b, max_q, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qg = qg.reshape(b, num_kv_heads, group * max_q, head_dim)
+    mask = g.mask.unsqueeze(1)  # [B, 1, max_q, S]
     if group > 1 and max_q > 1:
         mask = mask.repeat(1, 1, group, 1)
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [B, Hkv, G * max_q, D]
-    out = out.view(num_seqs, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-    out = out.reshape(num_seqs, max_q, num_heads, head_dim)
-    if plan.decode_only:
+    out = out.view(b, num_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    out = out.reshape(b, max_q, num_heads, head_dim)
+    if g.token_seq is None:
         return out.view(num_tokens, num_heads, head_dim)
-    return out[plan.token_seq, plan.token_local]
+    return out[g.token_seq, g.token_local]
 
 
 class Attention(nn.Module):
