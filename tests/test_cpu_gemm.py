@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from fastserve import LLM, SamplingParams
 from fastserve.config import ModelConfig
 from fastserve.layers import cpu_gemm
-from fastserve.layers.cpu_gemm import OneDNNLinearMethod, pack_cpu_linears
+from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.worker.loader import load_model
 from tiny_models import SHARED_MODELS, load_hf_model, make_tiny_checkpoint
 
@@ -65,7 +65,7 @@ def test_pack_cpu_linears_drops_dense_weights_but_keeps_shared_ones(tmp_path, ti
     assert pack_cpu_linears(model) == n_linear + 1  # every linear and the LM head
 
     assert layer.self_attn.qkv_proj.weight is None and layer.mlp.down_proj.weight is None
-    assert isinstance(layer.self_attn.qkv_proj.quant_method, OneDNNLinearMethod)
+    assert layer.self_attn.qkv_proj.onednn_weight is not None and layer.self_attn.qkv_proj.quant_method is None
     torch.testing.assert_close(layer.self_attn.qkv_proj(x), dense["qkv"], atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(model.lm_head(head_x), dense["head"], atol=1e-4, rtol=1e-5)
     if tie:
@@ -99,7 +99,7 @@ def test_engine_on_packed_weights_equals_hf_greedy(tmp_path):
     prompts = [[5, 9, 200, 31, 7][: n + 1] + [n + 40] * (3 * n) for n in range(6)]
     llm = LLM(model=str(path), dtype="float32", device="cpu", max_num_batched_tokens=24)
     qkv = llm.engine.runner.model.model.layers[0].self_attn.qkv_proj
-    assert isinstance(qkv.quant_method, OneDNNLinearMethod) and qkv.weight is None
+    assert qkv.onednn_weight is not None and qkv.weight is None
     outs = llm.generate(
         [{"prompt_token_ids": p} for p in prompts],
         SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),

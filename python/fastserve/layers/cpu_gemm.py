@@ -44,16 +44,6 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> 
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class OneDNNLinearMethod:
-    """The linear method of a packed unquantized layer (layers/linear.py dispatches to it)."""
-
-    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return linear(x, layer.onednn_weight, bias)
-
-    def process_weights_after_loading(self, layer) -> None:
-        pass
-
-
 def pack_cpu_linears(model: nn.Module) -> int:
     """Packs every unquantized float32 linear weight (and the LM head) of a CPU model; returns
     how many. Run once, after loading: the dense weights of packed layers are gone after it."""
@@ -65,22 +55,13 @@ def pack_cpu_linears(model: nn.Module) -> int:
         uses[p.data_ptr()] = uses.get(p.data_ptr(), 0) + 1
     n = 0
     for module in model.modules():
-        if isinstance(module, LinearBase) and module.quant_method is None:
-            kind = "linear"
-        elif isinstance(module, ParallelLMHead):
-            kind = "lm_head"
-        else:
+        if not (isinstance(module, LinearBase) and module.quant_method is None or isinstance(module, ParallelLMHead)):
             continue
         weight = getattr(module, "weight", None)
         if not onednn_usable(weight):
             continue
         module.onednn_weight = pack(weight.data)
-        shared = uses.get(weight.data_ptr(), 0) > 1
-        if kind == "linear":
-            module.quant_method = OneDNNLinearMethod()
-            if not shared:
-                module.weight = None
-        elif not shared:
+        if uses.get(weight.data_ptr(), 0) == 1:
             module.weight = None
         n += 1
     return n

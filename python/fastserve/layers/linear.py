@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastserve.distributed.parallel_state import tp_rank_and_size
+from fastserve.layers import cpu_gemm
 
 
 def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor) -> None:
@@ -52,6 +53,10 @@ class LinearBase(nn.Module):
 
     `tp_dim` is the weight dimension split across ranks (0: output/column, 1: input/row,
     None: replicated)."""
+
+    # Set by layers/cpu_gemm.py on an unquantized float32 CPU layer: the weight in oneDNN's
+    # packed layout, in place of `weight`.
+    onednn_weight: torch.Tensor | None = None
 
     def __init__(
         self, input_size: int, output_size: int, bias: bool, tp_dim: int | None, *, quant_config=None, prefix: str = ""
@@ -123,6 +128,8 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
+        if self.onednn_weight is not None:
+            return cpu_gemm.linear(x, self.onednn_weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     @staticmethod
@@ -295,6 +302,8 @@ class RowParallelLinear(LinearBase):
         bias = self.bias if self.tp_rank == 0 else None
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x, bias)
+        elif self.onednn_weight is not None:
+            y = cpu_gemm.linear(x, self.onednn_weight, bias)
         else:
             y = F.linear(x, self.weight, bias)
         if self.tp_size > 1:
