@@ -17,7 +17,7 @@ from tiny_models import SHARED_MODELS, load_hf_model, make_tiny_checkpoint
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
 
-@pytest.mark.parametrize("rows", [1, 3, 32, 257, 1030])
+@pytest.mark.parametrize("rows", [1, 3, 20, 32, 100, 256, 257, 600, 1030])
 @pytest.mark.parametrize("n,k", [(96, 64), (200, 72), (64, 520)])
 def test_packed_linear_matches_float64(rows, n, k):
     g = torch.Generator().manual_seed(rows * 7 + n + k)
@@ -34,6 +34,18 @@ def test_packed_linear_matches_float64(rows, n, k):
     assert (F.linear(x, w, b) - ref).abs().max().item() < tol
     no_bias = cpu_gemm.linear(x, packed, None)
     torch.testing.assert_close(no_bias, y - b, atol=tol, rtol=0)
+
+
+def test_row_buckets_are_few_and_cover_every_row():
+    """oneDNN caches one compiled primitive per row count: every count a step can have maps onto
+    a few buckets (so the cache stays small and warm), and the buckets hold all the rows."""
+    seen = set()
+    for m in range(1, 8193):
+        parts = cpu_gemm.bucket_rows(m)
+        assert sum(parts) >= m and sum(parts) - m < cpu_gemm.ROW_STEP
+        assert all(p == m or p % cpu_gemm.ROW_STEP == 0 or p <= cpu_gemm.SMALL_ROWS for p in parts)
+        seen.update(parts)
+    assert len(seen) <= 8 + 256 // 16 + 8192 // 256
 
 
 def test_packed_linear_takes_3d_and_strided_inputs():

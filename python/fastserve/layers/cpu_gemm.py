@@ -3,7 +3,7 @@ layout.
 
 torch's `F.linear` runs float32 through MKL's sgemm, which on AMD processors takes a slow path:
 on the 2-core EPYC development machine it reaches 65-180 GFLOP/s on SmolLM2's layer shapes,
-oneDNN with the weight packed once 150-430 (bench/cpu_gemm.py, bench/results/cpu-gemm-*.json).
+oneDNN with the weight packed once 150-430 (bench/cpu_gemm.py, bench/results/cpu-gemm-epyc.json).
 vLLM's CPU build does the same (a oneDNN matmul over a pre-packed weight). bfloat16 stays on
 `F.linear`: torch already sends it through oneDNN, and a packed bf16 weight measured slower.
 
@@ -40,8 +40,53 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_HINT_ROWS)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# oneDNN builds (JIT-compiles) a primitive per row count and caches it: ~0.9 ms to build, against
+# 0.1-2 ms for the product itself, and ~200 KB held per entry up to 1,024 entries. Every row
+# count a step can have (1 ... max_num_batched_tokens) would fill that cache (+150 MB RSS under
+# the 5,000-request load test) and miss on most new counts. So row counts run in buckets: up to
+# SMALL_ROWS as they are; up to CHUNK_ROWS rounded up to a multiple of ROW_STEP (small products
+# stream the weight, so a few padded rows cost next to nothing); beyond, the whole multiples of
+# CHUNK_ROWS as one product and the rest as above. That is at most ~60 entries per weight shape.
+SMALL_ROWS = 8
+ROW_STEP = 16
+CHUNK_ROWS = 256
+
+
+def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _small(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x.shape[0]
+    rows = m if m <= SMALL_ROWS else -(-m // ROW_STEP) * ROW_STEP
+    if rows == m:
+        return _product(x, packed, bias)
+    padded = x.new_zeros(rows, x.shape[1])
+    padded[:m] = x
+    return _product(padded, packed, bias)[:m]
+
+
+def bucket_rows(m: int) -> tuple[int, ...]:
+    """The row counts oneDNN sees for an m-row product (see above)."""
+    head = m - m % CHUNK_ROWS if m > CHUNK_ROWS else 0
+    rest = m - head
+    small = (rest if rest <= SMALL_ROWS else -(-rest // ROW_STEP) * ROW_STEP) if rest else 0
+    return tuple(r for r in (head, small) if r)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N] with W packed by `pack`."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    m = x2.shape[0]
+    if m <= CHUNK_ROWS:
+        y = _small(x2, packed, bias)
+    else:
+        head = m - m % CHUNK_ROWS
+        y = _product(x2[:head], packed, bias)
+        if head < m:
+            y = torch.cat((y, _small(x2[head:], packed, bias)))
+    return y.view(*lead, y.shape[-1])
 
 
 def pack_cpu_linears(model: nn.Module) -> int:
