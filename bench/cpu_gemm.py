@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
+    from fastserve.benchmarks.device import git_commit
     from fastserve.layers import cpu_gemm
 
     torch.manual_seed(0)
@@ -101,9 +101,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "loadavg_1m": os.getloadavg()[0],
         },
-        "commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": git_commit(),
         "pack_hint_rows": cpu_gemm.PACK_HINT_ROWS,
         "cases": cases,
         "speedup_packed_median": statistics.median(speedups),

@@ -108,6 +108,7 @@ def main() -> None:
             print(f"[{i}] {name:8s} {r['output_tok_s']:7.1f} out tok/s  ({r['seconds']:.1f} s, digest {r['digest']})")
     best = {k: max(r["output_tok_s"] for r in v) for k, v in runs.items()}
     import torch
+    from fastserve.benchmarks.device import git_commit
 
     res = {
         "workload": f"SmolLM2-135M-Instruct fp32 greedy, {args.num_prompts} x {args.input_len} in / "
@@ -122,9 +123,7 @@ def main() -> None:
             "loadavg_1m_start": load_start,
             "loadavg_1m_end": os.getloadavg()[0],
         },
-        "commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": git_commit(),
         "baseline": args.baseline,
         "model": args.model,
         "runs": runs,

@@ -114,6 +114,7 @@ def main() -> None:
             )
     best = {k: max(r["output_token_throughput"] for r in v) for k, v in runs.items()}
     import torch
+    from fastserve.benchmarks.device import git_commit
 
     res = {
         "workload": f"SmolLM2-135M-Instruct fp32 greedy, a burst of {args.num_prompts} completions, "
@@ -126,9 +127,7 @@ def main() -> None:
             "loadavg_1m_start": load_start,
             "loadavg_1m_end": os.getloadavg()[0],
         },
-        "commit": subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": git_commit(),
         "model": args.model,
         "runs": runs,
         "best_output_tok_s": best,

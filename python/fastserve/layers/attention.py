@@ -65,7 +65,7 @@ class TorchPlan:
     decode's single query to the longest chunk of the step (a 128-token prompt beside 63
     decodes) made the serving steps' attention 64x the work."""
 
-    __slots__ = ("write_slots", "valid_tokens", "groups", "num_tokens")
+    __slots__ = ("write_slots", "valid_tokens", "groups")
 
     @classmethod
     def of(cls, slot_mapping: torch.Tensor) -> TorchPlan:
@@ -83,7 +83,6 @@ class TorchPlan:
 
     def __init__(self, meta: AttentionMetadata, block_size: int):
         self._set_writes(meta.slot_mapping)
-        self.num_tokens = meta.slot_mapping.shape[0]
         num_seqs, d = meta.seq_lens.shape[0], meta.num_decodes
         qsl = meta.query_start_loc.to(torch.int64)
         seq_lens = meta.seq_lens.to(torch.int64)

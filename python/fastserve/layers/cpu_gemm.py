@@ -56,35 +56,43 @@ def _product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def _small(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    m = x.shape[0]
-    rows = m if m <= SMALL_ROWS else -(-m // ROW_STEP) * ROW_STEP
-    if rows == m:
-        return _product(x, packed, bias)
-    padded = x.new_zeros(rows, x.shape[1])
-    padded[:m] = x
-    return _product(padded, packed, bias)[:m]
+def _split(m: int) -> tuple[int, int]:
+    """(rows run as one whole-chunk product, rows left for the small path)."""
+    head = m - m % CHUNK_ROWS if m > CHUNK_ROWS else 0
+    return head, m - head
+
+
+def _small_rows(m: int) -> int:
+    return m if m <= SMALL_ROWS else -(-m // ROW_STEP) * ROW_STEP
 
 
 def bucket_rows(m: int) -> tuple[int, ...]:
     """The row counts oneDNN sees for an m-row product (see above)."""
-    head = m - m % CHUNK_ROWS if m > CHUNK_ROWS else 0
-    rest = m - head
-    small = (rest if rest <= SMALL_ROWS else -(-rest // ROW_STEP) * ROW_STEP) if rest else 0
-    return tuple(r for r in (head, small) if r)
+    head, rest = _split(m)
+    return tuple(r for r in (head, _small_rows(rest)) if r)
+
+
+def _small(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    m = x.shape[0]
+    rows = _small_rows(m)
+    if rows == m:
+        return _product(x, packed, bias)
+    padded = x.new_empty(rows, x.shape[1])
+    padded[:m] = x
+    padded[m:].zero_()
+    return _product(padded, packed, bias)[:m]
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N] with W packed by `pack`."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    m = x2.shape[0]
-    if m <= CHUNK_ROWS:
+    head, rest = _split(x2.shape[0])
+    if not head:
         y = _small(x2, packed, bias)
     else:
-        head = m - m % CHUNK_ROWS
         y = _product(x2[:head], packed, bias)
-        if head < m:
+        if rest:
             y = torch.cat((y, _small(x2[head:], packed, bias)))
     return y.view(*lead, y.shape[-1])
 
