@@ -3,8 +3,8 @@
 # Expects python/fastserve/_core.abi3.so (an abi3 build made on the dev machine), .whl/ with
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
-#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests quant-bench quant-e2e qwen32b-awq crash throughput
-#                                    penalties structured
+#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests sampler-kernels quant-bench quant-e2e qwen32b-awq crash
+#                                    throughput penalties structured
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown} NCCL_NVLS_ENABLE=0
@@ -30,6 +30,9 @@ for stage in "$@"; do
       tests/test_models_opt_neox.py tests/test_tensor_parallel_world_size_one.py --tb=line ;;
   quant-tests)
     TAIL=20 run timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line tests/test_quant_kernels.py ;;
+  sampler-kernels)
+    TAIL=8 run timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_sampler.py \
+      tests/test_kernels.py -k "penalt or sampler or bitmask" ;;
   quant-bench)
     TAIL=90 run timeout 330 python3 bench/quant_kernels.py --out "$OUT/quant-kernels-$gpu.json" ${QUANT_BENCH_ARGS:-} ;;
   quant-e2e)

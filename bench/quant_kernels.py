@@ -168,6 +168,19 @@ def methods(layer: Layer, m: int, with_fp8: bool) -> dict:
             per_copy(lambda x, c: QG.w_int_dot(x, c[0], c[1], c[2], GROUP, 4, config=no_fix), layer.int4),
             "int4",
         )
+    if m >= 16:  # the scale folded into the weight (one chained accumulator), bucket tiles and 128 x 128 x 64
+        sw = dict(SCALE_W=True)
+        out["int4:fused-sw"] = (
+            per_copy(lambda x, c: QG.w_int_dot(x, c[0], c[1], c[2], GROUP, 4, config=sw), layer.int4),
+            "int4",
+        )
+    if m >= 128:
+        sw64 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4)
+        sw64["SCALE_W"] = True
+        out["int4:fused-sw64"] = (
+            per_copy(lambda x, c: QG.w_int_dot(x, c[0], c[1], c[2], GROUP, 4, config=sw64), layer.int4),
+            "int4",
+        )
     out["int4:deq"] = (
         per_copy(lambda x, c: QG.w_int_dequant_matmul(x, c[0], c[1], c[2], GROUP, 4), layer.int4),
         "int4",
@@ -380,6 +393,7 @@ def _sweep_plan():
         (16, "dot16", QG._dot_bucket(16)[1]),
         (64, "dot64", QG._dot_bucket(64)[1]),
         (256, "dot256", QG._dot_bucket(256)[1]),
+        (1024, "dot256", QG._dot_bucket(1024)[1]),
     ]
 
 

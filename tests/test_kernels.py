@@ -141,6 +141,30 @@ def check_silu_and_mul(device, dtype, shape, inter):
     assert_close(out, R.silu_and_mul(x), dtype, f"silu_and_mul {shape} I={inter}")
 
 
+def check_penalties(device, samples, pool_rows, vocab, penalized):
+    """Bit-identical to the torch definition: logits of both signs, counts of zero and more,
+    prompt bits alone and with counts, unpenalized rows untouched, pool rows out of order."""
+    g = torch.Generator(device="cpu").manual_seed(vocab)
+    logits = (torch.randn(samples, vocab, generator=g) * 4).to(device)
+    counts = torch.randint(0, 4, (pool_rows, vocab), generator=g, dtype=torch.int32)
+    counts *= torch.rand(pool_rows, vocab, generator=g) < 0.3  # most tokens not yet output
+    flags = torch.randint(0, 16, (pool_rows, vocab), generator=g, dtype=torch.uint8)  # every bit in use
+    rows = torch.randperm(samples, generator=g)[:penalized]
+    vocab_rows = torch.randperm(pool_rows, generator=g)[:penalized].to(torch.int32)
+    rep = torch.rand(samples, generator=g) * 1.5 + 0.5
+    freq = torch.randn(samples, generator=g)
+    pres = torch.randn(samples, generator=g)
+    args = [t.to(device) for t in (counts, flags, rows, vocab_rows, rep, freq, pres)]
+    ref = logits.clone()
+    R.apply_penalties(ref, *args, 1)
+    out = logits.clone()
+    K.apply_penalties(out, *args, 1)
+    assert torch.equal(out, ref), f"penalties: {(out != ref).sum().item()} elements differ"
+    untouched = torch.ones(samples, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(out[untouched.to(device)], logits[untouched.to(device)])
+
+
 # ---------------------------------------------------------------- CPU cases (interpreted)
 
 F32, F16 = torch.float32, torch.float16
@@ -198,6 +222,10 @@ CPU_CASES = {
         (check_rotary, dict(dtype=F32, num_tokens=4, hq=2, hkv=2, d=64, rot=16, is_neox=False, flat=False)),
         # GPT-NeoX (Pythia-2.8B) heads: 80 wide, 20 rotated (a half of 10 is not a power of two)
         (check_rotary, dict(dtype=F32, num_tokens=5, hq=2, hkv=2, d=80, rot=20, is_neox=True, flat=False)),
+    ],
+    "penalties": [
+        (check_penalties, dict(samples=5, pool_rows=7, vocab=300, penalized=3)),  # a partial vocab block
+        (check_penalties, dict(samples=3, pool_rows=3, vocab=4100, penalized=3)),  # three blocks of 2048
     ],
     "activation": [
         (check_silu_and_mul, dict(dtype=F32, shape=(7,), inter=96)),
@@ -276,6 +304,12 @@ def test_decode_gpu(hq, hkv, d, dtype):
 @pytest.mark.parametrize("d", [80, 96, 256])
 def test_decode_gpu_padded_head_dims(d):
     check_decode("cuda", BF16, _rand_lens(6, 1, 3000), 16, 4, d, block_size=16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_penalties_gpu():
+    check_penalties("cuda", samples=300, pool_rows=320, vocab=128256, penalized=256)
 
 
 @pytest.mark.gpu

@@ -316,6 +316,8 @@ G = "gemv"
 FU = "fused"
 JM = dict(JMAJOR=True)
 EX = dict(JMAJOR=False, BLOCK_K=64)
+SW_JM = dict(JM, SCALE_W=True)
+SW_EX = dict(EX, SCALE_W=True)
 CPU_CASES = {
     "int_gemv": [
         (check_w_int, dict(path=G, dtype=F32, bits=4, group_size=128, m=1, k=256, n=100, bias=True)),
@@ -401,6 +403,15 @@ CPU_CASES = {
             dict(path=FU, dtype=F16, bits=8, group_size=128, m=9, k=512, n=36, perm=True, config=dict(EX, split=2)),
         ),
         (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=40, m=3, k=200, n=24, config=EX)),
+        # SCALE_W: the scale folded into the weight, one accumulator (word-major and expanded
+        # tiles, split-K, bias, act order); a group spanning tiles keeps per-row scales instead.
+        (check_w_int, dict(path=FU, dtype=F16, bits=4, group_size=128, m=21, k=384, n=72, bias=True, config=SW_JM)),
+        (check_w_int, dict(path=FU, dtype=F32, bits=8, group_size=-1, m=6, k=256, n=40, perm=True, config=SW_JM)),
+        (
+            check_w_int,
+            dict(path=FU, dtype=F16, bits=4, group_size=64, m=35, k=512, n=48, perm=True, config=dict(SW_EX, split=2)),
+        ),
+        (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=32, m=9, k=128, n=24, config=SW_EX)),
         (check_w_int, dict(path=FU, dtype=F32, bits=4, group_size=40, m=3, k=200, n=24, perm=True, config=JM)),
         (
             check_w_int,
@@ -684,7 +695,7 @@ def test_choose_path_thresholds():
     finally:
         QG._TUNED.clear()
         d.gemv_max_m, d.fused_max_m, d.fused_max_m_by_shape = saved[0], saved[1], saved[2]
-    ms = QG._warmup_ms(1024)
+    ms = QG.warmup_row_counts(1024)
     assert ms[0] == 1 and ms[-1] == 1024 and len(ms) == len(set(ms))
 
 

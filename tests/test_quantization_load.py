@@ -347,3 +347,34 @@ def test_fp8_on_load_of_unquantized_checkpoint(tmp_path_factory, caplog):
         llm = run_parity(src, hf, quantization="FP8", seed=5)
     assert "fp8 quantized at load" in caplog.text and "weights: " in caplog.text
     assert llm.engine.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("kind,opts", [("awq", dict(group_size=32)), ("ct_fp8", dict(strategy="channel"))])
+def test_warm_up_runs_each_quantized_layer_shape_and_leaves_the_model_as_it_was(tmp_path_factory, kind, opts):
+    """The engine-start compile pass (run on CUDA by the runner; here its CPU path): one module
+    per distinct quantized layer, every dispatch row count up to max_m, and greedy output the
+    same before and after (the weights are only read)."""
+    from fastserve.quantization.warmup import quantized_layers, warm_up_quantized
+
+    src = source(tmp_path_factory, "Qwen2ForCausalLM")
+    path, deq, hooks = build(src, tmp_path_factory.mktemp(f"warm-{kind}"), kind, opts)
+    llm = run_parity(path, reference(src, deq, hooks), seed=11)
+    model = llm.engine.runner.model
+    layers = quantized_layers(model)
+    # q/k/v (with Qwen2's bias), o, gate/up and down: four shapes, the 2+ decoder layers share them.
+    assert [type(m).__name__ for m in layers] == [
+        "QKVParallelLinear",
+        "RowParallelLinear",
+        "MergedColumnParallelLinear",
+        "RowParallelLinear",
+    ]
+    assert layers[0].bias is not None and layers[1].bias is None
+    info = warm_up_quantized(model, 300, torch.float32, torch.device("cpu"))
+    assert info["layers"] == 4
+    assert info["row_counts"][0] == 1 and info["row_counts"][-1] == 300
+    assert {2, 16, 17, 256, 257} <= set(info["row_counts"])
+    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=11)
+    before = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    warm_up_quantized(model, 64, torch.float32, torch.device("cpu"))
+    after = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY)]
+    assert before == after

@@ -872,6 +872,15 @@ def fp8_block_linear(
 # ---------------------------------------------------------------- warm-up (engine start)
 
 
+def warmup_row_counts(max_m: int) -> list[int]:
+    """One M per (backend, config bucket, block-wise path) the dispatcher can pick up to max_m."""
+    d = FP8_DISPATCH
+    ms = {1, 16, 17, 64, 65, max_m, max(1, d.triton_max_m), d.triton_max_m + 1}
+    if d.block_dequant_min_m <= max_m:
+        ms.update({d.block_dequant_min_m - 1, d.block_dequant_min_m})
+    return sorted(m for m in ms if 1 <= m <= max_m)
+
+
 def warmup(
     shapes: Iterable[tuple],
     dtype: torch.dtype = torch.bfloat16,
@@ -884,18 +893,7 @@ def warmup(
     """Compile every FP8 variant the dispatcher can choose for these (K, N[, has_bias]) layer
     shapes up to max_m rows (block_size: the block-wise kernels instead)."""
     t0 = time.perf_counter()
-    ms = sorted(
-        {
-            1,
-            min(max_m, 16),
-            min(max_m, 17),
-            min(max_m, 64),
-            min(max_m, 65),
-            max_m,
-            min(max_m, max(1, FP8_DISPATCH.triton_max_m)),
-            min(max_m, FP8_DISPATCH.triton_max_m + 1),
-        }
-    )
+    ms = warmup_row_counts(max_m)
     for shape in shapes:
         k, n = int(shape[0]), int(shape[1])
         bias = torch.randn(n, dtype=dtype, device=device) if len(shape) > 2 and shape[2] else None

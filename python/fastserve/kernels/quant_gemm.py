@@ -93,7 +93,8 @@ GEMV_CONFIG: dict = dict(BLOCK_N=256, BLOCK_R=16, num_warps=4, num_stages=2)
 # Alternatives the benchmark sweep and warmup(tune=True) time against the defaults (few, so
 # that tuning at engine start stays within seconds per shape). Compiled for sm_90 ahead of time
 # (ptxas): none spills; BLOCK_M >= 64 issues wgmma, smaller tiles mma.sync. 128 x 256 tiles and
-# 64 x 256 tiles spilled (255 registers), so none is offered.
+# 64 x 256 tiles spilled (255 registers) with a second (per-tile) accumulator; SCALE_W keeps one,
+# so a 128 x 256 SCALE_W tile is offered.
 TUNE_CANDIDATES: dict[str, list[dict]] = {
     "gemv": [
         dict(BLOCK_N=128, BLOCK_R=16, num_warps=4, num_stages=2),
@@ -102,15 +103,20 @@ TUNE_CANDIDATES: dict[str, list[dict]] = {
         dict(BLOCK_N=32, BLOCK_R=128, num_warps=8, num_stages=2, split=1),
     ],  # many narrow programs, no split
     "dot16": [
+        dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=3, SCALE_W=True),
         dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=4, num_stages=4),
         dict(BLOCK_M=16, BLOCK_N=256, BLOCK_K=128, JMAJOR=True, GROUP_M=1, num_warps=8, num_stages=3),
         dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, JMAJOR=False, GROUP_M=1, num_warps=4, num_stages=3),
     ],
     "dot64": [
+        dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=4, num_warps=4, num_stages=4, SCALE_W=True),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=4, num_warps=4, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=128, JMAJOR=True, GROUP_M=4, num_warps=4, num_stages=3),
     ],
     "dot256": [
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4, SCALE_W=True),
+        dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=3, SCALE_W=True),
+        dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, JMAJOR=True, GROUP_M=8, num_warps=8, num_stages=3, SCALE_W=True),
         dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=8, num_stages=4),
         dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, JMAJOR=False, GROUP_M=8, num_warps=4, num_stages=4),
     ],
@@ -319,6 +325,7 @@ def _w_int_dot_kernel(
     GROUP_M: tl.constexpr,
     JMAJOR: tl.constexpr,
     TILE_SCALE: tl.constexpr,
+    SCALE_W: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -328,6 +335,10 @@ def _w_int_dot_kernel(
     """[BLOCK_M, BLOCK_N] of y over one split of K with tl.dot on weights unpacked in registers.
 
     TILE_SCALE: each K tile lies inside one group; scales/zeros are applied to the tile's dot.
+    SCALE_W (with TILE_SCALE): the tile's scale goes into the weight instead, ((q - z) * s)
+    rounded to the activation dtype as the dequantize path rounds it: one accumulator that the
+    dots chain into, rather than a per-tile product plus a scaled add (registers, and wgmma
+    accumulating in place, for the large tiles).
     Otherwise each row's dequantized value (q - z) * s goes into the dot."""
     PACK: tl.constexpr = 32 // BITS
     BLOCK_R: tl.constexpr = BLOCK_K // PACK
@@ -361,7 +372,10 @@ def _w_int_dot_kernel(
             # whose cross-warp reductions cost a barrier pair per dot (sm_90 SASS).
             g0 = (tile * BLOCK_K) // GS
             z_t = tl.load(z_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if SCALE_W:
+                s_t = tl.load(s_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            else:
+                t = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if JMAJOR:
             rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
             rmask = rows < kp
@@ -379,7 +393,9 @@ def _w_int_dot_kernel(
                     k = tl.load(perm_ptr + k, mask=rmask, other=0)
                 xj = tl.load(x_rows + k[None, :], mask=mmask[:, None] & rmask[None, :], other=0.0)
                 v = _unpack(q, q_hi, j, BITS, magic)
-                if TILE_SCALE:
+                if SCALE_W:
+                    acc = tl.dot(xj, ((v - z_t) * s_t).to(dtype), acc, input_precision=DOT_PREC)
+                elif TILE_SCALE:
                     t = tl.dot(xj, (v - z_t).to(dtype), t, input_precision=DOT_PREC)
                 else:
                     acc = tl.dot(xj, ((v - z_r) * s_r).to(dtype), acc, input_precision=DOT_PREC)
@@ -401,7 +417,9 @@ def _w_int_dot_kernel(
             else:
                 kk = offs_k
             xt = tl.load(x_rows + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
-            if TILE_SCALE:
+            if SCALE_W:
+                acc = tl.dot(xt, ((v - z_t) * s_t).to(dtype), acc, input_precision=DOT_PREC)
+            elif TILE_SCALE:
                 t = tl.dot(xt, (v - z_t).to(dtype), input_precision=DOT_PREC)
             else:
                 sg = (offs_k // GS).to(tl.int64)[:, None] * stride_sg + offs_n[None, :]
@@ -409,7 +427,7 @@ def _w_int_dot_kernel(
                 s_k = tl.load(s_ptr + sg, mask=smask, other=0.0).to(tl.float32)
                 z_k = tl.load(z_ptr + sg, mask=smask, other=0.0).to(tl.float32)
                 acc = tl.dot(xt, ((v - z_k) * s_k).to(dtype), acc, input_precision=DOT_PREC)
-        if TILE_SCALE:
+        if TILE_SCALE and not SCALE_W:
             s = tl.load(s_ptr + g0 * stride_sg + offs_n, mask=nmask, other=0.0).to(tl.float32)
             acc += s[None, :] * t
     splitk_epilogue(
@@ -702,6 +720,7 @@ def w_int_dot(
     if x2.dtype == torch.float32:  # exact fp32 dots run on the FMA units: larger tiles spill (sm_90 ptxas)
         block_m, block_n, num_stages = min(block_m, 16), min(block_n, 64), min(num_stages, 2)
     tile_scale = gs >= k or gs % block_k == 0
+    scale_w = tile_scale and bool(cfg.get("SCALE_W", False))
     num_tiles = triton.cdiv(k, block_k)
     programs = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     # Partial sums cost 4 bytes x M x N per split (written, then read back, mostly from L2):
@@ -748,6 +767,7 @@ def w_int_dot(
         GROUP_M=int(cfg["GROUP_M"]),
         JMAJOR=jmajor,
         TILE_SCALE=tile_scale,
+        SCALE_W=scale_w,
         HAS_PERM=perm is not None,
         HAS_BIAS=bias is not None,
         SPLIT=split > 1,
@@ -860,7 +880,7 @@ def w_int_matmul(
 # ---------------------------------------------------------------- warm-up (engine start)
 
 
-def _warmup_ms(max_m: int) -> list[int]:
+def warmup_row_counts(max_m: int) -> list[int]:
     """One M per (path, bucket, split-or-not) the dispatcher can pick up to max_m."""
     d = W_INT_DISPATCH
     ms = {1, min(max_m, max(1, d.gemv_max_m)), min(max_m, d.gemv_max_m + 1)}
@@ -922,7 +942,7 @@ def warmup(
         bias = torch.randn(n, dtype=dtype, device=device) if has_bias else None
         if tune:
             tuned.update(_tune_shape(k, n, bits, gs, dtype, device, qweight, scales, zeros, perm, bias, max_m))
-        for m in _warmup_ms(max_m):
+        for m in warmup_row_counts(max_m):
             x = torch.randn(m, k, dtype=dtype, device=device)
             w_int_matmul(x, qweight, scales, zeros, group_size, bits, perm, bias)
     if torch.cuda.is_available():

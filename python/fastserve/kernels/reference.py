@@ -116,3 +116,29 @@ def paged_prefill_attention(
     mask = key_pos[None, None, :] <= q_pos[:, :, None]  # causal; implies key < seq_len
     out = _attend(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None], scale)
     return out.transpose(1, 2)[seq_of_tok, row].to(q.dtype)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    flags: torch.Tensor,
+    rows: torch.Tensor,
+    vocab_rows: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    prompt_bit: int = 1,
+) -> None:
+    """In place: repetition penalty on tokens of the prompt or the output so far (divide a
+    positive logit, multiply a negative one), then frequency (x output count) and presence
+    (output count > 0) subtracted."""
+    c = counts.index_select(0, vocab_rows).to(torch.float32)
+    in_output = c > 0
+    seen = (flags.index_select(0, vocab_rows) & prompt_bit) != 0
+    seen |= in_output
+    sub = logits.index_select(0, rows)
+    rep = torch.where(seen, repetition_penalty.index_select(0, rows)[:, None].expand_as(sub), 1.0)
+    sub = torch.where(sub > 0, sub / rep, sub * rep)
+    sub -= frequency_penalty.index_select(0, rows)[:, None] * c
+    sub -= presence_penalty.index_select(0, rows)[:, None] * in_output
+    logits.index_copy_(0, rows, sub)

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastserve import kernels
+from fastserve.kernels import reference
+
 _SAMPLING_EPS = 1e-5
 # Bits of the sampler state's flags pool (worker/sampler_state.py).
 _PROMPT, _BANNED, _MIN_BANNED, _ALLOWED = 1, 2, 4, 8
@@ -263,19 +266,24 @@ def _apply_bans(x: torch.Tensor, st: SamplingTensors) -> None:
 
 def _apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     """Repetition (prompt and output tokens), frequency and presence (output tokens)
-    penalties on the penalized rows, from the state's device-resident counts: in place."""
-    rows = st.penalty_rows
-    counts = st.counts.index_select(0, st.penalty_vocab_rows).to(torch.float32)
-    output_mask = counts > 0
-    seen = (st.flags.index_select(0, st.penalty_vocab_rows) & _PROMPT) != 0
-    seen |= output_mask
-    sub = logits.index_select(0, rows)
-    rep = st.repetition_penalty.index_select(0, rows)[:, None].expand_as(sub)
-    rep = torch.where(seen, rep, 1.0)
-    sub = torch.where(sub > 0, sub / rep, sub * rep)
-    sub -= st.frequency_penalty.index_select(0, rows)[:, None] * counts
-    sub -= st.presence_penalty.index_select(0, rows)[:, None] * output_mask
-    return logits.index_copy_(0, rows, sub)
+    penalties on the penalized rows, from the state's device-resident counts: in place, one
+    Triton pass on CUDA, the torch definition elsewhere (bit-identical)."""
+    args = (
+        logits,
+        st.counts,
+        st.flags,
+        st.penalty_rows,
+        st.penalty_vocab_rows,
+        st.repetition_penalty,
+        st.frequency_penalty,
+        st.presence_penalty,
+        _PROMPT,
+    )
+    if logits.is_cuda:
+        kernels.apply_penalties(*args)
+    else:
+        reference.apply_penalties(*args)
+    return logits
 
 
 def _apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ from fastserve.engine.arg_utils import EngineArgs
 from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
 from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
+from fastserve.quantization.warmup import warm_up_quantized
 from fastserve.worker import kv_cache as kvc
 from fastserve.worker.loader import describe_weights, load_model
 from fastserve.worker.sampler_state import SamplerState
@@ -83,6 +84,15 @@ class ModelRunner:
             t0 = time.perf_counter()
             if n := pack_cpu_linears(self.model):
                 logger.info("packed %d float32 weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
+        if self.device.type == "cuda":
+            info = warm_up_quantized(self.model, self.max_num_batched_tokens, model_config.dtype, self.device)
+            if info["layers"]:
+                logger.info(
+                    "compiled the quantized GEMMs for %d layer shapes x %d row counts in %.1f s",
+                    info["layers"],
+                    len(info["row_counts"]),
+                    info["seconds"],
+                )
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
         # Per-sequence sampling state, sent once per sequence by the scheduler (driver only:

@@ -1,0 +1,1 @@
+../python/fastserve/kernels/penalties.py
