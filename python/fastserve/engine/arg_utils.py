@@ -34,6 +34,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     load_format: str = "auto"
     block_size: int = 16
+    # "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2": worker/kv_cache.py.
+    kv_cache_dtype: str = "auto"
     num_gpu_blocks_override: int | None = None
     # CPU KV cache budget (vLLM reads VLLM_CPU_KVCACHE_SPACE for this); None = 4 GiB.
     cpu_kv_cache_space_gb: float | None = None
@@ -83,6 +85,12 @@ class EngineArgs:
         _positive("num_gpu_blocks_override", self.num_gpu_blocks_override, allow_none=True)
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128, got {self.block_size!r}")
+        from fastserve.worker.kv_cache import KV_CACHE_DTYPES
+
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {self.kv_cache_dtype!r})"
+            )
         if self.load_format not in ("auto", "safetensors", "pt", "gguf", "dummy"):
             raise ValueError(
                 f"load_format must be one of auto, safetensors, pt, gguf, dummy (got {self.load_format!r})"

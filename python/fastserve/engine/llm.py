@@ -32,7 +32,6 @@ _ACCEPTED_NOOPS = {
     "use_v2_block_manager",
     "enable_lora",
     "max_logprobs",
-    "kv_cache_dtype",
     "distributed_executor_backend",
 }
 

@@ -51,7 +51,8 @@ def _attend_tile(
         kv_mask = (offs_n < seq_len)[:, None] & dmask[None, :]
     else:
         kv_mask = dmask[None, :]
-    k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    # An FP8 cache is widened to q's dtype (exact) for the dots; otherwise a no-op.
+    k = tl.load(k_base + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASKED:
         qk = tl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
@@ -62,7 +63,7 @@ def _attend_tile(
     p = tl.exp2(qk * scale_log2 - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(k_base + stride_kv + rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc, l_i, m_new
 

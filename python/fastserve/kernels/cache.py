@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from ._validate import require, require_cuda_or_interpret, require_int_dtype
+from .reference import FP8_DTYPES
 
 
 @triton.jit
@@ -26,6 +27,7 @@ def _write_kv_cache_kernel(
     D: tl.constexpr,
     H_PAD: tl.constexpr,
     D_PAD: tl.constexpr,
+    SATURATE: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -38,6 +40,9 @@ def _write_kv_cache_kernel(
         v = tl.load(v_ptr + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
         dst = cache_ptr + slot * stride_slot + offs_h[:, None] * stride_ch + offs_d[None, :]
         ty = cache_ptr.dtype.element_ty
+        if SATURATE > 0:  # an FP8 cache: clamp to its largest finite value (reference.to_cache_dtype)
+            k = tl.minimum(tl.maximum(k.to(tl.float32), -SATURATE), SATURATE)
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -SATURATE), SATURATE)
         tl.store(dst, k.to(ty), mask=mask)
         tl.store(dst + stride_kv, v.to(ty), mask=mask)
 
@@ -45,7 +50,8 @@ def _write_kv_cache_kernel(
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache[0/1] at slot_mapping[t] = k/v[t] for k, v [T, Hkv, D]; slots < 0 are skipped.
 
-    kv_cache is [2, num_blocks, block_size, Hkv, D] and slot = block_id * block_size + offset.
+    kv_cache is [2, num_blocks, block_size, Hkv, D] and slot = block_id * block_size + offset;
+    an FP8 cache (kv_cache_dtype="fp8") stores the values saturated and rounded to it.
     """
     require(
         kv_cache.dim() == 5 and kv_cache.shape[0] == 2,
@@ -90,5 +96,6 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
         D=d,
         H_PAD=triton.next_power_of_2(hkv),
         D_PAD=triton.next_power_of_2(d),
+        SATURATE=torch.finfo(kv_cache.dtype).max if kv_cache.dtype in FP8_DTYPES else 0.0,
         num_warps=4,
     )

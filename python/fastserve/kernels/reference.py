@@ -11,6 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: an FP8 cache saturates at its largest finite value (torch's
+    plain cast turns e4m3 overflow into NaN and e5m2 overflow into inf), as the CUDA
+    conversion vLLM's cache kernels use does."""
+    if dtype in FP8_DTYPES:
+        top = torch.finfo(dtype).max
+        return x.clamp(-top, top).to(dtype)
+    return x.to(dtype)
+
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Scatter k/v [T, Hkv, D] into kv_cache [2, num_blocks, block_size, Hkv, D]; slot -1 is skipped."""
@@ -18,8 +30,8 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slo
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     flat = kv_cache.view(2, num_blocks * block_size, hkv, d)
-    flat[0, slots] = k[keep].to(kv_cache.dtype)
-    flat[1, slots] = v[keep].to(kv_cache.dtype)
+    flat[0, slots] = to_cache_dtype(k[keep], kv_cache.dtype)
+    flat[1, slots] = to_cache_dtype(v[keep], kv_cache.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

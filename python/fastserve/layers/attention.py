@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastserve.kernels.reference import to_cache_dtype
+
 PAD_SLOT_ID = -1
 
 
@@ -51,8 +53,18 @@ def write_kv_cache(
         plan = TorchPlan.of(slot_mapping)
     if plan.valid_tokens is not None:
         k, v = k[plan.valid_tokens], v[plan.valid_tokens]
-    k_flat.index_copy_(0, plan.write_slots, k.to(kv_cache.dtype))
-    v_flat.index_copy_(0, plan.write_slots, v.to(kv_cache.dtype))
+    _bytes(k_flat).index_copy_(0, plan.write_slots, _bytes(to_cache_dtype(k, kv_cache.dtype)))
+    _bytes(v_flat).index_copy_(0, plan.write_slots, _bytes(to_cache_dtype(v, kv_cache.dtype)))
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """An FP8 tensor as its bytes: torch's CPU index_copy_ / index_select have no FP8 kernels."""
+    return t.view(torch.uint8) if t.element_size() == 1 else t
+
+
+def _gather(cache: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    rows = _bytes(cache).index_select(0, flat)
+    return (rows.view(cache.dtype) if rows.dtype != cache.dtype else rows).to(dtype)
 
 
 class TorchPlan:
@@ -156,8 +168,8 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, g: _SeqGroup, scale: 
         q_pad = q.new_zeros(b, max_q, num_heads, head_dim)
         q_pad[g.token_seq, g.token_local] = q
     flat = g.gather.view(-1)
-    k = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
-    v = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, flat).to(q.dtype)
+    k = _gather(kv_cache[0].view(-1, num_kv_heads, head_dim), flat, q.dtype)
+    v = _gather(kv_cache[1].view(-1, num_kv_heads, head_dim), flat, q.dtype)
     k = k.view(b, max_s, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
     v = v.view(b, max_s, num_kv_heads, head_dim).transpose(1, 2)
 

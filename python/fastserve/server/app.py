@@ -293,6 +293,7 @@ def engine_args_from(args):
         enable_prefix_caching=args.enable_prefix_caching,
         load_format=args.load_format,
         block_size=args.block_size,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         quantization=getattr(args, "quantization", None),
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         device=args.device,

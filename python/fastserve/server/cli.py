@@ -208,6 +208,13 @@ def make_parser() -> argparse.ArgumentParser:
         "--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128], help="Tokens per KV-cache block."
     )
     e.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
+        help="KV-cache storage: auto (the model's dtype) or FP8 (fp8 = fp8_e4m3), half the bytes of "
+        "bf16 per token, values saturated at the format's range with a scale of 1.0.",
+    )
+    e.add_argument(
         "--num-gpu-blocks-override",
         type=int,
         default=None,

@@ -13,6 +13,21 @@ import torch
 logger = logging.getLogger("fastserve")
 
 _GIB = 1 << 30
+# vLLM's names. "fp8" is e4m3 (3 mantissa bits, range +-448) as on vLLM's CUDA backends; e5m2
+# trades a mantissa bit for range (+-57344). The scale is 1.0: values are stored as they are,
+# saturated at the range (vLLM's default when a checkpoint carries no k/v scales).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def resolve_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    if kv_cache_dtype not in _FP8:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)} (got {kv_cache_dtype!r})")
+    return _FP8[kv_cache_dtype]
+
+
 # vLLM's CPU backend reads VLLM_CPU_KVCACHE_SPACE (GiB) with a 4 GiB default.
 DEFAULT_CPU_KV_SPACE_GB = 4.0
 

@@ -68,6 +68,7 @@ class ModelRunner:
         torch.manual_seed(args.seed)
         self.tp_rank, self.tp_size = tp_rank_and_size()
         self.num_kv_heads = model_config.get_num_kv_heads(self.tp_size)
+        self.kv_cache_dtype = kvc.resolve_cache_dtype(args.kv_cache_dtype, model_config.dtype)
 
         t0 = time.perf_counter()
         self.model = load_model(model_config, args.load_format)
@@ -111,14 +112,15 @@ class ModelRunner:
             self.block_size,
             self.num_kv_heads,
             model_config.head_dim,
-            model_config.dtype,
+            self.kv_cache_dtype,
             self.device,
         )
         logger.info(
-            "KV cache: %d blocks of %d tokens (%.2f GiB); %.1f sequences of max_model_len=%d fit",
+            "KV cache: %d blocks of %d tokens (%.2f GiB, %s); %.1f sequences of max_model_len=%d fit",
             self.num_blocks,
             self.block_size,
             self.num_blocks * self._block_bytes() / (1 << 30),
+            str(self.kv_cache_dtype).replace("torch.", ""),
             self.num_blocks * self.block_size / model_config.max_model_len,
             model_config.max_model_len,
         )
@@ -138,7 +140,9 @@ class ModelRunner:
 
     def _block_bytes(self) -> int:
         c = self.config
-        return kvc.bytes_per_block(c.num_hidden_layers, self.block_size, self.num_kv_heads, c.head_dim, c.dtype)
+        return kvc.bytes_per_block(
+            c.num_hidden_layers, self.block_size, self.num_kv_heads, c.head_dim, self.kv_cache_dtype
+        )
 
     def _determine_num_blocks(self) -> int:
         if self.args.num_gpu_blocks_override is not None:
@@ -165,7 +169,13 @@ class ModelRunner:
         num_blocks = seqs * blocks_per_seq
         c = self.config
         scratch = kvc.allocate(
-            c.num_hidden_layers, num_blocks, self.block_size, self.num_kv_heads, c.head_dim, c.dtype, self.device
+            c.num_hidden_layers,
+            num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            c.head_dim,
+            self.kv_cache_dtype,
+            self.device,
         )
         block_tables = np.arange(num_blocks, dtype=np.int32).reshape(seqs, blocks_per_seq)
         qsl = np.zeros(seqs + 1, dtype=np.int32)
