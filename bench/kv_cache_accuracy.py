@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant_perplexity import TEXT, WINDOW, windows  # noqa: E402
+from quant_perplexity import TEXT, WINDOW, perplexity, windows  # noqa: E402
 
 KINDS = ("auto", "fp8", "fp8_e5m2")
 QUESTIONS = [
@@ -53,16 +52,7 @@ def run(model: str, kind: str, wins: list[list[int]]) -> dict:
 
     t0 = time.perf_counter()
     llm = LLM(model=model, dtype="float32", device="cpu", max_model_len=WINDOW + 8, kv_cache_dtype=kind)
-    outs = llm.generate(
-        [{"prompt_token_ids": w} for w in wins],
-        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
-        use_tqdm=False,
-    )
-    total, n = 0.0, 0
-    for w, o in zip(wins, outs):
-        for pos in range(1, len(w)):
-            total += o.prompt_logprobs[pos][w[pos]].logprob
-            n += 1
+    ppl, n = perplexity(llm, wins)
     chats = llm.chat(
         [[{"role": "user", "content": q}] for q in QUESTIONS],
         SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
@@ -72,7 +62,7 @@ def run(model: str, kind: str, wins: list[list[int]]) -> dict:
         kv_cache_dtype=kind,
         cache_dtype=str(llm.engine.runner.kv_caches[0].dtype).replace("torch.", ""),
         kv_blocks=llm.engine.runner.num_blocks,
-        perplexity=math.exp(-total / n),
+        perplexity=ppl,
         tokens_scored=n,
         greedy=[list(c.outputs[0].token_ids) for c in chats],
         first_answer=chats[0].outputs[0].text,

@@ -114,9 +114,16 @@ def quantize_fp8(src: Path) -> None:
 
 
 def ppl_fastserve(model_dir: Path, wins: list[list[int]]) -> tuple[float, int]:
-    from fastserve import LLM, SamplingParams
+    from fastserve import LLM
 
     llm = LLM(model=str(model_dir), dtype="float32", device="cpu", max_model_len=WINDOW + 8)
+    return perplexity(llm, wins)
+
+
+def perplexity(llm, wins: list[list[int]]) -> tuple[float, int]:
+    """(perplexity, tokens scored) of an engine over the windows, from its prompt logprobs."""
+    from fastserve import SamplingParams
+
     outs = llm.generate(
         [{"prompt_token_ids": w} for w in wins],
         SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0),
