@@ -3,8 +3,8 @@
 # Expects python/fastserve/_core.abi3.so (an abi3 build made on the dev machine), .whl/ with
 # the wheels the GPU image lacks (msgspec, gguf, prometheus_client), and for the baselines
 # .base/ (python/ and bench/ of the build before the change, its own _core.abi3.so inside).
-#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests sampler-kernels quant-bench quant-e2e qwen32b-awq crash
-#                                    throughput penalties structured
+#   bash bench/gpu_run.sh STAGE...   stages: tests quant-tests sampler-kernels kv-fp8 quant-bench quant-e2e qwen32b-awq
+#                                    crash throughput penalties structured
 set -uo pipefail
 export PYTHONPATH=$PWD/python:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export FASTSERVE_GIT_COMMIT=${FASTSERVE_GIT_COMMIT:-unknown} NCCL_NVLS_ENABLE=0
@@ -33,6 +33,11 @@ for stage in "$@"; do
   sampler-kernels)
     TAIL=8 run timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_sampler.py \
       tests/test_kernels.py -k "penalt or sampler or bitmask" ;;
+  kv-fp8)
+    # kv_cache_dtype fp8: the kernels at real sizes, then decode at 16k context against bf16.
+    TAIL=6 run timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short tests/test_kernels.py -k fp8_kv
+    TAIL=6 run timeout 420 python3 bench/kv_cache_decode.py --model $L8 --context 16000 --batch 16 \
+      --info "$OUT/device.json" --out "$OUT/kv-cache-decode-llama3-8b-$gpu.json" ;;
   quant-bench)
     TAIL=90 run timeout 330 python3 bench/quant_kernels.py --out "$OUT/quant-kernels-$gpu.json" ${QUANT_BENCH_ARGS:-} ;;
   quant-e2e)
