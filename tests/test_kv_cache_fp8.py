@@ -136,9 +136,11 @@ def test_unknown_kv_cache_dtype_is_a_clear_error(tmp_path_factory, bad):
 
 
 def test_cli_flag_reaches_the_engine_args():
+    from fastserve.server.app import engine_args_from
     from fastserve.server.cli import parse_args
 
-    assert parse_args(["--model", "m", "--kv-cache-dtype", "fp8_e5m2"]).kv_cache_dtype == "fp8_e5m2"
+    args = parse_args(["--model", "m", "--kv-cache-dtype", "fp8_e5m2"])
+    assert engine_args_from(args).kv_cache_dtype == "fp8_e5m2"
     assert parse_args(["--model", "m"]).kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--kv-cache-dtype", "int8"])
