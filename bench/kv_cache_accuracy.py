@@ -6,6 +6,10 @@ the CPU, kv_cache_dtype auto against fp8 (e4m3) and fp8_e5m2, one fresh engine e
   the FP8 rounding is in every attention).
 - Greedy agreement: 16 chat prompts x 64 tokens; for each FP8 format, the share of prompts whose
   whole output equals the float32 cache's, and the mean length of the common prefix.
+- "fp8+scales": e4m3 with per-layer k_scale / v_scale in the checkpoint, as llm-compressor
+  writes them: here each layer's largest |K| and |V| over calibration text (stdlib docstrings,
+  never the scored text), read back from a float32 cache, over 448, written into a copy of the
+  checkpoint under llm-compressor's names.
 
     python bench/kv_cache_accuracy.py [--model DIR] [--out bench/results/kv-cache-fp8-accuracy-smollm2-cpu.json]
 
@@ -24,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quant_perplexity import TEXT, WINDOW, perplexity, windows  # noqa: E402
+from quant_perplexity import TEXT, WINDOW, calibration_texts, perplexity, windows  # noqa: E402
 
-KINDS = ("auto", "fp8", "fp8_e5m2")
+KINDS = ("auto", "fp8", "fp8_e5m2", "fp8+scales")
 QUESTIONS = [
     "What is the capital of France?",
     "Explain what a hash table is in two sentences.",
@@ -45,6 +49,36 @@ QUESTIONS = [
     "What is photosynthesis?",
     "Write one sentence about the ocean.",
 ]
+
+
+def calibrated_copy(model: str, out: Path) -> list[tuple[float, float]]:
+    """`model` copied to `out` with each layer's k_scale / v_scale = max |K|, |V| / 448 over the
+    calibration text; returns the scales."""
+    import shutil
+
+    import torch
+    from fastserve import LLM, SamplingParams
+    from safetensors.torch import load_file, save_file
+
+    llm = LLM(model=model, dtype="float32", device="cpu", max_model_len=WINDOW + 8)
+    for cache in llm.engine.runner.kv_caches:
+        cache.zero_()  # so that the maximum is over what the calibration wrote
+    tok = llm.get_tokenizer()
+    prompts = [{"prompt_token_ids": tok.encode(t)[:WINDOW]} for t in calibration_texts(16)]
+    llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
+    top = torch.finfo(torch.float8_e4m3fn).max
+    scales = [(c[0].abs().max().item() / top, c[1].abs().max().item() / top) for c in llm.engine.runner.kv_caches]
+    del llm
+    out.mkdir(parents=True, exist_ok=True)
+    for f in Path(model).iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    state = load_file(str(Path(model) / "model.safetensors"))
+    for i, (ks, vs) in enumerate(scales):
+        state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor(ks)
+        state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(vs)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return scales
 
 
 def run(model: str, kind: str, wins: list[list[int]]) -> dict:
@@ -79,12 +113,18 @@ def main() -> None:
         from real_smollm2 import smollm2_dir
 
         args.model = str(smollm2_dir())
+    import tempfile
+
     import torch
     import transformers
     from fastserve.benchmarks.device import git_commit
 
     wins = windows(Path(args.model))
-    runs = {kind: run(args.model, kind, wins) for kind in KINDS}
+    runs = {kind: run(args.model, kind, wins) for kind in KINDS[:3]}
+    with tempfile.TemporaryDirectory() as tmp:
+        scales = calibrated_copy(args.model, Path(tmp) / "scaled")
+        runs["fp8+scales"] = run(str(Path(tmp) / "scaled"), "fp8", wins)
+        runs["fp8+scales"]["scales"] = [[round(k, 6), round(v, 6)] for k, v in scales]
     base = runs["auto"]
     for kind in KINDS[1:]:
         r = runs[kind]

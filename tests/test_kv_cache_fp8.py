@@ -144,3 +144,82 @@ def test_cli_flag_reaches_the_engine_args():
     assert parse_args(["--model", "m"]).kv_cache_dtype == "auto"
     with pytest.raises(SystemExit):
         parse_args(["--model", "m", "--kv-cache-dtype", "int8"])
+
+
+def _scaled_attention(dtype: torch.dtype, scales: dict[int, tuple[float, float]]):
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        eager = sys.modules[type(module).__module__].eager_attention_forward
+        ks, vs = scales[module.layer_idx]
+        key = to_cache_dtype(key / ks, dtype).to(query.dtype) * ks
+        value = to_cache_dtype(value / vs, dtype).to(query.dtype) * vs
+        return eager(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def test_checkpoint_kv_scales(tmp_path_factory):
+    """k_scale / v_scale tensors in the checkpoint (llm-compressor's names, and the older single
+    kv_scale): an FP8 cache stores k / k_scale and equals HF rounding the same way; with
+    kv_cache_dtype auto they are ignored (vLLM's behaviour)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, plain, _ = checkpoint(tmp_path_factory, "llama")
+    layers = json.loads((path / "config.json").read_text())["num_hidden_layers"]
+    assert layers >= 2
+    scaled = tmp_path_factory.mktemp("llama-kv-scales")
+    for f in path.iterdir():
+        shutil.copy(f, scaled / f.name)
+    state = load_file(str(path / "model.safetensors"))
+    scales = {i: (0.0015 * (1 + i), 0.002 * (2 + i)) for i in range(layers)}
+    for i, (ks, vs) in scales.items():
+        if i == 0:  # one scale for both: K's and V's are then the same
+            state[f"model.layers.{i}.self_attn.kv_scale"] = torch.tensor(ks)
+            scales[i] = (ks, ks)
+        else:
+            state[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([ks])
+            state[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor(vs)
+    save_file(state, str(scaled / "model.safetensors"))
+    name = "fastserve_fp8_scaled_test"
+    AttentionInterface.register(name, _scaled_attention(torch.float8_e4m3fn, scales))
+    AttentionMaskInterface.register(name, eager_mask)
+    hf = load_hf_model(path)
+    hf.set_attn_implementation(name)
+
+    llm = LLM(model=str(scaled), dtype="float32", device="cpu", kv_cache_dtype="fp8")
+    attn = [layer.self_attn.attn for layer in llm.engine.runner.model.model.layers]
+    got = [v for a in attn for v in (a.k_scale, a.v_scale)]
+    assert got == pytest.approx([v for i in range(layers) for v in scales[i]])
+    prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=3)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        want, want_lp = hf_greedy_logprobs(hf, prompt, MAX_NEW)
+        got = out.outputs[0]
+        assert got.token_ids == want, f"prompt of {len(prompt)} tokens"
+        got_lp = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
+        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+    del llm
+
+    llm = LLM(model=str(scaled), dtype="float32", device="cpu")
+    assert all(layer.self_attn.attn.k_scale == 1.0 for layer in llm.engine.runner.model.model.layers)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == hf_greedy_logprobs(plain, prompt, MAX_NEW)[0]
+
+
+def test_bad_kv_scale_is_a_clear_error(tmp_path_factory):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path, _, _ = checkpoint(tmp_path_factory, "llama")
+    bad = tmp_path_factory.mktemp("llama-bad-kv-scale")
+    for f in path.iterdir():
+        shutil.copy(f, bad / f.name)
+    state = load_file(str(path / "model.safetensors"))
+    state["model.layers.0.self_attn.k_scale"] = torch.tensor([0.1, 0.2])
+    save_file(state, str(bad / "model.safetensors"))
+    with pytest.raises(ValueError, match="k_scale.*one value"):
+        LLM(model=str(bad), device="cpu", kv_cache_dtype="fp8")

@@ -190,7 +190,14 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, g: _SeqGroup, scale: 
 
 
 class Attention(nn.Module):
-    """forward(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], kv_cache, meta) -> [T, Hq * D]."""
+    """forward(q[T, Hq, D], k[T, Hkv, D], v[T, Hkv, D], kv_cache, meta) -> [T, Hq * D].
+
+    `k_scale` / `v_scale` (an FP8 cache's per-layer scales, vLLM's semantics: the cache holds
+    k / k_scale): folded into the softmax scale and the output, since attention is linear in
+    each, so every kernel reads the cache unchanged."""
+
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
         super().__init__()
@@ -204,17 +211,26 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        scale = self.scale
+        if self.k_scale != 1.0:
+            k, scale = k / self.k_scale, scale * self.k_scale
+        if self.v_scale != 1.0:
+            v = v / self.v_scale
         if q.is_cuda:
             write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-            out = self._forward_kernels(q, kv_cache, meta)
+            out = self._forward_kernels(q, kv_cache, meta, scale)
         else:
             if meta.torch_plan is None:
                 meta.torch_plan = TorchPlan(meta, kv_cache.shape[2])
             write_kv_cache(k, v, kv_cache, meta.slot_mapping, meta.torch_plan)
-            out = paged_attention_torch(q, kv_cache, meta, self.scale, meta.torch_plan)
+            out = paged_attention_torch(q, kv_cache, meta, scale, meta.torch_plan)
+        if self.v_scale != 1.0:
+            out = out * self.v_scale
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _forward_kernels(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def _forward_kernels(
+        self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
         from fastserve.kernels.attention_decode import paged_decode_attention
         from fastserve.kernels.attention_prefill import paged_prefill_attention
 
@@ -229,7 +245,7 @@ class Attention(nn.Module):
                 kv_cache,
                 meta.block_tables[:d],
                 meta.seq_lens[:d],
-                self.scale,
+                scale,
                 out=out[:d],
                 max_seq_len=meta.max_seq_len,
             )
@@ -241,7 +257,7 @@ class Attention(nn.Module):
                 meta.seq_lens[d:],
                 meta.block_tables[d:],
                 meta.max_query_len,
-                self.scale,
+                scale,
                 out=out[d:],
             )
         return out

@@ -10,6 +10,8 @@ The families differ only in flags, read from the architecture and config.json:
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable
 
 import torch
@@ -41,6 +43,18 @@ def _arch_flags(config: ModelConfig) -> dict:
         "qk_norm": arch == "Qwen3ForCausalLM",
         "mlp_bias": bool(hf.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
     }
+
+
+# Checkpoint names of FP8 KV-cache scales -> which scales they set (vLLM's remapping).
+_KV_SCALE_SUFFIXES = {
+    ".self_attn.k_scale": ("k",),
+    ".self_attn.v_scale": ("v",),
+    ".self_attn.attn.k_scale": ("k",),
+    ".self_attn.attn.v_scale": ("v",),
+    ".self_attn.k_proj.output_scale": ("k",),
+    ".self_attn.v_proj.output_scale": ("v",),
+    ".self_attn.kv_scale": ("k", "v"),
+}
 
 
 class LlamaAttention(nn.Module):
@@ -194,6 +208,27 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
+    def _load_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """An FP8 KV-cache scale (llm-compressor / AutoFP8 spellings, as vLLM reads them) onto
+        its layer's Attention; the runner keeps them only for an FP8 cache. False: not one."""
+        kinds = next((k for suffix, k in _KV_SCALE_SUFFIXES.items() if name.endswith(suffix)), None)
+        if kinds is None:
+            return False
+        match = re.search(r"layers\.(\d+)\.", name)
+        if match is None or int(match.group(1)) >= len(self.model.layers):
+            raise ValueError(f"checkpoint tensor {name!r}: a KV-cache scale of no decoder layer")
+        if tensor.numel() != 1:
+            raise ValueError(
+                f"checkpoint tensor {name!r}: a KV-cache scale must be one value, got {tuple(tensor.shape)}"
+            )
+        value = float(tensor.float().item())
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"checkpoint tensor {name!r}: a KV-cache scale must be positive and finite, got {value}")
+        attn = self.model.layers[int(match.group(1))].self_attn.attn
+        for kind in kinds:
+            setattr(attn, f"{kind}_scale", value)
+        return True
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named tensors in through each parameter's weight_loader; returns the names
         of our parameters that were loaded. ValueError on an unknown name or a parameter the
@@ -203,8 +238,10 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name or "rotary_emb.sin_cached" in name:
                 continue  # recomputed from the config (old checkpoints saved these buffers)
-            if name.endswith((".k_scale", ".v_scale", ".kv_scale", ".q_scale", ".prob_scale")):
-                continue  # FP8 KV-cache scales of quantized checkpoints: the KV cache stays in the model dtype
+            if self._load_kv_scale(name, tensor):
+                continue
+            if name.endswith((".q_scale", ".prob_scale")):
+                continue  # attention-input FP8 scales (FlashInfer / ROCm backends in vLLM): no use here
             tied = self.config.tie_word_embeddings and isinstance(self.lm_head, ParallelLMHead)
             if name == "lm_head.weight" and tied:
                 continue  # the tied head is the embedding, loaded under its own name

@@ -212,7 +212,8 @@ def make_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "fp8", "fp8_e4m3", "fp8_e5m2"],
         help="KV-cache storage: auto (the model's dtype) or FP8 (fp8 = fp8_e4m3), half the bytes of "
-        "bf16 per token, values saturated at the format's range with a scale of 1.0.",
+        "bf16 per token; values divided by the checkpoint's k_scale / v_scale (else 1.0) and "
+        "saturated at the format's range.",
     )
     e.add_argument(
         "--num-gpu-blocks-override",

@@ -14,10 +14,14 @@ logger = logging.getLogger("fastserve")
 
 _GIB = 1 << 30
 # vLLM's names. "fp8" is e4m3 (3 mantissa bits, range +-448) as on vLLM's CUDA backends; e5m2
-# trades a mantissa bit for range (+-57344). The scale is 1.0: values are stored as they are,
-# saturated at the range (vLLM's default when a checkpoint carries no k/v scales).
+# trades a mantissa bit for range (+-57344). Values are stored divided by the layer's scale (the
+# checkpoint's k_scale / v_scale, else 1.0 as in vLLM), saturated at the range.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 _FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def resolve_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:

@@ -21,7 +21,7 @@ import torch
 from fastserve.config import ModelConfig
 from fastserve.distributed.parallel_state import all_reduce_min, cpu_barrier, tp_rank_and_size
 from fastserve.engine.arg_utils import EngineArgs
-from fastserve.layers.attention import PAD_SLOT_ID, AttentionMetadata
+from fastserve.layers.attention import PAD_SLOT_ID, Attention, AttentionMetadata
 from fastserve.layers.cpu_gemm import pack_cpu_linears
 from fastserve.layers.sampler import Sampler, SamplingTensors, compute_prompt_logprobs
 from fastserve.quantization.warmup import warm_up_quantized
@@ -85,6 +85,7 @@ class ModelRunner:
             t0 = time.perf_counter()
             if n := pack_cpu_linears(self.model):
                 logger.info("packed %d float32 weights for oneDNN in %.1f s", n, time.perf_counter() - t0)
+        self._settle_kv_scales()
         if self.device.type == "cuda":
             info = warm_up_quantized(self.model, self.max_num_batched_tokens, model_config.dtype, self.device)
             if info["layers"]:
@@ -137,6 +138,19 @@ class ModelRunner:
             from fastserve.worker.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, capture=False)
+
+    def _settle_kv_scales(self) -> None:
+        """Checkpoint KV-cache scales apply to an FP8 cache only (as in vLLM); otherwise 1.0."""
+        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        scaled = [m for m in layers if m.k_scale != 1.0 or m.v_scale != 1.0]
+        if not scaled:
+            return
+        if kvc.is_fp8(self.kv_cache_dtype):
+            logger.info("KV-cache scales from the checkpoint for %d of %d layers", len(scaled), len(layers))
+            return
+        logger.info("the checkpoint's KV-cache scales are not used: kv_cache_dtype is not fp8")
+        for m in scaled:
+            m.k_scale = m.v_scale = 1.0
 
     def _block_bytes(self) -> int:
         c = self.config
