@@ -57,6 +57,16 @@ def hf_greedy_logprobs(model, prompt: list[int], n: int) -> tuple[list[int], lis
     return tokens, logprobs
 
 
+def assert_matches(hf, prompt: list[int], out) -> list[float]:
+    """The engine's greedy tokens equal HF's and its logprobs are within 1e-4; returns them."""
+    want, want_lp = hf_greedy_logprobs(hf, prompt, MAX_NEW)
+    got = out.outputs[0]
+    assert got.token_ids == want, f"prompt of {len(prompt)} tokens"
+    got_lp = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
+    assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+    return got_lp
+
+
 _CACHE: dict = {}
 
 
@@ -103,11 +113,7 @@ def test_fp8_kv_cache_matches_hf_with_rounded_kv(tmp_path_factory, variant, kv_c
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     differs = 0.0
     for prompt, out in zip(prompts, outs):
-        want, want_lp = hf_greedy_logprobs(hf, prompt, MAX_NEW)
-        got = out.outputs[0]
-        assert got.token_ids == want, f"prompt of {len(prompt)} tokens"
-        got_lp = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
-        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+        got_lp = assert_matches(hf, prompt, out)
         _, plain_lp = hf_greedy_logprobs(plain, prompt, MAX_NEW)
         differs = max(differs, max(abs(a - b) for a, b in zip(got_lp, plain_lp)))
     assert differs > 1e-4, "the FP8 cache's logprobs equal the unrounded model's: was anything rounded?"
@@ -195,11 +201,7 @@ def test_checkpoint_kv_scales(tmp_path_factory):
     prompts = mixed_prompts(llm.get_tokenizer().vocab_size, seed=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
-        want, want_lp = hf_greedy_logprobs(hf, prompt, MAX_NEW)
-        got = out.outputs[0]
-        assert got.token_ids == want, f"prompt of {len(prompt)} tokens"
-        got_lp = [got.logprobs[i][t].logprob for i, t in enumerate(got.token_ids)]
-        assert max(abs(a - b) for a, b in zip(got_lp, want_lp)) < 1e-4
+        assert_matches(hf, prompt, out)
     del llm
 
     llm = LLM(model=str(scaled), dtype="float32", device="cpu")
